@@ -1,0 +1,63 @@
+//! The admin listener: `/healthz`, `/ready`, `/status`. Loopback only, on the
+//! control runtime so a busy data plane cannot starve it (nor it the data plane).
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// What the admin endpoints show; implemented by the app.
+pub trait AdminSource: Send + Sync + 'static {
+    fn ready(&self) -> bool;
+    fn status(&self) -> serde_json::Value;
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let source = source.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let source = source.clone();
+                async move { Ok::<_, Infallible>(route(&req, &*source)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: &str| {
+        let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+        *r.status_mut() = status;
+        r
+    };
+    match (req.method(), req.uri().path()) {
+        (&http::Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
+        (&http::Method::GET, "/ready") => {
+            if source.ready() {
+                text(StatusCode::OK, "ready")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready")
+            }
+        }
+        (&http::Method::GET, "/status") => {
+            let body = serde_json::to_vec_pretty(&source.status()).unwrap_or_default();
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut()
+                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r
+        }
+        (_, "/healthz" | "/ready" | "/status") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /ready, /status"),
+    }
+}

@@ -1,0 +1,166 @@
+//! The only wiring: builds every part from the config, runs until a signal,
+//! then shuts down in order. Two runtimes: the data plane (multi-thread) and
+//! the control plane + admin (one thread), so neither can stall the other.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    admin::{self, AdminSource},
+    config::Config,
+    ebpf::{self, Datapath},
+    enroll::Enrollment,
+    localfile::{self, ReloadStats},
+    proxy::{OrigDstLookup, Ports, Proxy},
+    state::Snapshot,
+};
+
+/// Reconcile at least this often, even without a state change.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    LocalFile(#[from] localfile::Error),
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::Error),
+    #[error("cannot listen on admin address {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+impl OrigDstLookup for ebpf::OrigDst {
+    fn take(&self, client: SocketAddr) -> Option<SocketAddr> {
+        ebpf::OrigDst::take(self, client)
+    }
+}
+
+struct Admin {
+    node: String,
+    enrollment: Arc<Mutex<Enrollment>>,
+    reloads: Arc<ReloadStats>,
+    proxy: Arc<Proxy>,
+}
+
+impl AdminSource for Admin {
+    fn ready(&self) -> bool {
+        self.enrollment.lock().expect("poisoned").ready()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let e = self.enrollment.lock().expect("poisoned");
+        serde_json::json!({
+            "node": self.node,
+            "ready": e.ready(),
+            "config": self.reloads.view(),
+            "ebpf": { "loaded": true },
+            "openConnections": self.proxy.open_connections(),
+            "reconcileChanges": e.changes,
+            "pods": e.status(),
+        })
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT. `on_ready` gets the admin address
+/// once the data path serves the initial state.
+pub fn run(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Error> {
+    cfg.validate()?;
+    tracing::info!(?cfg, "starting");
+    let data_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.data_threads)
+        .thread_name("data")
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    let control_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    let result = control_rt.block_on(control(cfg, data_rt.handle().clone(), on_ready));
+    data_rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Error> {
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+
+    let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
+    let mut datapath = Datapath::load()?;
+    ebpf::spawn_logger(datapath.ebpf_mut());
+    let proxy = Proxy::new(state.clone(), Arc::new(datapath.orig_dst()), Ports::default(), data.clone());
+    let enrollment = Arc::new(Mutex::new(Enrollment::new(
+        cfg.node.clone(),
+        datapath,
+        proxy.clone(),
+        Ports::default().outbound,
+    )));
+    enrollment.lock().expect("poisoned").reconcile(&state.borrow().clone());
+
+    let listener = admin::bind(cfg.admin_addr)
+        .await
+        .map_err(|source| Error::Admin { addr: cfg.admin_addr, source })?;
+    let admin_addr = listener
+        .local_addr()
+        .map_err(|source| Error::Admin { addr: cfg.admin_addr, source })?;
+    let admin = Arc::new(Admin {
+        node: cfg.node.clone(),
+        enrollment: enrollment.clone(),
+        reloads,
+        proxy: proxy.clone(),
+    });
+    let admin_task = tokio::spawn(admin::serve(listener, admin));
+    let watch_task = tokio::spawn(watcher);
+    let reconcile_task = tokio::spawn(reconcile_loop(enrollment.clone(), state));
+    tracing::info!(%admin_addr, node = %cfg.node, "agent ready");
+    on_ready(admin_addr);
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
+        _ = sigint.recv() => tracing::info!("SIGINT: draining"),
+    }
+    // New connections go direct from here on; the ones in flight finish on
+    // the agent until the deadline.
+    reconcile_task.abort();
+    watch_task.abort();
+    enrollment.lock().expect("poisoned").release_all();
+    let deadline = cfg.drain_timeout;
+    let p = proxy.clone();
+    let left = data
+        .spawn(async move { p.drain(deadline).await })
+        .await
+        .unwrap_or_default();
+    if left > 0 {
+        tracing::warn!(open = left, ?deadline, "drain deadline passed; closing the remaining connections");
+    } else {
+        tracing::info!("drained");
+    }
+    admin_task.abort();
+    Ok(())
+}
+
+async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Receiver<Snapshot>) {
+    let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = state.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let snapshot = state.borrow_and_update().clone();
+        enrollment.lock().expect("poisoned").reconcile(&snapshot);
+    }
+}

@@ -1,0 +1,107 @@
+//! The agent's own settings (not the mesh state): which node it is, where its
+//! inputs are, its ports and timeouts. Names of flags, environment variables
+//! and defaults sit together here; nothing else reads the environment.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+pub const ENV_CONFIG: &str = "MESH_CONFIG";
+pub const ENV_ADMIN: &str = "MESH_ADMIN_ADDR";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+/// Kubernetes gives a pod 30 s by default between SIGTERM and SIGKILL; the
+/// drain must end before that.
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "20s";
+pub const DEFAULT_CONFIG_POLL: &str = "500ms";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--admin {0}: the admin listener must be on a loopback address (it is unauthenticated)")]
+    AdminNotLoopback(SocketAddr),
+    #[error("--node: a node name is required (flag or {ENV_NODE_NAME})")]
+    NoNode,
+    #[error("--config-poll {0:?}: must be between 10ms and 60s")]
+    Poll(Duration),
+    #[error("--drain-timeout {0:?}: must be at most 10m")]
+    Drain(Duration),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node: String,
+    pub config_file: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub drain_timeout: Duration,
+    pub config_poll: Duration,
+    /// Worker threads of the data-plane runtime.
+    pub data_threads: usize,
+}
+
+impl Config {
+    /// Cross-field rules; run once at start and logged.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.node.trim().is_empty() {
+            return Err(Error::NoNode);
+        }
+        if !self.admin_addr.ip().is_loopback() {
+            return Err(Error::AdminNotLoopback(self.admin_addr));
+        }
+        if self.config_poll < Duration::from_millis(10) || self.config_poll > Duration::from_secs(60) {
+            return Err(Error::Poll(self.config_poll));
+        }
+        if self.drain_timeout > Duration::from_secs(600) {
+            return Err(Error::Drain(self.drain_timeout));
+        }
+        Ok(())
+    }
+}
+
+/// Parses "250ms", "5s", "2m".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .ok_or_else(|| format!("{s:?}: missing unit (ms, s or m)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: not a number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s or m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config {
+            node: "node-a".into(),
+            config_file: "/x".into(),
+            admin_addr: DEFAULT_ADMIN.parse().unwrap(),
+            drain_timeout: parse_duration(DEFAULT_DRAIN_TIMEOUT).unwrap(),
+            config_poll: parse_duration(DEFAULT_CONFIG_POLL).unwrap(),
+            data_threads: 2,
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn validation() {
+        assert!(cfg().validate().is_ok());
+        let mut c = cfg();
+        c.admin_addr = "0.0.0.0:15000".parse().unwrap();
+        assert!(matches!(c.validate(), Err(Error::AdminNotLoopback(_))));
+        let mut c = cfg();
+        c.node = String::new();
+        assert!(matches!(c.validate(), Err(Error::NoNode)));
+    }
+}

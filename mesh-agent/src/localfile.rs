@@ -1,0 +1,304 @@
+//! The local YAML source: one file declaring nodes, namespaces, pods and
+//! services, parsed, validated and published into the mesh state. Watched by
+//! polling its content, which also follows the symlink swaps a Kubernetes
+//! ConfigMap volume does (inotify on the file would miss those). An invalid
+//! edit is rejected with a message naming the file, the field and the reason,
+//! and the last good state keeps serving.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::state::{self, Labels, MeshState, PodKey};
+
+mod watch_file;
+pub use watch_file::{ReloadStats, watch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {field}: {reason}")]
+    Invalid { file: PathBuf, field: String, reason: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct File {
+    #[serde(default = "default_trust_domain")]
+    trust_domain: String,
+    #[serde(default)]
+    nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    namespaces: Vec<NamespaceSpec>,
+    #[serde(default)]
+    pods: Vec<PodSpec>,
+    #[serde(default)]
+    services: Vec<ServiceSpec>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+
+fn default_service_account() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NodeSpec {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NamespaceSpec {
+    name: String,
+    #[serde(default)]
+    labels: Labels,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PodSpec {
+    name: String,
+    namespace: String,
+    node: String,
+    #[serde(default = "default_service_account")]
+    service_account: String,
+    ip: IpAddr,
+    #[serde(default)]
+    ip6: Option<IpAddr>,
+    #[serde(default)]
+    labels: Labels,
+    netns: PathBuf,
+    cgroup: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServiceSpec {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    ip: Option<IpAddr>,
+    #[serde(default)]
+    selector: Labels,
+    ports: Vec<ServicePortSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServicePortSpec {
+    #[serde(default)]
+    name: String,
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
+}
+
+/// Reads and validates the file.
+pub fn load(path: &Path) -> Result<MeshState, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        file: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates file content; `path` is only used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
+    let file: File = serde_yaml::from_str(text).map_err(|e| Error::Parse {
+        file: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let invalid = |field: String, reason: String| Error::Invalid {
+        file: path.to_owned(),
+        field,
+        reason,
+    };
+
+    check_dns_label("trustDomain", &file.trust_domain.replace('.', "-")).map_err(|r| invalid("trustDomain".into(), r))?;
+
+    let mut nodes = Vec::new();
+    for (i, n) in file.nodes.iter().enumerate() {
+        let field = format!("nodes[{i}].name");
+        check_dns_label(&field, &n.name).map_err(|r| invalid(field.clone(), r))?;
+        if nodes.contains(&n.name) {
+            return Err(invalid(field, format!("node {:?} is declared twice", n.name)));
+        }
+        nodes.push(n.name.clone());
+    }
+
+    let mut namespaces = Vec::new();
+    let mut ns_names = HashSet::new();
+    for (i, ns) in file.namespaces.iter().enumerate() {
+        let field = format!("namespaces[{i}].name");
+        check_dns_label(&field, &ns.name).map_err(|r| invalid(field.clone(), r))?;
+        if !ns_names.insert(ns.name.clone()) {
+            return Err(invalid(field, format!("namespace {:?} is declared twice", ns.name)));
+        }
+        if let Some(v) = ns.labels.get(state::DATAPLANE_MODE_LABEL)
+            && v != state::DATAPLANE_MODE_ENABLED
+            && v != state::DATAPLANE_MODE_DISABLED
+        {
+            return Err(invalid(
+                format!("namespaces[{i}].labels.{}", state::DATAPLANE_MODE_LABEL),
+                format!("{v:?} is not one of \"enabled\", \"disabled\""),
+            ));
+        }
+        namespaces.push(state::Namespace {
+            name: ns.name.clone(),
+            labels: ns.labels.clone(),
+        });
+    }
+
+    let mut pods = Vec::new();
+    let mut ips: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut keys = HashSet::new();
+    for (i, p) in file.pods.iter().enumerate() {
+        let at = |f: &str| format!("pods[{i}].{f}");
+        check_dns_label(&at("name"), &p.name).map_err(|r| invalid(at("name"), r))?;
+        let key = PodKey {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+        };
+        if !keys.insert(key.clone()) {
+            return Err(invalid(at("name"), format!("pod {key} is declared twice")));
+        }
+        if !ns_names.contains(&p.namespace) {
+            return Err(invalid(
+                at("namespace"),
+                format!("namespace {:?} is not declared under `namespaces`", p.namespace),
+            ));
+        }
+        if !nodes.contains(&p.node) {
+            return Err(invalid(at("node"), format!("node {:?} is not declared under `nodes`", p.node)));
+        }
+        if !p.ip.is_ipv4() {
+            return Err(invalid(at("ip"), format!("{} is not an IPv4 address (use ip6 for IPv6)", p.ip)));
+        }
+        let mut pod_ips = vec![p.ip];
+        if let Some(ip6) = p.ip6 {
+            if !ip6.is_ipv6() {
+                return Err(invalid(at("ip6"), format!("{ip6} is not an IPv6 address")));
+            }
+            pod_ips.push(ip6);
+        }
+        for ip in &pod_ips {
+            if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+                return Err(invalid(at("ip"), format!("{ip} cannot be a pod address")));
+            }
+            if let Some(other) = ips.insert(*ip, key.to_string()) {
+                return Err(invalid(at("ip"), format!("{ip} is already the address of pod {other}")));
+            }
+        }
+        for (f, path) in [("netns", &p.netns), ("cgroup", &p.cgroup)] {
+            if !path.is_absolute() {
+                return Err(invalid(at(f), format!("{} is not an absolute path", path.display())));
+            }
+        }
+        pods.push(state::Pod {
+            key,
+            node: p.node.clone(),
+            service_account: p.service_account.clone(),
+            ips: pod_ips,
+            labels: p.labels.clone(),
+            netns: p.netns.clone(),
+            cgroup: p.cgroup.clone(),
+        });
+    }
+
+    let mut services = Vec::new();
+    let mut svc_keys = HashSet::new();
+    for (i, s) in file.services.iter().enumerate() {
+        let at = |f: &str| format!("services[{i}].{f}");
+        check_dns_label(&at("name"), &s.name).map_err(|r| invalid(at("name"), r))?;
+        if !ns_names.contains(&s.namespace) {
+            return Err(invalid(
+                at("namespace"),
+                format!("namespace {:?} is not declared under `namespaces`", s.namespace),
+            ));
+        }
+        if !svc_keys.insert((s.namespace.clone(), s.name.clone())) {
+            return Err(invalid(at("name"), format!("service {}/{} is declared twice", s.namespace, s.name)));
+        }
+        if let Some(ip) = s.ip
+            && let Some(other) = ips.insert(ip, format!("service {}/{}", s.namespace, s.name))
+        {
+            return Err(invalid(at("ip"), format!("{ip} is already the address of {other}")));
+        }
+        if s.ports.is_empty() {
+            return Err(invalid(at("ports"), "a service needs at least one port".into()));
+        }
+        let mut ports = Vec::new();
+        for (j, sp) in s.ports.iter().enumerate() {
+            if sp.port == 0 || sp.target_port == Some(0) {
+                return Err(invalid(format!("services[{i}].ports[{j}]"), "port 0 is not a valid port".into()));
+            }
+            if ports.iter().any(|p: &state::ServicePort| p.port == sp.port) {
+                return Err(invalid(format!("services[{i}].ports[{j}].port"), format!("port {} is declared twice", sp.port)));
+            }
+            ports.push(state::ServicePort {
+                name: sp.name.clone(),
+                port: sp.port,
+                target_port: sp.target_port.unwrap_or(sp.port),
+            });
+        }
+        services.push(state::Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            ips: s.ip.into_iter().collect(),
+            selector: s.selector.clone(),
+            ports,
+        });
+    }
+
+    Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services))
+}
+
+/// Kubernetes object names are DNS labels (RFC 1123): lower-case
+/// alphanumerics and '-', at most 63 characters, alphanumeric at both ends.
+fn check_dns_label(_field: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name (lower-case letters, digits and '-', at most 63 characters)"
+        ))
+    }
+}
+
+/// Loads the file once and publishes it; then the returned future watches it.
+pub async fn start(
+    path: PathBuf,
+    poll: Duration,
+) -> Result<(watch::Receiver<state::Snapshot>, Arc<ReloadStats>, impl Future<Output = ()>), Error> {
+    let first = std::fs::read(&path).map_err(|source| Error::Read {
+        file: path.clone(),
+        source,
+    })?;
+    let state = parse(&path, &String::from_utf8_lossy(&first))?;
+    let (tx, rx) = watch::channel(Arc::new(state));
+    let stats = Arc::new(ReloadStats::new(path.clone()));
+    let fut = watch(path, poll, first, tx, stats.clone());
+    Ok((rx, stats, fut))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mesh_agent::config::{self, Config};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "Node agent of a sidecarless, eBPF-accelerated service mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Run {
+        /// The local mesh config file (YAML), watched for changes.
+        #[arg(long, env = config::ENV_CONFIG)]
+        config: PathBuf,
+        /// This node's name, as in the config file.
+        #[arg(long, env = config::ENV_NODE_NAME)]
+        node: String,
+        /// Admin listener (loopback only); port 0 picks a free port.
+        #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+        /// How long in-flight connections may take to finish on shutdown.
+        #[arg(long, default_value = config::DEFAULT_DRAIN_TIMEOUT, value_parser = config::parse_duration)]
+        drain_timeout: Duration,
+        /// How often the config file is checked for changes.
+        #[arg(long, default_value = config::DEFAULT_CONFIG_POLL, value_parser = config::parse_duration)]
+        config_poll: Duration,
+        /// Worker threads of the data plane.
+        #[arg(long, default_value_t = 2)]
+        data_threads: usize,
+    },
+    /// Show a running agent's pods, enrollment and counters.
+    Status {
+        #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config, node, admin, drain_timeout, config_poll, data_threads } => {
+            let cfg = Config {
+                node,
+                config_file: config,
+                admin_addr: admin,
+                drain_timeout,
+                config_poll,
+                data_threads: data_threads.max(1),
+            };
+            mesh_agent::app::run(cfg, |addr| {
+                // One machine-readable line on stdout for supervisors and tests.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}", serde_json::json!({"event": "ready", "admin": addr.to_string()}));
+                let _ = out.flush();
+            })
+            .map_err(anyhow::Error::from)
+        }
+        Command::Status { admin, json } => status(admin, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("MESH_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body = rt
+        .block_on(get(admin, "/status"))
+        .with_context(|| format!("cannot reach the agent's admin endpoint at {admin}: is the agent running?"))?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).context("the agent's /status is not JSON")?;
+    println!("node {}  ready {}  open connections {}", v["node"], v["ready"], v["openConnections"]);
+    println!(
+        "config {} (generation {}, rejected {}){}",
+        v["config"]["path"].as_str().unwrap_or("?"),
+        v["config"]["generation"],
+        v["config"]["rejected"],
+        v["config"]["lastError"].as_str().map(|e| format!("\n  last error: {e}")).unwrap_or_default()
+    );
+    println!(
+        "{:<32} {:<16} {:<8} {:<8} {:>10} {:>8} {:>9} {:>8}",
+        "POD", "IP", "ENROLLED", "ATTACHED", "REDIRECTED", "PASSED", "OUTBOUND", "INBOUND"
+    );
+    for p in v["pods"].as_array().into_iter().flatten() {
+        println!(
+            "{:<32} {:<16} {:<8} {:<8} {:>10} {:>8} {:>9} {:>8}",
+            format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")),
+            p["ip"].as_str().unwrap_or("-"),
+            p["enrolled"],
+            p["attached"],
+            p["ebpf"]["redirected"],
+            p["ebpf"]["passedThrough"],
+            p["proxy"]["outbound"],
+            p["proxy"]["inbound"],
+        );
+        if let Some(e) = p["error"].as_str() {
+            println!("  error: {e}");
+        }
+    }
+    Ok(())
+}
+
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use http_body_util::{BodyExt as _, Empty};
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let res = sender.send_request(req).await?;
+    let status = res.status();
+    let body = res.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(status.is_success(), "{path}: HTTP {status}");
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}

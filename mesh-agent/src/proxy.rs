@@ -1,0 +1,264 @@
+//! The agent's in-pod listeners and the connections they carry.
+//!
+//! For every enrolled pod on this node the agent listens, inside the pod's
+//! network namespace, on
+//! - `15001` outbound: the pod's own connections, redirected there by the
+//!   connect hooks; the original destination comes from the eBPF map;
+//! - `15008` tunnel: connections from other agents (and this one) to the pod,
+//!   one HTTP/2 CONNECT stream each (the HBONE shape; mTLS wraps it later).
+//!
+//! A connection to a pod in the mesh goes to that pod's tunnel listener
+//! (wherever its node is), opened from the source pod's namespace so the
+//! source address is the client pod's. Anything else is connected directly.
+//! This module never sees Kubernetes or eBPF types, only the mesh state and
+//! the original-destination lookup.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    netns::Netns,
+    state::{PodKey, Snapshot},
+};
+
+mod outbound;
+mod tunnel;
+
+pub use outbound::OrigDstLookup;
+
+/// How long an agent waits for a TCP handshake it starts.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 flow-control windows of the tunnel: large enough that one stream
+/// can fill a fast link (the 64 KiB default caps a stream at a few MB/s per
+/// millisecond of round trip).
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pod {pod}: {source}")]
+    Netns {
+        pod: PodKey,
+        #[source]
+        source: crate::netns::Error,
+    },
+    #[error("pod {pod}: cannot listen on {addr} in its network namespace: {source}")]
+    Listen {
+        pod: PodKey,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Per-pod connection counters kept by the proxy.
+#[derive(Debug, Default)]
+pub struct PodStats {
+    pub outbound: AtomicU64,
+    pub outbound_tunneled: AtomicU64,
+    pub outbound_direct: AtomicU64,
+    pub outbound_failed: AtomicU64,
+    pub inbound: AtomicU64,
+    pub inbound_refused: AtomicU64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatsView {
+    outbound: u64,
+    outbound_tunneled: u64,
+    outbound_direct: u64,
+    outbound_failed: u64,
+    inbound: u64,
+    inbound_refused: u64,
+}
+
+impl PodStats {
+    pub fn view(&self) -> PodStatsView {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PodStatsView {
+            outbound: l(&self.outbound),
+            outbound_tunneled: l(&self.outbound_tunneled),
+            outbound_direct: l(&self.outbound_direct),
+            outbound_failed: l(&self.outbound_failed),
+            inbound: l(&self.inbound),
+            inbound_refused: l(&self.inbound_refused),
+        }
+    }
+}
+
+/// Ports of the in-pod listeners.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub outbound: u16,
+    pub tunnel: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            outbound: mesh_common::OUTBOUND_PORT,
+            tunnel: mesh_common::INBOUND_TUNNEL_PORT,
+        }
+    }
+}
+
+/// Shared by every listener and connection of this agent.
+pub struct Proxy {
+    state: watch::Receiver<Snapshot>,
+    orig_dst: Arc<dyn OrigDstLookup>,
+    ports: Ports,
+    /// Every connection task, so shutdown can wait for them to finish.
+    connections: TaskTracker,
+    /// Round robin over a service's endpoints.
+    next_endpoint: AtomicUsize,
+    runtime: tokio::runtime::Handle,
+}
+
+/// A local pod the proxy serves.
+pub struct PodHandle {
+    pub key: PodKey,
+    pub ips: Vec<IpAddr>,
+    pub netns: Arc<Netns>,
+    pub stats: Arc<PodStats>,
+}
+
+/// The listeners of one pod; dropping it does not close them, `close` does.
+pub struct PodListeners {
+    pub addrs: Vec<SocketAddr>,
+    cancel: CancellationToken,
+}
+
+impl PodListeners {
+    /// Stops accepting. Connections already accepted carry on.
+    pub fn close(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Proxy {
+    pub fn new(
+        state: watch::Receiver<Snapshot>,
+        orig_dst: Arc<dyn OrigDstLookup>,
+        ports: Ports,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            state,
+            orig_dst,
+            ports,
+            connections: TaskTracker::new(),
+            next_endpoint: AtomicUsize::new(0),
+            runtime,
+        })
+    }
+
+    /// Opens the pod's listeners in its namespace and starts serving them on
+    /// the data-plane runtime.
+    pub fn serve_pod(self: &Arc<Self>, pod: &PodHandle) -> Result<PodListeners, Error> {
+        let cancel = CancellationToken::new();
+        let outbound = self.listen(pod, self.ports.outbound)?;
+        let tunnel = self.listen(pod, self.ports.tunnel)?;
+        let addrs = vec![outbound.local_addr().ok(), tunnel.local_addr().ok()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let pod = Arc::new(PodHandle {
+            key: pod.key.clone(),
+            ips: pod.ips.clone(),
+            netns: pod.netns.clone(),
+            stats: pod.stats.clone(),
+        });
+        let this = self.clone();
+        self.runtime.spawn(this.clone().accept_loop(outbound, pod.clone(), cancel.clone(), Kind::Outbound));
+        self.runtime.spawn(this.accept_loop(tunnel, pod, cancel.clone(), Kind::Tunnel));
+        Ok(PodListeners { addrs, cancel })
+    }
+
+    fn listen(&self, pod: &PodHandle, port: u16) -> Result<TcpListener, Error> {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let sock = pod
+            .netns
+            .socket(socket2::Domain::IPV4)
+            .map_err(|source| Error::Netns { pod: pod.key.clone(), source })?;
+        let listen_err = |source| Error::Listen { pod: pod.key.clone(), addr, source };
+        sock.set_reuse_address(true).map_err(listen_err)?;
+        sock.bind(&addr.into()).map_err(listen_err)?;
+        sock.listen(1024).map_err(listen_err)?;
+        let _rt = self.runtime.enter();
+        TcpListener::from_std(sock.into()).map_err(listen_err)
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, pod: Arc<PodHandle>, cancel: CancellationToken, kind: Kind) {
+        let local = listener.local_addr().ok();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(pod = %pod.key, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            let pod = pod.clone();
+            let span = tracing::debug_span!("conn", pod = %pod.key, %peer, ?kind);
+            self.connections.spawn(tracing::Instrument::instrument(
+                async move {
+                    match kind {
+                        Kind::Outbound => this.outbound(stream, peer, &pod).await,
+                        Kind::Tunnel => this.tunnel_inbound(stream, peer, pod).await,
+                    }
+                },
+                span,
+            ));
+        }
+        tracing::debug!(pod = %pod.key, ?local, ?kind, "listener closed");
+    }
+
+    /// Stops tracking new connections and waits up to `deadline` for the open
+    /// ones to finish; returns how many were still open.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.connections.close();
+        if tokio::time::timeout(deadline, self.connections.wait()).await.is_err() {
+            return self.connections.len();
+        }
+        0
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.connections.len()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Outbound,
+    Tunnel,
+}
+
+/// A TCP connect from inside a pod's namespace, with the agent's mark.
+async fn connect_from(netns: &Netns, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let sock = netns.socket(domain).map_err(std::io::Error::other)?;
+    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}

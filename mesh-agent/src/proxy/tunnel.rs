@@ -1,0 +1,88 @@
+//! Inbound tunnel: HTTP/2 CONNECT streams from agents, delivered to the pod.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::{CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, connect_from};
+
+/// Response header saying why a CONNECT was refused, for the other agent's log.
+pub const REASON_HEADER: &str = "x-mesh-refusal";
+
+impl Proxy {
+    pub(super) async fn tunnel_inbound(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, pod: Arc<PodHandle>) {
+        let this = self.clone();
+        let svc_pod = pod.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let pod = svc_pod.clone();
+            async move { Ok::<_, std::convert::Infallible>(this.connect_stream(req, peer, pod).await) }
+        });
+        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+        if let Err(e) = result {
+            // Garbage or a plain TCP client on the tunnel port lands here.
+            pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, error = %e, "tunnel connection rejected: not HTTP/2 CONNECT");
+        }
+    }
+
+    async fn connect_stream(&self, req: Request<Incoming>, peer: SocketAddr, pod: Arc<PodHandle>) -> Response<Empty<Bytes>> {
+        let refuse = |status: StatusCode, reason: String| {
+            pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, pod = %pod.key, %status, %reason, "tunnel stream refused");
+            let mut res = Response::new(Empty::new());
+            *res.status_mut() = status;
+            if let Ok(v) = http::HeaderValue::from_str(&reason) {
+                res.headers_mut().insert(REASON_HEADER, v);
+            }
+            res
+        };
+        if req.method() != http::Method::CONNECT {
+            return refuse(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not CONNECT", req.method()));
+        }
+        let Some(target) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return refuse(StatusCode::BAD_REQUEST, format!("authority {:?} is not an IP:port", req.uri().authority().map(|a| a.as_str())));
+        };
+        // The listener is inside this pod: it only delivers to this pod.
+        if !pod.ips.contains(&target.ip().to_canonical()) {
+            return refuse(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("{target} is not an address of pod {}", pod.key),
+            );
+        }
+        let app = match connect_from(&pod.netns, target).await {
+            Ok(s) => s,
+            Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("connect to {target} failed: {e}")),
+        };
+        pod.stats.inbound.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, %target, "tunnel stream delivered");
+        self.connections.spawn(async move {
+            let mut app = app;
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    let mut upgraded = TokioIo::new(upgraded);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut upgraded, &mut app).await {
+                        tracing::debug!(%target, error = %e, "tunnel stream ended with an error");
+                    }
+                }
+                Err(e) => tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
+            }
+        });
+        Response::new(Empty::new())
+    }
+}

@@ -1,0 +1,191 @@
+//! The in-memory mesh state: namespaces, pods, services. Pure data, no I/O.
+//!
+//! Control-plane sources (the local file now, Kubernetes later) build a whole
+//! [`MeshState`] and publish it as an immutable snapshot; the data path reads
+//! the latest snapshot and never waits on the control plane.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+/// Namespace label that puts a namespace's pods in the mesh, and (on a pod)
+/// takes one pod out with the value [`DATAPLANE_MODE_DISABLED`].
+pub const DATAPLANE_MODE_LABEL: &str = "nodemesh.io/dataplane-mode";
+pub const DATAPLANE_MODE_ENABLED: &str = "enabled";
+pub const DATAPLANE_MODE_DISABLED: &str = "disabled";
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    pub key: PodKey,
+    pub node: String,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub labels: Labels,
+    /// Path of the pod's network namespace (e.g. `/run/netns/x` or `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+    /// Absolute path of the pod's cgroup v2 directory.
+    pub cgroup: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+    pub selector: Labels,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshState {
+    pub trust_domain: String,
+    pub nodes: Vec<String>,
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<PodKey, Pod>,
+    pub services: Vec<Service>,
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, PodKey>,
+}
+
+/// Where a connection to some address should go, as the mesh sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// A pod in the mesh: reach it through its node's agent.
+    MeshPod { pod: PodKey, addr: SocketAddr },
+    /// Anything else, including pods of namespaces outside the mesh.
+    Passthrough(SocketAddr),
+}
+
+impl MeshState {
+    pub fn new(
+        trust_domain: String,
+        nodes: Vec<String>,
+        namespaces: Vec<Namespace>,
+        pods: Vec<Pod>,
+        services: Vec<Service>,
+    ) -> Self {
+        let by_ip = pods
+            .iter()
+            .flat_map(|p| p.ips.iter().map(|ip| (*ip, p.key.clone())))
+            .collect();
+        Self {
+            trust_domain,
+            nodes,
+            namespaces: namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            pods: pods.into_iter().map(|p| (p.key.clone(), p)).collect(),
+            services,
+            by_ip,
+        }
+    }
+
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.by_ip.get(&ip.to_canonical()).and_then(|k| self.pods.get(k))
+    }
+
+    /// A pod is in the mesh when its namespace carries the enrollment label
+    /// and the pod does not opt out.
+    pub fn is_enrolled(&self, pod: &Pod) -> bool {
+        let ns_enabled = self
+            .namespaces
+            .get(&pod.key.namespace)
+            .and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL))
+            .is_some_and(|v| v == DATAPLANE_MODE_ENABLED);
+        let pod_opt_out = pod
+            .labels
+            .get(DATAPLANE_MODE_LABEL)
+            .is_some_and(|v| v == DATAPLANE_MODE_DISABLED);
+        ns_enabled && !pod_opt_out
+    }
+
+    pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.values().filter(move |p| p.node == node)
+    }
+
+    /// Pods selected by a service, in a stable order.
+    pub fn endpoints<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.values().filter(move |p| {
+            p.key.namespace == svc.namespace
+                && !svc.selector.is_empty()
+                && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+        })
+    }
+
+    /// Resolves an original destination. A service address picks one of the
+    /// service's endpoints with `pick` (given the number of endpoints); a pod
+    /// address names that pod. Either is a mesh destination only when the pod
+    /// is enrolled.
+    pub fn resolve(&self, dst: SocketAddr, pick: impl FnOnce(usize) -> usize) -> Destination {
+        let ip = dst.ip().to_canonical();
+        if let Some(pod) = self.pod_by_ip(ip) {
+            if self.is_enrolled(pod) {
+                return Destination::MeshPod {
+                    pod: pod.key.clone(),
+                    addr: SocketAddr::new(ip, dst.port()),
+                };
+            }
+            return Destination::Passthrough(SocketAddr::new(ip, dst.port()));
+        }
+        for svc in &self.services {
+            if !svc.ips.contains(&ip) {
+                continue;
+            }
+            let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
+                continue;
+            };
+            let eps: Vec<&Pod> = self.endpoints(svc).filter(|p| !p.ips.is_empty()).collect();
+            if eps.is_empty() {
+                break;
+            }
+            let pod = eps[pick(eps.len()) % eps.len()];
+            let pod_ip = pod.ips.iter().find(|a| a.is_ipv4() == ip.is_ipv4()).unwrap_or(&pod.ips[0]);
+            let addr = SocketAddr::new(*pod_ip, port.target_port);
+            if self.is_enrolled(pod) {
+                return Destination::MeshPod { pod: pod.key.clone(), addr };
+            }
+            return Destination::Passthrough(addr);
+        }
+        Destination::Passthrough(SocketAddr::new(ip, dst.port()))
+    }
+}
+
+pub type Snapshot = Arc<MeshState>;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,75 @@
+use super::*;
+
+fn pod(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> Pod {
+    Pod {
+        key: PodKey { namespace: ns.into(), name: name.into() },
+        node: "node-a".into(),
+        service_account: "default".into(),
+        ips: vec![ip.parse().unwrap()],
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        netns: "/run/netns/x".into(),
+        cgroup: "/sys/fs/cgroup/x".into(),
+    }
+}
+
+fn ns(name: &str, enrolled: bool) -> Namespace {
+    let mut labels = Labels::new();
+    if enrolled {
+        labels.insert(DATAPLANE_MODE_LABEL.into(), DATAPLANE_MODE_ENABLED.into());
+    }
+    Namespace { name: name.into(), labels }
+}
+
+fn state() -> MeshState {
+    MeshState::new(
+        "cluster.local".into(),
+        vec!["node-a".into()],
+        vec![ns("shop", true), ns("legacy", false)],
+        vec![
+            pod("shop", "a", "198.51.100.11", &[("app", "a")]),
+            pod("shop", "b1", "198.51.100.12", &[("app", "b")]),
+            pod("shop", "b2", "198.51.100.13", &[("app", "b")]),
+            pod("shop", "out", "198.51.100.14", &[(DATAPLANE_MODE_LABEL, DATAPLANE_MODE_DISABLED)]),
+            pod("legacy", "c", "198.51.100.21", &[("app", "c")]),
+        ],
+        vec![Service {
+            name: "b".into(),
+            namespace: "shop".into(),
+            ips: vec!["198.51.100.250".parse().unwrap()],
+            selector: [("app".to_string(), "b".to_string())].into(),
+            ports: vec![ServicePort { name: "http".into(), port: 80, target_port: 8080 }],
+        }],
+    )
+}
+
+#[test]
+fn enrollment_follows_namespace_label_and_pod_opt_out() {
+    let s = state();
+    let get = |ip: &str| s.pod_by_ip(ip.parse().unwrap()).unwrap();
+    assert!(s.is_enrolled(get("198.51.100.11")));
+    assert!(!s.is_enrolled(get("198.51.100.14")), "pod opt-out label wins");
+    assert!(!s.is_enrolled(get("198.51.100.21")));
+}
+
+#[test]
+fn resolve_pods_and_services() {
+    let s = state();
+    let d = s.resolve("198.51.100.12:9000".parse().unwrap(), |_| 0);
+    assert!(matches!(d, Destination::MeshPod { ref pod, .. } if pod.name == "b1"));
+    let d = s.resolve("198.51.100.21:9000".parse().unwrap(), |_| 0);
+    assert_eq!(d, Destination::Passthrough("198.51.100.21:9000".parse().unwrap()));
+    let d = s.resolve("198.51.100.250:80".parse().unwrap(), |n| n - 1);
+    assert_eq!(
+        d,
+        Destination::MeshPod {
+            pod: PodKey { namespace: "shop".into(), name: "b2".into() },
+            addr: "198.51.100.13:8080".parse().unwrap()
+        }
+    );
+    // A port the service does not declare is not the service.
+    let d = s.resolve("198.51.100.250:81".parse().unwrap(), |_| 0);
+    assert_eq!(d, Destination::Passthrough("198.51.100.250:81".parse().unwrap()));
+    // v4-mapped addresses resolve like IPv4.
+    let d = s.resolve("[::ffff:198.51.100.11]:1".parse().unwrap(), |_| 0);
+    assert!(matches!(d, Destination::MeshPod { .. }));
+}

@@ -1,0 +1,136 @@
+//! Types shared by the eBPF programs (`mesh-ebpf`) and the node agent.
+//!
+//! Every type here is a map key or value: `#[repr(C)]`, explicit padding, no
+//! `bool`, so that the kernel side and the host side agree on the layout byte
+//! for byte. Map names and sizes live next to the types that go in them.
+#![cfg_attr(not(test), no_std)]
+
+/// The agent's in-pod listener for redirected outbound connections.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The agent's in-pod plaintext capture listener (inbound, not via a tunnel).
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// The agent's in-pod tunnel listener: connections from other agents.
+pub const INBOUND_TUNNEL_PORT: u16 = 15008;
+
+/// `SO_MARK` set on every socket the agent opens. The connect hooks never
+/// redirect a marked socket, so the agent cannot loop into itself even when it
+/// opens a socket inside an enrolled pod's network namespace.
+pub const AGENT_SOCKET_MARK: u32 = 0x4d53_4801;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Enrolled pods, keyed by the network namespace cookie (`u64`).
+/// A pod is in the mesh exactly when its entry is present.
+pub const ENROLLED_MAP: &str = "ENROLLED";
+pub const ENROLLED_MAX: u32 = 4096;
+
+/// Per-pod connect counters (per CPU), keyed by netns cookie. The agent
+/// creates an entry for every pod it knows on its node, enrolled or not.
+pub const POD_COUNTERS_MAP: &str = "POD_COUNTERS";
+pub const POD_COUNTERS_MAX: u32 = 4096;
+
+/// Original destinations keyed by the connecting socket's cookie, written by
+/// `connect4`/`connect6` before the socket has a local port.
+pub const PENDING_MAP: &str = "PENDING_ORIG_DST";
+pub const PENDING_MAX: u32 = 65536;
+
+/// Original destinations keyed by the client's address (IP + local port), moved
+/// from `PENDING_ORIG_DST` by `sock_ops` once the port is assigned. The agent
+/// looks an accepted connection's peer address up here. LRU so that entries of
+/// connections the agent never accepted age out.
+pub const ORIG_DST_MAP: &str = "ORIG_DST";
+pub const ORIG_DST_MAX: u32 = 65536;
+
+/// `PodEntry::flags`: the pod has an IPv6 address (`ip6` is valid).
+pub const POD_FLAG_IPV6: u32 = 1;
+
+/// What the connect hooks need to know about an enrolled pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    /// The pod's IPv4 address, network byte order (as the kernel's contexts hold it).
+    pub ip4: u32,
+    /// The pod's IPv6 address, network byte order, valid with `POD_FLAG_IPV6`.
+    pub ip6: [u32; 4],
+    pub flags: u32,
+    /// The agent's outbound listener port inside the pod, host byte order.
+    pub outbound_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Redirect counters of one pod (one copy per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodCounters {
+    /// TCP connects rewritten to the agent's outbound listener.
+    pub redirected: u64,
+    /// TCP connects of an unenrolled pod, or to loopback / the pod itself.
+    pub passed: u64,
+}
+
+/// An IPv4 or IPv6 socket address as the kernel gives it. IPv4 uses `ip[0]`
+/// (network byte order) and zeroes the rest; IPv4-mapped IPv6 addresses are
+/// stored as IPv4 so both families of client socket meet the same key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+}
+
+impl SockAddr {
+    pub const fn v4(ip_be: u32, port: u16) -> Self {
+        Self {
+            ip: [ip_be, 0, 0, 0],
+            port,
+            family: AF_INET,
+        }
+    }
+
+    /// An IPv6 address given as the kernel's four network-order words; a
+    /// v4-mapped address (`::ffff:a.b.c.d`) becomes IPv4.
+    pub const fn v6(ip_be: [u32; 4], port: u16) -> Self {
+        if ip_be[0] == 0 && ip_be[1] == 0 && u32::from_be(ip_be[2]) == 0xffff {
+            return Self::v4(ip_be[3], port);
+        }
+        Self {
+            ip: ip_be,
+            port,
+            family: AF_INET6,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding.
+    unsafe impl aya::Pod for super::PodEntry {}
+    unsafe impl aya::Pod for super::PodCounters {}
+    unsafe impl aya::Pod for super::SockAddr {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn layouts_are_pinned() {
+        assert_eq!(size_of::<PodEntry>(), 32);
+        assert_eq!(align_of::<PodEntry>(), 4);
+        assert_eq!(size_of::<PodCounters>(), 16);
+        assert_eq!(size_of::<SockAddr>(), 20);
+    }
+
+    #[test]
+    fn v4_mapped_v6_is_stored_as_v4() {
+        let ip = 0xc633_640b_u32.to_be(); // 198.51.100.11
+        let mapped = SockAddr::v6([0, 0, 0xffff_u32.to_be(), ip], 80);
+        assert_eq!(mapped, SockAddr::v4(ip, 80));
+        let real = SockAddr::v6([0x2001_0db8_u32.to_be(), 0, 0, 1_u32.to_be()], 80);
+        assert_eq!(real.family, AF_INET6);
+    }
+}

@@ -1,0 +1,249 @@
+//! Kernel side of the mesh: redirect enrolled pods' TCP connects to the node
+//! agent's in-pod outbound listener and remember where they were going.
+//!
+//! Each hook is a thin `#[program]` over a `try_*` function so `?` works; every
+//! decision is logged at debug level through aya-log.
+// Built for bpfel-unknown-none by mesh-agent's build.rs. On the host (e.g.
+// `cargo build --workspace`, clippy) it compiles to an empty binary.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use mesh_common::{
+    AGENT_SOCKET_MARK, AF_INET, AF_INET6, ENROLLED_MAX, ORIG_DST_MAX, PENDING_MAX, POD_COUNTERS_MAX,
+    POD_FLAG_IPV6, PodCounters, PodEntry, SockAddr,
+};
+
+/// cgroup/connect*: 1 lets the connect() proceed (with our rewrite, if any).
+const ALLOW: i32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+#[map(name = "ENROLLED")]
+static ENROLLED: HashMap<u64, PodEntry> = HashMap::with_max_entries(ENROLLED_MAX, 0);
+
+#[map(name = "POD_COUNTERS")]
+static POD_COUNTERS: PerCpuHashMap<u64, PodCounters> =
+    PerCpuHashMap::with_max_entries(POD_COUNTERS_MAX, 0);
+
+#[map(name = "PENDING_ORIG_DST")]
+static PENDING_ORIG_DST: LruHashMap<u64, SockAddr> = LruHashMap::with_max_entries(PENDING_MAX, 0);
+
+#[map(name = "ORIG_DST")]
+static ORIG_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
+
+enum Verdict {
+    Redirected,
+    Passed,
+}
+
+fn count(netns: u64, verdict: Verdict) {
+    if let Some(c) = POD_COUNTERS.get_ptr_mut(netns) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        unsafe {
+            match verdict {
+                Verdict::Redirected => (*c).redirected += 1,
+                Verdict::Passed => (*c).passed += 1,
+            }
+        }
+    }
+}
+
+/// The socket's `SO_MARK`: the agent marks all of its sockets.
+fn socket_mark(sa: *mut bpf_sock_addr) -> u32 {
+    // SAFETY: `sk` is always set for cgroup/connect* contexts; the verifier
+    // checks the field access.
+    unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return 0;
+        }
+        (*sk).mark
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    match try_connect4(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: reads of the context the verifier hands us.
+    let (protocol, dst_ip, dst_port_be) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+    if protocol != IPPROTO_TCP {
+        return Ok(ALLOW);
+    }
+    if socket_mark(sa) == AGENT_SOCKET_MARK {
+        debug!(ctx, "connect4: agent socket, not redirected");
+        return Ok(ALLOW);
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let dst_port = u16::from_be(dst_port_be as u16);
+    let Some(pod) = ENROLLED.get_ptr(netns) else {
+        debug!(ctx, "connect4: netns {} not enrolled, pass to {:i}:{}", netns, u32::from_be(dst_ip), dst_port);
+        count(netns, Verdict::Passed);
+        return Ok(ALLOW);
+    };
+    // SAFETY: pointer from a successful lookup.
+    let pod = unsafe { *pod };
+    // Loopback stays in the pod (sidecar-style helpers); a pod talking to
+    // itself never needs the agent.
+    if (u32::from_be(dst_ip) >> 24) == 127 || dst_ip == pod.ip4 {
+        debug!(ctx, "connect4: local destination {:i}:{}, pass", u32::from_be(dst_ip), dst_port);
+        count(netns, Verdict::Passed);
+        return Ok(ALLOW);
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = SockAddr::v4(dst_ip, dst_port);
+    if PENDING_ORIG_DST.insert(cookie, orig, 0).is_err() {
+        // Without the original destination the agent could not relay it:
+        // better to let the connection go direct than to break it.
+        debug!(ctx, "connect4: cannot record original destination, pass");
+        count(netns, Verdict::Passed);
+        return Ok(ALLOW);
+    }
+    // SAFETY: writes to the context fields the program type may rewrite.
+    unsafe {
+        (*sa).user_ip4 = pod.ip4;
+        (*sa).user_port = u32::from(pod.outbound_port.to_be());
+    }
+    debug!(ctx, "connect4: redirect {:i}:{} to agent port {}", u32::from_be(dst_ip), dst_port, pod.outbound_port);
+    count(netns, Verdict::Redirected);
+    Ok(ALLOW)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    match try_connect6(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: reads of the context the verifier hands us.
+    let (protocol, dst_port_be) = unsafe { ((*sa).protocol, (*sa).user_port) };
+    if protocol != IPPROTO_TCP {
+        return Ok(ALLOW);
+    }
+    if socket_mark(sa) == AGENT_SOCKET_MARK {
+        debug!(ctx, "connect6: agent socket, not redirected");
+        return Ok(ALLOW);
+    }
+    // SAFETY: as in connect4. The verifier wants user_ip6 read word by word.
+    let dst_ip = unsafe {
+        [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ]
+    };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let dst_port = u16::from_be(dst_port_be as u16);
+    let Some(pod) = ENROLLED.get_ptr(netns) else {
+        debug!(ctx, "connect6: netns {} not enrolled, pass", netns);
+        count(netns, Verdict::Passed);
+        return Ok(ALLOW);
+    };
+    // SAFETY: pointer from a successful lookup.
+    let pod = unsafe { *pod };
+    let orig = SockAddr::v6(dst_ip, dst_port);
+    let to_self = if orig.family == AF_INET {
+        orig.ip[0] == pod.ip4 || (u32::from_be(orig.ip[0]) >> 24) == 127
+    } else {
+        orig.ip == pod.ip6
+            || (dst_ip[0] == 0 && dst_ip[1] == 0 && dst_ip[2] == 0 && u32::from_be(dst_ip[3]) == 1)
+    };
+    // An IPv6 destination can only be redirected to the pod's own IPv6
+    // address; a v4-mapped one goes to the pod's IPv4 in mapped form.
+    if to_self || (orig.family == AF_INET6 && pod.flags & POD_FLAG_IPV6 == 0) {
+        debug!(ctx, "connect6: local or unsupported destination, pass");
+        count(netns, Verdict::Passed);
+        return Ok(ALLOW);
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if PENDING_ORIG_DST.insert(cookie, orig, 0).is_err() {
+        debug!(ctx, "connect6: cannot record original destination, pass");
+        count(netns, Verdict::Passed);
+        return Ok(ALLOW);
+    }
+    // SAFETY: writes to the context fields the program type may rewrite.
+    unsafe {
+        if orig.family == AF_INET6 {
+            (*sa).user_ip6[0] = pod.ip6[0];
+            (*sa).user_ip6[1] = pod.ip6[1];
+            (*sa).user_ip6[2] = pod.ip6[2];
+            (*sa).user_ip6[3] = pod.ip6[3];
+        } else {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = 0xffff_u32.to_be();
+            (*sa).user_ip6[3] = pod.ip4;
+        }
+        (*sa).user_port = u32::from(pod.outbound_port.to_be());
+    }
+    debug!(ctx, "connect6: redirect port {} to agent port {}", dst_port, pod.outbound_port);
+    count(netns, Verdict::Redirected);
+    Ok(ALLOW)
+}
+
+/// Once a redirected socket has its local port (TCP_CONNECT_CB runs after the
+/// port is bound, before the SYN leaves), re-key its original destination by
+/// the client address the agent will see as the accepted connection's peer.
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    match try_sock_ops(&ctx) {
+        Ok(()) | Err(()) => 1,
+    }
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return Ok(());
+    }
+    // SAFETY: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = PENDING_ORIG_DST.get_ptr(cookie) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a successful lookup.
+    let orig = unsafe { *orig };
+    let port = ctx.local_port() as u16;
+    let client = if ctx.family() == u32::from(AF_INET6) {
+        SockAddr::v6(ctx.local_ip6(), port)
+    } else {
+        SockAddr::v4(ctx.local_ip4(), port)
+    };
+    let _ = ORIG_DST.insert(client, orig, 0);
+    let _ = PENDING_ORIG_DST.remove(cookie);
+    debug!(ctx, "sock_ops: client port {} keyed to original destination port {}", port, orig.port);
+    Ok(())
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

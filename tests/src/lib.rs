@@ -1,0 +1,54 @@
+//! `mesh_e2e`: the namespaced end-to-end harness.
+//!
+//! A *pod* is a network namespace with an address on a private bridge plus a
+//! cgroup v2 directory; a *node* is one `mesh-agent` process. A [`Testbed`]
+//! owns everything it creates (a private "fabric" netns holding the bridge,
+//! pod namespaces, cgroups, a temp dir) and removes it on drop, also while a
+//! test panics. The host's own interfaces and routes are never touched, and
+//! only the pod ranges below are ever addressed.
+//!
+//! ```no_run
+//! use mesh_e2e::{PodSpec, Testbed};
+//! # fn main() -> anyhow::Result<()> {
+//! let mut tb = Testbed::new("my_test")?;
+//! let server = tb.add_pod(PodSpec::new("server", "shop", "node-a", [198, 51, 100, 12].into()))?;
+//! let client = tb.add_pod(PodSpec::new("client", "shop", "node-a", [198, 51, 100, 11].into()))?;
+//! let _echo = server.start_echo(9000)?;
+//! let out = client.run("meshtest", ["send", "--to", "198.51.100.12:9000", "--bytes", "1024"])?;
+//! # Ok(()) }
+//! ```
+//!
+//! | module | what it holds |
+//! | --- | --- |
+//! | `host` | preflight checks (root, `ip`, cgroup2 mount) and binary discovery |
+//! | `netns` | the `ip` invocations (netns, veth, bridge) |
+//! | `cgroup` | create, kill and remove cgroup v2 directories |
+//! | `process` | captured output and child handles shared by pods and agents |
+//! | `testbed` | [`Testbed`], naming, cleanup and the sweep of leftovers |
+//! | `pod` | [`Pod`]: running processes inside a pod's netns and cgroup |
+//! | `config` | the agent's local YAML config, generated from the testbed |
+//! | `agent` | [`Agent`]: one node agent process and its admin API |
+//! | `status` | typed view of the agent's `/status` JSON |
+//! | `wait` | deadline-bounded polling |
+
+mod agent;
+mod cgroup;
+mod config;
+mod host;
+mod netns;
+mod pod;
+mod process;
+mod status;
+mod testbed;
+mod wait;
+
+pub use agent::Agent;
+pub use config::{
+    ENROLL_LABEL, ENROLL_VALUE, LocalConfig, NamespaceEntry, NodeEntry, PodEntry, ServiceEntry,
+    ServicePortEntry,
+};
+pub use host::{agent_bin, cgroup2_mount, meshtest_bin};
+pub use pod::{Pod, PodProcess, RUN_TIMEOUT};
+pub use status::{PodCounters, PodStatus, Status};
+pub use testbed::{CleanupHandle, POD_RANGES, PodSpec, ServicePort, ServiceSpec, Testbed};
+pub use wait::{wait_for, wait_until};

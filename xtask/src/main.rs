@@ -1,0 +1,67 @@
+//! `cargo xtask <command>`: everything it takes to go from a fresh machine to
+//! a built, tested, demonstrated mesh. The only place that shells out to
+//! apt, rustup and `cargo install`.
+
+mod build;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+mod workspace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Development tasks for the mesh workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install and check everything the build and the tests need (idempotent).
+    Setup,
+    /// Setup, then build every binary of the workspace (mesh-agent embeds the eBPF object).
+    Build,
+    /// Setup, build, then run the whole test suite, end-to-end tests included (needs root).
+    Test(test::Args),
+    /// Setup, build, then run the end-to-end demo.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Build => build::run(),
+        Command::Test(args) => test::run(&args),
+        Command::Demo(args) => demo::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the chain of contexts reads as "what failed: why".
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// A failed test run or demo exits with the code of the command that failed,
+/// so callers (CI) see what `cargo test` itself would have reported; any
+/// other failure exits with 1.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    err.chain()
+        .find_map(|cause| cause.downcast_ref::<cmd::CommandFailed>())
+        .map_or(1, |failed| {
+            u8::try_from(failed.exit_code())
+                .ok()
+                .filter(|&code| code != 0)
+                .unwrap_or(1)
+        })
+}

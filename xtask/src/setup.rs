@@ -1,0 +1,47 @@
+//! `cargo xtask setup`: makes this machine able to build and test the mesh.
+//!
+//! Every step checks before it acts, so a second run only looks and takes well
+//! under a second. Each step prints one line; a step that cannot do its job
+//! stops setup with an error naming the step and what to do about it.
+
+mod host;
+mod packages;
+mod toolchain;
+
+use anyhow::{Context, Result};
+
+pub use host::is_root;
+
+/// What a step found or did, for its one line of output.
+enum Outcome {
+    Ok(String),
+    /// Setup carries on, but something later (tests, pinning) will need this fixed.
+    Warn(String),
+}
+
+pub fn run() -> Result<()> {
+    // Host checks first: they are instant, and an unfit kernel should stop us
+    // before a minute of compiling.
+    step("kernel", host::kernel)?;
+    step("root", host::root)?;
+    step("cgroup v2", host::cgroup2)?;
+    step("debian packages", packages::ensure)?;
+    let nightly = step_with("nightly toolchain", toolchain::nightly)?;
+    step("bpf-linker", || toolchain::bpf_linker(&nightly))?;
+    step("bpffs", host::bpffs)?;
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<Outcome>) -> Result<()> {
+    step_with(name, || f().map(|outcome| (outcome, ())))
+}
+
+/// A step that also hands a value to later steps.
+fn step_with<T>(name: &str, f: impl FnOnce() -> Result<(Outcome, T)>) -> Result<T> {
+    let (outcome, value) = f().with_context(|| format!("setup step `{name}` failed"))?;
+    match outcome {
+        Outcome::Ok(detail) => eprintln!("setup: {name}: ok ({detail})"),
+        Outcome::Warn(detail) => eprintln!("setup: {name}: WARNING: {detail}"),
+    }
+    Ok(value)
+}

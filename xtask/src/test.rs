@@ -1,0 +1,115 @@
+//! `cargo xtask test`: the whole suite, as CI runs it.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+
+use crate::{cmd, setup, workspace};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Also run clippy (host crates, then the eBPF crate) with warnings denied.
+    #[arg(long)]
+    lint: bool,
+    /// Passed to `cargo test` (after `--`); a second `--` reaches the test binaries.
+    #[arg(last = true)]
+    cargo_test_args: Vec<String>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    // The end-to-end tests create network namespaces, cgroups and eBPF links;
+    // without root they could only skip, and a skipped suite must not pass.
+    if !setup::is_root() {
+        bail!(
+            "`cargo xtask test` must run as root: the end-to-end tests create network \
+             namespaces and cgroups and load eBPF programs (try `sudo -E cargo xtask test`)"
+        );
+    }
+    let mut progress = Progress::new();
+    progress.step("setup", setup::run)?;
+    progress.step("build", workspace::build_bins)?;
+    let agent = workspace::debug_bin("mesh-agent")?;
+    progress.step("tests", || {
+        cmd::run(
+            workspace::cargo_host("test")
+                .args(&args.cargo_test_args)
+                .env(workspace::MESH_AGENT_BIN, &agent),
+        )
+    })?;
+    if args.lint {
+        progress.step("clippy", || {
+            cmd::run(workspace::cargo_host("clippy").args([
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        })?;
+        progress.step("clippy (eBPF)", clippy_ebpf)?;
+    }
+    eprintln!(
+        "xtask test: ok: {} in {}",
+        progress.passed.join(", "),
+        progress.elapsed()
+    );
+    Ok(())
+}
+
+/// The eBPF crate is linted on its own, for its real target: linted with the
+/// host crates it would be built for the host, and feature unification would
+/// give it two panic handlers.
+fn clippy_ebpf() -> Result<()> {
+    cmd::run(
+        Command::new("rustup")
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "--package",
+                "mesh-ebpf",
+            ])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .args(["--", "-D", "warnings"])
+            .current_dir(workspace::root()),
+    )
+}
+
+/// Names the steps that passed, so the last line says how far a run got.
+struct Progress {
+    started: Instant,
+    passed: Vec<&'static str>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            passed: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, name: &'static str, step: impl FnOnce() -> Result<()>) -> Result<()> {
+        match step() {
+            Ok(()) => {
+                self.passed.push(name);
+                Ok(())
+            }
+            Err(err) => {
+                let passed = match self.passed.as_slice() {
+                    [] => "nothing".to_owned(),
+                    passed => passed.join(", "),
+                };
+                Err(err.context(format!(
+                    "xtask test: FAILED at {name} after {} (passed: {passed})",
+                    self.elapsed()
+                )))
+            }
+        }
+    }
+
+    fn elapsed(&self) -> String {
+        format!("{:.1}s", self.started.elapsed().as_secs_f64())
+    }
+}
