@@ -209,7 +209,10 @@ impl Datapath {
         self.orig_dst.clone()
     }
 
-    /// Attaches the programs to a pod's cgroup (idempotent). Scoping the
+    /// Attaches the programs to a pod's cgroup (idempotent). aya attaches
+    /// with a BPF link (kernel >= 5.7), which the kernel always treats as one
+    /// of several programs on the cgroup and which refuses any attach flag;
+    /// hence `Single` here, which means "no flags". Scoping the
     /// attachment to the pod's own cgroup means a bug in a hook can only
     /// affect pods the agent manages, never the node's own traffic.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), Error> {
@@ -236,7 +239,7 @@ impl Datapath {
                     .ok_or(Error::MissingProgram { program: static_name(name) })?
                     .try_into()
                     .map_err(attach_err(static_name(name)))?;
-                *slot = Some(prog.attach(&fd, CgroupAttachMode::AllowMultiple).map_err(attach_err(static_name(name)))?);
+                *slot = Some(prog.attach(&fd, CgroupAttachMode::Single).map_err(attach_err(static_name(name)))?);
             }
         }
         if att.sock_ops.is_none() {
@@ -246,7 +249,7 @@ impl Datapath {
                 .ok_or(Error::MissingProgram { program: SOCK_OPS })?
                 .try_into()
                 .map_err(attach_err(SOCK_OPS))?;
-            att.sock_ops = Some(prog.attach(&fd, CgroupAttachMode::AllowMultiple).map_err(attach_err(SOCK_OPS))?);
+            att.sock_ops = Some(prog.attach(&fd, CgroupAttachMode::Single).map_err(attach_err(SOCK_OPS))?);
         }
         Ok(())
     }
@@ -348,6 +351,38 @@ fn static_name(name: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn require_root() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test loads eBPF programs and must run as root (CI does): run `cargo xtask test` as root"
+        );
+    }
+
+    #[test]
+    fn programs_load_on_this_kernel() {
+        require_root();
+        let dp = Datapath::load().unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
+        assert!(dp.attached_cgroups().is_empty(), "load attaches nothing");
+    }
+
+    #[test]
+    fn a_rejected_program_reports_the_verifier_log() {
+        require_root();
+        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("object parses");
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut("verifier_canary")
+            .expect("canary in object")
+            .try_into()
+            .expect("cgroup sock_addr program");
+        let err = prog
+            .load()
+            .map_err(|source| Error::Load { program: "verifier_canary", source })
+            .expect_err("the verifier must refuse the canary");
+        let msg = crate::error_chain(&err);
+        assert!(msg.contains("verifier_canary was rejected by the kernel"), "{msg}");
+        assert!(msg.contains("invalid bpf_context access"), "verifier log missing: {msg}");
+    }
 
     #[test]
     fn addresses_round_trip_through_map_form() {

@@ -164,7 +164,7 @@ impl Enrollment {
         }
         let netns = mp.netns.clone().expect("opened above");
         if !datapath.is_attached(&mp.cgroup) {
-            datapath.attach(&mp.cgroup).map_err(|e| format!("{e:#}"))?;
+            datapath.attach(&mp.cgroup).map_err(|e| crate::error_chain(&e))?;
             tracing::info!(pod = %key, cgroup = %mp.cgroup.display(), "eBPF programs attached");
             changed = true;
         }

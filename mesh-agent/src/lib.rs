@@ -21,3 +21,18 @@ pub mod localfile;
 pub mod netns;
 pub mod proxy;
 pub mod state;
+
+/// An error and its sources on one line, for logs and status.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -237,6 +237,15 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     Ok(())
 }
 
+/// Never attached and never loaded by the agent: a program the verifier must
+/// refuse (it reads far outside its context). The agent's tests load it to
+/// prove that a rejected program's error carries the verifier's log.
+#[cgroup_sock_addr(connect4)]
+pub fn verifier_canary(ctx: SockAddrContext) -> i32 {
+    // SAFETY: not safe at all, on purpose; the kernel refuses to load it.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u32).add(4096)) as i32 }
+}
+
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
