@@ -23,9 +23,6 @@ use crate::{
     state::Snapshot,
 };
 
-/// Reconcile at least this often, even without a state change.
-const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -40,6 +37,8 @@ pub enum Error {
     Runtime(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Host(#[from] crate::host::Error),
 }
 
 impl OrigDstLookup for ebpf::OrigDst {
@@ -66,7 +65,12 @@ impl AdminSource for Admin {
             "node": self.node,
             "ready": e.ready(),
             "config": self.reloads.view(),
-            "ebpf": { "loaded": true },
+            "ebpf": {
+                "loaded": true,
+                "accelerating": e.accelerating(),
+                "acceleratedSockets": e.accelerated_sockets(),
+            },
+            "repairs": e.repairs,
             "openConnections": self.proxy.open_connections(),
             "reconcileChanges": e.changes,
             "pods": e.status(),
@@ -99,8 +103,14 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
     let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
-    let mut datapath = Datapath::load()?;
+    let mut datapath = Datapath::load(ebpf::Options { accelerate: cfg.accelerate })?;
     ebpf::spawn_logger(datapath.ebpf_mut());
+    if cfg.accelerate {
+        let (own, is_root) = crate::host::own_cgroup()?;
+        if datapath.attach_agent_cgroup(&own, is_root)? {
+            tracing::info!(cgroup = %own.display(), "socket acceleration on");
+        }
+    }
     let proxy = Proxy::new(state.clone(), Arc::new(datapath.orig_dst()), Ports::default(), data.clone());
     let enrollment = Arc::new(Mutex::new(Enrollment::new(
         cfg.node.clone(),
@@ -124,7 +134,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     });
     let admin_task = tokio::spawn(admin::serve(listener, admin));
     let watch_task = tokio::spawn(watcher);
-    let reconcile_task = tokio::spawn(reconcile_loop(enrollment.clone(), state));
+    let reconcile_task = tokio::spawn(reconcile_loop(enrollment.clone(), state, cfg.reconcile_interval));
     tracing::info!(%admin_addr, node = %cfg.node, "agent ready");
     on_ready(admin_addr);
 
@@ -152,8 +162,8 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     Ok(())
 }
 
-async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Receiver<Snapshot>) {
-    let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Receiver<Snapshot>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

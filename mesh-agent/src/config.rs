@@ -12,6 +12,7 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 /// drain must end before that.
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "20s";
 pub const DEFAULT_CONFIG_POLL: &str = "500ms";
+pub const DEFAULT_RECONCILE_INTERVAL: &str = "5s";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -23,6 +24,8 @@ pub enum Error {
     Poll(Duration),
     #[error("--drain-timeout {0:?}: must be at most 10m")]
     Drain(Duration),
+    #[error("--reconcile-interval {0:?}: must be between 100ms and 10m")]
+    Reconcile(Duration),
 }
 
 #[derive(Clone, Debug)]
@@ -34,6 +37,11 @@ pub struct Config {
     pub config_poll: Duration,
     /// Worker threads of the data-plane runtime.
     pub data_threads: usize,
+    /// Socket-to-socket acceleration of in-pod hops (sockhash + sk_msg).
+    pub accelerate: bool,
+    /// How often enrollment is checked against the kernel even without a
+    /// state change (drift repair).
+    pub reconcile_interval: Duration,
 }
 
 impl Config {
@@ -50,6 +58,9 @@ impl Config {
         }
         if self.drain_timeout > Duration::from_secs(600) {
             return Err(Error::Drain(self.drain_timeout));
+        }
+        if self.reconcile_interval < Duration::from_millis(100) || self.reconcile_interval > Duration::from_secs(600) {
+            return Err(Error::Reconcile(self.reconcile_interval));
         }
         Ok(())
     }
@@ -83,6 +94,8 @@ mod tests {
             drain_timeout: parse_duration(DEFAULT_DRAIN_TIMEOUT).unwrap(),
             config_poll: parse_duration(DEFAULT_CONFIG_POLL).unwrap(),
             data_threads: 2,
+            accelerate: true,
+            reconcile_interval: parse_duration(DEFAULT_RECONCILE_INTERVAL).unwrap(),
         }
     }
 

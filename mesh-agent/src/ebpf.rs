@@ -9,22 +9,27 @@
 use std::{
     collections::HashMap as StdHashMap,
     fs::File,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps},
 };
 use mesh_common::{
-    AF_INET6, ENROLLED_MAP, ORIG_DST_MAP, POD_COUNTERS_MAP, POD_FLAG_IPV6, PodCounters, PodEntry,
-    SockAddr,
+    ACCELERATE_GLOBAL, ENROLLED_MAP, INBOUND_LISTENERS_MAP, LOCAL_SOCKS_MAP, ORIG_DST_MAP,
+    POD_COUNTERS_MAP, POD_FLAG_IPV6, PodCounters, PodEntry, SockAddr, SockPair,
 };
 
+mod addr;
 mod logger;
+mod query;
+
+use addr::{from_sock_addr, to_sock_addr};
 pub use logger::spawn_logger;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -32,6 +37,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/me
 const CONNECT4: &str = "connect4";
 const CONNECT6: &str = "connect6";
 const SOCK_OPS: &str = "sock_ops";
+const SK_MSG: &str = "accelerate";
+const SK_LOOKUP: &str = "inbound_capture";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -77,10 +84,25 @@ pub enum Error {
 }
 
 #[derive(Default)]
-struct Attachment {
+struct CgroupLinks {
     connect4: Option<aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId>,
     connect6: Option<aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId>,
     sock_ops: Option<aya::programs::sock_ops::SockOpsLinkId>,
+}
+
+/// Kernel IDs of our loaded programs, to recognise them in `BPF_PROG_QUERY`.
+struct ProgIds {
+    connect4: u32,
+    connect6: u32,
+    sock_ops: u32,
+    sk_lookup: u32,
+}
+
+/// Options fixed at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Socket-to-socket acceleration (sockhash + sk_msg) for in-pod hops.
+    pub accelerate: bool,
 }
 
 /// The loaded programs and the maps the control side writes.
@@ -89,7 +111,12 @@ pub struct Datapath {
     enrolled: HashMap<MapData, u64, PodEntry>,
     counters: PerCpuHashMap<MapData, u64, PodCounters>,
     orig_dst: OrigDst,
-    attached: StdHashMap<PathBuf, Attachment>,
+    inbound_listeners: SockHash<MapData, SockAddr>,
+    local_socks: SockHash<MapData, SockPair>,
+    cgroups: StdHashMap<PathBuf, CgroupLinks>,
+    netns: StdHashMap<u64, aya::programs::sk_lookup::SkLookupLinkId>,
+    ids: ProgIds,
+    accelerate: bool,
     nr_cpus: usize,
 }
 
@@ -108,30 +135,6 @@ impl OrigDst {
         let _ = map.remove(&key);
         Some(from_sock_addr(&orig))
     }
-}
-
-fn to_sock_addr(a: SocketAddr) -> SockAddr {
-    match a.ip().to_canonical() {
-        IpAddr::V4(ip) => SockAddr::v4(u32::from_ne_bytes(ip.octets()), a.port()),
-        IpAddr::V6(ip) => {
-            let o = ip.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            SockAddr::v6([w(0), w(4), w(8), w(12)], a.port())
-        }
-    }
-}
-
-fn from_sock_addr(a: &SockAddr) -> SocketAddr {
-    let ip = if a.family == AF_INET6 {
-        let mut o = [0u8; 16];
-        for (i, w) in a.ip.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(o))
-    } else {
-        IpAddr::V4(Ipv4Addr::from(a.ip[0].to_ne_bytes()))
-    };
-    SocketAddr::new(ip, a.port)
 }
 
 /// What the hooks need about an enrolled pod.
@@ -156,47 +159,79 @@ pub fn pod_entry(ips: &[IpAddr], outbound_port: u16) -> PodEntry {
     e
 }
 
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram { program: name })?
+        .try_into()
+        .map_err(|source| Error::Load { program: name, source })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name).ok_or(Error::MissingMap { map: name })
+}
+
 impl Datapath {
     /// Loads the embedded programs into the kernel (not attached anywhere yet).
-    pub fn load() -> Result<Self, Error> {
+    pub fn load(opts: Options) -> Result<Self, Error> {
         if OBJECT.is_empty() {
             return Err(Error::NotEmbedded);
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(Error::Object)?;
-        for name in [CONNECT4, CONNECT6] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(Error::MissingProgram { program: static_name(name) })?
-                .try_into()
-                .map_err(|source| Error::Load { program: static_name(name), source })?;
-            prog.load().map_err(|source| Error::Load { program: static_name(name), source })?;
-        }
-        let prog: &mut SockOps = ebpf
-            .program_mut(SOCK_OPS)
-            .ok_or(Error::MissingProgram { program: SOCK_OPS })?
-            .try_into()
-            .map_err(|source| Error::Load { program: SOCK_OPS, source })?;
-        prog.load().map_err(|source| Error::Load { program: SOCK_OPS, source })?;
+        let accelerate = u8::from(opts.accelerate);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(ACCELERATE_GLOBAL, &accelerate, true)
+            .load(OBJECT)
+            .map_err(Error::Object)?;
+        let id = |name: &'static str, info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>| {
+            info.map(|i| i.id()).map_err(|source| Error::Load { program: name, source })
+        };
+        program::<CgroupSockAddr>(&mut ebpf, CONNECT4)?.load().map_err(|source| Error::Load { program: CONNECT4, source })?;
+        program::<CgroupSockAddr>(&mut ebpf, CONNECT6)?.load().map_err(|source| Error::Load { program: CONNECT6, source })?;
+        program::<SockOps>(&mut ebpf, SOCK_OPS)?.load().map_err(|source| Error::Load { program: SOCK_OPS, source })?;
+        program::<SkLookup>(&mut ebpf, SK_LOOKUP)?.load().map_err(|source| Error::Load { program: SK_LOOKUP, source })?;
+        let ids = ProgIds {
+            connect4: id(CONNECT4, program::<CgroupSockAddr>(&mut ebpf, CONNECT4)?.info())?,
+            connect6: id(CONNECT6, program::<CgroupSockAddr>(&mut ebpf, CONNECT6)?.info())?,
+            sock_ops: id(SOCK_OPS, program::<SockOps>(&mut ebpf, SOCK_OPS)?.info())?,
+            sk_lookup: id(SK_LOOKUP, program::<SkLookup>(&mut ebpf, SK_LOOKUP)?.info())?,
+        };
 
-        let enrolled = HashMap::try_from(
-            ebpf.take_map(ENROLLED_MAP).ok_or(Error::MissingMap { map: ENROLLED_MAP })?,
-        )
-        .map_err(|source| Error::Map { map: ENROLLED_MAP, source })?;
-        let counters = PerCpuHashMap::try_from(
-            ebpf.take_map(POD_COUNTERS_MAP).ok_or(Error::MissingMap { map: POD_COUNTERS_MAP })?,
-        )
-        .map_err(|source| Error::Map { map: POD_COUNTERS_MAP, source })?;
-        let orig_dst = HashMap::try_from(
-            ebpf.take_map(ORIG_DST_MAP).ok_or(Error::MissingMap { map: ORIG_DST_MAP })?,
-        )
-        .map_err(|source| Error::Map { map: ORIG_DST_MAP, source })?;
+        let map_err = |map: &'static str| move |source| Error::Map { map, source };
+        let enrolled = HashMap::try_from(take_map(&mut ebpf, ENROLLED_MAP)?).map_err(map_err(ENROLLED_MAP))?;
+        let counters = PerCpuHashMap::try_from(take_map(&mut ebpf, POD_COUNTERS_MAP)?).map_err(map_err(POD_COUNTERS_MAP))?;
+        let orig_dst = HashMap::try_from(take_map(&mut ebpf, ORIG_DST_MAP)?).map_err(map_err(ORIG_DST_MAP))?;
+        let inbound_listeners =
+            SockHash::try_from(take_map(&mut ebpf, INBOUND_LISTENERS_MAP)?).map_err(map_err(INBOUND_LISTENERS_MAP))?;
+        let local_socks: SockHash<MapData, SockPair> =
+            SockHash::try_from(take_map(&mut ebpf, LOCAL_SOCKS_MAP)?).map_err(map_err(LOCAL_SOCKS_MAP))?;
+
+        // Acceleration is an optimisation: a kernel without sk_msg support
+        // runs on the plain path, said once in the log.
+        let mut accelerating = opts.accelerate;
+        if accelerating {
+            let attached = program::<SkMsg>(&mut ebpf, SK_MSG).and_then(|p| {
+                p.load().map_err(|source| Error::Load { program: SK_MSG, source })?;
+                p.attach(local_socks.fd()).map_err(|source| Error::Load { program: SK_MSG, source })
+            });
+            if let Err(e) = attached {
+                tracing::warn!(error = %crate::error_chain(&e), "socket acceleration unavailable on this kernel; using the plain TCP path");
+                accelerating = false;
+            }
+        }
         let nr_cpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1);
         Ok(Self {
             ebpf,
             enrolled,
             counters,
             orig_dst: OrigDst(Arc::new(Mutex::new(orig_dst))),
-            attached: StdHashMap::new(),
+            inbound_listeners,
+            local_socks,
+            cgroups: StdHashMap::new(),
+            netns: StdHashMap::new(),
+            ids,
+            accelerate: accelerating,
             nr_cpus,
         })
     }
@@ -209,79 +244,81 @@ impl Datapath {
         self.orig_dst.clone()
     }
 
-    /// Attaches the programs to a pod's cgroup (idempotent). aya attaches
-    /// with a BPF link (kernel >= 5.7), which the kernel always treats as one
-    /// of several programs on the cgroup and which refuses any attach flag;
-    /// hence `Single` here, which means "no flags". Scoping the
-    /// attachment to the pod's own cgroup means a bug in a hook can only
-    /// affect pods the agent manages, never the node's own traffic.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), Error> {
-        let att = self.attached.entry(cgroup.to_owned()).or_default();
-        if att.connect4.is_some() && att.connect6.is_some() && att.sock_ops.is_some() {
-            return Ok(());
-        }
-        let fd = File::open(cgroup).map_err(|source| Error::Cgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
-        let attach_err = |program: &'static str| {
-            move |source| Error::Attach {
-                program,
-                path: cgroup.to_owned(),
-                source,
-            }
-        };
-        for (name, slot) in [(CONNECT4, &mut att.connect4), (CONNECT6, &mut att.connect6)] {
-            if slot.is_none() {
-                let prog: &mut CgroupSockAddr = self
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or(Error::MissingProgram { program: static_name(name) })?
-                    .try_into()
-                    .map_err(attach_err(static_name(name)))?;
-                *slot = Some(prog.attach(&fd, CgroupAttachMode::Single).map_err(attach_err(static_name(name)))?);
-            }
-        }
-        if att.sock_ops.is_none() {
-            let prog: &mut SockOps = self
-                .ebpf
-                .program_mut(SOCK_OPS)
-                .ok_or(Error::MissingProgram { program: SOCK_OPS })?
-                .try_into()
-                .map_err(attach_err(SOCK_OPS))?;
-            att.sock_ops = Some(prog.attach(&fd, CgroupAttachMode::Single).map_err(attach_err(SOCK_OPS))?);
-        }
-        Ok(())
+    pub fn accelerating(&self) -> bool {
+        self.accelerate
     }
 
+    /// Makes sure our programs are attached to a pod's cgroup, as the kernel
+    /// sees it; returns how many had to be (re)attached. Scoping attachments
+    /// to the pod's own cgroup means a bug in a hook can only affect pods the
+    /// agent manages, never the node's own traffic.
+    ///
+    /// aya attaches with a BPF link (kernel >= 5.7), which the kernel always
+    /// treats as one of several programs on the cgroup and which refuses any
+    /// attach flag: hence `Single` below, which means "no flags".
+    pub fn attach(&mut self, cgroup: &Path) -> Result<u32, Error> {
+        let fd = File::open(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?;
+        let links = self.cgroups.entry(cgroup.to_owned()).or_default();
+        let present = |attach_type, id| {
+            query::attached_program_ids(&fd, attach_type).map(|ids| ids.contains(&id)).unwrap_or(false)
+        };
+        let attach_err = |program: &'static str| move |source| Error::Attach { program, path: cgroup.to_owned(), source };
+        let mut attached = 0;
+        for (name, slot, attach_type, id) in [
+            (CONNECT4, &mut links.connect4, query::BPF_CGROUP_INET4_CONNECT, self.ids.connect4),
+            (CONNECT6, &mut links.connect6, query::BPF_CGROUP_INET6_CONNECT, self.ids.connect6),
+        ] {
+            if slot.is_some() && present(attach_type, id) {
+                continue;
+            }
+            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            if let Some(stale) = slot.take() {
+                let _ = prog.detach(stale);
+            }
+            *slot = Some(prog.attach(&fd, CgroupAttachMode::Single).map_err(attach_err(name))?);
+            attached += 1;
+        }
+        if links.sock_ops.is_none() || !present(query::BPF_CGROUP_SOCK_OPS, self.ids.sock_ops) {
+            let prog = program::<SockOps>(&mut self.ebpf, SOCK_OPS)?;
+            if let Some(stale) = links.sock_ops.take() {
+                let _ = prog.detach(stale);
+            }
+            links.sock_ops = Some(prog.attach(&fd, CgroupAttachMode::Single).map_err(attach_err(SOCK_OPS))?);
+            attached += 1;
+        }
+        Ok(attached)
+    }
+
+    /// Whether all our cgroup programs are attached to `cgroup`, per the kernel.
     pub fn is_attached(&self, cgroup: &Path) -> bool {
-        self.attached
-            .get(cgroup)
-            .is_some_and(|a| a.connect4.is_some() && a.connect6.is_some() && a.sock_ops.is_some())
+        let Ok(fd) = File::open(cgroup) else { return false };
+        [
+            (query::BPF_CGROUP_INET4_CONNECT, self.ids.connect4),
+            (query::BPF_CGROUP_INET6_CONNECT, self.ids.connect6),
+            (query::BPF_CGROUP_SOCK_OPS, self.ids.sock_ops),
+        ]
+        .into_iter()
+        .all(|(t, id)| query::attached_program_ids(&fd, t).is_ok_and(|ids| ids.contains(&id)))
     }
 
     /// Detaches the programs from a pod's cgroup. A cgroup that is already
     /// gone has lost its programs with it; that is not an error.
     pub fn detach(&mut self, cgroup: &Path) -> Result<(), Error> {
-        let Some(att) = self.attached.remove(cgroup) else {
+        let Some(links) = self.cgroups.remove(cgroup) else {
             return Ok(());
         };
         let cgroup_gone = !cgroup.exists();
-        let gone = |e: &aya::programs::ProgramError| {
-            cgroup_gone || matches!(e, aya::programs::ProgramError::NotAttached)
-        };
-        for (name, id) in [(CONNECT4, att.connect4), (CONNECT6, att.connect6)] {
+        let gone = |e: &aya::programs::ProgramError| cgroup_gone || matches!(e, aya::programs::ProgramError::NotAttached);
+        for (name, id) in [(CONNECT4, links.connect4), (CONNECT6, links.connect6)] {
             if let Some(id) = id
-                && let Some(Ok(prog)) = self.ebpf.program_mut(name).map(<&mut CgroupSockAddr>::try_from)
-                && let Err(source) = prog.detach(id)
+                && let Err(source) = program::<CgroupSockAddr>(&mut self.ebpf, name)?.detach(id)
                 && !gone(&source)
             {
-                return Err(Error::Detach { program: static_name(name), path: cgroup.to_owned(), source });
+                return Err(Error::Detach { program: name, path: cgroup.to_owned(), source });
             }
         }
-        if let Some(id) = att.sock_ops
-            && let Some(Ok(prog)) = self.ebpf.program_mut(SOCK_OPS).map(<&mut SockOps>::try_from)
-            && let Err(source) = prog.detach(id)
+        if let Some(id) = links.sock_ops
+            && let Err(source) = program::<SockOps>(&mut self.ebpf, SOCK_OPS)?.detach(id)
             && !gone(&source)
         {
             return Err(Error::Detach { program: SOCK_OPS, path: cgroup.to_owned(), source });
@@ -289,8 +326,91 @@ impl Datapath {
         Ok(())
     }
 
-    pub fn attached_cgroups(&self) -> Vec<PathBuf> {
-        self.attached.keys().cloned().collect()
+    /// Attaches `sock_ops` to the agent's own cgroup, so the agent's ends of
+    /// in-pod connections can join the sockhash. Refused for the root cgroup:
+    /// that would put a hook on every socket of the machine.
+    pub fn attach_agent_cgroup(&mut self, cgroup: &Path, is_root: bool) -> Result<bool, Error> {
+        if !self.accelerate {
+            return Ok(false);
+        }
+        if is_root {
+            tracing::warn!(
+                "the agent runs in the root cgroup; socket acceleration needs it in a cgroup of its own and is off"
+            );
+            self.accelerate = false;
+            return Ok(false);
+        }
+        self.attach_sock_ops_only(cgroup)?;
+        Ok(true)
+    }
+
+    fn attach_sock_ops_only(&mut self, cgroup: &Path) -> Result<(), Error> {
+        let fd = File::open(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?;
+        let links = self.cgroups.entry(cgroup.to_owned()).or_default();
+        if links.sock_ops.is_none() {
+            links.sock_ops = Some(
+                program::<SockOps>(&mut self.ebpf, SOCK_OPS)?
+                    .attach(&fd, CgroupAttachMode::Single)
+                    .map_err(|source| Error::Attach { program: SOCK_OPS, path: cgroup.to_owned(), source })?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes sure inbound capture (`sk_lookup`) is attached to a pod's network
+    /// namespace; returns whether it had to be (re)attached.
+    pub fn attach_netns(&mut self, cookie: u64, netns: &File, path: &Path) -> Result<bool, Error> {
+        let present = query::attached_program_ids(netns, query::BPF_SK_LOOKUP)
+            .is_ok_and(|ids| ids.contains(&self.ids.sk_lookup));
+        if self.netns.contains_key(&cookie) && present {
+            return Ok(false);
+        }
+        let prog = program::<SkLookup>(&mut self.ebpf, SK_LOOKUP)?;
+        if let Some(stale) = self.netns.remove(&cookie) {
+            let _ = prog.detach(stale);
+        }
+        let id = prog
+            .attach(netns)
+            .map_err(|source| Error::Attach { program: SK_LOOKUP, path: path.to_owned(), source })?;
+        self.netns.insert(cookie, id);
+        Ok(true)
+    }
+
+    pub fn is_netns_attached(&self, netns: &File) -> bool {
+        query::attached_program_ids(netns, query::BPF_SK_LOOKUP).is_ok_and(|ids| ids.contains(&self.ids.sk_lookup))
+    }
+
+    pub fn detach_netns(&mut self, cookie: u64) {
+        if let Some(id) = self.netns.remove(&cookie)
+            && let Ok(prog) = program::<SkLookup>(&mut self.ebpf, SK_LOOKUP)
+        {
+            let _ = prog.detach(id);
+        }
+    }
+
+    /// Points inbound capture for `ip` at the agent's plaintext listener.
+    pub fn set_inbound_listener(&mut self, ip: IpAddr, listener: &impl AsRawFd) -> Result<(), Error> {
+        self.inbound_listeners
+            .insert(to_sock_addr(SocketAddr::new(ip, 0)), listener.as_raw_fd(), 0)
+            .map_err(|source| Error::Map { map: INBOUND_LISTENERS_MAP, source })
+    }
+
+    pub fn has_inbound_listener(&self, ip: IpAddr) -> bool {
+        // A sockhash lookup from user space cannot return the socket itself
+        // (ENOSPC for a 4-byte value); only "no such key" means absent.
+        !matches!(
+            self.inbound_listeners.get(&to_sock_addr(SocketAddr::new(ip, 0)), 0),
+            Err(aya::maps::MapError::KeyNotFound)
+        )
+    }
+
+    pub fn remove_inbound_listener(&mut self, ip: IpAddr) {
+        let _ = self.inbound_listeners.remove(&to_sock_addr(SocketAddr::new(ip, 0)));
+    }
+
+    /// Sockets currently in the acceleration sockhash.
+    pub fn accelerated_sockets(&self) -> usize {
+        self.local_socks.keys().filter(Result::is_ok).count()
     }
 
     pub fn enroll(&mut self, netns_cookie: u64, entry: PodEntry) -> Result<(), Error> {
@@ -340,14 +460,6 @@ impl Datapath {
     }
 }
 
-fn static_name(name: &str) -> &'static str {
-    match name {
-        CONNECT4 => CONNECT4,
-        CONNECT6 => CONNECT6,
-        _ => SOCK_OPS,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,8 +474,9 @@ mod tests {
     #[test]
     fn programs_load_on_this_kernel() {
         require_root();
-        let dp = Datapath::load().unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
-        assert!(dp.attached_cgroups().is_empty(), "load attaches nothing");
+        let dp = Datapath::load(Options { accelerate: true }).unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
+        assert!(dp.accelerating(), "sk_msg acceleration loads on this kernel");
+        assert_eq!(dp.accelerated_sockets(), 0);
     }
 
     #[test]

@@ -36,6 +36,25 @@ struct ManagedPod {
     enrolled: bool,
     stats: Arc<PodStats>,
     error: Option<String>,
+    /// The kernel side was set up once; anything found missing later is drift.
+    set_up: bool,
+}
+
+/// What one reconcile pass did to one pod.
+#[derive(Default)]
+struct Changes {
+    changed: u32,
+    repaired: Vec<String>,
+}
+
+impl Changes {
+    /// Something had to be (re)done; if it had been done before, it is a repair.
+    fn note(&mut self, was_done: bool, what: String) {
+        self.changed += 1;
+        if was_done {
+            self.repaired.push(what);
+        }
+    }
 }
 
 pub struct Enrollment {
@@ -46,6 +65,9 @@ pub struct Enrollment {
     pods: BTreeMap<PodKey, ManagedPod>,
     /// Reconcile passes that had to change something.
     pub changes: u64,
+    /// Drift found and undone: programs, map entries or listeners the agent
+    /// had set up that were gone.
+    pub repairs: u64,
 }
 
 #[derive(Serialize)]
@@ -56,6 +78,7 @@ pub struct PodStatus {
     ip: Option<IpAddr>,
     enrolled: bool,
     attached: bool,
+    inbound_capture: bool,
     listeners: Vec<String>,
     ebpf: EbpfCounters,
     proxy: PodStatsView,
@@ -78,6 +101,7 @@ impl Enrollment {
             outbound_port,
             pods: BTreeMap::new(),
             changes: 0,
+            repairs: 0,
         }
     }
 
@@ -127,14 +151,19 @@ impl Enrollment {
                 enrolled: false,
                 stats: Arc::new(PodStats::default()),
                 error: None,
+                set_up: false,
             });
             let mp = self.pods.get_mut(key).expect("inserted above");
             let result = Self::ensure(&mut self.datapath, &self.proxy, self.outbound_port, key, mp, enrolled);
             match result {
-                Ok(changed) => {
-                    if changed {
+                Ok(ch) => {
+                    if ch.changed > 0 {
                         self.changes += 1;
                     }
+                    for what in &ch.repaired {
+                        tracing::warn!(pod = %key, repaired = %what, "drift repaired");
+                    }
+                    self.repairs += ch.repaired.len() as u64;
                     mp.error = None;
                 }
                 Err(e) => {
@@ -147,8 +176,9 @@ impl Enrollment {
         }
     }
 
-    /// Makes one pod's kernel and listener state match `enrolled`; returns
-    /// whether anything had to change.
+    /// Makes one pod's kernel and listener state match `enrolled`. Returns
+    /// the changes made; the ones that undid drift (state the agent had set
+    /// up and found gone) are repairs.
     fn ensure(
         datapath: &mut Datapath,
         proxy: &Arc<Proxy>,
@@ -156,21 +186,29 @@ impl Enrollment {
         key: &PodKey,
         mp: &mut ManagedPod,
         enrolled: bool,
-    ) -> Result<bool, String> {
-        let mut changed = false;
+    ) -> Result<Changes, String> {
+        let mut ch = Changes::default();
         if mp.netns.is_none() {
             mp.netns = Some(Arc::new(Netns::open(&mp.netns_path).map_err(|e| e.to_string())?));
-            changed = true;
+            ch.changed += 1;
         }
         let netns = mp.netns.clone().expect("opened above");
-        if !datapath.is_attached(&mp.cgroup) {
-            datapath.attach(&mp.cgroup).map_err(|e| crate::error_chain(&e))?;
-            tracing::info!(pod = %key, cgroup = %mp.cgroup.display(), "eBPF programs attached");
-            changed = true;
+        let cookie = netns.cookie();
+
+        let n = datapath.attach(&mp.cgroup).map_err(|e| crate::error_chain(&e))?;
+        if n > 0 {
+            ch.note(mp.set_up, format!("{n} cgroup program(s) attached to {}", mp.cgroup.display()));
         }
-        datapath.track(netns.cookie()).map_err(|e| e.to_string())?;
+        if datapath
+            .attach_netns(cookie, netns.file(), &mp.netns_path)
+            .map_err(|e| crate::error_chain(&e))?
+        {
+            ch.note(mp.set_up, format!("inbound capture attached to {}", mp.netns_path.display()));
+        }
+        datapath.track(cookie).map_err(|e| e.to_string())?;
+
         if enrolled {
-            if mp.listeners.is_none() {
+            if mp.listeners.as_ref().is_none_or(|l| !l.is_serving()) {
                 let handle = PodHandle {
                     key: key.clone(),
                     ips: mp.ips.clone(),
@@ -178,36 +216,53 @@ impl Enrollment {
                     stats: mp.stats.clone(),
                 };
                 mp.listeners = Some(proxy.serve_pod(&handle).map_err(|e| e.to_string())?);
-                changed = true;
+                ch.note(mp.enrolled, "in-pod listeners opened".into());
+            }
+            let listeners = mp.listeners.as_ref().expect("opened above");
+            for ip in &mp.ips {
+                if !datapath.has_inbound_listener(*ip) {
+                    datapath
+                        .set_inbound_listener(*ip, &listeners.plaintext)
+                        .map_err(|e| e.to_string())?;
+                    ch.note(mp.enrolled, format!("inbound capture entry for {ip} set"));
+                }
             }
             let entry = ebpf::pod_entry(&mp.ips, outbound_port);
-            if datapath.enrollment(netns.cookie()) != Some(entry) {
-                datapath.enroll(netns.cookie(), entry).map_err(|e| e.to_string())?;
+            if datapath.enrollment(cookie) != Some(entry) {
+                datapath.enroll(cookie, entry).map_err(|e| e.to_string())?;
                 if !mp.enrolled {
                     tracing::info!(pod = %key, "pod enrolled: its new connections go through the agent");
                 }
-                changed = true;
+                ch.note(mp.enrolled, "enrollment map entry set".into());
             }
             mp.enrolled = true;
         } else {
-            if mp.enrolled || datapath.enrollment(netns.cookie()).is_some() {
-                datapath.unenroll(netns.cookie()).map_err(|e| e.to_string())?;
+            if mp.enrolled || datapath.enrollment(cookie).is_some() {
+                datapath.unenroll(cookie).map_err(|e| e.to_string())?;
                 tracing::info!(pod = %key, "pod left the mesh: its new connections go direct");
-                changed = true;
+                ch.changed += 1;
+            }
+            for ip in &mp.ips {
+                datapath.remove_inbound_listener(*ip);
             }
             mp.enrolled = false;
             if let Some(l) = mp.listeners.take() {
                 close_later(l);
             }
         }
-        Ok(changed)
+        mp.set_up = true;
+        Ok(ch)
     }
 
     fn leave(&mut self, key: &PodKey, mp: &mut ManagedPod) {
-        if let Some(ns) = &mp.netns
-            && let Err(e) = self.datapath.unenroll(ns.cookie())
-        {
-            tracing::warn!(pod = %key, error = %e, "removing enrollment failed");
+        if let Some(ns) = &mp.netns {
+            if let Err(e) = self.datapath.unenroll(ns.cookie()) {
+                tracing::warn!(pod = %key, error = %e, "removing enrollment failed");
+            }
+            self.datapath.detach_netns(ns.cookie());
+        }
+        for ip in &mp.ips {
+            self.datapath.remove_inbound_listener(*ip);
         }
         mp.enrolled = false;
         if let Some(l) = mp.listeners.take() {
@@ -223,6 +278,10 @@ impl Enrollment {
             let mut mp = self.pods.remove(&key).expect("listed above");
             if let Some(ns) = &mp.netns {
                 let _ = self.datapath.unenroll(ns.cookie());
+                self.datapath.detach_netns(ns.cookie());
+            }
+            for ip in &mp.ips {
+                self.datapath.remove_inbound_listener(*ip);
             }
             if let Err(e) = self.datapath.detach(&mp.cgroup) {
                 tracing::warn!(pod = %key, error = %e, "detach failed");
@@ -231,6 +290,14 @@ impl Enrollment {
                 l.close();
             }
         }
+    }
+
+    pub fn accelerating(&self) -> bool {
+        self.datapath.accelerating()
+    }
+
+    pub fn accelerated_sockets(&self) -> usize {
+        self.datapath.accelerated_sockets()
     }
 
     pub fn ready(&self) -> bool {
@@ -252,6 +319,8 @@ impl Enrollment {
                     ip: mp.ips.first().copied(),
                     enrolled: mp.enrolled,
                     attached: self.datapath.is_attached(&mp.cgroup),
+                    inbound_capture: mp.netns.as_ref().is_some_and(|ns| self.datapath.is_netns_attached(ns.file()))
+                        && mp.ips.iter().all(|ip| self.datapath.has_inbound_listener(*ip)),
                     listeners: mp
                         .listeners
                         .as_ref()

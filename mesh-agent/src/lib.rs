@@ -6,6 +6,7 @@
 //! | [`state`] | the in-memory mesh state (pure) |
 //! | [`localfile`] | the YAML source that writes `state` |
 //! | [`ebpf`] | load and attach programs, maps (the only aya user) |
+//! | [`host`] | facts discovered on the node (cgroup v2 mount, own cgroup) |
 //! | [`netns`] | sockets inside pods' network namespaces |
 //! | [`proxy`] | in-pod listeners, tunnel, relays |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
@@ -17,6 +18,7 @@ pub mod app;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;
+pub mod host;
 pub mod localfile;
 pub mod netns;
 pub mod proxy;

@@ -33,6 +33,12 @@ enum Command {
         /// Worker threads of the data plane.
         #[arg(long, default_value_t = 2)]
         data_threads: usize,
+        /// Socket-to-socket acceleration of in-pod hops: on or off.
+        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+        accelerate: String,
+        /// How often enrollment is re-checked against the kernel (drift repair).
+        #[arg(long, default_value = config::DEFAULT_RECONCILE_INTERVAL, value_parser = config::parse_duration)]
+        reconcile_interval: Duration,
     },
     /// Show a running agent's pods, enrollment and counters.
     Status {
@@ -48,7 +54,7 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, node, admin, drain_timeout, config_poll, data_threads } => {
+        Command::Run { config, node, admin, drain_timeout, config_poll, data_threads, accelerate, reconcile_interval } => {
             let cfg = Config {
                 node,
                 config_file: config,
@@ -56,6 +62,8 @@ fn main() -> ExitCode {
                 drain_timeout,
                 config_poll,
                 data_threads: data_threads.max(1),
+                accelerate: accelerate == "on",
+                reconcile_interval,
             };
             mesh_agent::app::run(cfg, |addr| {
                 // One machine-readable line on stdout for supervisors and tests.

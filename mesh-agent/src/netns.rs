@@ -36,6 +36,8 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Netns {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
+    /// The namespace itself, for attaching programs to it.
+    file: File,
     /// The kernel's cookie for this namespace (what the eBPF programs key on).
     cookie: u64,
 }
@@ -45,6 +47,10 @@ impl Netns {
     /// the pod's socket thread in it.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let file = File::open(path).map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let keep = file.try_clone().map_err(|source| Error::Open {
             path: path.to_owned(),
             source,
         })?;
@@ -79,6 +85,7 @@ impl Netns {
         let mut ns = Self {
             path: p,
             jobs,
+            file: keep,
             cookie: 0,
         };
         let probe = ns.socket(Domain::IPV4)?;
@@ -91,6 +98,10 @@ impl Netns {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn cookie(&self) -> u64 {

@@ -5,7 +5,10 @@
 //! - `15001` outbound: the pod's own connections, redirected there by the
 //!   connect hooks; the original destination comes from the eBPF map;
 //! - `15008` tunnel: connections from other agents (and this one) to the pod,
-//!   one HTTP/2 CONNECT stream each (the HBONE shape; mTLS wraps it later).
+//!   one HTTP/2 CONNECT stream each (the HBONE shape; mTLS wraps it later);
+//! - `15006` plaintext: connections from outside the mesh to the pod's ports,
+//!   handed there by the `sk_lookup` hook; the accepted socket's local
+//!   address is the port the client asked for.
 //!
 //! A connection to a pod in the mesh goes to that pod's tunnel listener
 //! (wherever its node is), opened from the source pod's namespace so the
@@ -15,6 +18,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    os::fd::OwnedFd,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -31,6 +35,7 @@ use crate::{
     state::{PodKey, Snapshot},
 };
 
+mod inbound;
 mod outbound;
 mod tunnel;
 
@@ -69,6 +74,8 @@ pub struct PodStats {
     pub outbound_failed: AtomicU64,
     pub inbound: AtomicU64,
     pub inbound_refused: AtomicU64,
+    pub inbound_plaintext: AtomicU64,
+    pub inbound_failed: AtomicU64,
 }
 
 #[derive(Serialize)]
@@ -80,6 +87,8 @@ pub struct PodStatsView {
     outbound_failed: u64,
     inbound: u64,
     inbound_refused: u64,
+    inbound_plaintext: u64,
+    inbound_failed: u64,
 }
 
 impl PodStats {
@@ -92,6 +101,8 @@ impl PodStats {
             outbound_failed: l(&self.outbound_failed),
             inbound: l(&self.inbound),
             inbound_refused: l(&self.inbound_refused),
+            inbound_plaintext: l(&self.inbound_plaintext),
+            inbound_failed: l(&self.inbound_failed),
         }
     }
 }
@@ -101,6 +112,7 @@ impl PodStats {
 pub struct Ports {
     pub outbound: u16,
     pub tunnel: u16,
+    pub plaintext: u16,
 }
 
 impl Default for Ports {
@@ -108,6 +120,7 @@ impl Default for Ports {
         Self {
             outbound: mesh_common::OUTBOUND_PORT,
             tunnel: mesh_common::INBOUND_TUNNEL_PORT,
+            plaintext: mesh_common::INBOUND_PLAINTEXT_PORT,
         }
     }
 }
@@ -135,13 +148,20 @@ pub struct PodHandle {
 /// The listeners of one pod; dropping it does not close them, `close` does.
 pub struct PodListeners {
     pub addrs: Vec<SocketAddr>,
+    /// The plaintext capture listener, for the `sk_lookup` map (a duplicate
+    /// descriptor of the socket the accept loop owns).
+    pub plaintext: OwnedFd,
     cancel: CancellationToken,
 }
 
 impl PodListeners {
     /// Stops accepting. Connections already accepted carry on.
-    pub fn close(&self) {
+    pub fn close(self) {
         self.cancel.cancel();
+    }
+
+    pub fn is_serving(&self) -> bool {
+        !self.cancel.is_cancelled()
     }
 }
 
@@ -168,9 +188,18 @@ impl Proxy {
         let cancel = CancellationToken::new();
         let outbound = self.listen(pod, self.ports.outbound)?;
         let tunnel = self.listen(pod, self.ports.tunnel)?;
-        let addrs = vec![outbound.local_addr().ok(), tunnel.local_addr().ok()]
+        let plaintext = self.listen(pod, self.ports.plaintext)?;
+        let plaintext_fd = socket2::SockRef::from(&plaintext)
+            .try_clone()
+            .map(OwnedFd::from)
+            .map_err(|source| Error::Listen {
+                pod: pod.key.clone(),
+                addr: SocketAddr::from(([0, 0, 0, 0], self.ports.plaintext)),
+                source,
+            })?;
+        let addrs = [&outbound, &tunnel, &plaintext]
             .into_iter()
-            .flatten()
+            .filter_map(|l| l.local_addr().ok())
             .collect();
         let pod = Arc::new(PodHandle {
             key: pod.key.clone(),
@@ -180,8 +209,9 @@ impl Proxy {
         });
         let this = self.clone();
         self.runtime.spawn(this.clone().accept_loop(outbound, pod.clone(), cancel.clone(), Kind::Outbound));
-        self.runtime.spawn(this.accept_loop(tunnel, pod, cancel.clone(), Kind::Tunnel));
-        Ok(PodListeners { addrs, cancel })
+        self.runtime.spawn(this.clone().accept_loop(tunnel, pod.clone(), cancel.clone(), Kind::Tunnel));
+        self.runtime.spawn(this.accept_loop(plaintext, pod, cancel.clone(), Kind::Plaintext));
+        Ok(PodListeners { addrs, plaintext: plaintext_fd, cancel })
     }
 
     fn listen(&self, pod: &PodHandle, port: u16) -> Result<TcpListener, Error> {
@@ -222,6 +252,7 @@ impl Proxy {
                     match kind {
                         Kind::Outbound => this.outbound(stream, peer, &pod).await,
                         Kind::Tunnel => this.tunnel_inbound(stream, peer, pod).await,
+                        Kind::Plaintext => this.plaintext_inbound(stream, peer, &pod).await,
                     }
                 },
                 span,
@@ -249,6 +280,7 @@ impl Proxy {
 enum Kind {
     Outbound,
     Tunnel,
+    Plaintext,
 }
 
 /// A TCP connect from inside a pod's namespace, with the agent's mark.

@@ -42,6 +42,24 @@ pub const PENDING_MAX: u32 = 65536;
 pub const ORIG_DST_MAP: &str = "ORIG_DST";
 pub const ORIG_DST_MAX: u32 = 65536;
 
+/// The agent's in-pod plaintext capture listeners, keyed by the pod's address
+/// (`SockAddr` with port 0). `sk_lookup` hands inbound connections for the
+/// pod's ports to the listener found here.
+pub const INBOUND_LISTENERS_MAP: &str = "INBOUND_LISTENERS";
+pub const INBOUND_LISTENERS_MAX: u32 = 4096;
+
+/// Established TCP sockets whose two ends are both in the same enrolled pod
+/// (the app and the agent's in-pod listener), keyed by [`SockPair`]. `sk_msg`
+/// moves bytes from one to the other without the TCP/IP stack.
+pub const LOCAL_SOCKS_MAP: &str = "LOCAL_SOCKS";
+pub const LOCAL_SOCKS_MAX: u32 = 65536;
+
+/// Global (u8) set at load time: 1 = socket-to-socket acceleration on.
+pub const ACCELERATE_GLOBAL: &str = "ACCELERATE";
+
+/// Ports the kernel hooks never capture: the agent's own listeners.
+pub const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT];
+
 /// `PodEntry::flags`: the pod has an IPv6 address (`ip6` is valid).
 pub const POD_FLAG_IPV6: u32 = 1;
 
@@ -104,8 +122,43 @@ impl SockAddr {
     }
 }
 
+/// One end of a local TCP connection: its own address and its peer's, as the
+/// socket sees them. The peer socket's key is the same pair swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockPair {
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub family: u32,
+}
+
+impl SockPair {
+    pub const fn peer(&self) -> Self {
+        Self {
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+        }
+    }
+}
+
+/// `sock_ops` and `sk_msg` contexts hold the remote port in network byte order
+/// in the upper 16 bits of a u32 (on little-endian hosts); this returns it in
+/// host order.
+#[inline(always)]
+pub const fn ctx_remote_port(raw: u32) -> u16 {
+    u16::from_be((raw >> 16) as u16)
+}
+
 #[cfg(feature = "user")]
 mod user {
+    unsafe impl aya::Pod for super::SockPair {}
     // SAFETY: plain-old-data, repr(C), every bit pattern valid, no implicit padding.
     unsafe impl aya::Pod for super::PodEntry {}
     unsafe impl aya::Pod for super::PodCounters {}
@@ -123,6 +176,17 @@ mod tests {
         assert_eq!(align_of::<PodEntry>(), 4);
         assert_eq!(size_of::<PodCounters>(), 16);
         assert_eq!(size_of::<SockAddr>(), 20);
+        assert_eq!(size_of::<SockPair>(), 40);
+        assert_eq!(align_of::<SockPair>(), 4);
+    }
+
+    #[test]
+    fn peer_of_peer_is_self() {
+        let p = SockPair { local_ip: [1, 0, 0, 0], remote_ip: [2, 0, 0, 0], local_port: 3, remote_port: 4, family: 2 };
+        assert_eq!(p.peer().peer(), p);
+        assert_eq!(p.peer().local_port, 4);
+        // 8080 in network order in the upper half, as the kernel presents it.
+        assert_eq!(ctx_remote_port((8080u16.to_be() as u32) << 16), 8080);
     }
 
     #[test]

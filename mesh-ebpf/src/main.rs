@@ -13,17 +13,22 @@
 fn main() {}
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    Global,
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    AGENT_SOCKET_MARK, AF_INET, AF_INET6, ENROLLED_MAX, ORIG_DST_MAX, PENDING_MAX, POD_COUNTERS_MAX,
-    POD_FLAG_IPV6, PodCounters, PodEntry, SockAddr,
+    AGENT_PORTS, AGENT_SOCKET_MARK, AF_INET, AF_INET6, ENROLLED_MAX, INBOUND_LISTENERS_MAX,
+    LOCAL_SOCKS_MAX, ORIG_DST_MAX, PENDING_MAX, POD_COUNTERS_MAX, POD_FLAG_IPV6, PodCounters,
+    PodEntry, SockAddr, SockPair, ctx_remote_port,
 };
 
 /// cgroup/connect*: 1 lets the connect() proceed (with our rewrite, if any).
@@ -42,6 +47,37 @@ static PENDING_ORIG_DST: LruHashMap<u64, SockAddr> = LruHashMap::with_max_entrie
 
 #[map(name = "ORIG_DST")]
 static ORIG_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
+
+#[map(name = "INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockHash<SockAddr> = SockHash::with_max_entries(INBOUND_LISTENERS_MAX, 0);
+
+#[map(name = "LOCAL_SOCKS")]
+static LOCAL_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(LOCAL_SOCKS_MAX, 0);
+
+/// Socket-to-socket acceleration on (1) or off (0); set by the agent at load.
+#[unsafe(no_mangle)]
+static ACCELERATE: Global<u8> = Global::new(1);
+
+const SK_PASS: u32 = 1;
+/// The loopback device is always ifindex 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Reads a 4-word address out of a context one 32-bit load at a time: the
+/// verifier refuses wider loads and copies through a moved context pointer,
+/// which is what a plain array copy compiles to.
+#[inline(always)]
+fn ip6_words(p: *const [u32; 4]) -> [u32; 4] {
+    let w = p.cast::<u32>();
+    // SAFETY: `p` points at a 4-word field of the program's context.
+    unsafe {
+        [
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(w.add(2)),
+            core::ptr::read_volatile(w.add(3)),
+        ]
+    }
+}
 
 enum Verdict {
     Redirected,
@@ -146,15 +182,8 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         debug!(ctx, "connect6: agent socket, not redirected");
         return Ok(ALLOW);
     }
-    // SAFETY: as in connect4. The verifier wants user_ip6 read word by word.
-    let dst_ip = unsafe {
-        [
-            (*sa).user_ip6[0],
-            (*sa).user_ip6[1],
-            (*sa).user_ip6[2],
-            (*sa).user_ip6[3],
-        ]
-    };
+    // SAFETY: field of the context.
+    let dst_ip = ip6_words(unsafe { &raw const (*sa).user_ip6 });
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let dst_port = u16::from_be(dst_port_be as u16);
     let Some(pod) = ENROLLED.get_ptr(netns) else {
@@ -204,9 +233,14 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     Ok(ALLOW)
 }
 
-/// Once a redirected socket has its local port (TCP_CONNECT_CB runs after the
-/// port is bound, before the SYN leaves), re-key its original destination by
-/// the client address the agent will see as the accepted connection's peer.
+/// Two jobs, on sockets of enrolled pods (attached to pods' cgroups and to
+/// the agent's own cgroup):
+/// - `TCP_CONNECT_CB` (after the local port is bound, before the SYN leaves):
+///   re-key a redirected socket's original destination by the client address
+///   the agent will see as the accepted connection's peer;
+/// - `*_ESTABLISHED_CB`: a connection whose two ends are the same pod address
+///   (app <-> the agent's in-pod listener) joins `LOCAL_SOCKS`, where `sk_msg`
+///   can move its bytes socket to socket.
 #[sock_ops]
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     match try_sock_ops(&ctx) {
@@ -215,9 +249,17 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return Ok(());
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return record_orig_dst(ctx);
     }
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return track_local_pair(ctx);
+    }
+    Ok(())
+}
+
+fn record_orig_dst(ctx: &SockOpsContext) -> Result<(), ()> {
     // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(orig) = PENDING_ORIG_DST.get_ptr(cookie) else {
@@ -227,7 +269,8 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     let orig = unsafe { *orig };
     let port = ctx.local_port() as u16;
     let client = if ctx.family() == u32::from(AF_INET6) {
-        SockAddr::v6(ctx.local_ip6(), port)
+        // SAFETY: field of the context.
+        SockAddr::v6(ip6_words(unsafe { &raw const (*ctx.ops).local_ip6 }), port)
     } else {
         SockAddr::v4(ctx.local_ip4(), port)
     };
@@ -235,6 +278,111 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     let _ = PENDING_ORIG_DST.remove(cookie);
     debug!(ctx, "sock_ops: client port {} keyed to original destination port {}", port, orig.port);
     Ok(())
+}
+
+fn track_local_pair(ctx: &SockOpsContext) -> Result<(), ()> {
+    if ACCELERATE.load() == 0 {
+        return Ok(());
+    }
+    // SAFETY: helper valid for sock_ops programs (Linux 5.15+).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if ENROLLED.get_ptr(netns).is_none() {
+        return Ok(());
+    }
+    let mut key = if ctx.family() == u32::from(AF_INET6) {
+        // SAFETY: fields of the context.
+        SockPair {
+            local_ip: ip6_words(unsafe { &raw const (*ctx.ops).local_ip6 }),
+            remote_ip: ip6_words(unsafe { &raw const (*ctx.ops).remote_ip6 }),
+            local_port: ctx.local_port() as u16,
+            remote_port: ctx_remote_port(ctx.remote_port()),
+            family: u32::from(AF_INET6),
+        }
+    } else {
+        SockPair {
+            local_ip: [ctx.local_ip4(), 0, 0, 0],
+            remote_ip: [ctx.remote_ip4(), 0, 0, 0],
+            local_port: ctx.local_port() as u16,
+            remote_port: ctx_remote_port(ctx.remote_port()),
+            family: u32::from(AF_INET),
+        }
+    };
+    // Only connections inside one pod: both ends on the pod's address.
+    if key.local_ip != key.remote_ip {
+        return Ok(());
+    }
+    // SAFETY: the context is a live bpf_sock_ops for this socket.
+    let ops = unsafe { &mut *ctx.ops };
+    if LOCAL_SOCKS.update(&mut key, ops, u64::from(BPF_ANY)).is_ok() {
+        debug!(ctx, "sock_ops: local pair {} <-> {} accelerated", key.local_port, key.remote_port);
+    }
+    Ok(())
+}
+
+/// On every send from a socket in `LOCAL_SOCKS`: if its peer is there too,
+/// put the bytes straight on the peer's receive queue. Otherwise (or when the
+/// peer is gone) the bytes take the normal TCP path.
+#[sk_msg]
+pub fn accelerate(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    // SAFETY: reads of the sk_msg context.
+    let mut peer = unsafe {
+        if (*md).family == u32::from(AF_INET6) {
+            SockPair {
+                local_ip: ip6_words(&raw const (*md).remote_ip6),
+                remote_ip: ip6_words(&raw const (*md).local_ip6),
+                local_port: ctx_remote_port((*md).remote_port),
+                remote_port: (*md).local_port as u16,
+                family: u32::from(AF_INET6),
+            }
+        } else {
+            SockPair {
+                local_ip: [(*md).remote_ip4, 0, 0, 0],
+                remote_ip: [(*md).local_ip4, 0, 0, 0],
+                local_port: ctx_remote_port((*md).remote_port),
+                remote_port: (*md).local_port as u16,
+                family: u32::from(AF_INET),
+            }
+        }
+    };
+    // On success the helper returns SK_PASS with the redirect recorded; on a
+    // miss it returns SK_DROP, which must not drop the bytes: pass them on.
+    let _ = LOCAL_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    SK_PASS
+}
+
+/// Inbound capture, attached to each pod's network namespace: a TCP
+/// connection arriving from the network (not on loopback, so never the
+/// agent's own delivery to the app) for any port of an enrolled pod other
+/// than the agent's goes to the agent's plaintext listener instead.
+#[sk_lookup]
+pub fn inbound_capture(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: reads of the sk_lookup context.
+    let (protocol, family, ifindex, port) =
+        unsafe { ((*l).protocol, (*l).family, (*l).ingress_ifindex, (*l).local_port as u16) };
+    if protocol != 6 || ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let mut i = 0;
+    while i < AGENT_PORTS.len() {
+        if AGENT_PORTS[i] == port {
+            return SK_PASS;
+        }
+        i += 1;
+    }
+    // SAFETY: reads of the sk_lookup context.
+    let key = unsafe {
+        if family == u32::from(AF_INET6) {
+            SockAddr::v6(ip6_words(&raw const (*l).local_ip6), 0)
+        } else {
+            SockAddr::v4((*l).local_ip4, 0)
+        }
+    };
+    if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
+        debug!(&ctx, "sk_lookup: inbound port {} captured by the agent", port);
+    }
+    SK_PASS
 }
 
 /// Never attached and never loaded by the agent: a program the verifier must

@@ -1,0 +1,65 @@
+//! Facts about the node the agent discovers rather than assumes.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("no cgroup v2 hierarchy is mounted (no `cgroup2` entry in /proc/mounts)")]
+    NoCgroup2,
+    #[error("this process has no cgroup v2 membership (no `0::` line in /proc/self/cgroup)")]
+    NoMembership,
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on a unified host,
+/// `/sys/fs/cgroup/unified` on a hybrid one.
+pub fn cgroup2_mount() -> Result<PathBuf, Error> {
+    let text = read("/proc/mounts")?;
+    parse_cgroup2_mount(&text).ok_or(Error::NoCgroup2)
+}
+
+fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// This process's cgroup v2 directory, and whether it is the root.
+pub fn own_cgroup() -> Result<(PathBuf, bool), Error> {
+    let mount = cgroup2_mount()?;
+    let rel = parse_membership(&read("/proc/self/cgroup")?).ok_or(Error::NoMembership)?;
+    let is_root = rel == "/";
+    Ok((mount.join(rel.trim_start_matches('/')), is_root))
+}
+
+fn parse_membership(text: &str) -> Option<String> {
+    text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+}
+
+fn read(path: &str) -> Result<String, Error> {
+    std::fs::read_to_string(Path::new(path)).map_err(|source| Error::Read { path: path.into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_on_hybrid_and_unified_hosts() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(parse_cgroup2_mount(hybrid), Some("/sys/fs/cgroup/unified".into()));
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
+        assert_eq!(parse_cgroup2_mount(unified), Some("/sys/fs/cgroup".into()));
+        assert_eq!(parse_cgroup2_mount("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn membership_is_the_v2_line() {
+        let hybrid = "12:pids:/user.slice\n1:name=systemd:/user.slice\n0::/kubepods/pod1/abc\n";
+        assert_eq!(parse_membership(hybrid).as_deref(), Some("/kubepods/pod1/abc"));
+        assert_eq!(parse_membership("0::/\n").as_deref(), Some("/"));
+    }
+}

@@ -1,0 +1,45 @@
+//! Inbound plaintext: connections from outside the mesh, captured by
+//! `sk_lookup`, delivered to the application inside the pod.
+//!
+//! The application sees the connection come from the pod's own address, not
+//! the client's: preserving the client address would need `IP_TRANSPARENT`
+//! plus policy routing for the replies inside the pod (marks and a local
+//! route table), which is the iptables-era machinery this design avoids.
+//! The client's address is in the agent's log and, with L7, in a header.
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::Ordering,
+};
+
+use tokio::net::TcpStream;
+
+use super::{PodHandle, Proxy, connect_from};
+
+impl Proxy {
+    pub(super) async fn plaintext_inbound(&self, mut client: TcpStream, peer: SocketAddr, pod: &PodHandle) {
+        let target = match client.local_addr() {
+            Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "captured connection has no local address");
+                return;
+            }
+        };
+        pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
+        match connect_from(&pod.netns, target).await {
+            Ok(mut app) => {
+                tracing::debug!(%peer, %target, "plaintext inbound delivered");
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
+                    tracing::debug!(%peer, %target, error = %e, "plaintext inbound ended with an error");
+                }
+            }
+            Err(e) => {
+                pod.stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, %target, error = %e, "plaintext inbound: the application refused; resetting the client");
+                // Nothing listens there: tell the client the way the kernel
+                // would have, with a reset rather than an accept-then-close.
+                let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            }
+        }
+    }
+}
