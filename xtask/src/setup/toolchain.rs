@@ -69,7 +69,7 @@ pub fn nightly() -> Result<(Outcome, Nightly)> {
 
 pub fn bpf_linker(nightly: &Nightly) -> Result<Outcome> {
     let reason = match find_bpf_linker() {
-        None => "it was missing or would not run".to_owned(),
+        None => "no bpf-linker on PATH or in ~/.cargo/bin would run".to_owned(),
         Some(found) => match found.llvm_major {
             Some(major) if major != nightly.llvm_major => format!(
                 "{} was built for LLVM {major}, the nightly has LLVM {}",
@@ -97,7 +97,7 @@ pub fn bpf_linker(nightly: &Nightly) -> Result<Outcome> {
     let found = find_bpf_linker()
         .context("bpf-linker was installed, but neither PATH nor ~/.cargo/bin has one that runs")?;
     Ok(Outcome::Ok(format!(
-        "built {} for LLVM {} at {} ({reason})",
+        "built {} for LLVM {} at {}, because {reason}",
         found.version,
         nightly.llvm_major,
         found.path.display()
