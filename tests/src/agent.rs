@@ -57,7 +57,10 @@ impl Agent {
     /// `RUST_LOG=debug`, stderr to `agent-NODE-N.log` next to the config;
     /// returns once it prints `{"event":"ready","admin":...}` (30 s max).
     pub fn start(bin: &Path, config: &Path, node: &str) -> Result<Agent> {
-        let dir = config.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = config
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         Agent::start_logging_to(bin, config, node, dir)
     }
 
@@ -82,6 +85,7 @@ impl Agent {
             .stderr(log);
         let parent = std::process::id() as libc::pid_t;
         let die_with_parent = move || {
+            process::unblock_all_signals()?;
             // SAFETY: plain syscalls.
             if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -100,7 +104,9 @@ impl Agent {
             .with_context(|| format!("starting agent {} for {node}", bin.display()))?;
         let pid = child.id();
         let (stdout, _reader) = Captured::drain(child.stdout.take().expect("piped"));
-        let proc_ = Arc::new(AgentProc { child: Mutex::new(child) });
+        let proc_ = Arc::new(AgentProc {
+            child: Mutex::new(child),
+        });
         let ready = stdout.wait_line(READY_TIMEOUT, "ready line", |l| parse_ready(l).is_some());
         let admin = match ready.map(|l| parse_ready(&l).expect("matched")) {
             Ok(addr) => addr,
@@ -118,8 +124,18 @@ impl Agent {
             }
         };
         // The admin API must be on loopback: tests address nothing else.
-        ensure!(admin.ip().is_loopback(), "agent for {node} reported non-loopback admin {admin}");
-        Ok(Agent { proc_, pid, node: node.to_string(), admin, log_path, stdout })
+        ensure!(
+            admin.ip().is_loopback(),
+            "agent for {node} reported non-loopback admin {admin}"
+        );
+        Ok(Agent {
+            proc_,
+            pid,
+            node: node.to_string(),
+            admin,
+            log_path,
+            stdout,
+        })
     }
 
     /// Runs the agent binary once with `args` (e.g. an invalid config that
@@ -129,7 +145,10 @@ impl Agent {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        // SAFETY: async-signal-safe syscalls only.
+        unsafe { cmd.pre_exec(process::unblock_all_signals) };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -140,11 +159,18 @@ impl Agent {
         let (err, _) = Captured::drain(child.stderr.take().expect("piped"));
         let Some(status) = process::wait_timeout(&mut child, RUN_ONCE_TIMEOUT)? else {
             process::kill_and_reap(&mut child);
-            bail!("{} still running after {RUN_ONCE_TIMEOUT:?}, killed", bin.display());
+            bail!(
+                "{} still running after {RUN_ONCE_TIMEOUT:?}, killed",
+                bin.display()
+            );
         };
         out.wait_eof(Duration::from_secs(2));
         err.wait_eof(Duration::from_secs(2));
-        Ok(Output { status, stdout: out.bytes(), stderr: err.bytes() })
+        Ok(Output {
+            status,
+            stdout: out.bytes(),
+            stderr: err.bytes(),
+        })
     }
 
     pub fn node(&self) -> &str {
@@ -217,7 +243,12 @@ impl Agent {
     }
 
     pub fn try_wait(&self) -> Result<Option<ExitStatus>> {
-        Ok(self.proc_.child.lock().unwrap_or_else(|e| e.into_inner()).try_wait()?)
+        Ok(self
+            .proc_
+            .child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_wait()?)
     }
 
     /// Everything the agent logged (stderr) so far.
@@ -288,7 +319,9 @@ fn parse_response(buf: &[u8]) -> Result<(u16, Vec<u8>)> {
         .with_context(|| format!("bad HTTP status line {status_line:?}"))?;
     let (mut chunked, mut length) = (false, None);
     for line in lines {
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
         if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
             chunked = true;
@@ -299,7 +332,11 @@ fn parse_response(buf: &[u8]) -> Result<(u16, Vec<u8>)> {
     let body = if chunked {
         decode_chunked(body)?
     } else if let Some(len) = length {
-        ensure!(body.len() >= len, "HTTP body truncated: {} of {len} bytes", body.len());
+        ensure!(
+            body.len() >= len,
+            "HTTP body truncated: {} of {len} bytes",
+            body.len()
+        );
         body[..len].to_vec()
     } else {
         body.to_vec()

@@ -95,7 +95,10 @@ pub(crate) fn build(
         .collect();
     LocalConfig {
         trust_domain: None,
-        nodes: nodes.iter().map(|n| NodeEntry { name: n.clone() }).collect(),
+        nodes: nodes
+            .iter()
+            .map(|n| NodeEntry { name: n.clone() })
+            .collect(),
         namespaces: namespaces
             .into_iter()
             .map(|ns| NamespaceEntry {
@@ -144,12 +147,20 @@ pub(crate) fn build(
 /// Write to a sibling temp file, fsync, rename: readers see the old or the
 /// new file, never a torn one.
 pub(crate) fn write_atomic(path: &Path, contents: &str) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let file_name = path.file_name().context("config path has no file name")?;
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{}.tmp-{}-{n}", file_name.to_string_lossy(), std::process::id()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{n}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     drop(f);

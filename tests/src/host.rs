@@ -53,8 +53,10 @@ fn unescape_mount_path(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -69,7 +71,11 @@ fn unescape_mount_path(s: &str) -> String {
 /// executable (`target/debug/` for `demo`) or one level up (`target/debug/`
 /// seen from a test binary in `target/debug/deps/`).
 pub fn agent_bin() -> Result<PathBuf> {
-    find_bin("mesh-agent", "MESH_AGENT_BIN", "run `cargo build -p mesh-agent` first")
+    find_bin(
+        "mesh-agent",
+        "MESH_AGENT_BIN",
+        "run `cargo build -p mesh-agent` first",
+    )
 }
 
 /// The `meshtest` tool binary, found like [`agent_bin`] (`$MESHTEST_BIN`).
@@ -99,7 +105,10 @@ fn find_bin(name: &str, env: &str, hint: &str) -> Result<PathBuf> {
     if let Some(found) = candidates.iter().find(|p| p.is_file()) {
         return Ok(found.clone());
     }
-    let looked: Vec<OsString> = candidates.iter().map(|p| p.clone().into_os_string()).collect();
+    let looked: Vec<OsString> = candidates
+        .iter()
+        .map(|p| p.clone().into_os_string())
+        .collect();
     bail!("cannot find the `{name}` binary (looked at {looked:?}; set ${env} to override): {hint}")
 }
 
@@ -111,9 +120,15 @@ mod tests {
     fn finds_cgroup2_in_hybrid_and_unified_layouts() {
         let hybrid = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
                       cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
-        assert_eq!(parse_cgroup2_mount(hybrid).unwrap(), Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            parse_cgroup2_mount(hybrid).unwrap(),
+            Path::new("/sys/fs/cgroup/unified")
+        );
         let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
-        assert_eq!(parse_cgroup2_mount(unified).unwrap(), Path::new("/sys/fs/cgroup"));
+        assert_eq!(
+            parse_cgroup2_mount(unified).unwrap(),
+            Path::new("/sys/fs/cgroup")
+        );
         assert!(parse_cgroup2_mount("proc /proc proc rw 0 0\n").is_none());
         assert_eq!(unescape_mount_path(r"/a\040b"), "/a b");
     }

@@ -49,6 +49,6 @@ pub use config::{
 };
 pub use host::{agent_bin, cgroup2_mount, meshtest_bin};
 pub use pod::{Pod, PodProcess, RUN_TIMEOUT};
-pub use status::{PodCounters, PodStatus, Status};
+pub use status::{ConfigStatus, EbpfStatus, PodCounters, PodEbpf, PodProxy, PodStatus, Status};
 pub use testbed::{CleanupHandle, POD_RANGES, PodSpec, ServicePort, ServiceSpec, Testbed};
 pub use wait::{wait_for, wait_until};

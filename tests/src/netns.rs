@@ -76,6 +76,14 @@ pub(crate) fn plug_pod(fabric: &str, peer: &str, pod_ns: &str, addr: &str) -> Re
     ip(&["-n", fabric, "link", "set", peer, "master", "br0"])?;
     ip(&["-n", fabric, "link", "set", peer, "up"])?;
     ip(&["-n", pod_ns, "link", "set", "lo", "up"])?;
-    ip(&["-n", pod_ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    ip(&[
+        "-n",
+        pod_ns,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
     ip(&["-n", pod_ns, "link", "set", "eth0", "up"])
 }

@@ -31,7 +31,11 @@ pub struct Pod {
 
 impl Pod {
     pub(crate) fn new(spec: PodSpec, netns_name: String, cgroup: PathBuf) -> Pod {
-        Pod { spec, netns_name, cgroup }
+        Pod {
+            spec,
+            netns_name,
+            cgroup,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -106,6 +110,7 @@ impl Pod {
             .with_context(|| format!("opening {}", procs_path.display()))?;
         let (ns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_raw_fd());
         let enter_pod = move || {
+            process::unblock_all_signals()?;
             // SAFETY: plain syscalls on fds that are open (see below).
             if unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -120,7 +125,9 @@ impl Pod {
         // SAFETY: `enter_pod` only makes async-signal-safe syscalls and does
         // not allocate; both fds stay open until `spawn` has returned.
         unsafe { cmd.pre_exec(enter_pod) };
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("spawning {what}"))?;
         drop((netns, procs));
         let (stdout, out_thread) = Captured::drain(child.stdout.take().expect("piped"));
@@ -188,7 +195,11 @@ impl PodProcess {
         timeout: Duration,
         pred: impl FnMut(&str) -> bool,
     ) -> Result<String> {
-        self.stdout.wait_line(timeout, &format!("matching stdout line from {}", self.what), pred)
+        self.stdout.wait_line(
+            timeout,
+            &format!("matching stdout line from {}", self.what),
+            pred,
+        )
     }
 
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
@@ -228,7 +239,11 @@ impl PodProcess {
         // A grandchild could hold the pipes open: wait for EOF only briefly.
         self.stdout.wait_eof(Duration::from_secs(2));
         self.stderr.wait_eof(Duration::from_secs(2));
-        Ok(Output { status, stdout: self.stdout.bytes(), stderr: self.stderr.bytes() })
+        Ok(Output {
+            status,
+            stdout: self.stdout.bytes(),
+            stderr: self.stderr.bytes(),
+        })
     }
 }
 

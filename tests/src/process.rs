@@ -62,7 +62,10 @@ impl Captured {
     /// Waits until the pipe is closed or `timeout` passes; true if closed.
     pub(crate) fn wait_eof(&self, timeout: Duration) -> bool {
         let g = self.inner.lock().unwrap();
-        let (g, _) = self.changed.wait_timeout_while(g, timeout, |g| !g.eof).unwrap();
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, timeout, |g| !g.eof)
+            .unwrap();
         g.eof
     }
 
@@ -98,7 +101,11 @@ fn split_lines(bytes: &[u8], eof: bool) -> Vec<String> {
     let last = parts.pop().unwrap_or_default();
     let mut lines: Vec<String> = parts
         .into_iter()
-        .map(|l| String::from_utf8_lossy(l).trim_end_matches('\r').to_string())
+        .map(|l| {
+            String::from_utf8_lossy(l)
+                .trim_end_matches('\r')
+                .to_string()
+        })
         .collect();
     if eof && !last.is_empty() {
         lines.push(String::from_utf8_lossy(last).into_owned());
@@ -118,6 +125,23 @@ pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Optio
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// For `pre_exec`: an empty signal mask in the child. std leaves the
+/// parent thread's mask in place across exec, and a program that blocks
+/// SIGTERM/SIGINT to `sigwait` for them (the demo does) would otherwise hand
+/// its children signals they can never receive. Async-signal-safe.
+pub(crate) fn unblock_all_signals() -> std::io::Result<()> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initializes `set`; pthread_sigmask reads it.
+    let rc = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
 }
 
 /// SIGKILL and reap; quiet if the child is already gone.

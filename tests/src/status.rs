@@ -82,7 +82,9 @@ impl Status {
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodStatus> {
-        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
     }
 }
 
@@ -107,7 +109,9 @@ impl PodCounters {
             redirected: self.redirected.saturating_sub(before.redirected),
             passed_through: self.passed_through.saturating_sub(before.passed_through),
             outbound: self.outbound.saturating_sub(before.outbound),
-            outbound_tunneled: self.outbound_tunneled.saturating_sub(before.outbound_tunneled),
+            outbound_tunneled: self
+                .outbound_tunneled
+                .saturating_sub(before.outbound_tunneled),
             outbound_direct: self.outbound_direct.saturating_sub(before.outbound_direct),
             inbound: self.inbound.saturating_sub(before.inbound),
         }
@@ -129,7 +133,15 @@ mod tests {
         let s = Status::from_value(&v).unwrap();
         assert_eq!(s.config.rejected, 1);
         let c = s.pod("shop", "shop-client").unwrap().counters();
-        assert_eq!((c.redirected, c.passed_through, c.outbound_tunneled, c.outbound_direct), (3, 1, 2, 1));
+        assert_eq!(
+            (
+                c.redirected,
+                c.passed_through,
+                c.outbound_tunneled,
+                c.outbound_direct
+            ),
+            (3, 1, 2, 1)
+        );
         assert_eq!(c.since(&PodCounters { redirected: 1, ..c }).redirected, 2);
     }
 }

@@ -16,7 +16,10 @@ use crate::{cgroup, host, netns};
 
 /// The only addresses pods may have (RFC 5737 documentation ranges): test
 /// traffic can never reach a real host, and there is no default route.
-pub const POD_RANGES: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 51, 100, 0), Ipv4Addr::new(203, 0, 113, 0)];
+pub const POD_RANGES: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(198, 51, 100, 0),
+    Ipv4Addr::new(203, 0, 113, 0),
+];
 
 /// Prefix of every netns and cgroup a testbed creates: `mt-NAME-PID-N`.
 const PREFIX: &str = "mt";
@@ -85,7 +88,11 @@ pub struct ServicePort {
 
 impl ServicePort {
     pub fn tcp(port: u16, target_port: u16) -> Self {
-        ServicePort { name: "tcp".into(), port, target_port }
+        ServicePort {
+            name: "tcp".into(),
+            port,
+            target_port,
+        }
     }
 }
 
@@ -111,8 +118,16 @@ impl ServiceSpec {
     }
 
     pub fn port(mut self, port: u16, target_port: u16) -> Self {
-        let name = if self.ports.is_empty() { "tcp".to_string() } else { format!("tcp-{port}") };
-        self.ports.push(ServicePort { name, port, target_port });
+        let name = if self.ports.is_empty() {
+            "tcp".to_string()
+        } else {
+            format!("tcp-{port}")
+        };
+        self.ports.push(ServicePort {
+            name,
+            port,
+            target_port,
+        });
         self
     }
 
@@ -173,10 +188,11 @@ impl CleanupHandle {
             }
         }
         let keep = std::thread::panicking() || std::env::var_os("MESH_E2E_KEEP").is_some();
-        if !keep && r.dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&r.dir) {
-                errors.push(format!("removing {}: {e}", r.dir.display()));
-            }
+        if !keep
+            && r.dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&r.dir)
+        {
+            errors.push(format!("removing {}: {e}", r.dir.display()));
         }
         if !errors.is_empty() {
             bail!("{}", errors.join("; "));
@@ -216,7 +232,11 @@ impl Testbed {
         let cg_root = host::preflight()?;
         sweep_leftovers(&cg_root);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{PREFIX}-{}-{}-{n}", short_name(test_name), std::process::id());
+        let name = format!(
+            "{PREFIX}-{}-{}-{n}",
+            short_name(test_name),
+            std::process::id()
+        );
         let dir = std::env::temp_dir().join("mesh-e2e").join(&name);
         let cgroup = cg_root.join(CGROUP_PARENT).join(&name);
         let cleanup = CleanupHandle(Arc::new(Mutex::new(Resources {
@@ -277,10 +297,24 @@ impl Testbed {
     /// at `ip/24` plugged into the bridge) and its cgroup.
     pub fn add_pod(&mut self, spec: PodSpec) -> Result<Pod> {
         validate_name(&spec.name).context("pod name")?;
-        ensure!(!spec.node.is_empty(), "pod {}: node name is empty", spec.name);
+        ensure!(
+            !spec.node.is_empty(),
+            "pod {}: node name is empty",
+            spec.name
+        );
         check_pod_ip(spec.ip).with_context(|| format!("pod {}", spec.name))?;
-        if let Some(p) = self.pods.iter().find(|p| p.name() == spec.name || p.ip() == spec.ip) {
-            bail!("pod {} ({}) clashes with pod {} ({})", spec.name, spec.ip, p.name(), p.ip());
+        if let Some(p) = self
+            .pods
+            .iter()
+            .find(|p| p.name() == spec.name || p.ip() == spec.ip)
+        {
+            bail!(
+                "pod {} ({}) clashes with pod {} ({})",
+                spec.name,
+                spec.ip,
+                p.name(),
+                p.ip()
+            );
         }
         let ns = format!("{}-{}", self.name, spec.name);
         let cg = self.cgroup.join(&spec.name);
@@ -304,7 +338,10 @@ impl Testbed {
             check_pod_ip(ip).with_context(|| format!("service {}", spec.name))?;
         }
         ensure!(
-            !self.services.iter().any(|s| s.name == spec.name && s.namespace == spec.namespace),
+            !self
+                .services
+                .iter()
+                .any(|s| s.name == spec.name && s.namespace == spec.namespace),
             "service {}/{} added twice",
             spec.namespace,
             spec.name
@@ -375,7 +412,10 @@ impl Drop for Testbed {
             eprintln!("mesh-e2e: cleanup of {} incomplete: {e}", self.name);
         }
         if self.dir.exists() {
-            eprintln!("mesh-e2e: kept {} (configs, agent logs)", self.dir.display());
+            eprintln!(
+                "mesh-e2e: kept {} (configs, agent logs)",
+                self.dir.display()
+            );
         }
     }
 }
@@ -396,10 +436,15 @@ fn short_name(test_name: &str) -> String {
 fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
-    ensure!(ok, "{name:?} is not a DNS label ([a-z0-9-], at most 63, no leading/trailing '-')");
+    ensure!(
+        ok,
+        "{name:?} is not a DNS label ([a-z0-9-], at most 63, no leading/trailing '-')"
+    );
     Ok(())
 }
 
@@ -436,7 +481,10 @@ fn sweep_leftovers(cg_root: &Path) {
     };
     let cg_parent = cg_root.join(CGROUP_PARENT);
     let cg_names: Vec<String> = std::fs::read_dir(&cg_parent)
-        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default();
     let all_ns = netns::list();
     let stale: BTreeSet<String> = all_ns
@@ -446,7 +494,10 @@ fn sweep_leftovers(cg_root: &Path) {
         .collect();
     for tb in &stale {
         let _ = cgroup::remove_tree(&cg_parent.join(tb), Duration::from_secs(2));
-        for ns in all_ns.iter().filter(|n| parse_testbed_name(n).is_some_and(|(t, _)| &t == tb)) {
+        for ns in all_ns
+            .iter()
+            .filter(|n| parse_testbed_name(n).is_some_and(|(t, _)| &t == tb))
+        {
             let _ = netns::del(ns);
         }
     }
@@ -459,10 +510,16 @@ mod tests {
     #[test]
     fn names_round_trip() {
         assert_eq!(short_name("harness::two-pods"), "two_pods");
-        assert_eq!(short_name("a_very_long_test_name_indeed"), "a_very_long_test");
+        assert_eq!(
+            short_name("a_very_long_test_name_indeed"),
+            "a_very_long_test"
+        );
         let tb = format!("mt-{}-42-7", short_name("x-y"));
         assert_eq!(parse_testbed_name(&tb), Some((tb.clone(), 42)));
-        assert_eq!(parse_testbed_name(&format!("{tb}-shop-client")), Some((tb, 42)));
+        assert_eq!(
+            parse_testbed_name(&format!("{tb}-shop-client")),
+            Some((tb, 42))
+        );
         assert_eq!(parse_testbed_name("mt-foo"), None);
         assert_eq!(parse_testbed_name("other-a-1-2"), None);
     }

@@ -15,7 +15,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 #[derive(Parser)]
-#[command(name = "meshtest", about = "TCP echo/send/hold tool for mesh end-to-end tests")]
+#[command(
+    name = "meshtest",
+    about = "TCP echo/send/hold tool for mesh end-to-end tests"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -65,10 +68,20 @@ enum Cmd {
 fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Echo { listen } => echo(listen),
-        Cmd::Send { to, bytes, seed, connect_timeout, io_timeout } => {
-            send(to, bytes, seed, secs(connect_timeout), secs(io_timeout))
-        }
-        Cmd::Hold { to, interval_ms, control, connect_timeout, io_timeout } => hold(
+        Cmd::Send {
+            to,
+            bytes,
+            seed,
+            connect_timeout,
+            io_timeout,
+        } => send(to, bytes, seed, secs(connect_timeout), secs(io_timeout)),
+        Cmd::Hold {
+            to,
+            interval_ms,
+            control,
+            connect_timeout,
+            io_timeout,
+        } => hold(
             to,
             Duration::from_millis(interval_ms),
             &control,
@@ -99,12 +112,18 @@ fn echo(listen: SocketAddr) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(json!({"reason": format!("bind {listen}: {e}")})),
     };
-    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     emit(json!({"listening": local}));
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
                 emit(json!({"accepted": peer}));
                 std::thread::spawn(move || {
                     let bytes = serve_echo(stream);
@@ -153,16 +172,31 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn send(to: SocketAddr, n: u64, seed: u64, connect_timeout: Duration, io_timeout: Duration) -> ExitCode {
+fn send(
+    to: SocketAddr,
+    n: u64,
+    seed: u64,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> ExitCode {
     let started = Instant::now();
     let stream = match TcpStream::connect_timeout(&to, connect_timeout) {
         Ok(s) => s,
-        Err(e) => return fail(json!({"to": to.to_string(), "sent": 0, "received": 0,
-                                     "reason": format!("connect: {e}")})),
+        Err(e) => {
+            return fail(json!({"to": to.to_string(), "sent": 0, "received": 0,
+                                     "reason": format!("connect: {e}")}));
+        }
     };
-    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let base = json!({"to": to.to_string(), "local": local, "peer": peer, "sent": 0, "received": 0});
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let base =
+        json!({"to": to.to_string(), "local": local, "peer": peer, "sent": 0, "received": 0});
     let setup = stream
         .set_read_timeout(Some(io_timeout))
         .and_then(|_| stream.set_write_timeout(Some(io_timeout)))
@@ -206,13 +240,21 @@ fn send(to: SocketAddr, n: u64, seed: u64, connect_timeout: Duration, io_timeout
     let mut v = with(base, "received", json!(received));
     if let Err(e) = read_result {
         // The writer may be blocked; exiting the process ends it.
-        return fail(with(v, "reason", json!(format!("read after {received} bytes: {e}"))));
+        return fail(with(
+            v,
+            "reason",
+            json!(format!("read after {received} bytes: {e}")),
+        ));
     }
     let (sent, sent_hash) = match write_side.join() {
         Ok(Ok(r)) => r,
         Ok(Err((sent, e))) => {
             v["sent"] = json!(sent);
-            return fail(with(v, "reason", json!(format!("write after {sent} bytes: {e}"))));
+            return fail(with(
+                v,
+                "reason",
+                json!(format!("write after {sent} bytes: {e}")),
+            ));
         }
         Err(_) => return fail(with(v, "reason", json!("writer thread panicked"))),
     };
@@ -248,15 +290,21 @@ fn hold(
     io_timeout: Duration,
 ) -> ExitCode {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action = SigAction::new(SigHandler::Handler(on_sigterm), SaFlags::empty(), SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_sigterm),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
     // SAFETY: the handler only stores to an atomic.
     if let Err(e) = unsafe { sigaction(Signal::SIGTERM, &action) } {
         return fail(json!({"reason": format!("sigaction: {e}")}));
     }
     let mut stream = match TcpStream::connect_timeout(&to, connect_timeout) {
         Ok(s) => s,
-        Err(e) => return fail(json!({"to": to.to_string(), "roundtrips": 0,
-                                     "reason": format!("connect: {e}")})),
+        Err(e) => {
+            return fail(json!({"to": to.to_string(), "roundtrips": 0,
+                                     "reason": format!("connect: {e}")}));
+        }
     };
     if let Err(e) = stream
         .set_read_timeout(Some(io_timeout))
@@ -264,8 +312,14 @@ fn hold(
     {
         return fail(json!({"roundtrips": 0, "reason": format!("socket setup: {e}")}));
     }
-    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     emit(json!({"connected": peer, "local": local}));
     let mut n = 0u64;
     loop {
@@ -287,7 +341,7 @@ fn hold(
             return fail(json!({"roundtrips": n, "reason": "echo differs from what was sent"}));
         }
         n += 1;
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             emit(json!({"roundtrips": n}));
         }
         let until = Instant::now() + interval;
