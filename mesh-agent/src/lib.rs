@@ -5,6 +5,8 @@
 //! | [`config`] | the agent's own settings, validated |
 //! | [`state`] | the in-memory mesh state (pure) |
 //! | [`localfile`] | the YAML source that writes `state` |
+//! | [`identity`] | SPIFFE IDs, the CA (`mesh-agent ca`), workload certificates |
+//! | [`tls`] | rustls configs for the tunnel, SPIFFE verifiers |
 //! | [`ebpf`] | load and attach programs, maps (the only aya user) |
 //! | [`host`] | facts discovered on the node (cgroup v2 mount, own cgroup) |
 //! | [`netns`] | sockets inside pods' network namespaces |
@@ -19,10 +21,12 @@ pub mod config;
 pub mod ebpf;
 pub mod enroll;
 pub mod host;
+pub mod identity;
 pub mod localfile;
 pub mod netns;
 pub mod proxy;
 pub mod state;
+pub mod tls;
 
 /// An error and its sources on one line, for logs and status.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

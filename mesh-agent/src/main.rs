@@ -33,13 +33,17 @@ enum Command {
         /// Worker threads of the data plane.
         #[arg(long, default_value_t = 2)]
         data_threads: usize,
-        /// Socket-to-socket acceleration of in-pod hops: on or off.
-        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+        /// Socket-to-socket acceleration of in-pod hops: on or off. Off by
+        /// default: with it, a blocking reader that shares its socket with a
+        /// writer thread can get spurious EAGAIN from the kernel (README).
+        #[arg(long, default_value = "off", value_parser = ["on", "off"])]
         accelerate: String,
         /// How often enrollment is re-checked against the kernel (drift repair).
         #[arg(long, default_value = config::DEFAULT_RECONCILE_INTERVAL, value_parser = config::parse_duration)]
         reconcile_interval: Duration,
     },
+    /// Run the mesh's certificate authority (gRPC over TLS).
+    Ca(mesh_agent::identity::server::CaArgs),
     /// Show a running agent's pods, enrollment and counters.
     Status {
         #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
         }
         Command::Status { admin, json } => status(admin, json),
+        Command::Ca(args) => mesh_agent::identity::server::run(args).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -70,6 +70,30 @@ impl Agent {
         node: &str,
         log_dir: &Path,
     ) -> Result<Agent> {
+        Agent::start_in(bin, config, node, log_dir, None, &[])
+    }
+
+    /// Like [`Agent::start`], in the cgroup `cgroup` (as a DaemonSet pod's
+    /// agent is in its own; socket acceleration needs that) and with extra
+    /// `run` arguments.
+    pub(crate) fn start_in(
+        bin: &Path,
+        config: &Path,
+        node: &str,
+        log_dir: &Path,
+        cgroup: Option<&Path>,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        use std::os::fd::AsRawFd as _;
+        let procs = cgroup
+            .map(|c| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(c.join("cgroup.procs"))
+                    .with_context(|| format!("opening {}/cgroup.procs", c.display()))
+            })
+            .transpose()?;
+        let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
         let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
         let log_path = log_dir.join(format!("agent-{node}-{n}.log"));
         let log = File::create(&log_path)
@@ -79,6 +103,7 @@ impl Agent {
             .arg("--config")
             .arg(config)
             .args(["--node", node, "--admin", "127.0.0.1:0"])
+            .args(extra_args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -86,6 +111,13 @@ impl Agent {
         let parent = std::process::id() as libc::pid_t;
         let die_with_parent = move || {
             process::unblock_all_signals()?;
+            if let Some(fd) = procs_fd {
+                // SAFETY: plain syscall on a descriptor opened before fork;
+                // "0" moves the writing process.
+                if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             // SAFETY: plain syscalls.
             if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
                 return Err(std::io::Error::last_os_error());

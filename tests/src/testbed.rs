@@ -391,7 +391,27 @@ impl Testbed {
     /// Starts `node`'s agent with [`crate::agent_bin`] on
     /// [`Self::config_path`]; it is killed when the testbed is dropped.
     pub fn start_agent(&self, node: &str) -> Result<Agent> {
-        self.start_agent_with(&host::agent_bin()?, &self.config_path(), node)
+        self.start_agent_args(node, &[])
+    }
+
+    /// Starts `node`'s agent in a cgroup of its own under the testbed's (as a
+    /// DaemonSet pod would be), with extra `mesh-agent run` arguments.
+    pub fn start_agent_args(&self, node: &str, args: &[&str]) -> Result<Agent> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let cg = self.cgroup.join(format!("agent-{node}-{n}"));
+        cgroup::create(&cg)?;
+        self.cleanup.track_cgroup(&cg);
+        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), args)?;
+        self.adopt_agent(&agent);
+        Ok(agent)
+    }
+
+    /// Starts `node`'s agent inside an existing cgroup (e.g. a pod's, to
+    /// test that the agent's own sockets are exempt from the pod's hooks).
+    pub fn start_agent_in(&self, cgroup: &Path, node: &str, args: &[&str]) -> Result<Agent> {
+        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(cgroup), args)?;
+        self.adopt_agent(&agent);
+        Ok(agent)
     }
 
     pub fn start_agent_with(&self, bin: &Path, config: &Path, node: &str) -> Result<Agent> {

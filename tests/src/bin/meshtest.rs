@@ -49,6 +49,26 @@ enum Cmd {
         #[arg(long, default_value_t = 30.0)]
         io_timeout: f64,
     },
+    /// `send` on N connections at once; one summary line.
+    Burst {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: u32,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 10.0)]
+        connect_timeout: f64,
+        #[arg(long, default_value_t = 30.0)]
+        io_timeout: f64,
+    },
+    /// Connects, writes a few bytes and aborts with a TCP reset.
+    Reset {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 5.0)]
+        connect_timeout: f64,
+    },
     /// Keeps ONE connection and pings through it (16 bytes, read the echo)
     /// every interval until FILE exists or SIGTERM; any error exits non-zero.
     Hold {
@@ -75,6 +95,10 @@ fn main() -> ExitCode {
             connect_timeout,
             io_timeout,
         } => send(to, bytes, seed, secs(connect_timeout), secs(io_timeout)),
+        Cmd::Burst { to, connections, bytes, connect_timeout, io_timeout } => {
+            burst(to, connections, bytes, secs(connect_timeout), secs(io_timeout))
+        }
+        Cmd::Reset { to, connect_timeout } => reset(to, secs(connect_timeout)),
         Cmd::Hold {
             to,
             interval_ms,
@@ -142,7 +166,19 @@ fn echo(listen: SocketAddr) -> ExitCode {
 fn serve_echo(stream: TcpStream) -> io::Result<u64> {
     let mut reader = stream.try_clone()?;
     let mut writer = stream;
-    let n = io::copy(&mut reader, &mut writer)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        match read_patient(&mut reader, &mut buf, Duration::from_secs(3600)) {
+            Ok(0) => break,
+            Ok(k) => {
+                writer.write_all(&buf[..k])?;
+                n += k as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     writer.shutdown(Shutdown::Write)?;
     Ok(n)
 }
@@ -172,18 +208,75 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn send(
+fn send(to: SocketAddr, n: u64, seed: u64, connect_timeout: Duration, io_timeout: Duration) -> ExitCode {
+    match send_one(to, n, seed, connect_timeout, io_timeout) {
+        Ok(v) => {
+            emit(v);
+            ExitCode::SUCCESS
+        }
+        Err(v) => fail(v),
+    }
+}
+
+/// `send` on N connections at once (one thread each); one summary line.
+fn burst(to: SocketAddr, connections: u32, n: u64, connect_timeout: Duration, io_timeout: Duration) -> ExitCode {
+    let threads: Vec<_> = (0..connections)
+        .map(|i| std::thread::spawn(move || send_one(to, n, u64::from(i) + 1, connect_timeout, io_timeout)))
+        .collect();
+    let mut ok = 0u32;
+    let mut failures = Vec::new();
+    for t in threads {
+        match t.join() {
+            Ok(Ok(_)) => ok += 1,
+            Ok(Err(v)) => failures.push(v),
+            Err(_) => failures.push(json!({"reason": "thread panicked"})),
+        }
+    }
+    let v = json!({"connections": connections, "succeeded": ok, "bytesEach": n,
+                   "failures": failures.iter().take(5).collect::<Vec<_>>()});
+    if failures.is_empty() {
+        emit(with(v, "ok", json!(true)));
+        ExitCode::SUCCESS
+    } else {
+        fail(v)
+    }
+}
+
+/// Connects, writes a little, then aborts the connection with a reset
+/// (SO_LINGER 0 + close).
+fn reset(to: SocketAddr, connect_timeout: Duration) -> ExitCode {
+    let mut stream = match TcpStream::connect_timeout(&to, connect_timeout) {
+        Ok(s) => s,
+        Err(e) => return fail(json!({"reason": format!("connect: {e}")})),
+    };
+    let _ = stream.write_all(b"about to reset");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid socket fd and a linger struct of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, (&linger as *const libc::linger).cast(),
+                         std::mem::size_of::<libc::linger>() as libc::socklen_t)
+    };
+    if rc != 0 {
+        return fail(json!({"reason": format!("SO_LINGER: {}", io::Error::last_os_error())}));
+    }
+    drop(stream);
+    emit(json!({"ok": true, "reset": to.to_string()}));
+    ExitCode::SUCCESS
+}
+
+fn send_one(
     to: SocketAddr,
     n: u64,
     seed: u64,
     connect_timeout: Duration,
     io_timeout: Duration,
-) -> ExitCode {
+) -> Result<Value, Value> {
     let started = Instant::now();
     let stream = match TcpStream::connect_timeout(&to, connect_timeout) {
         Ok(s) => s,
         Err(e) => {
-            return fail(json!({"to": to.to_string(), "sent": 0, "received": 0,
+            return Err(json!({"to": to.to_string(), "sent": 0, "received": 0,
                                      "reason": format!("connect: {e}")}));
         }
     };
@@ -203,7 +296,7 @@ fn send(
         .and_then(|_| stream.try_clone());
     let mut writer = match setup {
         Ok(w) => w,
-        Err(e) => return fail(with(base, "reason", json!(format!("socket setup: {e}")))),
+        Err(e) => return Err(with(base, "reason", json!(format!("socket setup: {e}")))),
     };
     // Writing and reading concurrently: the echo comes back while we send,
     // and neither side's buffers can fill up and deadlock the other.
@@ -227,7 +320,7 @@ fn send(
     let mut buf = vec![0u8; 64 * 1024];
     let mut received = 0u64;
     let read_result = loop {
-        match reader.read(&mut buf) {
+        match read_patient(&mut reader, &mut buf, io_timeout) {
             Ok(0) => break Ok(()),
             Ok(k) => {
                 hasher.update(&buf[..k]);
@@ -240,7 +333,7 @@ fn send(
     let mut v = with(base, "received", json!(received));
     if let Err(e) = read_result {
         // The writer may be blocked; exiting the process ends it.
-        return fail(with(
+        return Err(with(
             v,
             "reason",
             json!(format!("read after {received} bytes: {e}")),
@@ -250,13 +343,13 @@ fn send(
         Ok(Ok(r)) => r,
         Ok(Err((sent, e))) => {
             v["sent"] = json!(sent);
-            return fail(with(
+            return Err(with(
                 v,
                 "reason",
                 json!(format!("write after {sent} bytes: {e}")),
             ));
         }
-        Err(_) => return fail(with(v, "reason", json!("writer thread panicked"))),
+        Err(_) => return Err(with(v, "reason", json!("writer thread panicked"))),
     };
     let received_hash = hasher.finalize().to_vec();
     v["sent"] = json!(sent);
@@ -264,11 +357,40 @@ fn send(
     v["millis"] = json!(started.elapsed().as_millis() as u64);
     if received != sent || received_hash != sent_hash {
         v["receivedSha256"] = json!(hex(&received_hash));
-        return fail(with(v, "reason", json!("echo differs from what was sent")));
+        return Err(with(v, "reason", json!("echo differs from what was sent")));
     }
     v["ok"] = json!(true);
-    emit(v);
-    ExitCode::SUCCESS
+    Ok(v)
+}
+
+/// A read that treats `EAGAIN` before `timeout` has passed as "try again",
+/// as event-driven programs do. A socket in a sockmap (the mesh's socket
+/// acceleration) can wake a blocked reader without data, and the kernel then
+/// returns `EAGAIN` even on a blocking socket; see the README. A real timeout
+/// (SO_RCVTIMEO) still ends the read with an error.
+fn read_patient(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+    let start = Instant::now();
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed() < timeout => {
+                let mut fd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(s), events: libc::POLLIN, revents: 0 };
+                let left = timeout.saturating_sub(start.elapsed()).as_millis().min(i32::MAX as u128) as i32;
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut fd, 1, left.max(1)) };
+            }
+            r => return r,
+        }
+    }
+}
+
+fn read_exact_patient(s: &mut TcpStream, mut buf: &mut [u8], timeout: Duration) -> io::Result<()> {
+    while !buf.is_empty() {
+        match read_patient(s, buf, timeout)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
 }
 
 fn with(mut v: Value, key: &str, val: Value) -> Value {
@@ -334,7 +456,7 @@ fn hold(
             return fail(json!({"roundtrips": n, "reason": format!("write: {e}")}));
         }
         let mut back = [0u8; 16];
-        if let Err(e) = stream.read_exact(&mut back) {
+        if let Err(e) = read_exact_patient(&mut stream, &mut back, io_timeout) {
             return fail(json!({"roundtrips": n, "reason": format!("read: {e}")}));
         }
         if back != msg {

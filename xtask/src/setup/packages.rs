@@ -11,7 +11,9 @@ use crate::cmd;
 /// - curl, netcat-openbsd, python3: clients and servers inside the pods
 /// - protobuf-compiler: `protoc` for gRPC code generation (OTLP)
 /// - tshark: checking on the wire that pod-to-pod bytes are TLS
+/// - bpftool: tests that change eBPF state behind the agent's back (drift)
 const PACKAGES: &[&str] = &[
+    "bpftool",
     "iproute2",
     "curl",
     "netcat-openbsd",

@@ -1,0 +1,172 @@
+//! Shared set-up for the end-to-end tests: a two-node mesh with an enrolled
+//! namespace (`shop`) and one outside the mesh (`legacy`), one client and one
+//! echo server in each.
+#![allow(dead_code)]
+
+use std::{path::Path, process::Output, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use mesh_e2e::{Agent, Pod, PodProcess, PodSpec, Testbed, wait_until};
+use serde_json::Value;
+
+pub const ECHO_PORT: u16 = 9000;
+pub const SETTLE: Duration = Duration::from_secs(20);
+
+pub struct Mesh {
+    pub a: Agent,
+    pub b: Agent,
+    pub shop_client: Pod,
+    pub shop_server: Pod,
+    pub legacy_client: Pod,
+    pub legacy_server: Pod,
+    pub echoes: Vec<PodProcess>,
+    // Last: dropped after the agents and processes above.
+    pub tb: Testbed,
+}
+
+/// Agent flags for the tests: fast config polling and reconcile, and the
+/// acceleration switch under test.
+pub fn agent_args(accelerate: bool) -> Vec<&'static str> {
+    vec![
+        "--accelerate",
+        if accelerate { "on" } else { "off" },
+        "--config-poll",
+        "100ms",
+        "--reconcile-interval",
+        "500ms",
+        "--drain-timeout",
+        "5s",
+    ]
+}
+
+pub fn mesh(test: &str, accelerate: bool, enrolled: &[&str]) -> Result<Mesh> {
+    let mut tb = Testbed::new(test)?;
+    let shop_client = tb.add_pod(PodSpec::new("shop-client", "shop", "node-a", [198, 51, 100, 11].into()))?;
+    let shop_server = tb.add_pod(PodSpec::new("shop-server", "shop", "node-b", [198, 51, 100, 12].into()))?;
+    let legacy_client = tb.add_pod(PodSpec::new("legacy-client", "legacy", "node-a", [198, 51, 100, 21].into()))?;
+    let legacy_server = tb.add_pod(PodSpec::new("legacy-server", "legacy", "node-b", [198, 51, 100, 22].into()))?;
+    tb.write_config(&tb.config_path(), enrolled)?;
+    let echoes = vec![shop_server.start_echo(ECHO_PORT)?, legacy_server.start_echo(ECHO_PORT)?];
+    let args = agent_args(accelerate);
+    let a = tb.start_agent_args("node-a", &args)?;
+    let b = tb.start_agent_args("node-b", &args)?;
+    let m = Mesh { a, b, shop_client, shop_server, legacy_client, legacy_server, echoes, tb };
+    for ns in enrolled {
+        for (agent, pod) in [(&m.a, format!("{ns}-client")), (&m.b, format!("{ns}-server"))] {
+            wait_enrolled(agent, ns, &pod, true)?;
+        }
+    }
+    Ok(m)
+}
+
+/// The pod's entry in the agent's /status.
+pub fn pod_json(agent: &Agent, ns: &str, name: &str) -> Result<Value> {
+    let s = agent.status()?;
+    s["pods"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["namespace"] == ns && p["name"] == name).cloned())
+        .with_context(|| format!("pod {ns}/{name} not in {}'s status: {s}", agent.node()))
+}
+
+pub fn counter(agent: &Agent, ns: &str, name: &str, path: &str) -> Result<u64> {
+    let p = pod_json(agent, ns, name)?;
+    let v = path.split('.').fold(&p, |v, k| &v[k]);
+    v.as_u64().with_context(|| format!("{path} missing in {p}"))
+}
+
+pub fn wait_enrolled(agent: &Agent, ns: &str, name: &str, enrolled: bool) -> Result<()> {
+    wait_until(SETTLE, || {
+        let p = pod_json(agent, ns, name)?;
+        Ok(p["enrolled"] == enrolled && p["error"].is_null() && p["attached"] == true)
+    })
+    .with_context(|| format!("{ns}/{name} on {} never became enrolled={enrolled}: {}", agent.node(), agent.log()))
+}
+
+/// `meshtest send` from `pod` to `to`; the transfer must arrive intact.
+pub fn send(pod: &Pod, to: &str, bytes: u64) -> Result<Value> {
+    let out = pod.run("meshtest", ["send", "--to", to, "--bytes", &bytes.to_string()])?;
+    parse_ok(pod, &out)
+}
+
+pub fn parse_ok(pod: &Pod, out: &Output) -> Result<Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let v: Value = serde_json::from_str(line)
+        .with_context(|| format!("meshtest in {}: no JSON result: {stdout} {}", pod.id(), String::from_utf8_lossy(&out.stderr)))?;
+    if !out.status.success() || v["ok"] != true {
+        bail!("meshtest in {} failed: {v}", pod.id());
+    }
+    Ok(v)
+}
+
+pub fn server(pod: &Pod) -> String {
+    format!("{}:{ECHO_PORT}", pod.ip())
+}
+
+/// A long-lived connection that pings every 50 ms until told to stop.
+pub struct Hold {
+    pub proc_: PodProcess,
+    control: std::path::PathBuf,
+}
+
+impl Hold {
+    pub fn start(pod: &Pod, to: &str, dir: &Path, name: &str) -> Result<Hold> {
+        let control = dir.join(format!("stop-{name}"));
+        let proc_ = pod.spawn(
+            "meshtest",
+            ["hold", "--to", to, "--interval-ms", "50", "--control", control.to_str().expect("utf-8 path")],
+        )?;
+        let h = Hold { proc_, control };
+        h.wait_roundtrips(10)?;
+        Ok(h)
+    }
+
+    /// Round trips reported so far.
+    pub fn roundtrips(&self) -> u64 {
+        self.proc_
+            .stdout_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["roundtrips"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until `more` further round trips have completed.
+    pub fn wait_roundtrips(&self, more: u64) -> Result<()> {
+        let target = self.roundtrips() + more;
+        wait_until(SETTLE, || {
+            ensure!(
+                !self.proc_.stdout().contains("\"ok\":false"),
+                "long-lived connection failed: {} {}",
+                self.proc_.stdout(),
+                self.proc_.stderr()
+            );
+            Ok(self.roundtrips() >= target)
+        })
+    }
+
+    pub fn finish(mut self) -> Result<u64> {
+        std::fs::write(&self.control, b"stop")?;
+        let status = self.proc_.wait_timeout(SETTLE)?.context("hold did not stop")?;
+        ensure!(status.success(), "long-lived connection failed: {} {}", self.proc_.stdout(), self.proc_.stderr());
+        Ok(self.roundtrips())
+    }
+}
+
+/// Generates one test per acceleration mode from `fn NAME(accelerate: bool)`.
+#[macro_export]
+macro_rules! both_paths {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn accelerated() -> anyhow::Result<()> {
+                super::$name(true)
+            }
+            #[test]
+            fn plain() -> anyhow::Result<()> {
+                super::$name(false)
+            }
+        }
+    };
+}
