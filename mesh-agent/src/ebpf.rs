@@ -396,12 +396,10 @@ impl Datapath {
     }
 
     pub fn has_inbound_listener(&self, ip: IpAddr) -> bool {
-        // A sockhash lookup from user space cannot return the socket itself
-        // (ENOSPC for a 4-byte value); only "no such key" means absent.
-        !matches!(
-            self.inbound_listeners.get(&to_sock_addr(SocketAddr::new(ip, 0)), 0),
-            Err(aya::maps::MapError::KeyNotFound)
-        )
+        // A sockhash lookup from user space fails (ENOSPC) for any key when
+        // the value is 4 bytes, so walk the keys instead.
+        let key = to_sock_addr(SocketAddr::new(ip, 0));
+        self.inbound_listeners.keys().any(|k| k.is_ok_and(|k| k == key))
     }
 
     pub fn remove_inbound_listener(&mut self, ip: IpAddr) {

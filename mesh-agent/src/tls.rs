@@ -55,9 +55,9 @@ impl From<&SpiffeId> for ExpectedPeer {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("the certificate of {id} cannot be used for TLS: {source}")]
-    Certificate { id: SpiffeId, source: rustls::Error },
+    Certificate { id: Box<SpiffeId>, source: rustls::Error },
     #[error("the trust bundle of {id} is unusable: certificate {index}: {reason}")]
-    TrustBundle { id: SpiffeId, index: usize, reason: String },
+    TrustBundle { id: Box<SpiffeId>, index: usize, reason: String },
     #[error("TLS 1.3 with the ring provider is unavailable: {0}")]
     Protocol(rustls::Error),
 }
@@ -101,7 +101,10 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())
-        .map_err(|source| Error::Certificate { id: cert.id.clone(), source })?;
+        .map_err(|source| Error::Certificate {
+            id: Box::new(cert.id.clone()),
+            source,
+        })?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
     Ok(Arc::new(config))

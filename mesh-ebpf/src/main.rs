@@ -59,8 +59,6 @@ static LOCAL_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(LOCAL_SOCKS_
 static ACCELERATE: Global<u8> = Global::new(1);
 
 const SK_PASS: u32 = 1;
-/// The loopback device is always ifindex 1 in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Reads a 4-word address out of a context one 32-bit load at a time: the
 /// verifier refuses wider loads and copies through a moved context pointer,
@@ -352,16 +350,20 @@ pub fn accelerate(ctx: SkMsgContext) -> u32 {
 }
 
 /// Inbound capture, attached to each pod's network namespace: a TCP
-/// connection arriving from the network (not on loopback, so never the
-/// agent's own delivery to the app) for any port of an enrolled pod other
-/// than the agent's goes to the agent's plaintext listener instead.
+/// connection from another host for any port of an enrolled pod other than
+/// the agent's goes to the agent's plaintext listener instead.
+///
+/// "From another host" is decided by address: a connection whose source is
+/// the pod's own address was opened inside the pod, by the app or by the
+/// agent delivering a connection to the app, and is never captured (that
+/// is what keeps the agent's own delivery from looping back into it).
+/// Loopback traffic never matches a pod address in the listener map.
 #[sk_lookup]
 pub fn inbound_capture(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: reads of the sk_lookup context.
-    let (protocol, family, ifindex, port) =
-        unsafe { ((*l).protocol, (*l).family, (*l).ingress_ifindex, (*l).local_port as u16) };
-    if protocol != 6 || ifindex == LOOPBACK_IFINDEX {
+    let (protocol, family, port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port as u16) };
+    if protocol != 6 {
         return SK_PASS;
     }
     let mut i = 0;
@@ -372,13 +374,20 @@ pub fn inbound_capture(ctx: SkLookupContext) -> u32 {
         i += 1;
     }
     // SAFETY: reads of the sk_lookup context.
-    let key = unsafe {
+    let (key, from_self) = unsafe {
         if family == u32::from(AF_INET6) {
-            SockAddr::v6(ip6_words(&raw const (*l).local_ip6), 0)
+            let local = ip6_words(&raw const (*l).local_ip6);
+            let remote = ip6_words(&raw const (*l).remote_ip6);
+            (SockAddr::v6(local, 0), local == remote)
         } else {
-            SockAddr::v4((*l).local_ip4, 0)
+            let local = core::ptr::read_volatile(&raw const (*l).local_ip4);
+            let remote = core::ptr::read_volatile(&raw const (*l).remote_ip4);
+            (SockAddr::v4(local, 0), local == remote)
         }
     };
+    if from_self {
+        return SK_PASS;
+    }
     if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
         debug!(&ctx, "sk_lookup: inbound port {} captured by the agent", port);
     }

@@ -83,7 +83,7 @@ pub enum IssueError {
     #[error("malformed CSR for {pod}: {reason}")]
     MalformedCsr { pod: PodKey, reason: String },
     #[error("the CSR for {pod} asks for subject alternative names {asked:?}, but the pod's identity is {id}: a CSR may only name the pod's own SPIFFE ID")]
-    WrongSan { pod: PodKey, asked: Vec<String>, id: SpiffeId },
+    WrongSan { pod: PodKey, asked: Vec<String>, id: Box<SpiffeId> },
     #[error("signing the certificate for {id} failed: {source}")]
     Sign { id: SpiffeId, source: rcgen::Error },
 }
@@ -353,7 +353,7 @@ impl Authority {
             return Err(IssueError::WrongSan {
                 pod: pod_key.clone(),
                 asked: asked.iter().map(san_text).collect(),
-                id,
+                id: Box::new(id),
             });
         }
         let ttl = req.ttl.map_or(self.ttl, |t| t.clamp(MIN_TTL, self.ttl));

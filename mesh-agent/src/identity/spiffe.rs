@@ -226,8 +226,9 @@ mod tests {
         use SpiffeIdError as E;
         let long_td = format!("spiffe://{}.local/ns/a/sa/b", "a".repeat(64));
         let long_id = format!("spiffe://cluster.local/ns/a/sa/{}", "a.".repeat(1100));
+        type Check = fn(&E) -> bool;
         #[rustfmt::skip]
-        let table: &[(&str, fn(&E) -> bool)] = &[
+        let table: &[(&str, Check)] = &[
             ("", |e| matches!(e, E::Scheme { .. })),
             ("cluster.local/ns/a/sa/b", |e| matches!(e, E::Scheme { .. })),
             ("SPIFFE://cluster.local/ns/a/sa/b", |e| matches!(e, E::Scheme { .. })),

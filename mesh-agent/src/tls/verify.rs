@@ -77,7 +77,7 @@ pub enum VerifyError {
     #[error("the certificate is not valid before {not_before} (now {now}): is a clock wrong?")]
     NotYetValid { not_before: String, now: String },
     #[error("the peer {id} is in trust domain {got:?}, this mesh is {expected:?}")]
-    WrongTrustDomain { id: SpiffeId, got: String, expected: String },
+    WrongTrustDomain { id: Box<SpiffeId>, got: String, expected: String },
     #[error("the certificate has no URI SAN: a mesh certificate carries its SPIFFE ID there")]
     NoUriSan,
     #[error("the certificate has {} URI SANs {sans:?}: a mesh certificate carries exactly one", sans.len())]
@@ -89,7 +89,7 @@ pub enum VerifyError {
     #[error("the URI SAN {uri:?} is not a workload SPIFFE ID: {reason}")]
     NotSpiffe { uri: String, reason: String },
     #[error("the peer is {got}, expected {expected}")]
-    UnexpectedIdentity { got: SpiffeId, expected: SpiffeId },
+    UnexpectedIdentity { got: Box<SpiffeId>, expected: Box<SpiffeId> },
     #[error("the certificate is invalid: {detail}")]
     Malformed { detail: String },
 }
@@ -191,7 +191,7 @@ impl Trust {
                 webpki::anchor_from_trusted_cert(der)
                     .map(|a| a.to_owned())
                     .map_err(|e| Error::TrustBundle {
-                        id: cert.id.clone(),
+                        id: Box::new(cert.id.clone()),
                         index,
                         reason: e.to_string(),
                     })
@@ -199,7 +199,7 @@ impl Trust {
             .collect::<Result<Vec<_>, _>>()?;
         if anchors.is_empty() {
             return Err(Error::TrustBundle {
-                id: cert.id.clone(),
+                id: Box::new(cert.id.clone()),
                 index: 0,
                 reason: "the bundle is empty".into(),
             });
@@ -249,15 +249,15 @@ impl Trust {
             return Err(VerifyError::WrongTrustDomain {
                 got: id.trust_domain().to_owned(),
                 expected: self.trust_domain.clone(),
-                id,
+                id: Box::new(id),
             });
         }
         if let ExpectedPeer::Exactly(want) = expected
             && *want != id
         {
             return Err(VerifyError::UnexpectedIdentity {
-                got: id,
-                expected: want.clone(),
+                got: Box::new(id),
+                expected: Box::new(want.clone()),
             });
         }
         Ok(id)

@@ -1,0 +1,212 @@
+//! Issue: the kernel data path — inbound capture (sk_lookup), socket-to-socket
+//! acceleration (sockhash + sk_msg) and enrollment that heals itself.
+
+mod common;
+
+use std::{collections::BTreeMap, os::unix::fs::MetadataExt, path::Path, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use common::*;
+use mesh_e2e::{Agent, wait_until};
+use serde_json::Value;
+
+/// A plaintext client outside the mesh -> an enrolled server pod: the
+/// connection reaches the app through the agent's 15006 listener, and the app
+/// sees it. Tunnel traffic is not captured a second time.
+fn plaintext_inbound_is_captured(accelerate: bool) -> Result<()> {
+    let m = mesh("capture", accelerate, &["shop"])?;
+    send(&m.legacy_client, &server(&m.shop_server), 4 << 20)?;
+    ensure!(counter(&m.b, "shop", "shop-server", "proxy.inboundPlaintext")? == 1);
+    ensure!(counter(&m.b, "shop", "shop-server", "proxy.inbound")? == 0);
+    // The application accepted the connection, from the agent inside its pod.
+    let accepted: Vec<String> = m.echoes[0]
+        .stdout_lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["accepted"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(accepted.len() == 1 && accepted[0].starts_with("198.51.100.12:"), "{accepted:?}");
+
+    // Through the tunnel: delivered once, not captured again on the way in.
+    send(&m.shop_client, &server(&m.shop_server), 1 << 20)?;
+    ensure!(counter(&m.b, "shop", "shop-server", "proxy.inbound")? == 1);
+    ensure!(counter(&m.b, "shop", "shop-server", "proxy.inboundPlaintext")? == 1);
+
+    // A pod outside the mesh is not captured.
+    send(&m.shop_client, &server(&m.legacy_server), 64 << 10)?;
+    let p = pod_json(&m.b, "legacy", "legacy-server")?;
+    ensure!(p["proxy"]["inboundPlaintext"] == 0 && p["inboundCapture"] == false, "{p}");
+    // A port nothing listens on is refused, as without the mesh.
+    let out = m.legacy_client.run("meshtest", ["send", "--to", "198.51.100.12:9999", "--bytes", "10"])?;
+    ensure!(!out.status.success(), "connection to a closed port succeeded");
+    Ok(())
+}
+both_paths!(plaintext_inbound_is_captured);
+
+/// Transfers of several sizes, half-close, a reset and 200 concurrent
+/// connections all deliver exactly the bytes sent; afterwards no connection
+/// and no sockhash entry is left behind.
+fn transfers_deliver_exact_bytes(accelerate: bool) -> Result<()> {
+    let m = mesh("sizes", accelerate, &["shop"])?;
+    let to = server(&m.shop_server);
+    for bytes in [1u64, 64 << 10, 50 << 20] {
+        // `send` half-closes after writing and reads the echo to EOF.
+        let r = send(&m.shop_client, &to, bytes).with_context(|| format!("{bytes} bytes"))?;
+        ensure!(r["received"] == bytes, "{r}");
+    }
+    let out = m.shop_client.run("meshtest", ["reset", "--to", &to])?;
+    parse_ok(&m.shop_client, &out)?;
+    let out = m.shop_client.run(
+        "meshtest",
+        ["burst", "--to", &to, "--connections", "200", "--bytes", &(64u64 << 10).to_string()],
+    )?;
+    let r = parse_ok(&m.shop_client, &out)?;
+    ensure!(r["succeeded"] == 200, "{r}");
+    send(&m.shop_client, &to, 1 << 20).context("after the reset and the burst")?;
+    ensure!(counter(&m.a, "shop", "shop-client", "proxy.outboundTunneled")? == 205);
+    for agent in [&m.a, &m.b] {
+        wait_until(SETTLE, || {
+            let s = agent.status()?;
+            Ok(s["openConnections"] == 0 && s["ebpf"]["acceleratedSockets"] == 0)
+        })
+        .with_context(|| format!("{} kept connections or sockhash entries: {}", agent.node(), agent.status().unwrap_or_default()))?;
+    }
+    Ok(())
+}
+both_paths!(transfers_deliver_exact_bytes);
+
+/// With acceleration on, an open in-pod connection's two ends are in the
+/// sockhash (the bytes skip the TCP/IP stack); with it off, nothing is.
+fn acceleration_follows_the_switch(accelerate: bool) -> Result<()> {
+    let m = mesh("accel", accelerate, &["shop"])?;
+    let hold = Hold::start(&m.shop_client, &server(&m.shop_server), m.tb.dir(), "accel")?;
+    for agent in [&m.a, &m.b] {
+        let s = agent.status()?;
+        ensure!(s["ebpf"]["accelerating"] == accelerate, "{s}");
+        let n = s["ebpf"]["acceleratedSockets"].as_u64().context("acceleratedSockets")?;
+        // node-a: the app's socket and the agent's accepted one (15001);
+        // node-b: the agent's socket to the app and the app's accepted one.
+        ensure!(n == if accelerate { 2 } else { 0 }, "{}: {n} accelerated sockets", agent.node());
+    }
+    hold.finish()?;
+    Ok(())
+}
+both_paths!(acceleration_follows_the_switch);
+
+/// The eBPF objects an agent process holds, from /proc/PID/fdinfo:
+/// (map ids, cgroup links as (link id, cgroup inode, attach type)).
+fn agent_bpf_objects(agent: &Agent) -> Result<(Vec<u32>, Vec<(u32, u64, u32)>)> {
+    let mut maps = Vec::new();
+    let mut links = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{}/fdinfo", agent.pid()))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else { continue };
+        let fields: BTreeMap<&str, &str> = text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect();
+        if let Some(id) = fields.get("map_id") {
+            maps.push(id.parse()?);
+        }
+        if fields.get("link_type") == Some(&"cgroup")
+            && let (Some(id), Some(cg), Some(at)) =
+                (fields.get("link_id"), fields.get("cgroup_id"), fields.get("attach_type"))
+        {
+            links.push((id.parse()?, cg.parse()?, at.parse()?));
+        }
+    }
+    Ok((maps, links))
+}
+
+fn bpftool(args: &[&str]) -> Result<String> {
+    let out = Command::new("bpftool").args(args).output().context("running bpftool (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn map_named(agent: &Agent, name: &str) -> Result<u32> {
+    for id in agent_bpf_objects(agent)?.0 {
+        let info: Value = serde_json::from_str(&bpftool(&["-j", "map", "show", "id", &id.to_string()])?)?;
+        if info["name"] == name {
+            return Ok(id);
+        }
+    }
+    bail!("agent {} holds no map named {name}", agent.node())
+}
+
+fn cgroup_id(path: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+fn repairs(agent: &Agent) -> Result<u64> {
+    agent.status()?["repairs"].as_u64().context("repairs missing")
+}
+
+/// Someone deletes the pod's enrollment entry behind the agent's back: the
+/// agent puts it back within its reconcile interval, counts the repair, and
+/// new connections are redirected again.
+#[test]
+fn drift_repair_restores_a_deleted_map_entry() -> Result<()> {
+    let m = mesh("driftmap", true, &["shop"])?;
+    let id = map_named(&m.a, "ENROLLED")?.to_string();
+    let dump: Value = serde_json::from_str(&bpftool(&["-j", "map", "dump", "id", &id])?)?;
+    let entries = dump.as_array().context("map dump")?;
+    ensure!(entries.len() == 1, "node-a has one enrolled pod: {dump}");
+    let key: Vec<String> = entries[0]["key"]
+        .as_array()
+        .context("key bytes")?
+        .iter()
+        .map(|b| b.as_str().map(str::to_owned).context("hex byte"))
+        .collect::<Result<_>>()?;
+    let before = repairs(&m.a)?;
+    let mut args = vec!["map", "delete", "id", &id, "key", "hex"];
+    args.extend(key.iter().map(|b| b.trim_start_matches("0x")));
+    bpftool(&args)?;
+    wait_until(SETTLE, || Ok(repairs(&m.a)? > before)).context("no repair counted")?;
+    ensure!(m.a.log().contains("drift repaired"), "repair not logged");
+    send(&m.shop_client, &server(&m.shop_server), 64 << 10)?;
+    ensure!(counter(&m.a, "shop", "shop-client", "proxy.outboundTunneled")? == 1, "not redirected after repair");
+    Ok(())
+}
+
+/// Someone detaches the pod's programs behind the agent's back: the agent
+/// re-attaches them within its reconcile interval and new connections are
+/// redirected again.
+#[test]
+fn drift_repair_reattaches_detached_programs() -> Result<()> {
+    let m = mesh("driftprog", true, &["shop"])?;
+    let cg = cgroup_id(m.shop_client.cgroup_path())?;
+    let links: Vec<_> = agent_bpf_objects(&m.a)?.1.into_iter().filter(|(_, c, _)| *c == cg).collect();
+    ensure!(links.len() == 3, "connect4, connect6, sock_ops on the pod's cgroup: {links:?}");
+    let before = repairs(&m.a)?;
+    for (id, _, _) in &links {
+        bpftool(&["link", "detach", "id", &id.to_string()])?;
+    }
+    wait_until(SETTLE, || Ok(repairs(&m.a)? > before)).context("no repair counted")?;
+    wait_until(SETTLE, || Ok(pod_json(&m.a, "shop", "shop-client")?["attached"] == true))?;
+    send(&m.shop_client, &server(&m.shop_server), 64 << 10)?;
+    ensure!(counter(&m.a, "shop", "shop-client", "ebpf.redirected")? == 1, "not redirected after repair");
+    ensure!(counter(&m.a, "shop", "shop-client", "proxy.outboundTunneled")? == 1);
+    Ok(())
+}
+
+/// A pod the agent cannot enrol (its network namespace is missing) is
+/// reported with the reason, and the others are served.
+#[test]
+fn a_pod_that_cannot_be_enrolled_is_reported() -> Result<()> {
+    let m = mesh("badpod", true, &["shop"])?;
+    let path = m.tb.config_path();
+    let text = std::fs::read_to_string(&path)?;
+    let broken = text.replacen(&m.shop_client.netns_path().display().to_string(), "/run/netns/does-not-exist", 1);
+    std::fs::write(&path, broken)?;
+    wait_until(SETTLE, || Ok(pod_json(&m.a, "shop", "shop-client")?["error"].is_string()))?;
+    let err = pod_json(&m.a, "shop", "shop-client")?["error"].as_str().unwrap_or_default().to_owned();
+    ensure!(err.contains("/run/netns/does-not-exist"), "{err}");
+    ensure!(m.a.status()?["ready"] == false, "ready while a pod cannot be enrolled");
+    // node-b is unaffected.
+    send(&m.legacy_client, &server(&m.shop_server), 64 << 10)?;
+    let _ = Duration::ZERO;
+    Ok(())
+}
