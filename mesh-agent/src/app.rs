@@ -29,8 +29,9 @@ pub enum Error {
     Config(#[from] crate::config::Error),
     #[error(transparent)]
     LocalFile(#[from] localfile::Error),
+    // Boxed: the eBPF error carries the verifier log and is large.
     #[error(transparent)]
-    Ebpf(#[from] ebpf::Error),
+    Ebpf(Box<ebpf::Error>),
     #[error("cannot listen on admin address {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start the async runtime: {0}")]
@@ -39,6 +40,12 @@ pub enum Error {
     Signals(std::io::Error),
     #[error(transparent)]
     Host(#[from] crate::host::Error),
+}
+
+impl From<ebpf::Error> for Error {
+    fn from(e: ebpf::Error) -> Self {
+        Error::Ebpf(Box::new(e))
+    }
 }
 
 impl OrigDstLookup for ebpf::OrigDst {

@@ -93,9 +93,12 @@ fn acceleration_follows_the_switch(accelerate: bool) -> Result<()> {
 }
 both_paths!(acceleration_follows_the_switch);
 
-/// The eBPF objects an agent process holds, from /proc/PID/fdinfo:
-/// (map ids, cgroup links as (link id, cgroup inode, attach type)).
-fn agent_bpf_objects(agent: &Agent) -> Result<(Vec<u32>, Vec<(u32, u64, u32)>)> {
+/// A cgroup link an agent holds: (link id, cgroup inode, attach type).
+type CgroupLink = (u32, u64, u32);
+
+/// The eBPF objects an agent process holds, from /proc/PID/fdinfo: map ids
+/// and cgroup links.
+fn agent_bpf_objects(agent: &Agent) -> Result<(Vec<u32>, Vec<CgroupLink>)> {
     let mut maps = Vec::new();
     let mut links = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{}/fdinfo", agent.pid()))? {
