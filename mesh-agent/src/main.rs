@@ -116,20 +116,30 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         v["config"]["lastError"].as_str().map(|e| format!("\n  last error: {e}")).unwrap_or_default()
     );
     println!(
-        "{:<32} {:<16} {:<8} {:<8} {:>10} {:>8} {:>9} {:>8}",
-        "POD", "IP", "ENROLLED", "ATTACHED", "REDIRECTED", "PASSED", "OUTBOUND", "INBOUND"
+        "eBPF: acceleration {}, {} accelerated sockets; reconcile repairs {}",
+        if v["ebpf"]["accelerating"] == true { "on" } else { "off" },
+        v["ebpf"]["acceleratedSockets"],
+        v["repairs"]
+    );
+    println!(
+        "{:<32} {:<16} {:<8} {:<8} {:<7} {:>10} {:>7} {:>8} {:>7}  LISTENERS",
+        "POD", "IP", "ENROLLED", "ATTACHED", "CAPTURE", "REDIRECTED", "PASSED", "OUTBOUND", "INBOUND"
     );
     for p in v["pods"].as_array().into_iter().flatten() {
+        let inbound = p["proxy"]["inbound"].as_u64().unwrap_or(0) + p["proxy"]["inboundPlaintext"].as_u64().unwrap_or(0);
+        let listeners: Vec<&str> = p["listeners"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
         println!(
-            "{:<32} {:<16} {:<8} {:<8} {:>10} {:>8} {:>9} {:>8}",
+            "{:<32} {:<16} {:<8} {:<8} {:<7} {:>10} {:>7} {:>8} {:>7}  {}",
             format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")),
             p["ip"].as_str().unwrap_or("-"),
             p["enrolled"],
             p["attached"],
+            p["inboundCapture"],
             p["ebpf"]["redirected"],
             p["ebpf"]["passedThrough"],
             p["proxy"]["outbound"],
-            p["proxy"]["inbound"],
+            inbound,
+            if listeners.is_empty() { "-".to_owned() } else { listeners.join(",") },
         );
         if let Some(e) = p["error"].as_str() {
             println!("  error: {e}");

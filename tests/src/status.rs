@@ -57,6 +57,7 @@ pub struct PodProxy {
     pub outbound_tunneled: u64,
     pub outbound_direct: u64,
     pub inbound: u64,
+    pub inbound_plaintext: u64,
 }
 
 /// A pod's counters flattened, so snapshots can be subtracted.
@@ -74,6 +75,9 @@ pub struct PodCounters {
     pub outbound_direct: u64,
     /// Tunnel connections this agent delivered to the pod.
     pub inbound: u64,
+    /// Plaintext connections from outside the mesh captured by `sk_lookup`
+    /// on the pod's plaintext listener (15006) and delivered to the pod.
+    pub inbound_plaintext: u64,
 }
 
 impl Status {
@@ -97,6 +101,7 @@ impl PodStatus {
             outbound_tunneled: self.proxy.outbound_tunneled,
             outbound_direct: self.proxy.outbound_direct,
             inbound: self.proxy.inbound,
+            inbound_plaintext: self.proxy.inbound_plaintext,
         }
     }
 }
@@ -114,6 +119,7 @@ impl PodCounters {
                 .saturating_sub(before.outbound_tunneled),
             outbound_direct: self.outbound_direct.saturating_sub(before.outbound_direct),
             inbound: self.inbound.saturating_sub(before.inbound),
+            inbound_plaintext: self.inbound_plaintext.saturating_sub(before.inbound_plaintext),
         }
     }
 }

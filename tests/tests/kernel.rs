@@ -213,3 +213,25 @@ fn a_pod_that_cannot_be_enrolled_is_reported() -> Result<()> {
     let _ = Duration::ZERO;
     Ok(())
 }
+
+/// `mesh-agent status` lists the node's pods with their enrollment, attach
+/// state, listeners and redirect counters.
+#[test]
+fn status_command_lists_pods_and_counters() -> Result<()> {
+    let m = mesh("statuscmd", false, &["shop"])?;
+    send(&m.shop_client, &server(&m.shop_server), 1024)?;
+    let out = Command::new(mesh_e2e::agent_bin()?)
+        .args(["status", "--admin", &m.a.admin().to_string()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let row = text.lines().find(|l| l.starts_with("shop/shop-client")).with_context(|| text.to_string())?;
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    // POD IP ENROLLED ATTACHED CAPTURE REDIRECTED PASSED OUTBOUND INBOUND LISTENERS
+    ensure!(cols[1] == "198.51.100.11" && cols[2] == "true" && cols[3] == "true" && cols[4] == "true", "{row}");
+    ensure!(cols[5] == "1" && cols[7] == "1", "{row}");
+    ensure!(row.contains(":15001") && row.contains(":15008") && row.contains(":15006"), "{row}");
+    let legacy = text.lines().find(|l| l.starts_with("legacy/legacy-client")).with_context(|| text.to_string())?;
+    ensure!(legacy.split_whitespace().nth(2) == Some("false"), "{legacy}");
+    Ok(())
+}

@@ -300,6 +300,10 @@ fn explain(client: &Pod, server: &Pod, c: Option<PodCounters>, s: Option<PodCoun
     parts.push(match s {
         None => format!("{sn}'s agent does not list {} (no counters)", server.id()),
         Some(d) if d.inbound > 0 => format!("delivered by {sn}'s agent"),
+        Some(d) if d.inbound_plaintext > 0 => format!(
+            "captured in the kernel (sk_lookup) by {sn}'s agent as plaintext from outside the mesh and delivered to {}",
+            server.id()
+        ),
         Some(_) => format!("reached {} without {sn}'s agent", server.id()),
     });
     parts.join(", ")
@@ -307,12 +311,13 @@ fn explain(client: &Pod, server: &Pod, c: Option<PodCounters>, s: Option<PodCoun
 
 fn fmt_delta(d: &PodCounters) -> String {
     format!(
-        "+{} redirected, +{} passed through, +{} outbound ({} tunneled, {} direct), +{} inbound",
+        "+{} redirected, +{} passed through, +{} outbound ({} tunneled, {} direct), +{} inbound (+{} plaintext captured)",
         d.redirected,
         d.passed_through,
         d.outbound,
         d.outbound_tunneled,
         d.outbound_direct,
-        d.inbound
+        d.inbound,
+        d.inbound_plaintext
     )
 }
