@@ -18,6 +18,8 @@ use crate::{
     config::Config,
     ebpf::{self, Datapath},
     enroll::Enrollment,
+    identity::{CertManager, GrpcCaClient, ManagerConfig},
+    tls::TlsStats,
     localfile::{self, ReloadStats},
     proxy::{OrigDstLookup, Ports, Proxy},
     state::Snapshot,
@@ -40,6 +42,10 @@ pub enum Error {
     Signals(std::io::Error),
     #[error(transparent)]
     Host(#[from] crate::host::Error),
+    #[error("cannot read {what} {path}: {source}")]
+    CaFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
+    #[error("the CA client cannot be set up: {0}")]
+    CaClient(#[from] crate::identity::FetchError),
 }
 
 impl From<ebpf::Error> for Error {
@@ -79,6 +85,8 @@ impl AdminSource for Admin {
             },
             "repairs": e.repairs,
             "openConnections": self.proxy.open_connections(),
+            "tunnelConnections": { "open": self.proxy.tunnel_connections().0, "opened": self.proxy.tunnel_connections().1 },
+            "tls": self.proxy.tls_stats().view(),
             "reconcileChanges": e.changes,
             "pods": e.status(),
         })
@@ -118,7 +126,21 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
             tracing::info!(cgroup = %own.display(), "socket acceleration on");
         }
     }
-    let proxy = Proxy::new(state.clone(), Arc::new(datapath.orig_dst()), Ports::default(), data.clone());
+    let roots = std::fs::read_to_string(&cfg.ca.roots)
+        .map_err(|source| Error::CaFile { what: "CA roots", path: cfg.ca.roots.clone(), source })?;
+    let token = std::fs::read_to_string(&cfg.ca.token_file)
+        .map_err(|source| Error::CaFile { what: "node token", path: cfg.ca.token_file.clone(), source })?;
+    let ca = GrpcCaClient::new(&cfg.ca.endpoint, &roots, token.trim(), None)?;
+    // Certificates are fetched and rotated on the control runtime.
+    let certs = CertManager::new(Arc::new(ca), ManagerConfig { ttl: cfg.ca.cert_ttl, ..ManagerConfig::default() });
+    let proxy = Proxy::new(
+        state.clone(),
+        Arc::new(datapath.orig_dst()),
+        certs,
+        Arc::new(TlsStats::default()),
+        Ports::default(),
+        data.clone(),
+    );
     let enrollment = Arc::new(Mutex::new(Enrollment::new(
         cfg.node.clone(),
         datapath,

@@ -7,6 +7,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_CONFIG: &str = "MESH_CONFIG";
 pub const ENV_ADMIN: &str = "MESH_ADMIN_ADDR";
+pub const ENV_CA_ENDPOINT: &str = "MESH_CA_ENDPOINT";
+pub const ENV_CA_ROOTS: &str = "MESH_CA_ROOTS";
+pub const ENV_CA_TOKEN_FILE: &str = "MESH_CA_TOKEN_FILE";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 /// Kubernetes gives a pod 30 s by default between SIGTERM and SIGKILL; the
 /// drain must end before that.
@@ -26,6 +29,10 @@ pub enum Error {
     Drain(Duration),
     #[error("--reconcile-interval {0:?}: must be between 100ms and 10m")]
     Reconcile(Duration),
+    #[error("--ca-endpoint {0:?}: must be an https:// URL (the CA is only served over TLS)")]
+    CaEndpoint(String),
+    #[error("--cert-ttl {0:?}: must be between 1s and 30 days")]
+    CertTtl(Duration),
 }
 
 #[derive(Clone, Debug)]
@@ -42,6 +49,20 @@ pub struct Config {
     /// How often enrollment is checked against the kernel even without a
     /// state change (drift repair).
     pub reconcile_interval: Duration,
+    pub ca: CaConfig,
+}
+
+/// Where workload certificates come from.
+#[derive(Clone, Debug)]
+pub struct CaConfig {
+    /// `https://host:port` of `mesh-agent ca`.
+    pub endpoint: String,
+    /// PEM bundle the CA's serving certificate chains to.
+    pub roots: PathBuf,
+    /// This node's credential for the CA (a bootstrap token in local mode).
+    pub token_file: PathBuf,
+    /// Certificate lifetime to ask for; `None`: the CA's default (24 h).
+    pub cert_ttl: Option<Duration>,
 }
 
 impl Config {
@@ -61,6 +82,14 @@ impl Config {
         }
         if self.reconcile_interval < Duration::from_millis(100) || self.reconcile_interval > Duration::from_secs(600) {
             return Err(Error::Reconcile(self.reconcile_interval));
+        }
+        if !self.ca.endpoint.starts_with("https://") {
+            return Err(Error::CaEndpoint(self.ca.endpoint.clone()));
+        }
+        if let Some(ttl) = self.ca.cert_ttl
+            && (ttl < Duration::from_secs(1) || ttl > Duration::from_secs(30 * 86400))
+        {
+            return Err(Error::CertTtl(ttl));
         }
         Ok(())
     }
@@ -96,6 +125,12 @@ mod tests {
             data_threads: 2,
             accelerate: true,
             reconcile_interval: parse_duration(DEFAULT_RECONCILE_INTERVAL).unwrap(),
+            ca: CaConfig {
+                endpoint: "https://127.0.0.1:15012".into(),
+                roots: "/x".into(),
+                token_file: "/y".into(),
+                cert_ttl: None,
+            },
         }
     }
 
@@ -116,5 +151,8 @@ mod tests {
         let mut c = cfg();
         c.node = String::new();
         assert!(matches!(c.validate(), Err(Error::NoNode)));
+        let mut c = cfg();
+        c.ca.endpoint = "http://127.0.0.1:15012".into();
+        assert!(matches!(c.validate(), Err(Error::CaEndpoint(_))));
     }
 }

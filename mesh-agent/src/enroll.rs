@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::{
     ebpf::{self, Datapath},
+    identity::SpiffeId,
     netns::Netns,
     proxy::{PodHandle, PodListeners, PodStats, PodStatsView, Proxy},
     state::{PodKey, Snapshot},
@@ -38,6 +39,8 @@ struct ManagedPod {
     error: Option<String>,
     /// The kernel side was set up once; anything found missing later is drift.
     set_up: bool,
+    /// The workload identity the listeners serve (while enrolled).
+    id: Option<SpiffeId>,
 }
 
 /// What one reconcile pass did to one pod.
@@ -82,6 +85,8 @@ pub struct PodStatus {
     listeners: Vec<String>,
     ebpf: EbpfCounters,
     proxy: PodStatsView,
+    identity: Option<String>,
+    certificate: Option<crate::identity::manager::WorkloadCertStatus>,
     error: Option<String>,
 }
 
@@ -130,6 +135,8 @@ impl Enrollment {
         }
 
         for (key, (pod, enrolled)) in wanted {
+            let id = SpiffeId::new(&state.trust_domain, &pod.key.namespace, &pod.service_account)
+                .map_err(|e| format!("pod {key} has no valid workload identity: {e}"));
             // A pod whose sandbox changed is a new pod to the kernel.
             let sandbox_changed = self
                 .pods
@@ -152,9 +159,10 @@ impl Enrollment {
                 stats: Arc::new(PodStats::default()),
                 error: None,
                 set_up: false,
+                id: None,
             });
             let mp = self.pods.get_mut(key).expect("inserted above");
-            let result = Self::ensure(&mut self.datapath, &self.proxy, self.outbound_port, key, mp, enrolled);
+            let result = id.and_then(|id| Self::ensure(&mut self.datapath, &self.proxy, self.outbound_port, key, mp, enrolled, id));
             match result {
                 Ok(ch) => {
                     if ch.changed > 0 {
@@ -186,6 +194,7 @@ impl Enrollment {
         key: &PodKey,
         mp: &mut ManagedPod,
         enrolled: bool,
+        id: SpiffeId,
     ) -> Result<Changes, String> {
         let mut ch = Changes::default();
         if mp.netns.is_none() {
@@ -208,12 +217,24 @@ impl Enrollment {
         datapath.track(cookie).map_err(|e| e.to_string())?;
 
         if enrolled {
+            // The certificate is fetched in the background (and rotated);
+            // the listeners serve with whatever the channel holds.
+            let cert = proxy.certs().ensure(key, &id);
+            if mp.id.as_ref() != Some(&id) {
+                // A new identity needs listeners whose TLS serves it.
+                if let Some(l) = mp.listeners.take() {
+                    close_later(l);
+                }
+                mp.id = Some(id.clone());
+            }
             if mp.listeners.as_ref().is_none_or(|l| !l.is_serving()) {
                 let handle = PodHandle {
                     key: key.clone(),
+                    id,
                     ips: mp.ips.clone(),
                     netns: netns.clone(),
                     stats: mp.stats.clone(),
+                    cert,
                 };
                 mp.listeners = Some(proxy.serve_pod(&handle).map_err(|e| e.to_string())?);
                 ch.note(mp.enrolled, "in-pod listeners opened".into());
@@ -249,6 +270,9 @@ impl Enrollment {
             if let Some(l) = mp.listeners.take() {
                 close_later(l);
             }
+            if mp.id.take().is_some() {
+                proxy.certs().forget(key);
+            }
         }
         mp.set_up = true;
         Ok(ch)
@@ -267,6 +291,9 @@ impl Enrollment {
         mp.enrolled = false;
         if let Some(l) = mp.listeners.take() {
             close_later(l);
+        }
+        if mp.id.take().is_some() {
+            self.proxy.certs().forget(key);
         }
     }
 
@@ -305,6 +332,8 @@ impl Enrollment {
     }
 
     pub fn status(&self) -> Vec<PodStatus> {
+        let mut certs: BTreeMap<PodKey, crate::identity::manager::WorkloadCertStatus> =
+            self.proxy.certs().status().into_iter().map(|c| (c.pod.clone(), c)).collect();
         self.pods
             .iter()
             .map(|(key, mp)| {
@@ -331,6 +360,8 @@ impl Enrollment {
                         passed_through: counters.passed,
                     },
                     proxy: mp.stats.view(),
+                    identity: mp.id.as_ref().map(ToString::to_string),
+                    certificate: certs.remove(key),
                     error: mp.error.clone(),
                 }
             })

@@ -44,6 +44,18 @@ struct File {
     pods: Vec<PodSpec>,
     #[serde(default)]
     services: Vec<ServiceSpec>,
+    #[serde(default)]
+    peer_authentications: Vec<PeerAuthSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PeerAuthSpec {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    selector: Option<Labels>,
+    mode: state::PeerAuthMode,
 }
 
 fn default_trust_domain() -> String {
@@ -264,7 +276,32 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
         });
     }
 
-    Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services))
+    let mut peer_auths = Vec::new();
+    let mut pa_keys = HashSet::new();
+    for (i, pa) in file.peer_authentications.iter().enumerate() {
+        let at = |f: &str| format!("peerAuthentications[{i}].{f}");
+        check_dns_label(&at("name"), &pa.name).map_err(|r| invalid(at("name"), r))?;
+        if !ns_names.contains(&pa.namespace) {
+            return Err(invalid(
+                at("namespace"),
+                format!("namespace {:?} is not declared under `namespaces`", pa.namespace),
+            ));
+        }
+        if !pa_keys.insert((pa.namespace.clone(), pa.name.clone())) {
+            return Err(invalid(at("name"), format!("policy {}/{} is declared twice", pa.namespace, pa.name)));
+        }
+        if pa.selector.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(invalid(at("selector"), "an empty selector is ambiguous: omit it for a namespace-wide policy".into()));
+        }
+        peer_auths.push(state::PeerAuthentication {
+            name: pa.name.clone(),
+            namespace: pa.namespace.clone(),
+            selector: pa.selector.clone(),
+            mode: pa.mode,
+        });
+    }
+
+    Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services).with_peer_authentications(peer_auths))
 }
 
 /// Kubernetes object names are DNS labels (RFC 1123): lower-case

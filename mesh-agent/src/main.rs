@@ -41,6 +41,19 @@ enum Command {
         /// How often enrollment is re-checked against the kernel (drift repair).
         #[arg(long, default_value = config::DEFAULT_RECONCILE_INTERVAL, value_parser = config::parse_duration)]
         reconcile_interval: Duration,
+        /// The certificate authority (`mesh-agent ca`), e.g. https://127.0.0.1:15012.
+        #[arg(long, env = config::ENV_CA_ENDPOINT)]
+        ca_endpoint: String,
+        /// PEM file with the roots the CA's serving certificate chains to.
+        #[arg(long, env = config::ENV_CA_ROOTS)]
+        ca_roots: PathBuf,
+        /// File holding this node's token for the CA.
+        #[arg(long, env = config::ENV_CA_TOKEN_FILE)]
+        ca_token_file: PathBuf,
+        /// Workload certificate lifetime to request (default: the CA's, 24h);
+        /// certificates rotate at half-life.
+        #[arg(long, value_parser = config::parse_duration)]
+        cert_ttl: Option<Duration>,
     },
     /// Run the mesh's certificate authority (gRPC over TLS).
     Ca(mesh_agent::identity::server::CaArgs),
@@ -58,7 +71,20 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, node, admin, drain_timeout, config_poll, data_threads, accelerate, reconcile_interval } => {
+        Command::Run {
+            config,
+            node,
+            admin,
+            drain_timeout,
+            config_poll,
+            data_threads,
+            accelerate,
+            reconcile_interval,
+            ca_endpoint,
+            ca_roots,
+            ca_token_file,
+            cert_ttl,
+        } => {
             let cfg = Config {
                 node,
                 config_file: config,
@@ -68,6 +94,7 @@ fn main() -> ExitCode {
                 data_threads: data_threads.max(1),
                 accelerate: accelerate == "on",
                 reconcile_interval,
+                ca: config::CaConfig { endpoint: ca_endpoint, roots: ca_roots, token_file: ca_token_file, cert_ttl },
             };
             mesh_agent::app::run(cfg, |addr| {
                 // One machine-readable line on stdout for supervisors and tests.

@@ -4,8 +4,10 @@
 //! network namespace, on
 //! - `15001` outbound: the pod's own connections, redirected there by the
 //!   connect hooks; the original destination comes from the eBPF map;
-//! - `15008` tunnel: connections from other agents (and this one) to the pod,
-//!   one HTTP/2 CONNECT stream each (the HBONE shape; mTLS wraps it later);
+//! - `15008` tunnel: connections from other agents (and this one) to the pod:
+//!   mutual TLS 1.3 with SPIFFE workload certificates (the client presents the
+//!   source workload's, the server the destination workload's), HTTP/2 inside,
+//!   one CONNECT stream per relayed connection (the HBONE shape);
 //! - `15006` plaintext: connections from outside the mesh to the pod's ports,
 //!   handed there by the `sk_lookup` hook; the accepted socket's local
 //!   address is the port the client asked for.
@@ -31,12 +33,15 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    identity::{CertManager, CertWatch, SpiffeId},
     netns::Netns,
     state::{PodKey, Snapshot},
+    tls::TlsStats,
 };
 
 mod inbound;
 mod outbound;
+mod pool;
 mod tunnel;
 
 pub use outbound::OrigDstLookup;
@@ -63,6 +68,12 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("pod {pod}: {source}")]
+    Tls {
+        pod: PodKey,
+        #[source]
+        source: crate::tls::Error,
+    },
 }
 
 /// Per-pod connection counters kept by the proxy.
@@ -75,7 +86,16 @@ pub struct PodStats {
     pub inbound: AtomicU64,
     pub inbound_refused: AtomicU64,
     pub inbound_plaintext: AtomicU64,
+    pub inbound_plaintext_refused: AtomicU64,
     pub inbound_failed: AtomicU64,
+    /// Verified client identities of tunnel streams delivered to the pod.
+    pub inbound_peers: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Verified server identities of the pod's outbound tunnels.
+    pub outbound_peers: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+fn count_peer(map: &std::sync::Mutex<std::collections::BTreeMap<String, u64>>, id: &SpiffeId) {
+    *map.lock().expect("poisoned").entry(id.to_string()).or_default() += 1;
 }
 
 #[derive(Serialize)]
@@ -88,7 +108,10 @@ pub struct PodStatsView {
     inbound: u64,
     inbound_refused: u64,
     inbound_plaintext: u64,
+    inbound_plaintext_refused: u64,
     inbound_failed: u64,
+    inbound_peers: std::collections::BTreeMap<String, u64>,
+    outbound_peers: std::collections::BTreeMap<String, u64>,
 }
 
 impl PodStats {
@@ -102,7 +125,10 @@ impl PodStats {
             inbound: l(&self.inbound),
             inbound_refused: l(&self.inbound_refused),
             inbound_plaintext: l(&self.inbound_plaintext),
+            inbound_plaintext_refused: l(&self.inbound_plaintext_refused),
             inbound_failed: l(&self.inbound_failed),
+            inbound_peers: self.inbound_peers.lock().expect("poisoned").clone(),
+            outbound_peers: self.outbound_peers.lock().expect("poisoned").clone(),
         }
     }
 }
@@ -129,6 +155,9 @@ impl Default for Ports {
 pub struct Proxy {
     state: watch::Receiver<Snapshot>,
     orig_dst: Arc<dyn OrigDstLookup>,
+    certs: CertManager,
+    tls_stats: Arc<TlsStats>,
+    pool: pool::Pool,
     ports: Ports,
     /// Every connection task, so shutdown can wait for them to finish.
     connections: TaskTracker,
@@ -140,9 +169,12 @@ pub struct Proxy {
 /// A local pod the proxy serves.
 pub struct PodHandle {
     pub key: PodKey,
+    pub id: SpiffeId,
     pub ips: Vec<IpAddr>,
     pub netns: Arc<Netns>,
     pub stats: Arc<PodStats>,
+    /// The pod's workload certificate, rotated behind this channel.
+    pub cert: CertWatch,
 }
 
 /// The listeners of one pod; dropping it does not close them, `close` does.
@@ -169,12 +201,17 @@ impl Proxy {
     pub fn new(
         state: watch::Receiver<Snapshot>,
         orig_dst: Arc<dyn OrigDstLookup>,
+        certs: CertManager,
+        tls_stats: Arc<TlsStats>,
         ports: Ports,
         runtime: tokio::runtime::Handle,
     ) -> Arc<Self> {
         Arc::new(Self {
             state,
             orig_dst,
+            certs,
+            tls_stats,
+            pool: pool::Pool::default(),
             ports,
             connections: TaskTracker::new(),
             next_endpoint: AtomicUsize::new(0),
@@ -201,15 +238,19 @@ impl Proxy {
             .into_iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
+        let server_tls = crate::tls::server_config(pod.cert.clone(), self.tls_stats.clone())
+            .map_err(|source| Error::Tls { pod: pod.key.clone(), source })?;
         let pod = Arc::new(PodHandle {
             key: pod.key.clone(),
+            id: pod.id.clone(),
             ips: pod.ips.clone(),
             netns: pod.netns.clone(),
             stats: pod.stats.clone(),
+            cert: pod.cert.clone(),
         });
         let this = self.clone();
         self.runtime.spawn(this.clone().accept_loop(outbound, pod.clone(), cancel.clone(), Kind::Outbound));
-        self.runtime.spawn(this.clone().accept_loop(tunnel, pod.clone(), cancel.clone(), Kind::Tunnel));
+        self.runtime.spawn(this.clone().accept_loop(tunnel, pod.clone(), cancel.clone(), Kind::Tunnel(server_tls)));
         self.runtime.spawn(this.accept_loop(plaintext, pod, cancel.clone(), Kind::Plaintext));
         Ok(PodListeners { addrs, plaintext: plaintext_fd, cancel })
     }
@@ -246,19 +287,20 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let pod = pod.clone();
-            let span = tracing::debug_span!("conn", pod = %pod.key, %peer, ?kind);
+            let span = tracing::debug_span!("conn", pod = %pod.key, %peer, kind = kind.name());
+            let kind = kind.clone();
             self.connections.spawn(tracing::Instrument::instrument(
                 async move {
                     match kind {
                         Kind::Outbound => this.outbound(stream, peer, &pod).await,
-                        Kind::Tunnel => this.tunnel_inbound(stream, peer, pod).await,
+                        Kind::Tunnel(tls) => this.tunnel_inbound(stream, peer, pod, tls).await,
                         Kind::Plaintext => this.plaintext_inbound(stream, peer, &pod).await,
                     }
                 },
                 span,
             ));
         }
-        tracing::debug!(pod = %pod.key, ?local, ?kind, "listener closed");
+        tracing::debug!(pod = %pod.key, ?local, kind = kind.name(), "listener closed");
     }
 
     /// Stops tracking new connections and waits up to `deadline` for the open
@@ -274,13 +316,37 @@ impl Proxy {
     pub fn open_connections(&self) -> usize {
         self.connections.len()
     }
+
+    /// Pooled mTLS tunnel connections open now, and opened in all.
+    pub fn tunnel_connections(&self) -> (usize, usize) {
+        (self.pool.open_connections(), self.pool.opened.load(Ordering::Relaxed))
+    }
+
+    pub fn tls_stats(&self) -> &Arc<TlsStats> {
+        &self.tls_stats
+    }
+
+    pub fn certs(&self) -> &CertManager {
+        &self.certs
+    }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 enum Kind {
     Outbound,
-    Tunnel,
+    /// With the pod's TLS server config (its certificate, hot-swapped).
+    Tunnel(Arc<rustls::ServerConfig>),
     Plaintext,
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Outbound => "outbound",
+            Kind::Tunnel(_) => "tunnel",
+            Kind::Plaintext => "plaintext",
+        }
+    }
 }
 
 /// A TCP connect from inside a pod's namespace, with the agent's mark.

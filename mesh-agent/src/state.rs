@@ -72,6 +72,29 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
 }
 
+/// How a workload accepts inbound connections that do not come through the
+/// mesh tunnel (plaintext, captured on the agent's 15006 listener).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PeerAuthMode {
+    /// Plaintext accepted (and labelled as such); mTLS from mesh peers too.
+    #[default]
+    Permissive,
+    /// Only mTLS from mesh peers; plaintext is refused.
+    Strict,
+}
+
+/// A peer-authentication policy: namespace-wide, or for the pods its
+/// selector matches. A workload-selecting policy beats a namespace-wide one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub selector: Option<Labels>,
+    pub mode: PeerAuthMode,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshState {
@@ -80,6 +103,7 @@ pub struct MeshState {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<PodKey, Pod>,
     pub services: Vec<Service>,
+    pub peer_authentications: Vec<PeerAuthentication>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, PodKey>,
 }
@@ -111,8 +135,32 @@ impl MeshState {
             namespaces: namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
             pods: pods.into_iter().map(|p| (p.key.clone(), p)).collect(),
             services,
+            peer_authentications: Vec::new(),
             by_ip,
         }
+    }
+
+    pub fn with_peer_authentications(mut self, policies: Vec<PeerAuthentication>) -> Self {
+        self.peer_authentications = policies;
+        self
+    }
+
+    /// The peer-authentication mode that applies to `pod`: the first policy
+    /// selecting it by labels, else the namespace-wide one, else PERMISSIVE.
+    pub fn peer_auth_mode(&self, pod: &PodKey) -> PeerAuthMode {
+        let Some(p) = self.pods.get(pod) else {
+            return PeerAuthMode::default();
+        };
+        let in_ns = self.peer_authentications.iter().filter(|a| a.namespace == pod.namespace);
+        let mut namespace_wide = None;
+        for a in in_ns {
+            match &a.selector {
+                Some(sel) if sel.iter().all(|(k, v)| p.labels.get(k) == Some(v)) => return a.mode,
+                Some(_) => {}
+                None => namespace_wide = namespace_wide.or(Some(a.mode)),
+            }
+        }
+        namespace_wide.unwrap_or_default()
     }
 
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {

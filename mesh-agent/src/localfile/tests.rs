@@ -72,6 +72,13 @@ fn errors_name_file_field_and_reason() {
     let e = err(&GOOD.replace("port: 80,", "port: 0,"));
     assert!(e.contains("services[0].ports[0]: port 0"), "{e}");
 
+    let e = err(&format!("{GOOD}peerAuthentications: [{{name: s, namespace: shop, mode: STRICTER}}]\n"));
+    assert!(e.contains("peerAuthentications[0]") && e.contains("unknown variant `STRICTER`"), "{e}");
+    let e = err(&format!("{GOOD}peerAuthentications: [{{name: s, namespace: nope, mode: STRICT}}]\n"));
+    assert!(e.contains("peerAuthentications[0].namespace"), "{e}");
+    let ok = parse(Path::new("x"), &format!("{GOOD}peerAuthentications: [{{name: s, namespace: shop, mode: STRICT}}]\n")).unwrap();
+    assert_eq!(ok.peer_authentications[0].mode, crate::state::PeerAuthMode::Strict);
+
     let e = err("pods: [");
     assert!(e.starts_with("/etc/mesh.yaml: "), "{e}");
 }

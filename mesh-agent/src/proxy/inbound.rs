@@ -1,5 +1,6 @@
 //! Inbound plaintext: connections from outside the mesh, captured by
-//! `sk_lookup`, delivered to the application inside the pod.
+//! `sk_lookup`, delivered to the application inside the pod when the pod's
+//! peer authentication is PERMISSIVE, refused with a reset when STRICT.
 //!
 //! The application sees the connection come from the pod's own address, not
 //! the client's: preserving the client address would need `IP_TRANSPARENT`
@@ -15,6 +16,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::{PodHandle, Proxy, connect_from};
+use crate::state::PeerAuthMode;
 
 impl Proxy {
     pub(super) async fn plaintext_inbound(&self, mut client: TcpStream, peer: SocketAddr, pod: &PodHandle) {
@@ -25,6 +27,13 @@ impl Proxy {
                 return;
             }
         };
+        let mode = self.state.borrow().peer_auth_mode(&pod.key);
+        if mode == PeerAuthMode::Strict {
+            pod.stats.inbound_plaintext_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, %target, pod = %pod.key, "plaintext connection refused: the pod's peer authentication is STRICT");
+            let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        }
         pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
         match connect_from(&pod.netns, target).await {
             Ok(mut app) => {

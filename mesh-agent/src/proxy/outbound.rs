@@ -7,8 +7,11 @@ use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::{CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, connect_from};
-use crate::state::Destination;
+use super::{
+    CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, connect_from, count_peer,
+    pool::{PoolKey, StreamSlot},
+};
+use crate::{identity::SpiffeId, state::Destination};
 
 /// Where a redirected connection was going (the eBPF original-destination
 /// map in production; a table in tests).
@@ -27,24 +30,37 @@ impl Proxy {
             return;
         };
         stats.outbound.fetch_add(1, Ordering::Relaxed);
-        let dest = {
+        let (dest, dst_id) = {
             let state = self.state.borrow();
-            state.resolve(orig, |n| self.next_endpoint.fetch_add(1, Ordering::Relaxed) % n)
+            let dest = state.resolve(orig, |n| self.next_endpoint.fetch_add(1, Ordering::Relaxed) % n);
+            let dst_id = match &dest {
+                Destination::MeshPod { pod, .. } => state
+                    .pods
+                    .get(pod)
+                    .map(|p| SpiffeId::new(&state.trust_domain, &p.key.namespace, &p.service_account)),
+                Destination::Passthrough(_) => None,
+            };
+            (dest, dst_id)
         };
-        let result = match &dest {
-            Destination::MeshPod { pod: dst_pod, addr } => {
+        let result = match (&dest, dst_id) {
+            (Destination::MeshPod { pod: dst_pod, addr }, Some(Ok(dst_id))) => {
                 let tunnel = SocketAddr::new(addr.ip(), self.ports.tunnel);
-                tracing::debug!(%orig, dst = %dst_pod, %tunnel, "outbound via tunnel");
-                match self.open_tunnel(pod, tunnel, *addr).await {
-                    Ok(upgraded) => {
+                tracing::debug!(%orig, dst = %dst_pod, %tunnel, %dst_id, "outbound via mTLS tunnel");
+                match self.open_stream(pod, tunnel, dst_id.clone(), *addr).await {
+                    Ok((upgraded, _slot)) => {
                         stats.outbound_tunneled.fetch_add(1, Ordering::Relaxed);
+                        count_peer(&stats.outbound_peers, &dst_id);
                         let mut upgraded = TokioIo::new(upgraded);
                         tokio::io::copy_bidirectional(&mut app, &mut upgraded).await.map(|_| ())
                     }
                     Err(e) => Err(e),
                 }
             }
-            Destination::Passthrough(addr) => {
+            (Destination::MeshPod { pod: dst_pod, .. }, bad_id) => Err(std::io::Error::other(format!(
+                "destination {dst_pod} has no valid identity: {}",
+                bad_id.map(|r| r.err().map(|e| e.to_string()).unwrap_or_default()).unwrap_or_else(|| "pod unknown".into())
+            ))),
+            (Destination::Passthrough(addr), _) => {
                 tracing::debug!(%orig, dst = %addr, "outbound direct (destination not in the mesh)");
                 match connect_from(&pod.netns, *addr).await {
                     Ok(mut upstream) => {
@@ -64,31 +80,25 @@ impl Proxy {
         }
     }
 
-    /// One HTTP/2 CONNECT stream to the destination pod's tunnel listener,
-    /// opened from the source pod's namespace.
-    async fn open_tunnel(
+    /// One CONNECT stream to the destination pod's tunnel listener, on a
+    /// pooled mTLS connection when one has room, else on a new one opened
+    /// from the source pod's namespace with the source workload's
+    /// certificate, verifying the destination workload's identity.
+    async fn open_stream(
         &self,
         pod: &PodHandle,
         tunnel: SocketAddr,
+        dst_id: SpiffeId,
         target: SocketAddr,
-    ) -> std::io::Result<hyper::upgrade::Upgraded> {
-        let stream = connect_from(&pod.netns, tunnel).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("tunnel to {tunnel} failed: {e}: is the destination node running the agent?"),
-            )
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "tunnel connection ended");
+    ) -> std::io::Result<(hyper::upgrade::Upgraded, StreamSlot)> {
+        let key = PoolKey { src: pod.key.clone(), dst: dst_id.clone(), tunnel };
+        let (mut sender, slot) = match self.pool.checkout(&key) {
+            Some(c) => c,
+            None => {
+                let sender = self.connect_tunnel(pod, tunnel, &dst_id).await?;
+                self.pool.add(key, sender)
             }
-        });
+        };
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(target.to_string())
@@ -107,6 +117,44 @@ impl Proxy {
                 format!("tunnel to {tunnel} refused {target}: {} {reason}", res.status()),
             ));
         }
-        hyper::upgrade::on(res).await.map_err(std::io::Error::other)
+        let upgraded = hyper::upgrade::on(res).await.map_err(std::io::Error::other)?;
+        Ok((upgraded, slot))
+    }
+
+    async fn connect_tunnel(
+        &self,
+        pod: &PodHandle,
+        tunnel: SocketAddr,
+        dst_id: &SpiffeId,
+    ) -> std::io::Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>> {
+        let cert = pod.cert.borrow().clone().ok_or_else(|| {
+            std::io::Error::other(format!(
+                "pod {} has no workload certificate yet: is the CA reachable? (see /status)",
+                pod.key
+            ))
+        })?;
+        let config = crate::tls::client_config(&cert, dst_id, self.tls_stats.clone()).map_err(std::io::Error::other)?;
+        let tcp = connect_from(&pod.netns, tunnel).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("tunnel to {tunnel} failed: {e}: is the destination node running the agent?"),
+            )
+        })?;
+        let (tls, server_id) = crate::tls::connect(config, tcp)
+            .await
+            .map_err(|e| std::io::Error::other(format!("mTLS to {tunnel} ({dst_id}) failed: {e}")))?;
+        tracing::debug!(%tunnel, server = %server_id, client = %cert.id, "mTLS tunnel connection established");
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "tunnel connection ended");
+            }
+        });
+        Ok(sender)
     }
 }

@@ -11,19 +11,40 @@ use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::{CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, connect_from};
+use super::{CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, connect_from, count_peer};
+use crate::identity::SpiffeId;
 
 /// Response header saying why a CONNECT was refused, for the other agent's log.
 pub const REASON_HEADER: &str = "x-mesh-refusal";
 
 impl Proxy {
-    pub(super) async fn tunnel_inbound(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, pod: Arc<PodHandle>) {
+    pub(super) async fn tunnel_inbound(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        pod: Arc<PodHandle>,
+        tls: Arc<rustls::ServerConfig>,
+    ) {
+        // Mutual TLS first: the client must present a workload certificate
+        // of our trust domain. Garbage, plaintext and certificate-less
+        // clients end here, logged and counted.
+        let (stream, client_id) = match crate::tls::accept(tls, stream, &self.tls_stats).await {
+            Ok(s) => s,
+            Err(e) => {
+                pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, pod = %pod.key, error = %e, "tunnel connection refused: mTLS handshake failed");
+                return;
+            }
+        };
+        tracing::debug!(%peer, client = %client_id, server = %pod.id, "mTLS tunnel connection accepted");
+        let client_id = Arc::new(client_id);
         let this = self.clone();
         let svc_pod = pod.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let pod = svc_pod.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.connect_stream(req, peer, pod).await) }
+            let client_id = client_id.clone();
+            async move { Ok::<_, std::convert::Infallible>(this.connect_stream(req, peer, pod, &client_id).await) }
         });
         let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(STREAM_WINDOW)
@@ -31,13 +52,19 @@ impl Proxy {
             .serve_connection(TokioIo::new(stream), service)
             .await;
         if let Err(e) = result {
-            // Garbage or a plain TCP client on the tunnel port lands here.
+            // Not HTTP/2 inside the TLS session.
             pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, error = %e, "tunnel connection rejected: not HTTP/2 CONNECT");
         }
     }
 
-    async fn connect_stream(&self, req: Request<Incoming>, peer: SocketAddr, pod: Arc<PodHandle>) -> Response<Empty<Bytes>> {
+    async fn connect_stream(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        pod: Arc<PodHandle>,
+        client_id: &SpiffeId,
+    ) -> Response<Empty<Bytes>> {
         let refuse = |status: StatusCode, reason: String| {
             pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, pod = %pod.key, %status, %reason, "tunnel stream refused");
@@ -70,7 +97,8 @@ impl Proxy {
             Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("connect to {target} failed: {e}")),
         };
         pod.stats.inbound.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%peer, %target, "tunnel stream delivered");
+        count_peer(&pod.stats.inbound_peers, client_id);
+        tracing::debug!(%peer, %target, client = %client_id, "tunnel stream delivered");
         self.connections.spawn(async move {
             let mut app = app;
             match hyper::upgrade::on(req).await {

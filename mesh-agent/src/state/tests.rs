@@ -73,3 +73,21 @@ fn resolve_pods_and_services() {
     let d = s.resolve("[::ffff:198.51.100.11]:1".parse().unwrap(), |_| 0);
     assert!(matches!(d, Destination::MeshPod { .. }));
 }
+
+#[test]
+fn peer_authentication_workload_beats_namespace() {
+    let key = |n: &str| PodKey { namespace: "shop".into(), name: n.into() };
+    let s = state().with_peer_authentications(vec![
+        PeerAuthentication { name: "ns".into(), namespace: "shop".into(), selector: None, mode: PeerAuthMode::Strict },
+        PeerAuthentication {
+            name: "b".into(),
+            namespace: "shop".into(),
+            selector: Some([("app".to_string(), "b".to_string())].into()),
+            mode: PeerAuthMode::Permissive,
+        },
+    ]);
+    assert_eq!(s.peer_auth_mode(&key("a")), PeerAuthMode::Strict);
+    assert_eq!(s.peer_auth_mode(&key("b1")), PeerAuthMode::Permissive);
+    let legacy = PodKey { namespace: "legacy".into(), name: "c".into() };
+    assert_eq!(s.peer_auth_mode(&legacy), PeerAuthMode::Permissive, "default");
+}
