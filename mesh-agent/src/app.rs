@@ -194,10 +194,12 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
 async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Receiver<Snapshot>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let wake = enrollment.lock().expect("poisoned").wake.clone();
     loop {
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
             _ = tick.tick() => {}
+            _ = wake.notified() => {}
         }
         let snapshot = state.borrow_and_update().clone();
         enrollment.lock().expect("poisoned").reconcile(&snapshot);

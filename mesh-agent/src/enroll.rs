@@ -41,6 +41,16 @@ struct ManagedPod {
     set_up: bool,
     /// The workload identity the listeners serve (while enrolled).
     id: Option<SpiffeId>,
+    /// Wakes reconcile whenever the pod's certificate comes or goes.
+    cert_watcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ManagedPod {
+    fn stop_cert_watch(&mut self) {
+        if let Some(w) = self.cert_watcher.take() {
+            w.abort();
+        }
+    }
 }
 
 /// What one reconcile pass did to one pod.
@@ -71,6 +81,8 @@ pub struct Enrollment {
     /// Drift found and undone: programs, map entries or listeners the agent
     /// had set up that were gone.
     pub repairs: u64,
+    /// Asks the reconcile loop for a pass now (a certificate arrived).
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Serialize)]
@@ -107,6 +119,7 @@ impl Enrollment {
             pods: BTreeMap::new(),
             changes: 0,
             repairs: 0,
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -160,9 +173,12 @@ impl Enrollment {
                 error: None,
                 set_up: false,
                 id: None,
+                cert_watcher: None,
             });
             let mp = self.pods.get_mut(key).expect("inserted above");
-            let result = id.and_then(|id| Self::ensure(&mut self.datapath, &self.proxy, self.outbound_port, key, mp, enrolled, id));
+            let wake = self.wake.clone();
+            let result =
+                id.and_then(|id| Self::ensure(&mut self.datapath, &self.proxy, self.outbound_port, key, mp, enrolled, id, &wake));
             match result {
                 Ok(ch) => {
                     if ch.changed > 0 {
@@ -195,6 +211,7 @@ impl Enrollment {
         mp: &mut ManagedPod,
         enrolled: bool,
         id: SpiffeId,
+        wake: &Arc<tokio::sync::Notify>,
     ) -> Result<Changes, String> {
         let mut ch = Changes::default();
         if mp.netns.is_none() {
@@ -226,7 +243,18 @@ impl Enrollment {
                     close_later(l);
                 }
                 mp.id = Some(id.clone());
+                mp.stop_cert_watch();
             }
+            if mp.cert_watcher.is_none() {
+                let mut w = cert.clone();
+                let wake = wake.clone();
+                mp.cert_watcher = Some(tokio::spawn(async move {
+                    while w.changed().await.is_ok() {
+                        wake.notify_one();
+                    }
+                }));
+            }
+            let has_cert = cert.borrow().is_some();
             if mp.listeners.as_ref().is_none_or(|l| !l.is_serving()) {
                 let handle = PodHandle {
                     key: key.clone(),
@@ -247,6 +275,21 @@ impl Enrollment {
                         .map_err(|e| e.to_string())?;
                     ch.note(mp.enrolled, format!("inbound capture entry for {ip} set"));
                 }
+            }
+            if !has_cert {
+                // Without a certificate the agent could not tunnel the
+                // pod's connections: until one arrives (or while the CA is
+                // down past expiry) they go direct, as when the agent is down.
+                if datapath.enrollment(cookie).is_some() {
+                    datapath.unenroll(cookie).map_err(|e| e.to_string())?;
+                    tracing::warn!(pod = %key, "no workload certificate: the pod's new connections go direct until one arrives");
+                    ch.changed += 1;
+                } else if !mp.enrolled {
+                    tracing::info!(pod = %key, "waiting for the pod's workload certificate before enrolling it");
+                }
+                mp.enrolled = false;
+                mp.set_up = true;
+                return Ok(ch);
             }
             let entry = ebpf::pod_entry(&mp.ips, outbound_port);
             if datapath.enrollment(cookie) != Some(entry) {
@@ -273,6 +316,7 @@ impl Enrollment {
             if mp.id.take().is_some() {
                 proxy.certs().forget(key);
             }
+            mp.stop_cert_watch();
         }
         mp.set_up = true;
         Ok(ch)
@@ -295,6 +339,7 @@ impl Enrollment {
         if mp.id.take().is_some() {
             self.proxy.certs().forget(key);
         }
+        mp.stop_cert_watch();
     }
 
     /// For shutdown: every pod's new connections go direct from now on
@@ -327,8 +372,14 @@ impl Enrollment {
         self.datapath.accelerated_sockets()
     }
 
+    /// Ready when every local pod is set up and every enrolled one has a
+    /// workload certificate to serve with.
     pub fn ready(&self) -> bool {
-        self.pods.values().all(|p| p.error.is_none())
+        let certs = self.proxy.certs();
+        self.pods.iter().all(|(key, p)| {
+            p.error.is_none()
+                && (!p.enrolled || certs.watch(key).is_some_and(|w| w.borrow().is_some()))
+        })
     }
 
     pub fn status(&self) -> Vec<PodStatus> {

@@ -11,6 +11,7 @@
 //! | [`host`] | facts discovered on the node (cgroup v2 mount, own cgroup) |
 //! | [`netns`] | sockets inside pods' network namespaces |
 //! | [`proxy`] | in-pod listeners, tunnel, relays |
+//! | [`policy`] | authorization: path normalization, pure policy evaluation |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
 //! | [`admin`] | `/healthz`, `/ready`, `/status` |
 //! | [`app`] | wiring, runtimes, shutdown |
@@ -24,6 +25,7 @@ pub mod host;
 pub mod identity;
 pub mod localfile;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod tls;

@@ -1,5 +1,5 @@
-//! The local YAML source: one file declaring nodes, namespaces, pods and
-//! services, parsed, validated and published into the mesh state. Watched by
+//! The local YAML source: one file declaring nodes, namespaces, pods,
+//! services and policies, parsed, validated and published into the mesh state. Watched by
 //! polling its content, which also follows the symlink swaps a Kubernetes
 //! ConfigMap volume does (inotify on the file would miss those). An invalid
 //! edit is rejected with a message naming the file, the field and the reason,
@@ -46,6 +46,10 @@ struct File {
     services: Vec<ServiceSpec>,
     #[serde(default)]
     peer_authentications: Vec<PeerAuthSpec>,
+    /// The state type is the schema (camelCase, unknown fields refused);
+    /// `policy::validate` checks what serde cannot.
+    #[serde(default)]
+    authorization_policies: Vec<state::AuthorizationPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,7 +305,25 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
         });
     }
 
-    Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services).with_peer_authentications(peer_auths))
+    let mut authz_keys = HashSet::new();
+    for (i, ap) in file.authorization_policies.iter().enumerate() {
+        let at = |f: &str| format!("authorizationPolicies[{i}].{f}");
+        check_dns_label(&at("name"), &ap.name).map_err(|r| invalid(at("name"), r))?;
+        if !ns_names.contains(&ap.namespace) {
+            return Err(invalid(
+                at("namespace"),
+                format!("namespace {:?} is not declared under `namespaces`", ap.namespace),
+            ));
+        }
+        if !authz_keys.insert((ap.namespace.clone(), ap.name.clone())) {
+            return Err(invalid(at("name"), format!("policy {}/{} is declared twice", ap.namespace, ap.name)));
+        }
+        crate::policy::validate(ap).map_err(|e| invalid(at(&e.field), e.reason))?;
+    }
+
+    Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services)
+        .with_peer_authentications(peer_auths)
+        .with_authorization_policies(file.authorization_policies))
 }
 
 /// Kubernetes object names are DNS labels (RFC 1123): lower-case

@@ -206,7 +206,7 @@ impl Proxy {
         ports: Ports,
         runtime: tokio::runtime::Handle,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let proxy = Arc::new(Self {
             state,
             orig_dst,
             certs,
@@ -216,7 +216,17 @@ impl Proxy {
             connections: TaskTracker::new(),
             next_endpoint: AtomicUsize::new(0),
             runtime,
-        })
+        });
+        let weak = Arc::downgrade(&proxy);
+        proxy.runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(p) = weak.upgrade() else { return };
+                p.pool.reap(pool::IDLE_TIMEOUT);
+            }
+        });
+        proxy
     }
 
     /// Opens the pod's listeners in its namespace and starts serving them on

@@ -1,4 +1,5 @@
-//! The in-memory mesh state: namespaces, pods, services. Pure data, no I/O.
+//! The in-memory mesh state: namespaces, pods, services, policies. Pure data,
+//! no I/O.
 //!
 //! Control-plane sources (the local file now, Kubernetes later) build a whole
 //! [`MeshState`] and publish it as an immutable snapshot; the data path reads
@@ -95,6 +96,103 @@ pub struct PeerAuthentication {
     pub mode: PeerAuthMode,
 }
 
+/// What an authorization policy does with the requests its rules match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+}
+
+/// An authorization policy, Istio `AuthorizationPolicy`-like: namespace-wide,
+/// or for the pods its selector matches. Semantics (evaluation order, L4
+/// context, wildcards) live in [`crate::policy`]; this is the data only.
+///
+/// Also the config schema of `authorizationPolicies` in the local file, hence
+/// `Deserialize` with unknown fields refused. In every list, `None` is "not
+/// set" (no constraint); an empty list is rejected by validation because
+/// "match nothing" and "match anything" are both plausible readings of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Labels>,
+    pub action: AuthzAction,
+    /// A policy matches when any rule matches; no rules: it matches nothing.
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+    /// Compare `paths`/`notPaths` ASCII case-insensitively (Istio compares
+    /// them case-sensitively, the default here too). For backends whose
+    /// routing ignores case, where `/ADMIN` would otherwise escape a DENY.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_path_case: bool,
+}
+
+/// A rule matches when every part it sets matches: any `from` entry, any
+/// `to` entry, and all `when` conditions. The empty rule `{}` matches all.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<AuthzSource>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<AuthzOperation>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Vec<AuthzCondition>>,
+}
+
+/// Who the peer is (from its verified SPIFFE ID). Every set field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_namespaces: Option<Vec<String>>,
+}
+
+/// What is asked for. Every set field must match; all but the ports are
+/// HTTP-only.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzOperation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_hosts: Option<Vec<String>>,
+    /// The workload's own (target) ports. Wider than `u16` so that an
+    /// out-of-range value gets a validation message, not a parse error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ports: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_paths: Option<Vec<String>>,
+}
+
+/// A request-header condition (HTTP-only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzCondition {
+    pub header: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_values: Option<Vec<String>>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshState {
@@ -104,6 +202,8 @@ pub struct MeshState {
     pub pods: BTreeMap<PodKey, Pod>,
     pub services: Vec<Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// In config order, which is also the order decisions report matches in.
+    pub authorization_policies: Vec<AuthorizationPolicy>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, PodKey>,
 }
@@ -136,12 +236,18 @@ impl MeshState {
             pods: pods.into_iter().map(|p| (p.key.clone(), p)).collect(),
             services,
             peer_authentications: Vec::new(),
+            authorization_policies: Vec::new(),
             by_ip,
         }
     }
 
     pub fn with_peer_authentications(mut self, policies: Vec<PeerAuthentication>) -> Self {
         self.peer_authentications = policies;
+        self
+    }
+
+    pub fn with_authorization_policies(mut self, policies: Vec<AuthorizationPolicy>) -> Self {
+        self.authorization_policies = policies;
         self
     }
 

@@ -178,7 +178,12 @@ where
             tracing::info!("refused a TLS client without a certificate");
             return Err(HandshakeError::NoClientCertificate);
         }
-        Err(e) => return Err(e),
+        // Certificate rejections were counted by reason in the verifier.
+        Err(e @ HandshakeError::PeerRejected(_)) => return Err(e),
+        Err(e) => {
+            stats.handshake_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(e);
+        }
     };
     let id = peer_identity(stream.get_ref().1).ok_or(HandshakeError::NoPeerIdentity)?;
     Ok((stream, id))

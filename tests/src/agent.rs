@@ -26,12 +26,24 @@ const RUN_ONCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// The child process, shared (weakly) with the testbed's cleanup.
+/// The child process (an agent or a CA), shared (weakly) with the testbed's
+/// cleanup.
 pub(crate) struct AgentProc {
     child: Mutex<Child>,
 }
 
 impl AgentProc {
+    pub(crate) fn new(child: Child) -> AgentProc {
+        AgentProc {
+            child: Mutex::new(child),
+        }
+    }
+
+    /// The child, locked (a poisoned lock is taken over).
+    pub(crate) fn child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(crate) fn kill(&self) -> Option<ExitStatus> {
         process::kill_and_reap(&mut self.child.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -84,16 +96,6 @@ impl Agent {
         cgroup: Option<&Path>,
         extra_args: &[&str],
     ) -> Result<Agent> {
-        use std::os::fd::AsRawFd as _;
-        let procs = cgroup
-            .map(|c| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(c.join("cgroup.procs"))
-                    .with_context(|| format!("opening {}/cgroup.procs", c.display()))
-            })
-            .transpose()?;
-        let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
         let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
         let log_path = log_dir.join(format!("agent-{node}-{n}.log"));
         let log = File::create(&log_path)
@@ -108,37 +110,11 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);
-        let parent = std::process::id() as libc::pid_t;
-        let die_with_parent = move || {
-            process::unblock_all_signals()?;
-            if let Some(fd) = procs_fd {
-                // SAFETY: plain syscall on a descriptor opened before fork;
-                // "0" moves the writing process.
-                if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // SAFETY: plain syscalls.
-            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            // SAFETY: plain syscall.
-            if unsafe { libc::getppid() } != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        };
-        // SAFETY: only async-signal-safe syscalls, no allocation.
-        unsafe { cmd.pre_exec(die_with_parent) };
-        let mut child = cmd
-            .spawn()
+        let mut child = process::spawn_supervised(&mut cmd, cgroup)
             .with_context(|| format!("starting agent {} for {node}", bin.display()))?;
         let pid = child.id();
         let (stdout, _reader) = Captured::drain(child.stdout.take().expect("piped"));
-        let proc_ = Arc::new(AgentProc {
-            child: Mutex::new(child),
-        });
+        let proc_ = Arc::new(AgentProc::new(child));
         let ready = stdout.wait_line(READY_TIMEOUT, "ready line", |l| parse_ready(l).is_some());
         let admin = match ready.map(|l| parse_ready(&l).expect("matched")) {
             Ok(addr) => addr,

@@ -27,6 +27,59 @@ pub struct LocalConfig {
     pub pods: Vec<PodEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_authentications: Vec<PeerAuthenticationEntry>,
+}
+
+/// How an enrolled pod treats plaintext from outside the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PeerAuthMode {
+    /// Plaintext inbound is refused (reset); only mTLS tunnel streams pass.
+    Strict,
+    /// Plaintext inbound is accepted (and counted as such). The default.
+    Permissive,
+}
+
+/// One `peerAuthentications` entry: namespace-wide without a selector, else
+/// for the pods whose labels match (a selecting policy beats a
+/// namespace-wide one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationEntry {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: PeerAuthMode,
+}
+
+impl PeerAuthenticationEntry {
+    /// A namespace-wide policy.
+    pub fn namespace_wide(name: impl Into<String>, namespace: impl Into<String>, mode: PeerAuthMode) -> Self {
+        PeerAuthenticationEntry {
+            name: name.into(),
+            namespace: namespace.into(),
+            selector: None,
+            mode,
+        }
+    }
+
+    /// A policy for the pods labelled `key: value` in `namespace`.
+    pub fn selecting(
+        name: impl Into<String>,
+        namespace: impl Into<String>,
+        key: impl Into<String>,
+        value: impl Into<String>,
+        mode: PeerAuthMode,
+    ) -> Self {
+        PeerAuthenticationEntry {
+            name: name.into(),
+            namespace: namespace.into(),
+            selector: Some(BTreeMap::from([(key.into(), value.into())])),
+            mode,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -84,6 +137,7 @@ pub(crate) fn build(
     nodes: &BTreeSet<String>,
     pods: &[Pod],
     services: &[ServiceSpec],
+    peer_authentications: &[PeerAuthenticationEntry],
     enrolled: &[&str],
 ) -> LocalConfig {
     // Every namespace mentioned anywhere, so enrolling an empty one works.
@@ -91,6 +145,7 @@ pub(crate) fn build(
         .iter()
         .map(|p| p.namespace())
         .chain(services.iter().map(|s| s.namespace.as_str()))
+        .chain(peer_authentications.iter().map(|p| p.namespace.as_str()))
         .chain(enrolled.iter().copied())
         .collect();
     LocalConfig {
@@ -141,6 +196,7 @@ pub(crate) fn build(
                     .collect(),
             })
             .collect(),
+        peer_authentications: peer_authentications.to_vec(),
     }
 }
 

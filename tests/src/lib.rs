@@ -28,10 +28,14 @@
 //! | `pod` | [`Pod`]: running processes inside a pod's netns and cgroup |
 //! | `config` | the agent's local YAML config, generated from the testbed |
 //! | `agent` | [`Agent`]: one node agent process and its admin API |
+//! | `ca` | [`Ca`]: the mesh's certificate authority, node tokens |
+//! | `capture` | [`Capture`]: raw frames on the fabric bridge |
 //! | `status` | typed view of the agent's `/status` JSON |
 //! | `wait` | deadline-bounded polling |
 
 mod agent;
+mod ca;
+mod capture;
 mod cgroup;
 mod config;
 mod host;
@@ -43,12 +47,17 @@ mod testbed;
 mod wait;
 
 pub use agent::Agent;
+pub use ca::{Ca, CaOptions};
+pub use capture::{Capture, Frames, TcpSegment};
 pub use config::{
-    ENROLL_LABEL, ENROLL_VALUE, LocalConfig, NamespaceEntry, NodeEntry, PodEntry, ServiceEntry,
-    ServicePortEntry,
+    ENROLL_LABEL, ENROLL_VALUE, LocalConfig, NamespaceEntry, NodeEntry, PeerAuthMode,
+    PeerAuthenticationEntry, PodEntry, ServiceEntry, ServicePortEntry,
 };
 pub use host::{agent_bin, cgroup2_mount, meshtest_bin};
 pub use pod::{Pod, PodProcess, RUN_TIMEOUT};
-pub use status::{ConfigStatus, EbpfStatus, PodCounters, PodEbpf, PodProxy, PodStatus, Status};
+pub use status::{
+    CertificateStatus, ConfigStatus, EbpfStatus, PodCounters, PodEbpf, PodProxy, PodStatus, Status,
+    TlsStatus, peers_since,
+};
 pub use testbed::{CleanupHandle, POD_RANGES, PodSpec, ServicePort, ServiceSpec, Testbed};
 pub use wait::{wait_for, wait_until};

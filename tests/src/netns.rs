@@ -13,6 +13,8 @@ use std::sync::Mutex;
 use anyhow::{Context, Result, bail};
 
 pub(crate) const NETNS_DIR: &str = "/run/netns";
+/// The bridge in every testbed's fabric netns.
+pub(crate) const BRIDGE: &str = "br0";
 
 /// `ip netns add` makes `/run/netns` a shared bind mount the first time it
 /// runs; two first calls racing each other stack two mounts. Serialize
@@ -63,8 +65,8 @@ pub(crate) fn list() -> Vec<String> {
 
 /// A bridge named `br0` inside `fabric`, up, no address: it only switches.
 pub(crate) fn add_bridge(fabric: &str) -> Result<()> {
-    ip(&["-n", fabric, "link", "add", "br0", "type", "bridge"])?;
-    ip(&["-n", fabric, "link", "set", "br0", "up"])
+    ip(&["-n", fabric, "link", "add", BRIDGE, "type", "bridge"])?;
+    ip(&["-n", fabric, "link", "set", BRIDGE, "up"])
 }
 
 /// A veth pair: `eth0` with `addr/24` in `pod_ns`, `peer` enslaved to the
@@ -73,7 +75,7 @@ pub(crate) fn plug_pod(fabric: &str, peer: &str, pod_ns: &str, addr: &str) -> Re
     ip(&[
         "-n", fabric, "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", pod_ns,
     ])?;
-    ip(&["-n", fabric, "link", "set", peer, "master", "br0"])?;
+    ip(&["-n", fabric, "link", "set", peer, "master", BRIDGE])?;
     ip(&["-n", fabric, "link", "set", peer, "up"])?;
     ip(&["-n", pod_ns, "link", "set", "lo", "up"])?;
     ip(&[

@@ -2,7 +2,8 @@
 //! thread into a buffer that can be waited on, and waiting with a deadline.
 
 use std::io::Read;
-use std::process::{Child, ExitStatus};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -142,6 +143,50 @@ pub(crate) fn unblock_all_signals() -> std::io::Result<()> {
         return Err(std::io::Error::from_raw_os_error(rc));
     }
     Ok(())
+}
+
+/// Spawns a long-running helper (agent, CA) with a clean signal mask, in
+/// `cgroup` if given, and with `PR_SET_PDEATHSIG(SIGKILL)`: if the test
+/// process dies, the kernel kills it. The signal follows the *thread* that
+/// spawns, so spawn from the thread that runs the test.
+pub(crate) fn spawn_supervised(cmd: &mut Command, cgroup: Option<&Path>) -> Result<Child> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    let procs = cgroup
+        .map(|c| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(c.join("cgroup.procs"))
+                .with_context(|| format!("opening {}/cgroup.procs", c.display()))
+        })
+        .transpose()?;
+    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+    let parent = std::process::id() as libc::pid_t;
+    let die_with_parent = move || {
+        unblock_all_signals()?;
+        if let Some(fd) = procs_fd {
+            // SAFETY: plain syscall on a descriptor opened before fork;
+            // "0" moves the writing process.
+            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        // SAFETY: plain syscalls.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The parent may have died before prctl took effect.
+        // SAFETY: plain syscall.
+        if unsafe { libc::getppid() } != parent {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(())
+    };
+    // SAFETY: only async-signal-safe syscalls, no allocation.
+    unsafe { cmd.pre_exec(die_with_parent) };
+    let child = cmd.spawn()?;
+    drop(procs);
+    Ok(child)
 }
 
 /// SIGKILL and reap; quiet if the child is already gone.

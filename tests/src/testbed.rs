@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::agent::{Agent, AgentProc};
-use crate::config::{self, LocalConfig};
+use crate::ca::{Ca, CaOptions};
+use crate::capture::Capture;
+use crate::config::{self, LocalConfig, PeerAuthenticationEntry};
 use crate::pod::Pod;
 use crate::{cgroup, host, netns};
 
@@ -220,7 +222,9 @@ pub struct Testbed {
     cgroup: PathBuf,
     pods: Vec<Pod>,
     services: Vec<ServiceSpec>,
+    peer_authentications: Vec<PeerAuthenticationEntry>,
     nodes: BTreeSet<String>,
+    ca: Option<Ca>,
     cleanup: CleanupHandle,
 }
 
@@ -253,7 +257,9 @@ impl Testbed {
             cgroup: cgroup.clone(),
             pods: Vec::new(),
             services: Vec::new(),
+            peer_authentications: Vec::new(),
             nodes: BTreeSet::new(),
+            ca: None,
             cleanup,
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -362,10 +368,44 @@ impl Testbed {
         &self.services
     }
 
+    /// Records a `peerAuthentications` entry for the generated config, or
+    /// replaces the one with the same namespace and name (to switch a
+    /// policy's mode). Takes effect at the next [`Self::write_config`].
+    pub fn add_peer_authentication(&mut self, entry: PeerAuthenticationEntry) -> Result<()> {
+        validate_name(&entry.name).context("peer authentication name")?;
+        match self
+            .peer_authentications
+            .iter_mut()
+            .find(|p| p.name == entry.name && p.namespace == entry.namespace)
+        {
+            Some(existing) => *existing = entry,
+            None => self.peer_authentications.push(entry),
+        }
+        Ok(())
+    }
+
+    /// Forgets a `peerAuthentications` entry; true if there was one.
+    pub fn remove_peer_authentication(&mut self, namespace: &str, name: &str) -> bool {
+        let before = self.peer_authentications.len();
+        self.peer_authentications
+            .retain(|p| !(p.namespace == namespace && p.name == name));
+        self.peer_authentications.len() != before
+    }
+
+    pub fn peer_authentications(&self) -> &[PeerAuthenticationEntry] {
+        &self.peer_authentications
+    }
+
     /// The agent config for this testbed; namespaces in `enrolled` carry the
     /// enrolment label. Edit the result to build invalid configs.
     pub fn config(&self, enrolled: &[&str]) -> LocalConfig {
-        config::build(&self.nodes, &self.pods, &self.services, enrolled)
+        config::build(
+            &self.nodes,
+            &self.pods,
+            &self.services,
+            &self.peer_authentications,
+            enrolled,
+        )
     }
 
     pub fn config_yaml(&self, enrolled: &[&str]) -> String {
@@ -388,6 +428,55 @@ impl Testbed {
         self.write_config(path, enrolled)
     }
 
+    /// Starts the mesh's CA (`mesh-agent ca`, [`crate::agent_bin`]) in the
+    /// host netns on `127.0.0.1:0`, watching [`Self::config_path`] (write the
+    /// config first), with its state in `<dir>/ca` and one random token per
+    /// node declared so far. From then on every agent this testbed starts
+    /// gets `--ca-endpoint`, `--ca-roots` and `--ca-token-file` for its node.
+    /// Killed when the testbed is dropped.
+    pub fn start_ca(&mut self) -> Result<Ca> {
+        self.start_ca_with(CaOptions::default())
+    }
+
+    /// [`Self::start_ca`] with options (`--ttl`, more arguments).
+    pub fn start_ca_with(&mut self, opts: CaOptions) -> Result<Ca> {
+        ensure!(self.ca.is_none(), "this testbed already has a CA");
+        let config = self.config_path();
+        ensure!(
+            config.is_file(),
+            "write the config ({}) before starting the CA: it reads it",
+            config.display()
+        );
+        let nodes: Vec<String> = self.nodes.iter().cloned().collect();
+        let ca = Ca::start(&host::agent_bin()?, &config, &self.dir, &nodes, opts, self.cleanup.clone())?;
+        self.ca = Some(ca.clone());
+        Ok(ca)
+    }
+
+    /// The testbed's CA, once started.
+    pub fn ca(&self) -> Option<&Ca> {
+        self.ca.as_ref()
+    }
+
+    /// `node`'s CA flags followed by `args`; `args` alone when there is no
+    /// CA or when they already name a CA endpoint (a test's override).
+    fn agent_args_for(&self, node: &str, args: &[&str]) -> Result<Vec<String>> {
+        let mut all = Vec::new();
+        if let Some(ca) = &self.ca
+            && !args.contains(&"--ca-endpoint")
+        {
+            all = ca.agent_args(node)?;
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        Ok(all)
+    }
+
+    /// Captures every frame crossing the fabric bridge `br0` until
+    /// [`Capture::stop`]. Ready when this returns.
+    pub fn capture_fabric(&self) -> Result<Capture> {
+        Capture::start(&self.name, netns::BRIDGE)
+    }
+
     /// Starts `node`'s agent with [`crate::agent_bin`] on
     /// [`Self::config_path`]; it is killed when the testbed is dropped.
     pub fn start_agent(&self, node: &str) -> Result<Agent> {
@@ -395,13 +484,16 @@ impl Testbed {
     }
 
     /// Starts `node`'s agent in a cgroup of its own under the testbed's (as a
-    /// DaemonSet pod would be), with extra `mesh-agent run` arguments.
+    /// DaemonSet pod would be), with extra `mesh-agent run` arguments (e.g.
+    /// `--cert-ttl 4s`). With a CA, its flags for `node` come first.
     pub fn start_agent_args(&self, node: &str, args: &[&str]) -> Result<Agent> {
+        let args = self.agent_args_for(node, args)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let cg = self.cgroup.join(format!("agent-{node}-{n}"));
         cgroup::create(&cg)?;
         self.cleanup.track_cgroup(&cg);
-        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), args)?;
+        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &args)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }
@@ -409,13 +501,19 @@ impl Testbed {
     /// Starts `node`'s agent inside an existing cgroup (e.g. a pod's, to
     /// test that the agent's own sockets are exempt from the pod's hooks).
     pub fn start_agent_in(&self, cgroup: &Path, node: &str, args: &[&str]) -> Result<Agent> {
-        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(cgroup), args)?;
+        let args = self.agent_args_for(node, args)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(cgroup), &args)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }
 
+    /// Starts `bin` as `node`'s agent on `config` (with the CA's flags when
+    /// the testbed has a CA), in the test's own cgroup.
     pub fn start_agent_with(&self, bin: &Path, config: &Path, node: &str) -> Result<Agent> {
-        let agent = Agent::start_logging_to(bin, config, node, &self.dir)?;
+        let args = self.agent_args_for(node, &[])?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::start_in(bin, config, node, &self.dir, None, &args)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }

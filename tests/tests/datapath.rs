@@ -35,8 +35,9 @@ fn unenrolled_pods_bypass_the_agents(accelerate: bool) -> Result<()> {
     ensure!(p["enrolled"] == false, "{p}");
     ensure!(p["ebpf"]["redirected"] == 0 && p["ebpf"]["passedThrough"] == 2, "{p}");
     ensure!(p["proxy"]["outbound"] == 0, "{p}");
-    // The enrolled server was reached, but not through the tunnel: with no
-    // mTLS yet, plaintext from outside the mesh is captured on 15006 instead.
+    // The enrolled server was reached, but not through the tunnel: plaintext
+    // from outside the mesh is captured on 15006 instead (PERMISSIVE, the
+    // default).
     ensure!(counter(&m.b, "shop", "shop-server", "proxy.inbound")? == inbound_before);
     Ok(())
 }
@@ -118,16 +119,22 @@ fn agent_sockets_are_not_redirected() -> Result<()> {
 /// file, the field and the reason.
 #[test]
 fn invalid_config_at_start_is_a_clear_error() -> Result<()> {
-    let tb = mesh_e2e::Testbed::new("badcfg")?;
+    let mut tb = mesh_e2e::Testbed::new("badcfg")?;
+    // A CA (on a valid config), so the CA flags are not what fails.
+    tb.add_node("node-a");
+    tb.write_config(&tb.config_path(), &[])?;
+    let ca = tb.start_ca()?;
     let path = tb.dir().join("bad.yaml");
     std::fs::write(
         &path,
         "nodes: [{name: node-a}]\nnamespaces: [{name: shop}]\npods:\n  - {name: p, namespace: shop, node: node-a, ip: 198.51.100.300, netns: /run/netns/x, cgroup: /sys/fs/cgroup/x}\n",
     )?;
-    let out = Agent::run_once(
-        &agent_bin()?,
-        ["run", "--config", path.to_str().expect("utf-8"), "--node", "node-a", "--admin", "127.0.0.1:0"],
-    )?;
+    let mut args: Vec<String> =
+        ["run", "--config", path.to_str().expect("utf-8"), "--node", "node-a", "--admin", "127.0.0.1:0"]
+            .map(String::from)
+            .to_vec();
+    args.extend(ca.agent_args("node-a")?);
+    let out = Agent::run_once(&agent_bin()?, &args)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "agent started on an invalid config");
     ensure!(stderr.contains(path.to_str().expect("utf-8")), "no file name: {stderr}");

@@ -95,8 +95,16 @@ impl Proxy {
         let (mut sender, slot) = match self.pool.checkout(&key) {
             Some(c) => c,
             None => {
-                let sender = self.connect_tunnel(pod, tunnel, &dst_id).await?;
-                self.pool.add(key, sender)
+                let lock = self.pool.connect_lock(&key);
+                let _connecting = lock.lock().await;
+                // Someone else may have connected while we waited.
+                match self.pool.checkout(&key) {
+                    Some(c) => c,
+                    None => {
+                        let sender = self.connect_tunnel(pod, tunnel, &dst_id).await?;
+                        self.pool.add(key, sender)
+                    }
+                }
             }
         };
         let req = http::Request::builder()

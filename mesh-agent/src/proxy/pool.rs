@@ -11,6 +11,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -21,6 +22,9 @@ use crate::{identity::SpiffeId, state::PodKey};
 
 /// Streams one pooled connection may carry at once before another opens.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// A pooled connection with no stream for this long is closed: a burst
+/// must not leave connections (and the peer's resources) behind forever.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -32,21 +36,32 @@ pub struct PoolKey {
 #[derive(Clone)]
 pub struct Pooled {
     pub sender: SendRequest<Empty<Bytes>>,
-    streams: Arc<AtomicUsize>,
+    usage: Arc<Usage>,
+}
+
+/// Streams in flight on one connection, and since when it has had none.
+struct Usage {
+    streams: AtomicUsize,
+    idle_since: Mutex<Instant>,
 }
 
 /// Held for the life of one stream; frees its slot when dropped.
-pub struct StreamSlot(Arc<AtomicUsize>);
+pub struct StreamSlot(Arc<Usage>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if self.0.streams.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *self.0.idle_since.lock().expect("poisoned") = Instant::now();
+        }
     }
 }
 
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// One connect at a time per key, so a burst of first streams shares
+    /// new connections instead of each opening its own.
+    connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Connections opened over the agent's life.
     pub opened: AtomicUsize,
 }
@@ -59,20 +74,44 @@ impl Pool {
         list.retain(|p| !p.sender.is_closed());
         let p = list
             .iter()
-            .find(|p| p.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION && p.sender.is_ready())?;
-        p.streams.fetch_add(1, Ordering::Relaxed);
-        Some((p.sender.clone(), StreamSlot(p.streams.clone())))
+            .find(|p| p.usage.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION && p.sender.is_ready())?;
+        p.usage.streams.fetch_add(1, Ordering::Relaxed);
+        Some((p.sender.clone(), StreamSlot(p.usage.clone())))
+    }
+
+    /// The lock that serialises connecting for `key`.
+    pub fn connect_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.connecting.lock().expect("poisoned").entry(key.clone()).or_default().clone()
+    }
+
+    /// Drops connections idle for longer than `idle`; hyper closes a client
+    /// connection once its last handle is gone.
+    pub fn reap(&self, idle: Duration) {
+        let mut conns = self.conns.lock().expect("poisoned");
+        conns.retain(|_, list| {
+            list.retain(|p| {
+                !p.sender.is_closed()
+                    && (p.usage.streams.load(Ordering::Relaxed) > 0
+                        || p.usage.idle_since.lock().expect("poisoned").elapsed() < idle)
+            });
+            !list.is_empty()
+        });
+        let live: std::collections::HashSet<&PoolKey> = conns.keys().collect();
+        self.connecting
+            .lock()
+            .expect("poisoned")
+            .retain(|k, lock| live.contains(k) || Arc::strong_count(lock) > 1);
     }
 
     /// Adds a new connection and takes its first stream slot.
     pub fn add(&self, key: PoolKey, sender: SendRequest<Empty<Bytes>>) -> (SendRequest<Empty<Bytes>>, StreamSlot) {
-        let streams = Arc::new(AtomicUsize::new(1));
+        let usage = Arc::new(Usage { streams: AtomicUsize::new(1), idle_since: Mutex::new(Instant::now()) });
         self.opened.fetch_add(1, Ordering::Relaxed);
         let mut conns = self.conns.lock().expect("poisoned");
         let list = conns.entry(key).or_default();
         list.retain(|p| !p.sender.is_closed());
-        list.push(Pooled { sender: sender.clone(), streams: streams.clone() });
-        (sender, StreamSlot(streams))
+        list.push(Pooled { sender: sender.clone(), usage: usage.clone() });
+        (sender, StreamSlot(usage))
     }
 
     /// Open pooled connections.

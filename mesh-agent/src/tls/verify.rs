@@ -127,6 +127,9 @@ pub struct TlsStats {
     pub no_client_certificate: AtomicU64,
     /// Handshakes refused because the local workload had no usable certificate.
     pub no_local_certificate: AtomicU64,
+    /// Inbound handshakes that failed for any other reason: not TLS at all
+    /// (garbage, plaintext on the tunnel port), wrong version, peer alerts.
+    pub handshake_failed: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -137,6 +140,7 @@ pub struct TlsStatsView {
     pub rejected: BTreeMap<&'static str, u64>,
     pub no_client_certificate: u64,
     pub no_local_certificate: u64,
+    pub handshake_failed: u64,
 }
 
 impl TlsStats {
@@ -150,6 +154,7 @@ impl TlsStats {
             rejected: Reason::ALL.iter().map(|r| (r.as_str(), self.rejected(*r))).collect(),
             no_client_certificate: self.no_client_certificate.load(Ordering::Relaxed),
             no_local_certificate: self.no_local_certificate.load(Ordering::Relaxed),
+            handshake_failed: self.handshake_failed.load(Ordering::Relaxed),
         }
     }
 

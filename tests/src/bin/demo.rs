@@ -1,6 +1,7 @@
-//! `cargo run -p mesh-e2e --bin demo` (as root): two nodes, four pods, two
-//! namespaces (`shop` enrolled, `legacy` not), four checksummed transfers,
-//! and what each agent says it did with them, in plain words.
+//! `cargo run -p mesh-e2e --bin demo` (as root): a CA, two nodes, four pods,
+//! two namespaces (`shop` enrolled, `legacy` not), four checksummed
+//! transfers, and what each agent says it did with them (and which verified
+//! identities it saw), in plain words.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mesh_e2e::{Agent, Pod, PodCounters, PodSpec, ServiceSpec, Status, Testbed, wait_until};
+use mesh_e2e::{Agent, Pod, PodCounters, PodSpec, ServiceSpec, Status, Testbed, peers_since, wait_until};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::Value;
 
@@ -61,12 +62,9 @@ fn run() -> Result<bool> {
     ];
     let mut pods = BTreeMap::new();
     for (name, ns, node, last) in specs {
-        let pod = tb.add_pod(PodSpec::new(
-            name,
-            ns,
-            node,
-            Ipv4Addr::new(198, 51, 100, last),
-        ))?;
+        let pod = tb.add_pod(
+            PodSpec::new(name, ns, node, Ipv4Addr::new(198, 51, 100, last)).service_account(name),
+        )?;
         println!("pod {:<22} on {node}  ip {}", pod.id(), pod.ip());
         pods.insert(name, pod);
     }
@@ -81,6 +79,15 @@ fn run() -> Result<bool> {
     tb.write_config(&config, &["shop"])?;
     println!("config {} (enrolled namespaces: shop)", config.display());
 
+    let ca = tb.start_ca()?;
+    println!(
+        "ca: pid {}, {} (gRPC over TLS), root {}, log {}",
+        ca.pid().unwrap_or_default(),
+        ca.endpoint(),
+        ca.roots_path().display(),
+        ca.log_path().map(|p| p.display().to_string()).unwrap_or_default()
+    );
+
     let mut agents = BTreeMap::new();
     for node in NODES {
         let agent = tb.start_agent_with(&agent_bin, &config, node)?;
@@ -93,6 +100,7 @@ fn run() -> Result<bool> {
         agents.insert(node, agent);
     }
     wait_for_attachment(&agents, &pods);
+    print_identities(&agents, &pods);
 
     let _servers = [
         pods["shop-server"].start_echo(PORT)?,
@@ -132,7 +140,11 @@ fn run() -> Result<bool> {
             }
             Err(e) => println!("    transfer: FAILED: {e:#}"),
         }
-        println!("    path: {}", explain(client, server, cd, sd));
+        let peers = Peers {
+            verified_server: peer_delta(before, after, client, |p| &p.proxy.outbound_peers),
+            verified_client: peer_delta(before, after, server, |p| &p.proxy.inbound_peers),
+        };
+        println!("    path: {}", explain(client, server, cd, sd, &peers));
         if let Some(d) = cd {
             println!(
                 "    {} counters on {}: {}",
@@ -168,13 +180,20 @@ fn run() -> Result<bool> {
         }
     }
     drop(agents);
+    match ca.stop() {
+        Ok(Some(s)) if s.success() => println!("ca stopped cleanly"),
+        Ok(Some(s)) => println!("ca stopped with {s}"),
+        Ok(None) => println!("ca was not running"),
+        Err(e) => println!("ca: {e:#}"),
+    }
     drop(tb);
     println!("testbed removed");
     Ok(all_ok)
 }
 
-/// Enrolled pods should be attached soon after the agents are ready; the
-/// demo goes on either way (the counters will tell what happened).
+/// Enrolled pods should be attached, with a certificate, soon after the
+/// agents are ready; the demo goes on either way (the counters will tell what
+/// happened).
 fn wait_for_attachment(agents: &BTreeMap<&str, Agent>, pods: &BTreeMap<&str, Pod>) {
     let attached = || -> Result<bool> {
         for (node, agent) in agents {
@@ -183,18 +202,52 @@ fn wait_for_attachment(agents: &BTreeMap<&str, Agent>, pods: &BTreeMap<&str, Pod
                 .values()
                 .filter(|p| p.node() == *node && p.namespace() == "shop");
             for p in expected {
-                if !status
-                    .pod(p.namespace(), p.name())
-                    .is_some_and(|s| s.attached)
-                {
+                let ok = status.pod(p.namespace(), p.name()).is_some_and(|s| {
+                    s.attached && s.certificate.as_ref().is_some_and(|c| c.not_after.is_some())
+                });
+                if !ok {
                     return Ok(false);
                 }
             }
         }
         Ok(true)
     };
-    if let Err(e) = wait_until(Duration::from_secs(10), attached) {
-        println!("warning: enrolled pods not all reported attached: {e:#}");
+    if let Err(e) = wait_until(Duration::from_secs(20), attached) {
+        println!("warning: enrolled pods not all reported attached with a certificate: {e:#}");
+    }
+}
+
+/// Each pod's workload identity and certificate, as its agent reports them.
+fn print_identities(agents: &BTreeMap<&str, Agent>, pods: &BTreeMap<&str, Pod>) {
+    for pod in pods.values() {
+        let Some(agent) = agents.get(pod.node()) else { continue };
+        match agent.pod_status(pod.namespace(), pod.name()) {
+            Ok(Some(s)) if s.identity.is_none() && s.certificate.is_none() => {
+                println!("identity {:<22} none (not in the mesh)", pod.id())
+            }
+            Ok(Some(s)) => {
+                let cert = match &s.certificate {
+                    Some(c) if c.not_after.is_some() => format!(
+                        "certificate valid until {} (serial {})",
+                        c.not_after.as_deref().unwrap_or_default(),
+                        c.serial.as_str().map(str::to_owned).unwrap_or_else(|| c.serial.to_string())
+                    ),
+                    Some(c) => format!(
+                        "no certificate yet ({} CA errors{})",
+                        c.errors,
+                        c.last_error.as_deref().map(|e| format!(", last: {e}")).unwrap_or_default()
+                    ),
+                    None => "no certificate reported".to_string(),
+                };
+                println!(
+                    "identity {:<22} {}: {cert}",
+                    pod.id(),
+                    s.identity.as_deref().unwrap_or("(no identity reported)")
+                );
+            }
+            Ok(None) => println!("identity {:<22} not listed by {}'s agent", pod.id(), pod.node()),
+            Err(e) => println!("identity {:<22} {}'s agent: {e:#}", pod.id(), pod.node()),
+        }
     }
 }
 
@@ -269,8 +322,40 @@ fn delta(before: &Snapshot, after: &Snapshot, pod: &Pod) -> Option<PodCounters> 
     Some(a.since(&get(before).unwrap_or_default()))
 }
 
+/// Verified peer identities one pod gained between two snapshots.
+struct Peers {
+    /// Server identities the client pod's outbound tunnel verified.
+    verified_server: BTreeMap<String, u64>,
+    /// Client identities the server pod's agent verified on inbound streams.
+    verified_client: BTreeMap<String, u64>,
+}
+
+fn peer_delta(
+    before: &Snapshot,
+    after: &Snapshot,
+    pod: &Pod,
+    peers: impl Fn(&mesh_e2e::PodStatus) -> &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    let get = |s: &Snapshot| {
+        s.get(pod.node())?
+            .as_ref()?
+            .pod(pod.namespace(), pod.name())
+            .map(|p| peers(p).clone())
+    };
+    let Some(a) = get(after) else { return BTreeMap::new() };
+    peers_since(&a, &get(before).unwrap_or_default())
+}
+
+fn names(peers: &BTreeMap<String, u64>) -> String {
+    if peers.is_empty() {
+        "none reported".to_string()
+    } else {
+        peers.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+}
+
 /// The sentence for one connection, derived only from the counter deltas.
-fn explain(client: &Pod, server: &Pod, c: Option<PodCounters>, s: Option<PodCounters>) -> String {
+fn explain(client: &Pod, server: &Pod, c: Option<PodCounters>, s: Option<PodCounters>, peers: &Peers) -> String {
     let (cn, sn) = (client.node(), server.node());
     let mut parts = Vec::new();
     match c {
@@ -286,8 +371,14 @@ fn explain(client: &Pod, server: &Pod, c: Option<PodCounters>, s: Option<PodCoun
             } else {
                 format!("not seen by eBPF on {cn}")
             });
-            parts.push(if d.outbound_tunneled > 0 {
-                format!("tunneled {cn} -> {sn}")
+            parts.push(if d.outbound_tunneled > 0 && !peers.verified_server.is_empty() {
+                format!(
+                    "tunneled {cn} -> {sn} over mTLS (client {}, server {})",
+                    names(&peers.verified_client),
+                    names(&peers.verified_server)
+                )
+            } else if d.outbound_tunneled > 0 {
+                format!("tunneled {cn} -> {sn} (no verified server identity reported)")
             } else if d.outbound_direct > 0 {
                 format!("sent directly by {cn}'s agent (destination outside the mesh)")
             } else if d.outbound > 0 {
@@ -300,6 +391,9 @@ fn explain(client: &Pod, server: &Pod, c: Option<PodCounters>, s: Option<PodCoun
     parts.push(match s {
         None => format!("{sn}'s agent does not list {} (no counters)", server.id()),
         Some(d) if d.inbound > 0 => format!("delivered by {sn}'s agent"),
+        Some(d) if d.inbound_plaintext_refused > 0 => format!(
+            "refused by {sn}'s agent as plaintext from outside the mesh (STRICT peer authentication)"
+        ),
         Some(d) if d.inbound_plaintext > 0 => format!(
             "captured in the kernel (sk_lookup) by {sn}'s agent as plaintext from outside the mesh and delivered to {}",
             server.id()
@@ -311,13 +405,14 @@ fn explain(client: &Pod, server: &Pod, c: Option<PodCounters>, s: Option<PodCoun
 
 fn fmt_delta(d: &PodCounters) -> String {
     format!(
-        "+{} redirected, +{} passed through, +{} outbound ({} tunneled, {} direct), +{} inbound (+{} plaintext captured)",
+        "+{} redirected, +{} passed through, +{} outbound ({} tunneled, {} direct), +{} inbound (+{} plaintext captured, +{} plaintext refused)",
         d.redirected,
         d.passed_through,
         d.outbound,
         d.outbound_tunneled,
         d.outbound_direct,
         d.inbound,
-        d.inbound_plaintext
+        d.inbound_plaintext,
+        d.inbound_plaintext_refused
     )
 }

@@ -42,12 +42,43 @@ enum Cmd {
         bytes: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Send this string repeated (cleartext a capture can find) instead
+        /// of pseudo-random bytes.
+        #[arg(long)]
+        pattern: Option<String>,
         /// Seconds.
         #[arg(long, default_value_t = 5.0)]
         connect_timeout: f64,
         /// Seconds without progress on a read or write before giving up.
         #[arg(long, default_value_t = 30.0)]
         io_timeout: f64,
+    },
+    /// A TLS 1.3 client that presents NO certificate (and accepts any
+    /// server certificate): handshakes, writes a line, reads until the peer
+    /// closes. `ok` means the server refused it (alert, EOF or reset) within
+    /// the timeout; `serverCertificate` says whether the server sent one.
+    TlsProbe {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 5.0)]
+        connect_timeout: f64,
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
+    /// Writes raw bytes that are not what the port expects (garbage, a
+    /// plaintext line, a cleartext HTTP/2 CONNECT), without half-closing,
+    /// then reads until the peer closes. `ok` means the peer closed (EOF or
+    /// reset) within the timeout; the line also says what came back.
+    Raw {
+        #[arg(long)]
+        to: SocketAddr,
+        #[command(flatten)]
+        what: RawWhat,
+        #[arg(long, default_value_t = 5.0)]
+        connect_timeout: f64,
+        /// Seconds to wait for the peer to close.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
     },
     /// `send` on N connections at once; one summary line.
     Burst {
@@ -85,6 +116,21 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct RawWhat {
+    /// N pseudo-random bytes (first byte 0xde: no TLS record type).
+    #[arg(long)]
+    garbage: Option<usize>,
+    /// This text, as is (e.g. a plaintext protocol line).
+    #[arg(long)]
+    text: Option<String>,
+    /// The HTTP/2 client preface, SETTINGS and a CONNECT to this
+    /// authority, in cleartext (the tunnel's protocol without TLS).
+    #[arg(long)]
+    h2c_connect: Option<String>,
+}
+
 fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Echo { listen } => echo(listen),
@@ -92,9 +138,19 @@ fn main() -> ExitCode {
             to,
             bytes,
             seed,
+            pattern,
             connect_timeout,
             io_timeout,
-        } => send(to, bytes, seed, secs(connect_timeout), secs(io_timeout)),
+        } => {
+            let payload = match pattern {
+                Some(p) if p.is_empty() => return fail(json!({"reason": "--pattern must not be empty"})),
+                Some(p) => Payload::Pattern(p.into_bytes()),
+                None => Payload::Random(seed),
+            };
+            send(to, bytes, payload, secs(connect_timeout), secs(io_timeout))
+        }
+        Cmd::TlsProbe { to, connect_timeout, timeout } => tls_probe(to, secs(connect_timeout), secs(timeout)),
+        Cmd::Raw { to, what, connect_timeout, timeout } => raw(to, what, secs(connect_timeout), secs(timeout)),
         Cmd::Burst { to, connections, bytes, connect_timeout, io_timeout } => {
             burst(to, connections, bytes, secs(connect_timeout), secs(io_timeout))
         }
@@ -208,8 +264,40 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn send(to: SocketAddr, n: u64, seed: u64, connect_timeout: Duration, io_timeout: Duration) -> ExitCode {
-    match send_one(to, n, seed, connect_timeout, io_timeout) {
+/// Fills a buffer with the next bytes of a payload.
+type Filler = Box<dyn FnMut(&mut [u8]) + Send>;
+
+/// What `send` writes.
+#[derive(Clone)]
+enum Payload {
+    /// SplitMix64 output from this seed.
+    Random(u64),
+    /// This string over and over.
+    Pattern(Vec<u8>),
+}
+
+impl Payload {
+    fn generator(&self) -> Filler {
+        match self.clone() {
+            Payload::Random(seed) => {
+                let mut rng = SplitMix(seed);
+                Box::new(move |buf| rng.fill(buf))
+            }
+            Payload::Pattern(p) => {
+                let mut at = 0usize;
+                Box::new(move |buf| {
+                    for b in buf {
+                        *b = p[at];
+                        at = (at + 1) % p.len();
+                    }
+                })
+            }
+        }
+    }
+}
+
+fn send(to: SocketAddr, n: u64, payload: Payload, connect_timeout: Duration, io_timeout: Duration) -> ExitCode {
+    match send_one(to, n, &payload, connect_timeout, io_timeout) {
         Ok(v) => {
             emit(v);
             ExitCode::SUCCESS
@@ -221,7 +309,9 @@ fn send(to: SocketAddr, n: u64, seed: u64, connect_timeout: Duration, io_timeout
 /// `send` on N connections at once (one thread each); one summary line.
 fn burst(to: SocketAddr, connections: u32, n: u64, connect_timeout: Duration, io_timeout: Duration) -> ExitCode {
     let threads: Vec<_> = (0..connections)
-        .map(|i| std::thread::spawn(move || send_one(to, n, u64::from(i) + 1, connect_timeout, io_timeout)))
+        .map(|i| {
+            std::thread::spawn(move || send_one(to, n, &Payload::Random(u64::from(i) + 1), connect_timeout, io_timeout))
+        })
         .collect();
     let mut ok = 0u32;
     let mut failures = Vec::new();
@@ -268,7 +358,7 @@ fn reset(to: SocketAddr, connect_timeout: Duration) -> ExitCode {
 fn send_one(
     to: SocketAddr,
     n: u64,
-    seed: u64,
+    payload: &Payload,
     connect_timeout: Duration,
     io_timeout: Duration,
 ) -> Result<Value, Value> {
@@ -300,14 +390,14 @@ fn send_one(
     };
     // Writing and reading concurrently: the echo comes back while we send,
     // and neither side's buffers can fill up and deadlock the other.
+    let mut fill = payload.generator();
     let write_side = std::thread::spawn(move || -> Result<(u64, Vec<u8>), (u64, io::Error)> {
-        let mut rng = SplitMix(seed);
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         let mut sent = 0u64;
         while sent < n {
             let len = (n - sent).min(buf.len() as u64) as usize;
-            rng.fill(&mut buf[..len]);
+            fill(&mut buf[..len]);
             hasher.update(&buf[..len]);
             writer.write_all(&buf[..len]).map_err(|e| (sent, e))?;
             sent += len as u64;
@@ -391,6 +481,194 @@ fn read_exact_patient(s: &mut TcpStream, mut buf: &mut [u8], timeout: Duration) 
         }
     }
     Ok(())
+}
+
+/// The cleartext HTTP/2 opening of a CONNECT to `authority`: preface, an
+/// empty SETTINGS frame, and HEADERS (stream 1, END_HEADERS) with `:method
+/// CONNECT` and `:authority` as HPACK literals without indexing.
+fn h2c_connect(authority: &str) -> Vec<u8> {
+    fn literal(out: &mut Vec<u8>, static_index: u8, value: &str) {
+        out.push(static_index); // 0000xxxx: literal, indexed name
+        out.push(value.len() as u8); // H=0, 7-bit length (short values only)
+        out.extend_from_slice(value.as_bytes());
+    }
+    let mut block = Vec::new();
+    literal(&mut block, 2, "CONNECT"); // :method
+    literal(&mut block, 1, authority); // :authority
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 0x04, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    let len = block.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.extend_from_slice(&[0x01, 0x04, 0, 0, 0, 1]); // HEADERS, END_HEADERS, stream 1
+    out.extend_from_slice(&block);
+    out
+}
+
+fn raw(to: SocketAddr, what: RawWhat, connect_timeout: Duration, timeout: Duration) -> ExitCode {
+    let (kind, bytes) = if let Some(n) = what.garbage {
+        let mut b = vec![0u8; n.max(1)];
+        SplitMix(7).fill(&mut b);
+        b[0] = 0xde;
+        ("garbage", b)
+    } else if let Some(t) = what.text {
+        ("text", t.into_bytes())
+    } else if let Some(a) = what.h2c_connect {
+        if a.len() > 127 {
+            return fail(json!({"reason": "--h2c-connect authority longer than 127 bytes"}));
+        }
+        ("h2c-connect", h2c_connect(&a))
+    } else {
+        return fail(json!({"reason": "nothing to send"}));
+    };
+    let base = json!({"to": to.to_string(), "kind": kind, "sent": 0});
+    let mut stream = match TcpStream::connect_timeout(&to, connect_timeout) {
+        Ok(s) => s,
+        Err(e) => return fail(with(base, "reason", json!(format!("connect: {e}")))),
+    };
+    if let Err(e) = stream.set_read_timeout(Some(timeout)) {
+        return fail(with(base, "reason", json!(format!("socket setup: {e}"))));
+    }
+    // The peer may close before everything is written: that is an answer too.
+    let written = match stream.write_all(&bytes) {
+        Ok(()) => bytes.len(),
+        Err(_) => 0,
+    };
+    let mut v = with(base, "sent", json!(written));
+    let started = Instant::now();
+    let mut back = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break "eof",
+            Ok(k) => back.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if started.elapsed() >= timeout {
+                    break "open";
+                }
+            }
+            Err(_) => break "error",
+        }
+    };
+    v["closed"] = json!(closed);
+    v["bytesBack"] = json!(back.len());
+    v["firstBytesHex"] = json!(hex(&back[..back.len().min(16)]));
+    // 0x15: a TLS alert record; an HTTP/2 server would start with a frame
+    // header whose type byte (offset 3) is SETTINGS (0x04).
+    v["tlsAlert"] = json!(back.first() == Some(&0x15));
+    v["h2Frames"] = json!(back.len() >= 9 && back[3] == 0x04 && back[0] != 0x15);
+    v["millis"] = json!(started.elapsed().as_millis() as u64);
+    if closed == "open" {
+        return fail(with(v, "reason", json!("the peer kept the connection open")));
+    }
+    v["ok"] = json!(true);
+    emit(v);
+    ExitCode::SUCCESS
+}
+
+/// Accepts any server certificate: the probe is about the *client* having none.
+#[derive(Debug)]
+struct AcceptAnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_probe(to: SocketAddr, connect_timeout: Duration, timeout: Duration) -> ExitCode {
+    use std::sync::Arc;
+    let base = json!({"to": to.to_string(), "kind": "tls-no-client-cert"});
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = match rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+    {
+        Ok(b) => b
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+            .with_no_client_auth(),
+        Err(e) => return fail(with(base, "reason", json!(format!("TLS config: {e}")))),
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
+    let mut conn = match rustls::ClientConnection::new(Arc::new(config), name) {
+        Ok(c) => c,
+        Err(e) => return fail(with(base, "reason", json!(format!("TLS client: {e}")))),
+    };
+    let mut sock = match TcpStream::connect_timeout(&to, connect_timeout) {
+        Ok(s) => s,
+        Err(e) => return fail(with(base, "reason", json!(format!("connect: {e}")))),
+    };
+    if let Err(e) = sock.set_read_timeout(Some(timeout)) {
+        return fail(with(base, "reason", json!(format!("socket setup: {e}"))));
+    }
+    let started = Instant::now();
+    let handshake = conn.complete_io(&mut sock).map(|_| ());
+    let server_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+    let mut v = with(base, "serverCertificate", json!(server_cert));
+    // In TLS 1.3 the client is done before the server has judged its
+    // (empty) certificate: the verdict comes with the first read.
+    let outcome = handshake.and_then(|()| {
+        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+        tls.write_all(b"hello from a client without a certificate\n")?;
+        let mut buf = [0u8; 1024];
+        loop {
+            match tls.read(&mut buf) {
+                Ok(0) => return Ok("eof"),
+                Ok(_) => return Ok("data"),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    v["millis"] = json!(started.elapsed().as_millis() as u64);
+    match outcome {
+        Ok("data") => fail(with(v, "reason", json!("the server answered a client without a certificate"))),
+        Ok(closed) => {
+            v["closed"] = json!(closed);
+            v["ok"] = json!(true);
+            emit(v);
+            ExitCode::SUCCESS
+        }
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            fail(with(v, "reason", json!("the server kept the connection open")))
+        }
+        Err(e) => {
+            v["closed"] = json!(format!("{e}"));
+            v["ok"] = json!(true);
+            emit(v);
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 fn with(mut v: Value, key: &str, val: Value) -> Value {

@@ -1,18 +1,19 @@
 //! Shared set-up for the end-to-end tests: a two-node mesh with an enrolled
 //! namespace (`shop`) and one outside the mesh (`legacy`), one client and one
-//! echo server in each.
+//! echo server in each, and the mesh's CA: agents tunnel over mutual TLS.
 #![allow(dead_code)]
 
 use std::{path::Path, process::Output, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_e2e::{Agent, Pod, PodProcess, PodSpec, Testbed, wait_until};
+use mesh_e2e::{Agent, Ca, CaOptions, PeerAuthenticationEntry, Pod, PodProcess, PodSpec, Testbed, wait_until};
 use serde_json::Value;
 
 pub const ECHO_PORT: u16 = 9000;
 pub const SETTLE: Duration = Duration::from_secs(20);
 
 pub struct Mesh {
+    pub ca: Ca,
     pub a: Agent,
     pub b: Agent,
     pub shop_client: Pod,
@@ -40,18 +41,46 @@ pub fn agent_args(accelerate: bool) -> Vec<&'static str> {
 }
 
 pub fn mesh(test: &str, accelerate: bool, enrolled: &[&str]) -> Result<Mesh> {
+    mesh_with(test, &MeshOpts { accelerate, enrolled, ..MeshOpts::default() })
+}
+
+/// What [`mesh_with`] builds beyond the defaults of [`mesh`].
+#[derive(Default)]
+pub struct MeshOpts<'a> {
+    pub accelerate: bool,
+    pub enrolled: &'a [&'a str],
+    /// The CA's options (`--ttl`).
+    pub ca: CaOptions,
+    /// More agent flags (e.g. `--cert-ttl 4s`).
+    pub agent_args: &'a [&'a str],
+    /// Service account = pod name (`shop-client`, ...) instead of `default`.
+    pub named_service_accounts: bool,
+    /// Written with the first config.
+    pub peer_authentications: Vec<PeerAuthenticationEntry>,
+}
+
+pub fn mesh_with(test: &str, o: &MeshOpts) -> Result<Mesh> {
     let mut tb = Testbed::new(test)?;
-    let shop_client = tb.add_pod(PodSpec::new("shop-client", "shop", "node-a", [198, 51, 100, 11].into()))?;
-    let shop_server = tb.add_pod(PodSpec::new("shop-server", "shop", "node-b", [198, 51, 100, 12].into()))?;
-    let legacy_client = tb.add_pod(PodSpec::new("legacy-client", "legacy", "node-a", [198, 51, 100, 21].into()))?;
-    let legacy_server = tb.add_pod(PodSpec::new("legacy-server", "legacy", "node-b", [198, 51, 100, 22].into()))?;
-    tb.write_config(&tb.config_path(), enrolled)?;
+    let spec = |name: &str, ns: &str, node: &str, last: u8| {
+        let s = PodSpec::new(name, ns, node, [198, 51, 100, last].into());
+        if o.named_service_accounts { s.service_account(name) } else { s }
+    };
+    let shop_client = tb.add_pod(spec("shop-client", "shop", "node-a", 11))?;
+    let shop_server = tb.add_pod(spec("shop-server", "shop", "node-b", 12))?;
+    let legacy_client = tb.add_pod(spec("legacy-client", "legacy", "node-a", 21))?;
+    let legacy_server = tb.add_pod(spec("legacy-server", "legacy", "node-b", 22))?;
+    for pa in &o.peer_authentications {
+        tb.add_peer_authentication(pa.clone())?;
+    }
+    tb.write_config(&tb.config_path(), o.enrolled)?;
+    let ca = tb.start_ca_with(o.ca.clone())?;
     let echoes = vec![shop_server.start_echo(ECHO_PORT)?, legacy_server.start_echo(ECHO_PORT)?];
-    let args = agent_args(accelerate);
+    let mut args = agent_args(o.accelerate);
+    args.extend_from_slice(o.agent_args);
     let a = tb.start_agent_args("node-a", &args)?;
     let b = tb.start_agent_args("node-b", &args)?;
-    let m = Mesh { a, b, shop_client, shop_server, legacy_client, legacy_server, echoes, tb };
-    for ns in enrolled {
+    let m = Mesh { ca, a, b, shop_client, shop_server, legacy_client, legacy_server, echoes, tb };
+    for ns in o.enrolled {
         for (agent, pod) in [(&m.a, format!("{ns}-client")), (&m.b, format!("{ns}-server"))] {
             wait_enrolled(agent, ns, &pod, true)?;
         }
@@ -74,10 +103,14 @@ pub fn counter(agent: &Agent, ns: &str, name: &str, path: &str) -> Result<u64> {
     v.as_u64().with_context(|| format!("{path} missing in {p}"))
 }
 
+/// Waits until the pod is (not) enrolled and attached; an enrolled pod must
+/// also hold a workload certificate (`certificate.notAfter`), since its agent
+/// cannot tunnel for it before (agents without mTLS report no `certificate`).
 pub fn wait_enrolled(agent: &Agent, ns: &str, name: &str, enrolled: bool) -> Result<()> {
     wait_until(SETTLE, || {
         let p = pod_json(agent, ns, name)?;
-        Ok(p["enrolled"] == enrolled && p["error"].is_null() && p["attached"] == true)
+        let certified = !enrolled || p.get("certificate").is_none() || p["certificate"]["notAfter"].is_string();
+        Ok(p["enrolled"] == enrolled && p["error"].is_null() && p["attached"] == true && certified)
     })
     .with_context(|| format!("{ns}/{name} on {} never became enrolled={enrolled}: {}", agent.node(), agent.log()))
 }
@@ -169,4 +202,45 @@ macro_rules! both_paths {
             }
         }
     };
+}
+
+/// `meshtest send --pattern PATTERN`: `bytes` of PATTERN repeated (cleartext
+/// a capture can recognise), echoed intact.
+pub fn send_pattern(pod: &Pod, to: &str, bytes: u64, pattern: &str) -> Result<Value> {
+    let out = pod.run("meshtest", ["send", "--to", to, "--bytes", &bytes.to_string(), "--pattern", pattern])?;
+    parse_ok(pod, &out)
+}
+
+/// `meshtest send` that must NOT succeed; returns its JSON line.
+pub fn send_refused(pod: &Pod, to: &str, bytes: u64) -> Result<Value> {
+    let out = pod.run("meshtest", ["send", "--to", to, "--bytes", &bytes.to_string(), "--io-timeout", "10"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .with_context(|| format!("meshtest in {}: no JSON result: {stdout}", pod.id()))?;
+    ensure!(!out.status.success() && v["ok"] == false, "{} -> {to} was not refused: {v}", pod.id());
+    Ok(v)
+}
+
+/// How many connections the echo server accepted so far.
+pub fn accepted(echo: &PodProcess) -> usize {
+    echo.stdout_lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["accepted"].is_string())
+        .count()
+}
+
+/// The pod's typed entry in the agent's /status.
+pub fn pod_status(agent: &Agent, ns: &str, name: &str) -> Result<mesh_e2e::PodStatus> {
+    agent
+        .pod_status(ns, name)?
+        .with_context(|| format!("pod {ns}/{name} not in {}'s status", agent.node()))
+}
+
+/// `spiffe://cluster.local/ns/NS/sa/SA`.
+pub fn spiffe(ns: &str, sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
 }
