@@ -53,6 +53,14 @@ impl ManagedPod {
     }
 }
 
+/// What `ensure` needs besides the datapath and the pod.
+#[derive(Clone, Copy)]
+struct EnsureCtx<'a> {
+    proxy: &'a Arc<Proxy>,
+    outbound_port: u16,
+    wake: &'a Arc<tokio::sync::Notify>,
+}
+
 /// What one reconcile pass did to one pod.
 #[derive(Default)]
 struct Changes {
@@ -176,9 +184,8 @@ impl Enrollment {
                 cert_watcher: None,
             });
             let mp = self.pods.get_mut(key).expect("inserted above");
-            let wake = self.wake.clone();
-            let result =
-                id.and_then(|id| Self::ensure(&mut self.datapath, &self.proxy, self.outbound_port, key, mp, enrolled, id, &wake));
+            let ctx = EnsureCtx { proxy: &self.proxy, outbound_port: self.outbound_port, wake: &self.wake };
+            let result = id.and_then(|id| Self::ensure(&mut self.datapath, &ctx, key, mp, enrolled, id));
             match result {
                 Ok(ch) => {
                     if ch.changed > 0 {
@@ -205,14 +212,13 @@ impl Enrollment {
     /// up and found gone) are repairs.
     fn ensure(
         datapath: &mut Datapath,
-        proxy: &Arc<Proxy>,
-        outbound_port: u16,
+        ctx: &EnsureCtx<'_>,
         key: &PodKey,
         mp: &mut ManagedPod,
         enrolled: bool,
         id: SpiffeId,
-        wake: &Arc<tokio::sync::Notify>,
     ) -> Result<Changes, String> {
+        let EnsureCtx { proxy, outbound_port, wake } = *ctx;
         let mut ch = Changes::default();
         if mp.netns.is_none() {
             mp.netns = Some(Arc::new(Netns::open(&mp.netns_path).map_err(|e| e.to_string())?));

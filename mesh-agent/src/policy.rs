@@ -76,7 +76,9 @@
 //!   *false* in an ALLOW policy (its entry cannot allow a TCP connection) and
 //!   to *true* in a DENY policy, so a DENY rule is enforced on TCP as if its
 //!   HTTP conditions matched: L4 enforcement may deny more than HTTP would,
-//!   never less. This is Istio's ztunnel behaviour.
+//!   never less (the stance Istio's ztunnel takes on L7 attributes it
+//!   cannot see). Hence a DENY on `/admin` alone denies every TCP connection
+//!   to the workloads it selects: scope such policies to HTTP workloads.
 //! - **Invalid policies**: sources validate before publishing (the local file
 //!   rejects the whole edit and keeps the last good state). A policy that
 //!   still reaches [`Authorizer::new`] unvalidated is replaced by a DENY of
@@ -114,12 +116,18 @@
 //! # Speed
 //!
 //! [`Authorizer`] compiles each policy once per snapshot (patterns parsed,
-//! hosts and methods folded); [`Authorizer::for_workload`] files the rules
-//! that select a workload into an index (see `index`): per request, a few
-//! hash lookups on the principal, namespace, path and port, then only the
-//! rules filed there are evaluated, with no allocation.
+//! hosts and methods case-folded); [`Authorizer::for_workload`] files the
+//! rules that select a workload into an index (`index.rs`: by principal,
+//! path, host, namespace, port, header presence or method, whichever the
+//! rule cannot match without). Per request that is about a dozen hash
+//! probes, then only the rules filed under the request's own values are
+//! evaluated, with no allocation (a lower-case method is the exception).
+//! Rules that constrain none of these (only negations, or `*`) are evaluated
+//! on every request: each costs about what one rule of a linear scan costs
+//! (~15 ns), so a config with hundreds of them pays for it; the benchmark
+//! (`benches/policy.rs`) measures both.
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, fmt, sync::Arc};
 
 use http::HeaderMap;
 
@@ -135,8 +143,8 @@ mod rule;
 
 use index::{Index, Mode};
 pub use path::{NormalizedPath, PathError, normalize_path};
-use rule::{CompiledPolicy, Ctx, HttpCtx};
 pub use rule::InvalidPolicy;
+use rule::{CompiledPolicy, Ctx, HttpCtx};
 
 /// Checks a policy as every config source must before publishing it.
 pub fn validate(policy: &AuthorizationPolicy) -> Result<(), InvalidPolicy> {
@@ -266,7 +274,10 @@ impl Authorizer {
                 me.invalid.push((format!("{}/{}", p.namespace, p.name), e));
                 rule::deny_all(p)
             });
-            me.by_namespace.entry(p.namespace.as_str().into()).or_default().push(Arc::new(compiled));
+            me.by_namespace
+                .entry(p.namespace.as_str().into())
+                .or_default()
+                .push(Arc::new(compiled));
         }
         me
     }
@@ -284,7 +295,11 @@ impl Authorizer {
             .get(namespace)
             .into_iter()
             .flatten()
-            .filter(|p| p.selector.as_ref().is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v))))
+            .filter(|p| {
+                p.selector
+                    .as_ref()
+                    .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            })
             .cloned()
             .collect();
         WorkloadPolicy::new(policies)
@@ -311,7 +326,11 @@ impl WorkloadPolicy {
             .enumerate()
             .flat_map(|(pi, p)| (0..p.rules.len()).map(move |ri| (pi as u32, ri as u32)))
             .collect();
-        let iter = || rules.iter().map(|&(p, r)| (&policies[p as usize].rules[r as usize], policies[p as usize].action));
+        let iter = || {
+            rules
+                .iter()
+                .map(|&(p, r)| (&policies[p as usize].rules[r as usize], policies[p as usize].action))
+        };
         let http = Index::build(iter(), Mode::Http);
         let l4 = Index::build(iter(), Mode::L4);
         let has_allow = policies.iter().any(|p| p.action == AuthzAction::Allow);
@@ -344,11 +363,18 @@ impl WorkloadPolicy {
 
     /// The check for one HTTP request on `conn`.
     pub fn check_http(&self, conn: &Connection<'_>, req: &Request<'_>) -> Decision<'_> {
+        // Methods are compared without case; rules hold them upper case.
+        // Only an odd client sends lower case, so only it pays a copy.
+        let method: Cow<'_, str> = if req.method.bytes().any(|b| b.is_ascii_lowercase()) {
+            Cow::Owned(req.method.to_ascii_uppercase())
+        } else {
+            Cow::Borrowed(req.method)
+        };
         let ctx = Ctx {
             peer: conn.peer,
             port: conn.port,
             http: Some(HttpCtx {
-                method: req.method,
+                method: &method,
                 path: req.path.path(),
                 host: host_for_match(req.host),
                 headers: req.headers,
@@ -399,7 +425,11 @@ impl WorkloadPolicy {
         }
         if deny != NONE {
             let p = self.policy_of(deny);
-            let reason = if p.invalid { Reason::InvalidPolicy } else { Reason::DenyMatched };
+            let reason = if p.invalid {
+                Reason::InvalidPolicy
+            } else {
+                Reason::DenyMatched
+            };
             return Decision {
                 allowed: false,
                 policy: Some(&p.id),

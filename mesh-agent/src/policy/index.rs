@@ -138,10 +138,6 @@ pub(crate) enum Mode {
     L4,
 }
 
-/// Longer methods are not filed (they go to the rest), so that a probe fits
-/// a stack buffer.
-const MAX_METHOD_KEY: usize = 32;
-
 #[derive(Debug)]
 pub(crate) struct Index {
     principals: StrIndex,
@@ -152,7 +148,7 @@ pub(crate) struct Index {
     /// Rules with a `when` condition that has `values`: the header must be
     /// present.
     headers: HashMap<HeaderName, Bucket>,
-    /// Upper case, at most [`MAX_METHOD_KEY`] bytes.
+    /// Upper case, as the request's method in `Ctx`.
     methods: HashMap<Box<str>, Bucket>,
     rest: Bucket,
 }
@@ -208,7 +204,9 @@ impl Index {
             }
         }
         if let Some(sets) = every_source(|s| s.namespaces.as_ref())
-            && sets.iter().all(|ps| ps.list.iter().all(|p| matches!(p, Pattern::Exact(_))))
+            && sets
+                .iter()
+                .all(|ps| ps.list.iter().all(|p| matches!(p, Pattern::Exact(_))))
         {
             for p in sets.iter().flat_map(|ps| ps.list.iter()) {
                 self.namespaces.entry(p.fixed().into()).or_default().push(action, id);
@@ -227,7 +225,6 @@ impl Index {
         }
         if http
             && let Some(sets) = ops.and_then(|os| os.iter().map(|o| o.methods.as_deref()).collect::<Option<Vec<_>>>())
-            && sets.iter().flat_map(|ms| ms.iter()).all(|m| m.len() <= MAX_METHOD_KEY)
         {
             for m in sets.iter().flat_map(|ms| ms.iter()) {
                 self.methods.entry(m.clone()).or_default().push(action, id);
@@ -252,21 +249,19 @@ impl Index {
             }
             if !self.headers.is_empty() {
                 if self.headers.len() <= h.headers.keys_len() {
-                    self.headers.iter().filter(|(name, _)| h.headers.contains_key(*name)).for_each(|(_, b)| f(b));
+                    self.headers
+                        .iter()
+                        .filter(|(name, _)| h.headers.contains_key(*name))
+                        .for_each(|(_, b)| f(b));
                 } else {
-                    h.headers.keys().filter_map(|name| self.headers.get(name)).for_each(&mut f);
+                    h.headers
+                        .keys()
+                        .filter_map(|name| self.headers.get(name))
+                        .for_each(&mut f);
                 }
             }
-            // Methods are compared without case: probe upper case. A longer
-            // method than any key cannot be filed under one.
-            if !self.methods.is_empty() && h.method.len() <= MAX_METHOD_KEY {
-                let mut buf = [0u8; MAX_METHOD_KEY];
-                let buf = &mut buf[..h.method.len()];
-                buf.copy_from_slice(h.method.as_bytes());
-                buf.make_ascii_uppercase();
-                if let Some(b) = std::str::from_utf8(buf).ok().and_then(|m| self.methods.get(m)) {
-                    f(b);
-                }
+            if let Some(b) = self.methods.get(h.method) {
+                f(b);
             }
         }
         if let Some(b) = self.ports.get(&ctx.port) {
@@ -283,7 +278,16 @@ impl Index {
     pub(crate) fn family_sizes(&self) -> [usize; 8] {
         let s = |i: &StrIndex| i.exact.len() + i.prefix.len() + i.suffix.len();
         let rest = self.rest.deny.len() + self.rest.allow.len();
-        [s(&self.principals), s(&self.paths), s(&self.hosts), self.namespaces.len(), self.ports.len(), self.headers.len(), self.methods.len(), rest]
+        [
+            s(&self.principals),
+            s(&self.paths),
+            s(&self.hosts),
+            self.namespaces.len(),
+            self.ports.len(),
+            self.headers.len(),
+            self.methods.len(),
+            rest,
+        ]
     }
 }
 

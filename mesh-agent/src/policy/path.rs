@@ -163,7 +163,11 @@ pub fn normalize_path(target: &str) -> Result<NormalizedPath<'_>, PathError> {
     }
     let normalized_len = out.len();
     out.push_str(&target[path_len..]);
-    let text = if out == target { Cow::Borrowed(target) } else { Cow::Owned(out) };
+    let text = if out == target {
+        Cow::Borrowed(target)
+    } else {
+        Cow::Owned(out)
+    };
     Ok(NormalizedPath {
         text,
         path_len: normalized_len,
@@ -173,7 +177,10 @@ pub fn normalize_path(target: &str) -> Result<NormalizedPath<'_>, PathError> {
 /// The byte a `%XX` at `i` encodes, if it is a valid escape we accept.
 fn escape(bytes: &[u8], i: usize) -> Result<u8, PathError> {
     let hex = |b: u8| (b as char).to_digit(16);
-    let (Some(h), Some(l)) = (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b))) else {
+    let (Some(h), Some(l)) = (
+        bytes.get(i + 1).and_then(|&b| hex(b)),
+        bytes.get(i + 2).and_then(|&b| hex(b)),
+    ) else {
         return Err(PathError::BadPercentEncoding { at: i });
     };
     let v = (h * 16 + l) as u8;

@@ -4,7 +4,10 @@
 
 use http::{HeaderMap, HeaderName};
 
-use super::{Peer, pattern::{self, Pattern, Patterns}};
+use super::{
+    Peer,
+    pattern::{self, Pattern, Patterns},
+};
 use crate::state::{AuthorizationPolicy, AuthzAction, AuthzCondition, AuthzOperation, AuthzRule, AuthzSource, Labels};
 
 /// Why a policy is invalid: `field` is relative to the policy
@@ -53,6 +56,8 @@ pub(crate) struct Operation {
     pub(crate) not_methods: Option<Box<[Box<str>]>>,
     pub(crate) paths: Option<Patterns>,
     pub(crate) not_paths: Option<Patterns>,
+    /// Whether any HTTP-only field is set (checked per evaluation).
+    http: bool,
 }
 
 #[derive(Debug)]
@@ -70,6 +75,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 pub(crate) struct HttpCtx<'a> {
+    /// Upper case.
     pub(crate) method: &'a str,
     pub(crate) path: &'a str,
     /// Without port or trailing dot; compared without case.
@@ -82,8 +88,13 @@ impl Rule {
     /// `None`) evaluates to: true for DENY, false for ALLOW, so that L4
     /// enforcement never denies less nor allows more than HTTP would.
     pub(crate) fn matches(&self, ctx: &Ctx<'_>, action: AuthzAction) -> bool {
-        self.from.as_ref().is_none_or(|ss| ss.iter().any(|s| s.matches(ctx.peer)))
-            && self.to.as_ref().is_none_or(|os| os.iter().any(|o| o.matches(ctx, action)))
+        self.from
+            .as_ref()
+            .is_none_or(|ss| ss.iter().any(|s| s.matches(ctx.peer)))
+            && self
+                .to
+                .as_ref()
+                .is_none_or(|os| os.iter().any(|o| o.matches(ctx, action)))
             && (self.when.is_empty()
                 || match &ctx.http {
                     Some(h) => self.when.iter().all(|c| c.matches(h.headers)),
@@ -93,11 +104,19 @@ impl Rule {
 
     /// Whether an ALLOW rule can match at all without HTTP attributes.
     pub(crate) fn can_allow_at_l4(&self) -> bool {
-        self.when.is_empty() && self.to.as_ref().is_none_or(|os| os.iter().any(|o| !o.has_http_fields()))
+        self.when.is_empty()
+            && self
+                .to
+                .as_ref()
+                .is_none_or(|os| os.iter().any(|o| !o.has_http_fields()))
     }
 
     pub(crate) fn has_http_fields(&self) -> bool {
-        !self.when.is_empty() || self.to.as_ref().is_some_and(|os| os.iter().any(Operation::has_http_fields))
+        !self.when.is_empty()
+            || self
+                .to
+                .as_ref()
+                .is_some_and(|os| os.iter().any(Operation::has_http_fields))
     }
 }
 
@@ -105,16 +124,14 @@ impl Source {
     /// A plaintext peer (`None`) has no principal and no namespace: positive
     /// fields never match it, negated ones always do.
     fn matches(&self, peer: Option<&Peer>) -> bool {
-        let is = |set: &Option<Patterns>, attr: fn(&Peer) -> &str| {
-            set.as_ref().is_none_or(|ps| peer.is_some_and(|p| ps.any_matches(attr(p).as_bytes())))
+        let Some(peer) = peer else {
+            return self.principals.is_none() && self.namespaces.is_none();
         };
-        let is_not = |set: &Option<Patterns>, attr: fn(&Peer) -> &str| {
-            set.as_ref().is_none_or(|ps| peer.is_none_or(|p| !ps.any_matches(attr(p).as_bytes())))
-        };
-        is(&self.principals, Peer::principal)
-            && is_not(&self.not_principals, Peer::principal)
-            && is(&self.namespaces, Peer::namespace)
-            && is_not(&self.not_namespaces, Peer::namespace)
+        let (principal, namespace) = (peer.principal().as_bytes(), peer.namespace().as_bytes());
+        self.principals.as_ref().is_none_or(|ps| ps.any_matches(principal))
+            && self.not_principals.as_ref().is_none_or(|ps| !ps.any_matches(principal))
+            && self.namespaces.as_ref().is_none_or(|ps| ps.any_matches(namespace))
+            && self.not_namespaces.as_ref().is_none_or(|ps| !ps.any_matches(namespace))
     }
 }
 
@@ -125,13 +142,13 @@ impl Operation {
         if !port_ok {
             return false;
         }
-        if !self.has_http_fields() {
+        if !self.http {
             return true;
         }
         let Some(h) = &ctx.http else {
             return action == AuthzAction::Deny;
         };
-        let method_in = |ms: &[Box<str>]| ms.iter().any(|m| m.as_bytes().eq_ignore_ascii_case(h.method.as_bytes()));
+        let method_in = |ms: &[Box<str>]| ms.iter().any(|m| **m == *h.method);
         let host = h.host.as_bytes();
         let path = h.path.as_bytes();
         self.methods.as_deref().is_none_or(method_in)
@@ -143,6 +160,10 @@ impl Operation {
     }
 
     pub(crate) fn has_http_fields(&self) -> bool {
+        self.http
+    }
+
+    fn sets_http_fields(&self) -> bool {
         self.hosts.is_some()
             || self.not_hosts.is_some()
             || self.methods.is_some()
@@ -165,7 +186,10 @@ impl Condition {
 
 /// Checks and compiles a policy.
 pub(crate) fn compile(p: &AuthorizationPolicy) -> Result<CompiledPolicy, InvalidPolicy> {
-    let invalid = |field: &str, reason: String| InvalidPolicy { field: field.into(), reason };
+    let invalid = |field: &str, reason: String| InvalidPolicy {
+        field: field.into(),
+        reason,
+    };
     if p.name.is_empty() {
         return Err(invalid("name", "the name is empty".into()));
     }
@@ -207,8 +231,10 @@ pub(crate) fn deny_all(p: &AuthorizationPolicy) -> CompiledPolicy {
 }
 
 fn compile_rule(at: &str, r: &AuthzRule, ignore_path_case: bool) -> Result<Rule, InvalidPolicy> {
-    let from = list(&format!("{at}.from"), &r.from, |at, s| compile_source(at, s))?;
-    let to = list(&format!("{at}.to"), &r.to, |at, o| compile_operation(at, o, ignore_path_case))?;
+    let from = list(&format!("{at}.from"), &r.from, compile_source)?;
+    let to = list(&format!("{at}.to"), &r.to, |at, o| {
+        compile_operation(at, o, ignore_path_case)
+    })?;
     let when = list(&format!("{at}.when"), &r.when, compile_condition)?;
     Ok(Rule {
         from,
@@ -220,21 +246,41 @@ fn compile_rule(at: &str, r: &AuthzRule, ignore_path_case: bool) -> Result<Rule,
 fn compile_source(at: &str, s: &AuthzSource) -> Result<Source, InvalidPolicy> {
     Ok(Source {
         principals: patterns(&format!("{at}.principals"), &s.principals, pattern::principal, false)?,
-        not_principals: patterns(&format!("{at}.notPrincipals"), &s.not_principals, pattern::principal, false)?,
+        not_principals: patterns(
+            &format!("{at}.notPrincipals"),
+            &s.not_principals,
+            pattern::principal,
+            false,
+        )?,
         namespaces: patterns(&format!("{at}.namespaces"), &s.namespaces, pattern::namespace, false)?,
-        not_namespaces: patterns(&format!("{at}.notNamespaces"), &s.not_namespaces, pattern::namespace, false)?,
+        not_namespaces: patterns(
+            &format!("{at}.notNamespaces"),
+            &s.not_namespaces,
+            pattern::namespace,
+            false,
+        )?,
     })
 }
 
 fn compile_operation(at: &str, o: &AuthzOperation, ignore_path_case: bool) -> Result<Operation, InvalidPolicy> {
     let path = |s: &str| pattern::path(s, ignore_path_case);
     let ports = |f: &str, v: &Option<Vec<u32>>| {
-        list(f, v, |at, p: &u32| pattern::port(*p).map_err(|reason| InvalidPolicy { field: at.into(), reason }))
+        list(f, v, |at, p: &u32| {
+            pattern::port(*p).map_err(|reason| InvalidPolicy {
+                field: at.into(),
+                reason,
+            })
+        })
     };
     let methods = |f: &str, v: &Option<Vec<String>>| {
-        list(f, v, |at, m: &String| pattern::method(m).map_err(|reason| InvalidPolicy { field: at.into(), reason }))
+        list(f, v, |at, m: &String| {
+            pattern::method(m).map_err(|reason| InvalidPolicy {
+                field: at.into(),
+                reason,
+            })
+        })
     };
-    Ok(Operation {
+    let mut op = Operation {
         ports: ports(&format!("{at}.ports"), &o.ports)?,
         not_ports: ports(&format!("{at}.notPorts"), &o.not_ports)?,
         hosts: patterns(&format!("{at}.hosts"), &o.hosts, pattern::host, true)?,
@@ -243,7 +289,10 @@ fn compile_operation(at: &str, o: &AuthzOperation, ignore_path_case: bool) -> Re
         not_methods: methods(&format!("{at}.notMethods"), &o.not_methods)?,
         paths: patterns(&format!("{at}.paths"), &o.paths, path, ignore_path_case)?,
         not_paths: patterns(&format!("{at}.notPaths"), &o.not_paths, path, ignore_path_case)?,
-    })
+        http: false,
+    };
+    op.http = op.sets_http_fields();
+    Ok(op)
 }
 
 fn compile_condition(at: &str, c: &AuthzCondition) -> Result<Condition, InvalidPolicy> {
@@ -278,7 +327,11 @@ fn list<S, T>(
             reason: "an empty list is ambiguous (nothing? anything?): omit the field to not constrain it".into(),
         });
     }
-    v.iter().enumerate().map(|(i, s)| f(&format!("{field}[{i}]"), s)).collect::<Result<_, _>>().map(Some)
+    v.iter()
+        .enumerate()
+        .map(|(i, s)| f(&format!("{field}[{i}]"), s))
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 fn patterns(
@@ -287,6 +340,11 @@ fn patterns(
     parse: impl Fn(&str) -> Result<Pattern, String>,
     fold_case: bool,
 ) -> Result<Option<Patterns>, InvalidPolicy> {
-    let list = list(field, v, |at, s: &String| parse(s).map_err(|reason| InvalidPolicy { field: at.into(), reason }))?;
+    let list = list(field, v, |at, s: &String| {
+        parse(s).map_err(|reason| InvalidPolicy {
+            field: at.into(),
+            reason,
+        })
+    })?;
     Ok(list.map(|list| Patterns { list, fold_case }))
 }

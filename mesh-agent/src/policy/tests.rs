@@ -23,16 +23,35 @@ fn peer(sa: &str) -> Option<Peer> {
 }
 
 /// One HTTP check: `who` is "ns/sa" or "-"; `headers` as "name: value".
-fn http(wp: &WorkloadPolicy, who: &str, port: u16, method: &str, target: &str, host: &str, headers: &[&str]) -> (bool, Option<String>, Reason) {
+fn http(
+    wp: &WorkloadPolicy,
+    who: &str,
+    port: u16,
+    method: &str,
+    target: &str,
+    host: &str,
+    headers: &[&str],
+) -> (bool, Option<String>, Reason) {
     let peer = peer(who);
     let path = normalize_path(target).unwrap();
     let mut map = HeaderMap::new();
     for h in headers {
         let (k, v) = h.split_once(": ").unwrap();
-        map.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        map.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
     }
-    let conn = Connection { peer: peer.as_ref(), port };
-    let req = Request { method, path: &path, host, headers: &map };
+    let conn = Connection {
+        peer: peer.as_ref(),
+        port,
+    };
+    let req = Request {
+        method,
+        path: &path,
+        host,
+        headers: &map,
+    };
     let d = wp.check_http(&conn, &req);
     assert!(!d.to_string().is_empty());
     (d.allowed, d.policy.map(str::to_owned), d.reason)
@@ -40,7 +59,10 @@ fn http(wp: &WorkloadPolicy, who: &str, port: u16, method: &str, target: &str, h
 
 fn tcp(wp: &WorkloadPolicy, who: &str, port: u16) -> (bool, Option<String>, Reason) {
     let peer = peer(who);
-    let d = wp.check_connection(&Connection { peer: peer.as_ref(), port });
+    let d = wp.check_connection(&Connection {
+        peer: peer.as_ref(),
+        port,
+    });
     (d.allowed, d.policy.map(str::to_owned), d.reason)
 }
 
@@ -123,7 +145,19 @@ fn http_decisions() {
     let db = authz.for_workload("shop", &labels("db"));
     assert!(elsewhere.is_empty() && !api.is_empty() && api.uses_http_attributes());
     let h = "api.shop";
-    type Row<'a> = (&'a str, &'a WorkloadPolicy, &'a str, u16, &'a str, &'a str, &'a str, &'a [&'a str], bool, Option<&'a str>, Reason);
+    type Row<'a> = (
+        &'a str,
+        &'a WorkloadPolicy,
+        &'a str,
+        u16,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a [&'a str],
+        bool,
+        Option<&'a str>,
+        Reason,
+    );
     #[rustfmt::skip]
     let table: &[Row] = &[
         // one principal: GET allowed, POST denied
@@ -182,7 +216,11 @@ fn http_decisions() {
     ];
     for (what, wp, who, port, method, target, host, headers, allowed, policy, reason) in table {
         let got = http(wp, who, *port, method, target, host, headers);
-        assert_eq!(got, (*allowed, policy.map(str::to_owned), *reason), "{what}: {who} {method} {target}");
+        assert_eq!(
+            got,
+            (*allowed, policy.map(str::to_owned), *reason),
+            "{what}: {who} {method} {target}"
+        );
     }
 }
 
@@ -211,7 +249,11 @@ fn l4_decisions() {
     ];
     for (what, wp, who, port, allowed, policy, reason) in table {
         let got = tcp(wp, who, *port);
-        assert_eq!(got, (*allowed, policy.map(str::to_owned), *reason), "{what}: {who} :{port}");
+        assert_eq!(
+            got,
+            (*allowed, policy.map(str::to_owned), *reason),
+            "{what}: {who} :{port}"
+        );
     }
 }
 
@@ -236,7 +278,10 @@ fn l4_identity_rules_without_http_denies() {
     assert!(wp.uses_http_attributes());
     assert!(tcp(&wp, "ops/anyone", 1).0);
     assert!(tcp(&wp, "shop/web", 443).0);
-    assert!(tcp(&wp, "shop/web", 8080).0, "an entry without HTTP fields still allows TCP");
+    assert!(
+        tcp(&wp, "shop/web", 8080).0,
+        "an entry without HTTP fields still allows TCP"
+    );
     assert!(!tcp(&wp, "shop/web", 22).0, "the GET entry cannot allow TCP");
     assert!(!tcp(&wp, "shop/other", 80).0);
     assert!(!tcp(&wp, "-", 80).0);
@@ -308,7 +353,12 @@ fn bypass_attempts_are_denied_or_refused() {
                 for method in ["GET", "POST"] {
                     let conn = Connection { peer: None, port: 80 };
                     let headers = HeaderMap::new();
-                    let req = Request { method, path: &path, host: "x", headers: &headers };
+                    let req = Request {
+                        method,
+                        path: &path,
+                        host: "x",
+                        headers: &headers,
+                    };
                     let d = wp.check_http(&conn, &req);
                     assert!(!d.allowed, "{target:?} (as {path}) was allowed");
                     assert_eq!(d.policy, Some("shop/deny-admin"), "{target:?}");
@@ -364,7 +414,10 @@ fn an_invalid_policy_denies_what_it_selects() {
     assert_eq!(got, (false, Some("shop/web-get-only".into()), Reason::InvalidPolicy));
     assert!(!tcp(&api, "ops/deploy", 8080).0);
     let other = authz.for_workload("shop", &labels("other"));
-    assert!(http(&other, "ops/deploy", 8080, "GET", "/", "h", &[]).0, "the selector still scopes it");
+    assert!(
+        http(&other, "ops/deploy", 8080, "GET", "/", "h", &[]).0,
+        "the selector still scopes it"
+    );
 }
 
 #[test]
@@ -411,6 +464,14 @@ fn validation_names_the_field() {
 }
 
 #[test]
+fn policies_round_trip_through_the_schema() {
+    let ps = policies(SHOP);
+    let yaml = serde_yaml::to_string(&ps).unwrap();
+    assert!(yaml.contains("notNamespaces") && !yaml.contains("ignorePathCase") && !yaml.contains("null"), "{yaml}");
+    assert_eq!(serde_yaml::from_str::<Vec<AuthorizationPolicy>>(&yaml).unwrap(), ps);
+}
+
+#[test]
 fn hosts_for_matching() {
     for (h, want) in [
         ("a.com", "a.com"),
@@ -439,12 +500,24 @@ fn index_agrees_with_a_linear_scan() {
     let pick = |rng: &mut StdRng, xs: &[&'static str]| xs[rng.gen_range(0..xs.len())];
     let (mut allowed, mut denied) = (0, 0);
     for _ in 0..5000 {
-        let who = format!("{}/{}", pick(&mut rng, &["shop", "ops", "batch", "x"]), pick(&mut rng, &["web", "sa3", "sa7", "admin", "db"]));
+        let who = format!(
+            "{}/{}",
+            pick(&mut rng, &["shop", "ops", "batch", "x"]),
+            pick(&mut rng, &["web", "sa3", "sa7", "admin", "db"])
+        );
         let who = if rng.gen_bool(0.1) { "-".to_string() } else { who };
-        let target = format!("/{}/{}", pick(&mut rng, &["api", "admin", "public", "v1"]), pick(&mut rng, &["p3", "p7", "x", "s/t.css"]));
-        let method = pick(&mut rng, &["GET", "POST", "DELETE"]);
+        let target = format!(
+            "/{}/{}",
+            pick(&mut rng, &["api", "admin", "public", "v1"]),
+            pick(&mut rng, &["p3", "p7", "x", "s/t.css"])
+        );
+        let method = pick(&mut rng, &["GET", "POST", "DELETE", "get", "Post"]);
+        let upper = method.to_ascii_uppercase();
         let port = [80, 8080, 9090][rng.gen_range(0..3)];
-        let host = pick(&mut rng, &["api.shop", "API.Example.com:80", "x.example.com", "example.com"]);
+        let host = pick(
+            &mut rng,
+            &["api.shop", "API.Example.com:80", "x.example.com", "example.com"],
+        );
         let peer = peer(&who);
         let path = normalize_path(&target).unwrap();
         let mut headers = HeaderMap::new();
@@ -452,16 +525,44 @@ fn index_agrees_with_a_linear_scan() {
             let v = HeaderValue::from_static(pick(&mut rng, &["a", "b", "c"]));
             headers.append(pick(&mut rng, &["x-user", "x-team", "accept"]), v);
         }
-        let conn = Connection { peer: peer.as_ref(), port };
-        let req = Request { method, path: &path, host, headers: &headers };
-        let ctx_http = Ctx { peer: conn.peer, port, http: Some(HttpCtx { method, path: path.path(), host: host_for_match(host), headers: &headers }) };
-        let ctx_l4 = Ctx { peer: conn.peer, port, http: None };
+        let conn = Connection {
+            peer: peer.as_ref(),
+            port,
+        };
+        let req = Request {
+            method,
+            path: &path,
+            host,
+            headers: &headers,
+        };
+        let ctx_http = Ctx {
+            peer: conn.peer,
+            port,
+            http: Some(HttpCtx {
+                method: &upper,
+                path: path.path(),
+                host: host_for_match(host),
+                headers: &headers,
+            }),
+        };
+        let ctx_l4 = Ctx {
+            peer: conn.peer,
+            port,
+            http: None,
+        };
         let d = wp.check_http(&conn, &req);
         assert_eq!(d, linear(&wp, &ctx_http), "{who} {method} {target} :{port}");
-        if d.allowed { allowed += 1 } else { denied += 1 }
+        if d.allowed {
+            allowed += 1
+        } else {
+            denied += 1
+        }
         assert_eq!(wp.check_connection(&conn), linear(&wp, &ctx_l4), "L4 {who} :{port}");
     }
-    assert!(allowed > 100 && denied > 100, "a table that exercises both: {allowed} allowed, {denied} denied");
+    assert!(
+        allowed > 100 && denied > 100,
+        "a table that exercises both: {allowed} allowed, {denied} denied"
+    );
 }
 
 fn linear<'a>(wp: &'a WorkloadPolicy, ctx: &Ctx<'_>) -> Decision<'a> {
@@ -470,15 +571,35 @@ fn linear<'a>(wp: &'a WorkloadPolicy, ctx: &Ctx<'_>) -> Decision<'a> {
     };
     if let Some(id) = first(AuthzAction::Deny) {
         let p = wp.policy_of(id);
-        let reason = if p.invalid { Reason::InvalidPolicy } else { Reason::DenyMatched };
-        return Decision { allowed: false, policy: Some(&p.id), reason };
+        let reason = if p.invalid {
+            Reason::InvalidPolicy
+        } else {
+            Reason::DenyMatched
+        };
+        return Decision {
+            allowed: false,
+            policy: Some(&p.id),
+            reason,
+        };
     }
     if let Some(id) = first(AuthzAction::Allow) {
-        return Decision { allowed: true, policy: Some(&wp.policy_of(id).id), reason: Reason::AllowMatched };
+        return Decision {
+            allowed: true,
+            policy: Some(&wp.policy_of(id).id),
+            reason: Reason::AllowMatched,
+        };
     }
     match wp.has_allow {
-        true => Decision { allowed: false, policy: None, reason: Reason::NoAllowMatched },
-        false => Decision { allowed: true, policy: None, reason: Reason::NoAllowPolicy },
+        true => Decision {
+            allowed: false,
+            policy: None,
+            reason: Reason::NoAllowMatched,
+        },
+        false => Decision {
+            allowed: true,
+            policy: None,
+            reason: Reason::NoAllowPolicy,
+        },
     }
 }
 
@@ -491,13 +612,21 @@ fn generated_policies(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<Authorizati
         0 => format!("{TD}/ns/ops/*"),
         1 => "*/sa/admin".to_string(),
         2 => "*".to_string(),
-        _ => format!("{TD}/ns/{}/sa/sa{}", ["shop", "ops", "batch"][rng.gen_range(0..3)], rng.gen_range(0..10)),
+        _ => format!(
+            "{TD}/ns/{}/sa/sa{}",
+            ["shop", "ops", "batch"][rng.gen_range(0..3)],
+            rng.gen_range(0..10)
+        ),
     };
     let path = |rng: &mut rand::rngs::StdRng| match rng.gen_range(0..10) {
         0 => format!("/{}/*", ["api", "admin", "public"][rng.gen_range(0..3)]),
         1 => ["*.css", "*css", "*t.css"][rng.gen_range(0..3)].to_string(),
         2 => "*/x".to_string(),
-        _ => format!("/{}/p{}", ["api", "admin", "v1"][rng.gen_range(0..3)], rng.gen_range(0..10)),
+        _ => format!(
+            "/{}/p{}",
+            ["api", "admin", "v1"][rng.gen_range(0..3)],
+            rng.gen_range(0..10)
+        ),
     };
     (0..n)
         .map(|i| {
@@ -527,12 +656,24 @@ fn generated_policies(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<Authorizati
                 let header = ["x-user", "x-team", "Accept"][rng.gen_range(0..3)].to_string();
                 let values = Some(vec![["a", "b*", "*"][rng.gen_range(0..3)].to_string()]);
                 rule.when = Some(vec![if rng.gen_bool(0.7) {
-                    crate::state::AuthzCondition { header, values, not_values: None }
+                    crate::state::AuthzCondition {
+                        header,
+                        values,
+                        not_values: None,
+                    }
                 } else {
-                    crate::state::AuthzCondition { header, values: None, not_values: values }
+                    crate::state::AuthzCondition {
+                        header,
+                        values: None,
+                        not_values: values,
+                    }
                 }]);
             }
-            let action = if rng.gen_bool(0.1) { AuthzAction::Deny } else { AuthzAction::Allow };
+            let action = if rng.gen_bool(0.1) {
+                AuthzAction::Deny
+            } else {
+                AuthzAction::Allow
+            };
             if action == AuthzAction::Deny && rng.gen_bool(0.8) {
                 // Mostly narrow denies, or nothing would ever be allowed.
                 src.principals = Some(vec![format!("{TD}/ns/shop/sa/sa{}", rng.gen_range(0..10))]);
