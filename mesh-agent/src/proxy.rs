@@ -39,6 +39,7 @@ use crate::{
     tls::TlsStats,
 };
 
+mod authz;
 mod inbound;
 mod outbound;
 mod pool;
@@ -88,6 +89,8 @@ pub struct PodStats {
     pub inbound_plaintext: AtomicU64,
     pub inbound_plaintext_refused: AtomicU64,
     pub inbound_failed: AtomicU64,
+    /// Inbound connections refused by authorization policy, by policy.
+    pub inbound_denied: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Verified client identities of tunnel streams delivered to the pod.
     pub inbound_peers: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Verified server identities of the pod's outbound tunnels.
@@ -110,6 +113,7 @@ pub struct PodStatsView {
     inbound_plaintext: u64,
     inbound_plaintext_refused: u64,
     inbound_failed: u64,
+    inbound_denied: std::collections::BTreeMap<String, u64>,
     inbound_peers: std::collections::BTreeMap<String, u64>,
     outbound_peers: std::collections::BTreeMap<String, u64>,
 }
@@ -127,6 +131,7 @@ impl PodStats {
             inbound_plaintext: l(&self.inbound_plaintext),
             inbound_plaintext_refused: l(&self.inbound_plaintext_refused),
             inbound_failed: l(&self.inbound_failed),
+            inbound_denied: self.inbound_denied.lock().expect("poisoned").clone(),
             inbound_peers: self.inbound_peers.lock().expect("poisoned").clone(),
             outbound_peers: self.outbound_peers.lock().expect("poisoned").clone(),
         }
@@ -158,6 +163,7 @@ pub struct Proxy {
     certs: CertManager,
     tls_stats: Arc<TlsStats>,
     pool: pool::Pool,
+    authz: authz::Cache,
     ports: Ports,
     /// Every connection task, so shutdown can wait for them to finish.
     connections: TaskTracker,
@@ -212,6 +218,7 @@ impl Proxy {
             certs,
             tls_stats,
             pool: pool::Pool::default(),
+            authz: authz::Cache::default(),
             ports,
             connections: TaskTracker::new(),
             next_endpoint: AtomicUsize::new(0),

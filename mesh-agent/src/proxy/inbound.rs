@@ -34,6 +34,10 @@ impl Proxy {
             let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
             return;
         }
+        if self.authorize_connection(pod, None, target.port()).is_err() {
+            let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        }
         pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
         match connect_from(&pod.netns, target).await {
             Ok(mut app) => {

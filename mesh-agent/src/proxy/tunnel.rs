@@ -92,6 +92,15 @@ impl Proxy {
                 format!("{target} is not an address of pod {}", pod.key),
             );
         }
+        let peer_for_policy = crate::policy::Peer::new(client_id);
+        if let Err(reason) = self.authorize_connection(&pod, Some(&peer_for_policy), target.port()) {
+            let mut res = Response::new(Empty::new());
+            *res.status_mut() = StatusCode::FORBIDDEN;
+            if let Ok(v) = http::HeaderValue::from_str(&reason) {
+                res.headers_mut().insert(REASON_HEADER, v);
+            }
+            return res;
+        }
         let app = match connect_from(&pod.netns, target).await {
             Ok(s) => s,
             Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("connect to {target} failed: {e}")),

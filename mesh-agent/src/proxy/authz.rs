@@ -1,0 +1,72 @@
+//! Connection-level (L4) authorization on the inbound side: the destination
+//! pod's agent decides, from the verified peer identity (or none, for
+//! plaintext) and the destination port, before it connects to the app.
+//!
+//! Until the HTTP layer lands, every connection is checked at L4: a DENY
+//! rule that names HTTP attributes (methods, paths, headers) denies whole
+//! connections to the workloads it selects, and an ALLOW rule that needs
+//! them never matches. Enforcement can only be stricter than intended,
+//! never looser.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use super::{PodHandle, Proxy};
+use crate::{
+    policy::{Authorizer, Connection, Peer, WorkloadPolicy},
+    state::{PodKey, Snapshot},
+};
+
+/// Compiled policies for the current snapshot, and per local workload.
+#[derive(Default)]
+pub struct Cache {
+    inner: Mutex<Option<Compiled>>,
+}
+
+struct Compiled {
+    snapshot: Snapshot,
+    authorizer: Authorizer,
+    workloads: HashMap<PodKey, Arc<WorkloadPolicy>>,
+}
+
+impl Cache {
+    /// The policy of `pod` under `snapshot`, compiled once per snapshot.
+    fn workload(&self, snapshot: &Snapshot, pod: &PodKey) -> Arc<WorkloadPolicy> {
+        let mut inner = self.inner.lock().expect("poisoned");
+        if inner.as_ref().is_none_or(|c| !Arc::ptr_eq(&c.snapshot, snapshot)) {
+            let authorizer = Authorizer::from_state(snapshot);
+            for (name, e) in authorizer.invalid() {
+                tracing::error!(policy = %name, error = %e, "authorization policy does not compile: it denies everything it selects");
+            }
+            *inner = Some(Compiled { snapshot: snapshot.clone(), authorizer, workloads: HashMap::new() });
+        }
+        let c = inner.as_mut().expect("set above");
+        if let Some(w) = c.workloads.get(pod) {
+            return w.clone();
+        }
+        let labels = snapshot.pods.get(pod).map(|p| p.labels.clone()).unwrap_or_default();
+        let w = Arc::new(c.authorizer.for_workload(&pod.namespace, &labels));
+        c.workloads.insert(pod.clone(), w.clone());
+        w
+    }
+}
+
+impl Proxy {
+    /// `Err(reason)` when policy refuses a connection from `peer` (None:
+    /// plaintext) to `port` of `pod`; counted and logged with the policy.
+    pub(super) fn authorize_connection(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> Result<(), String> {
+        let snapshot = self.state.borrow().clone();
+        let wp = self.authz.workload(&snapshot, &pod.key);
+        let decision = wp.check_connection(&Connection { peer, port });
+        if decision.allowed {
+            return Ok(());
+        }
+        let policy = decision.policy.unwrap_or("(default deny)").to_owned();
+        *pod.stats.inbound_denied.lock().expect("poisoned").entry(policy.clone()).or_default() += 1;
+        let who = peer.map(|p| p.principal().to_owned()).unwrap_or_else(|| "plaintext client".into());
+        tracing::info!(pod = %pod.key, peer = %who, port, %policy, "connection denied by authorization policy: {decision}");
+        Err(decision.to_string())
+    }
+}
