@@ -121,6 +121,8 @@ struct ServicePortSpec {
     port: u16,
     #[serde(default)]
     target_port: Option<u16>,
+    #[serde(default)]
+    app_protocol: Option<String>,
 }
 
 /// Reads and validates the file.
@@ -269,6 +271,7 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
                 name: sp.name.clone(),
                 port: sp.port,
                 target_port: sp.target_port.unwrap_or(sp.port),
+                app_protocol: sp.app_protocol.clone(),
             });
         }
         services.push(state::Service {

@@ -40,6 +40,7 @@ use crate::{
 };
 
 mod authz;
+mod http_inbound;
 mod inbound;
 mod outbound;
 mod pool;
@@ -89,6 +90,8 @@ pub struct PodStats {
     pub inbound_plaintext: AtomicU64,
     pub inbound_plaintext_refused: AtomicU64,
     pub inbound_failed: AtomicU64,
+    /// HTTP requests refused before policy: unsafe request targets.
+    pub http_rejected: AtomicU64,
     /// Inbound connections refused by authorization policy, by policy.
     pub inbound_denied: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Verified client identities of tunnel streams delivered to the pod.
@@ -113,6 +116,7 @@ pub struct PodStatsView {
     inbound_plaintext: u64,
     inbound_plaintext_refused: u64,
     inbound_failed: u64,
+    http_rejected: u64,
     inbound_denied: std::collections::BTreeMap<String, u64>,
     inbound_peers: std::collections::BTreeMap<String, u64>,
     outbound_peers: std::collections::BTreeMap<String, u64>,
@@ -131,6 +135,7 @@ impl PodStats {
             inbound_plaintext: l(&self.inbound_plaintext),
             inbound_plaintext_refused: l(&self.inbound_plaintext_refused),
             inbound_failed: l(&self.inbound_failed),
+            http_rejected: l(&self.http_rejected),
             inbound_denied: self.inbound_denied.lock().expect("poisoned").clone(),
             inbound_peers: self.inbound_peers.lock().expect("poisoned").clone(),
             outbound_peers: self.outbound_peers.lock().expect("poisoned").clone(),
@@ -158,6 +163,8 @@ impl Default for Ports {
 
 /// Shared by every listener and connection of this agent.
 pub struct Proxy {
+    /// This proxy, for tasks spawned from `&self` methods.
+    me: std::sync::Weak<Proxy>,
     state: watch::Receiver<Snapshot>,
     orig_dst: Arc<dyn OrigDstLookup>,
     certs: CertManager,
@@ -212,7 +219,8 @@ impl Proxy {
         ports: Ports,
         runtime: tokio::runtime::Handle,
     ) -> Arc<Self> {
-        let proxy = Arc::new(Self {
+        let proxy = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             state,
             orig_dst,
             certs,
@@ -311,7 +319,7 @@ impl Proxy {
                     match kind {
                         Kind::Outbound => this.outbound(stream, peer, &pod).await,
                         Kind::Tunnel(tls) => this.tunnel_inbound(stream, peer, pod, tls).await,
-                        Kind::Plaintext => this.plaintext_inbound(stream, peer, &pod).await,
+                        Kind::Plaintext => this.plaintext_inbound(stream, peer, pod).await,
                     }
                 },
                 span,
@@ -328,6 +336,10 @@ impl Proxy {
             return self.connections.len();
         }
         0
+    }
+
+    fn self_arc(&self) -> Arc<Proxy> {
+        self.me.upgrade().expect("a proxy method runs while the proxy is alive")
     }
 
     pub fn open_connections(&self) -> usize {

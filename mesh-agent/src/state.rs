@@ -61,6 +61,25 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub target_port: u16,
+    /// Kubernetes `appProtocol`, if declared.
+    pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// HTTP by declaration: `appProtocol` http/http2/grpc (or `kubernetes.io/h2c`),
+    /// or a port name `http`, `http2`, `grpc` or one of those followed by `-...`
+    /// (Istio's convention).
+    pub fn is_http(&self) -> bool {
+        let declared = |p: &str| {
+            let p = p.to_ascii_lowercase();
+            ["http", "http2", "grpc", "grpc-web", "kubernetes.io/h2c"].contains(&p.as_str())
+        };
+        if let Some(p) = &self.app_protocol {
+            return declared(p);
+        }
+        let name = self.name.to_ascii_lowercase();
+        ["http", "http2", "grpc"].iter().any(|p| name == *p || name.starts_with(&format!("{p}-")))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -249,6 +268,18 @@ impl MeshState {
     pub fn with_authorization_policies(mut self, policies: Vec<AuthorizationPolicy>) -> Self {
         self.authorization_policies = policies;
         self
+    }
+
+    /// Whether `port` of `pod` speaks HTTP, as declared by a service that
+    /// selects the pod with that target port.
+    pub fn is_http_port(&self, pod: &PodKey, port: u16) -> bool {
+        let Some(p) = self.pods.get(pod) else { return false };
+        self.services.iter().any(|svc| {
+            svc.namespace == p.key.namespace
+                && !svc.selector.is_empty()
+                && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                && svc.ports.iter().any(|sp| sp.target_port == port && sp.is_http())
+        })
     }
 
     /// The peer-authentication mode that applies to `pod`: the first policy

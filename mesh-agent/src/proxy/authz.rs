@@ -33,7 +33,7 @@ struct Compiled {
 
 impl Cache {
     /// The policy of `pod` under `snapshot`, compiled once per snapshot.
-    fn workload(&self, snapshot: &Snapshot, pod: &PodKey) -> Arc<WorkloadPolicy> {
+    pub(super) fn workload(&self, snapshot: &Snapshot, pod: &PodKey) -> Arc<WorkloadPolicy> {
         let mut inner = self.inner.lock().expect("poisoned");
         if inner.as_ref().is_none_or(|c| !Arc::ptr_eq(&c.snapshot, snapshot)) {
             let authorizer = Authorizer::from_state(snapshot);

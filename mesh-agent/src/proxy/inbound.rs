@@ -10,7 +10,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
 };
 
 use tokio::net::TcpStream;
@@ -19,7 +19,7 @@ use super::{PodHandle, Proxy, connect_from};
 use crate::state::PeerAuthMode;
 
 impl Proxy {
-    pub(super) async fn plaintext_inbound(&self, mut client: TcpStream, peer: SocketAddr, pod: &PodHandle) {
+    pub(super) async fn plaintext_inbound(&self, mut client: TcpStream, peer: SocketAddr, pod: Arc<PodHandle>) {
         let target = match client.local_addr() {
             Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
             Err(e) => {
@@ -34,7 +34,12 @@ impl Proxy {
             let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
             return;
         }
-        if self.authorize_connection(pod, None, target.port()).is_err() {
+        if self.state.borrow().is_http_port(&pod.key, target.port()) {
+            pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
+            self.self_arc().serve_http_inbound(client, pod, None, target).await;
+            return;
+        }
+        if self.authorize_connection(&pod, None, target.port()).is_err() {
             let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
             return;
         }

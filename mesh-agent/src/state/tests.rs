@@ -37,7 +37,7 @@ fn state() -> MeshState {
             namespace: "shop".into(),
             ips: vec!["198.51.100.250".parse().unwrap()],
             selector: [("app".to_string(), "b".to_string())].into(),
-            ports: vec![ServicePort { name: "http".into(), port: 80, target_port: 8080 }],
+            ports: vec![ServicePort { name: "http".into(), port: 80, target_port: 8080, app_protocol: None }],
         }],
     )
 }
@@ -90,4 +90,21 @@ fn peer_authentication_workload_beats_namespace() {
     assert_eq!(s.peer_auth_mode(&key("b1")), PeerAuthMode::Permissive);
     let legacy = PodKey { namespace: "legacy".into(), name: "c".into() };
     assert_eq!(s.peer_auth_mode(&legacy), PeerAuthMode::Permissive, "default");
+}
+
+#[test]
+fn http_ports_by_declaration() {
+    let s = state();
+    let b1 = PodKey { namespace: "shop".into(), name: "b1".into() };
+    assert!(s.is_http_port(&b1, 8080), "port named http");
+    assert!(!s.is_http_port(&b1, 80), "service port, not target port");
+    let a = PodKey { namespace: "shop".into(), name: "a".into() };
+    assert!(!s.is_http_port(&a, 8080), "not selected");
+    let p = |name: &str, proto: Option<&str>| ServicePort { name: name.into(), port: 1, target_port: 1, app_protocol: proto.map(Into::into) };
+    assert!(p("http-web", None).is_http());
+    assert!(p("grpc", None).is_http());
+    assert!(!p("tcp", None).is_http());
+    assert!(!p("httpx", None).is_http());
+    assert!(p("tcp", Some("HTTP")).is_http());
+    assert!(!p("http", Some("tcp")).is_http(), "appProtocol wins");
 }

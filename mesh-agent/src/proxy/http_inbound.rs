@@ -1,0 +1,204 @@
+//! Inbound HTTP: for a pod port declared HTTP (by a service's `appProtocol`
+//! or port name), the destination agent terminates HTTP/1.1 or HTTP/2 (h2c)
+//! on the stream it delivers, authorizes **each request** with the pod's
+//! policies, and forwards the allowed ones to the app.
+//!
+//! - The request target is normalized first (`policy::normalize_path`); a
+//!   target that cannot be normalized safely gets 400, and the request the
+//!   app receives carries exactly the normalized target that was checked.
+//! - A `Host` header that disagrees with the HTTP/2 `:authority` gets 400:
+//!   policies must see what the app sees.
+//! - Malformed requests (bad syntax, conflicting `Content-Length` /
+//!   `Transfer-Encoding`, oversized headers) are refused by hyper with 400
+//!   before any of this runs, and never forwarded.
+//! - Headers that claim an identity are stripped from the client's request;
+//!   the verified peer identity goes to the app in `x-mesh-peer-identity`
+//!   (absent for plaintext clients).
+//! - A denied request gets 403 with a short body naming the policy; it is
+//!   logged and counted (`inboundDenied`), and the app never sees it.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{PodHandle, Proxy, connect_from};
+use crate::{
+    identity::SpiffeId,
+    policy::{self, Connection, Peer},
+};
+
+/// The header carrying the verified client identity to the application.
+pub const PEER_IDENTITY_HEADER: &str = "x-mesh-peer-identity";
+/// Client-sent headers that claim an identity; never passed through.
+const IDENTITY_HEADERS: [&str; 3] = [PEER_IDENTITY_HEADER, "x-forwarded-client-cert", "x-client-spiffe-id"];
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn local(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(text + "\n")).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// One upstream HTTP connection to the app per downstream connection, of the
+/// downstream's HTTP version, opened on the first request.
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+struct Conn {
+    pod: Arc<PodHandle>,
+    peer: Option<(SpiffeId, Peer)>,
+    target: SocketAddr,
+    upstream: tokio::sync::Mutex<Option<Upstream>>,
+}
+
+impl Proxy {
+    /// Serves HTTP on `io` (a tunnel stream or a captured plaintext
+    /// connection) for `target` inside `pod`, until the client closes it.
+    pub(super) async fn serve_http_inbound<IO>(
+        self: Arc<Self>,
+        io: IO,
+        pod: Arc<PodHandle>,
+        peer: Option<SpiffeId>,
+        target: SocketAddr,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = Arc::new(Conn {
+            pod,
+            peer: peer.map(|id| {
+                let p = Peer::new(&id);
+                (id, p)
+            }),
+            target,
+            upstream: tokio::sync::Mutex::new(None),
+        });
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(this.http_request(&conn, req).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
+            tracing::debug!(%target, error = %e, "inbound HTTP connection ended");
+        }
+    }
+
+    async fn http_request(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
+        let pod = &conn.pod;
+        let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+        let path = match policy::normalize_path(&target) {
+            Ok(p) => p,
+            Err(e) => {
+                pod.stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(pod = %pod.key, %target, error = %e, "request refused: unsafe request target");
+                return local(StatusCode::BAD_REQUEST, format!("bad request target: {e}"));
+            }
+        };
+        let host_header = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+        let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+        if let (Some(h), Some(a)) = (&host_header, &authority)
+            && !h.eq_ignore_ascii_case(a)
+        {
+            return local(StatusCode::BAD_REQUEST, format!("Host {h:?} disagrees with :authority {a:?}"));
+        }
+        let host = authority.or(host_header).unwrap_or_default();
+        let decision = {
+            let snapshot = self.state.borrow().clone();
+            let wp = self.authz.workload(&snapshot, &pod.key);
+            let c = Connection { peer: conn.peer.as_ref().map(|(_, p)| p), port: conn.target.port() };
+            let d = wp.check_http(&c, &policy::Request { method: req.method().as_str(), path: &path, host: &host, headers: req.headers() });
+            (d.allowed, d.policy.map(str::to_owned), d.to_string())
+        };
+        if !decision.0 {
+            let name = decision.1.unwrap_or_else(|| "(default deny)".into());
+            *pod.stats.inbound_denied.lock().expect("poisoned").entry(name.clone()).or_default() += 1;
+            let who = conn.peer.as_ref().map(|(id, _)| id.to_string()).unwrap_or_else(|| "plaintext client".into());
+            tracing::info!(pod = %pod.key, peer = %who, method = %req.method(), path = path.as_str(), policy = %name, "request denied by authorization policy");
+            return local(StatusCode::FORBIDDEN, format!("RBAC: access denied ({})", decision.2));
+        }
+        // Forward exactly what was checked.
+        if path.as_str() != target {
+            match http::uri::PathAndQuery::try_from(path.as_str()) {
+                Ok(pq) => {
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.path_and_query = Some(pq);
+                    if let Ok(uri) = http::Uri::from_parts(parts) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+                Err(e) => return local(StatusCode::BAD_REQUEST, format!("bad request target: {e}")),
+            }
+        }
+        for h in IDENTITY_HEADERS {
+            req.headers_mut().remove(h);
+        }
+        if let Some((id, _)) = &conn.peer
+            && let Ok(v) = HeaderValue::from_str(&id.to_string())
+        {
+            req.headers_mut().insert(PEER_IDENTITY_HEADER, v);
+        }
+        match self.forward(conn, req).await {
+            Ok(res) => res.map(|b| b.boxed()),
+            Err(e) => {
+                tracing::info!(pod = %pod.key, target = %conn.target, error = %e, "the application did not answer");
+                local(StatusCode::SERVICE_UNAVAILABLE, format!("upstream {} unavailable: {e}", conn.target))
+            }
+        }
+    }
+
+    async fn forward(&self, conn: &Conn, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+        let h2 = req.version() == http::Version::HTTP_2;
+        let mut guard = conn.upstream.lock().await;
+        let usable = match guard.as_ref() {
+            Some(Upstream::H1(s)) => !h2 && !s.is_closed(),
+            Some(Upstream::H2(s)) => h2 && !s.is_closed(),
+            None => false,
+        };
+        if !usable {
+            let tcp = connect_from(&conn.pod.netns, conn.target).await.map_err(|e| e.to_string())?;
+            let io = TokioIo::new(tcp);
+            *guard = Some(if h2 {
+                let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(|e| e.to_string())?;
+                tokio::spawn(c);
+                Upstream::H2(s)
+            } else {
+                let (s, c) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+                tokio::spawn(c.with_upgrades());
+                Upstream::H1(s)
+            });
+        }
+        match guard.as_mut().expect("set above") {
+            Upstream::H1(s) => {
+                s.ready().await.map_err(|e| e.to_string())?;
+                // HTTP/1.1: one request at a time on this connection; the
+                // lock is held until the response head arrives.
+                s.send_request(req).await.map_err(|e| e.to_string())
+            }
+            Upstream::H2(s) => {
+                let mut s = s.clone();
+                drop(guard);
+                let mut req = req;
+                // HTTP/2 to the app: the URI carries scheme and authority.
+                if req.uri().scheme().is_none() {
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.scheme = Some(http::uri::Scheme::HTTP);
+                    parts.authority = parts.authority.or_else(|| conn.target.to_string().parse().ok());
+                    if let Ok(uri) = http::Uri::from_parts(parts) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+                s.send_request(req).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
