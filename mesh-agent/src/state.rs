@@ -65,20 +65,35 @@ pub struct ServicePort {
     pub app_protocol: Option<String>,
 }
 
+/// The HTTP version an application serves on a declared HTTP port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppHttp {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), including gRPC.
+    Http2,
+}
+
 impl ServicePort {
     /// HTTP by declaration: `appProtocol` http/http2/grpc (or `kubernetes.io/h2c`),
     /// or a port name `http`, `http2`, `grpc` or one of those followed by `-...`
     /// (Istio's convention).
     pub fn is_http(&self) -> bool {
-        let declared = |p: &str| {
-            let p = p.to_ascii_lowercase();
-            ["http", "http2", "grpc", "grpc-web", "kubernetes.io/h2c"].contains(&p.as_str())
+        self.http_version().is_some()
+    }
+
+    /// The HTTP version the application speaks on this port, if HTTP.
+    pub fn http_version(&self) -> Option<AppHttp> {
+        let kind = |p: &str| match p {
+            "http" | "grpc-web" => Some(AppHttp::Http1),
+            "http2" | "grpc" | "kubernetes.io/h2c" => Some(AppHttp::Http2),
+            _ => None,
         };
         if let Some(p) = &self.app_protocol {
-            return declared(p);
+            return kind(&p.to_ascii_lowercase());
         }
         let name = self.name.to_ascii_lowercase();
-        ["http", "http2", "grpc"].iter().any(|p| name == *p || name.starts_with(&format!("{p}-")))
+        let prefix = name.split_once('-').map_or(name.as_str(), |(p, _)| p);
+        kind(prefix).filter(|_| prefix != "grpc-web")
     }
 }
 
@@ -273,13 +288,23 @@ impl MeshState {
     /// Whether `port` of `pod` speaks HTTP, as declared by a service that
     /// selects the pod with that target port.
     pub fn is_http_port(&self, pod: &PodKey, port: u16) -> bool {
-        let Some(p) = self.pods.get(pod) else { return false };
-        self.services.iter().any(|svc| {
-            svc.namespace == p.key.namespace
-                && !svc.selector.is_empty()
-                && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-                && svc.ports.iter().any(|sp| sp.target_port == port && sp.is_http())
-        })
+        self.app_http(pod, port).is_some()
+    }
+
+    /// The HTTP version `pod` serves on `port`, as a service selecting it
+    /// declares; `None` for L4.
+    pub fn app_http(&self, pod: &PodKey, port: u16) -> Option<AppHttp> {
+        let p = self.pods.get(pod)?;
+        self.services
+            .iter()
+            .filter(|svc| {
+                svc.namespace == p.key.namespace
+                    && !svc.selector.is_empty()
+                    && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            })
+            .flat_map(|svc| svc.ports.iter())
+            .find(|sp| sp.target_port == port && sp.is_http())
+            .and_then(ServicePort::http_version)
     }
 
     /// The peer-authentication mode that applies to `pod`: the first policy

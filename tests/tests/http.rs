@@ -9,17 +9,21 @@ use mesh_e2e::{Pod, ServicePort, ServiceSpec, wait_until};
 
 const APP: &str = r#"
 import json, sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
     def handle_one(self):
         n = int(self.headers.get('content-length') or 0)
-        if n: self.rfile.read(n)
-        print(json.dumps({"method": self.command, "path": self.path}), flush=True)
-        body = ("ok %s %s peer=%s\n" % (self.command, self.path, self.headers.get('x-mesh-peer-identity'))).encode()
+        data = self.rfile.read(n) if n else b""
+        print(json.dumps({"method": self.command, "path": self.path, "bytes": len(data)}), flush=True)
+        if self.path.startswith("/echo"):
+            body = data
+        else:
+            body = ("ok %s %s peer=%s\n" % (self.command, self.path, self.headers.get('x-mesh-peer-identity'))).encode()
         self.send_response(200); self.send_header('content-length', str(len(body))); self.end_headers(); self.wfile.write(body)
     do_GET = do_POST = do_PUT = do_DELETE = handle_one
     def log_message(self, *a): pass
-HTTPServer(('0.0.0.0', 8080), H).serve_forever()
+ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()
 "#;
 
 const POLICIES: &str = r#"authorizationPolicies:
@@ -92,5 +96,57 @@ fn requests_are_authorized_one_by_one() -> Result<()> {
     ensure!(app.stdout_lines().iter().any(|l| l.contains("\"/a/b/d\"")), "{:?}", app.stdout_lines());
     let denied = pod_json(&m.b, "shop", "shop-server")?["proxy"]["inboundDenied"].clone();
     ensure!(denied["shop/deny-admin"].as_u64().unwrap_or(0) >= 8, "{denied}");
+    Ok(())
+}
+
+/// Without policies: HTTP/1.1 keep-alive, HTTP/2 (h2c) multiplexing and
+/// multi-megabyte request and response bodies through both agents.
+#[test]
+fn http1_keepalive_http2_and_large_bodies() -> Result<()> {
+    let opts = MeshOpts { enrolled: &["shop"], named_service_accounts: true, ..MeshOpts::default() };
+    let mut m = mesh_with("httpbig", &opts)?;
+    let mut svc = ServiceSpec::new("shop-server", "shop").select("app", "shop-server");
+    svc.ports.push(ServicePort { name: "http".into(), port: 8080, target_port: 8080 });
+    m.tb.add_service(svc)?;
+    m.tb.write_config(&m.tb.config_path(), &["shop"])?;
+    let script = m.tb.dir().join("app.py");
+    std::fs::write(&script, APP)?;
+    let app = m.shop_server.spawn("python3", [script.to_str().context("utf-8")?])?;
+    wait_until(SETTLE, || Ok(m.b.status()?["config"]["generation"] == 2))?;
+    wait_until(SETTLE, || Ok(curl(&m.shop_client, "GET", "/ready", &[]).map(|r| r.0 == 200).unwrap_or(false)))?;
+
+    // Keep-alive: three requests, one connection (one redirected connect).
+    let before = counter(&m.a, "shop", "shop-client", "ebpf.redirected")?;
+    let out = m.shop_client.run(
+        "curl",
+        ["-s", "-o", "/dev/null", "-w", "%{http_code}\n", "http://198.51.100.12:8080/1", "http://198.51.100.12:8080/2", "http://198.51.100.12:8080/3"],
+    )?;
+    ensure!(String::from_utf8_lossy(&out.stdout).lines().filter(|l| *l == "200").count() == 3, "{out:?}");
+    ensure!(counter(&m.a, "shop", "shop-client", "ebpf.redirected")? == before + 1, "not one connection");
+
+    // HTTP/2 with prior knowledge (h2c), on two connections at once; the
+    // agent speaks HTTP/1.1 to this app (its port is declared `http`).
+    let out = m.shop_client.run(
+        "curl",
+        ["-s", "-Z", "--parallel-immediate", "--http2-prior-knowledge", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{http_version} %{http_code}\n",
+         "http://198.51.100.12:8080/h2a", "http://198.51.100.12:8080/h2b"],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.lines().filter(|l| *l == "2 200").count() == 2, "{text} {}", String::from_utf8_lossy(&out.stderr));
+
+    // 6 MB up and back down, intact.
+    let blob = m.tb.dir().join("blob");
+    let data: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&blob, &data)?;
+    let got = m.tb.dir().join("got");
+    let (code, _) = curl(
+        &m.shop_client,
+        "POST",
+        "/echo",
+        &["--data-binary", &format!("@{}", blob.display()), "-H", "content-type: application/octet-stream", "-o", got.to_str().context("utf-8")?],
+    )?;
+    ensure!(code == 200, "{code}");
+    ensure!(std::fs::read(&got)? == data, "echoed body differs");
+    ensure!(app.stdout_lines().iter().any(|l| l.contains(&format!("\"bytes\": {}", 6u32 << 20))), "{:?}", app.stdout_lines());
     Ok(())
 }

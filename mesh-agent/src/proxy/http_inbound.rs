@@ -30,6 +30,7 @@ use super::{PodHandle, Proxy, connect_from};
 use crate::{
     identity::SpiffeId,
     policy::{self, Connection, Peer},
+    state::AppHttp,
 };
 
 /// The header carrying the verified client identity to the application.
@@ -54,6 +55,9 @@ enum Upstream {
 }
 
 struct Conn {
+    /// What the app speaks: requests are translated when the client spoke
+    /// the other version.
+    app: AppHttp,
     pod: Arc<PodHandle>,
     peer: Option<(SpiffeId, Peer)>,
     target: SocketAddr,
@@ -72,7 +76,9 @@ impl Proxy {
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let app = self.state.borrow().app_http(&pod.key, target.port()).unwrap_or(AppHttp::Http1);
         let conn = Arc::new(Conn {
+            app,
             pod,
             peer: peer.map(|id| {
                 let p = Peer::new(&id);
@@ -156,8 +162,25 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, conn: &Conn, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
-        let h2 = req.version() == http::Version::HTTP_2;
+    async fn forward(&self, conn: &Conn, mut req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+        let h2 = conn.app == AppHttp::Http2;
+        if !h2 {
+            // To HTTP/1.1: origin-form target and a Host header.
+            if let Some(a) = req.uri().authority().cloned()
+                && !req.headers().contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            if req.uri().scheme().is_some()
+                && let Some(pq) = req.uri().path_and_query().cloned()
+            {
+                *req.uri_mut() = http::Uri::from(pq);
+            }
+            *req.version_mut() = http::Version::HTTP_11;
+        } else {
+            *req.version_mut() = http::Version::HTTP_2;
+        }
         let mut guard = conn.upstream.lock().await;
         let usable = match guard.as_ref() {
             Some(Upstream::H1(s)) => !h2 && !s.is_closed(),
@@ -187,7 +210,6 @@ impl Proxy {
             Upstream::H2(s) => {
                 let mut s = s.clone();
                 drop(guard);
-                let mut req = req;
                 // HTTP/2 to the app: the URI carries scheme and authority.
                 if req.uri().scheme().is_none() {
                     let mut parts = req.uri().clone().into_parts();

@@ -107,4 +107,7 @@ fn http_ports_by_declaration() {
     assert!(!p("httpx", None).is_http());
     assert!(p("tcp", Some("HTTP")).is_http());
     assert!(!p("http", Some("tcp")).is_http(), "appProtocol wins");
+    assert_eq!(p("grpc-api", None).http_version(), Some(AppHttp::Http2));
+    assert_eq!(p("http-web", None).http_version(), Some(AppHttp::Http1));
+    assert_eq!(p("x", Some("kubernetes.io/h2c")).http_version(), Some(AppHttp::Http2));
 }
