@@ -94,6 +94,24 @@ fn requests_are_authorized_one_by_one() -> Result<()> {
     // Normalized requests reach the app normalized.
     ensure!(curl(&m.shop_client, "GET", "/a//b/./c/../d", &[])?.0 == 200);
     ensure!(app.stdout_lines().iter().any(|l| l.contains("\"/a/b/d\"")), "{:?}", app.stdout_lines());
+    // Malformed HTTP (bad header syntax, oversized headers): refused by the
+    // agent with a 4xx, counted, never forwarded.
+    let before = counter(&m.b, "shop", "shop-server", "proxy.httpRejected")?;
+    let big = "x".repeat(100 << 10);
+    for raw in [
+        format!("GET /big HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n"),
+        "GET /bad HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n".to_owned(),
+    ] {
+        let out = m.shop_client.run("meshtest", ["raw", "--to", "198.51.100.12:8080", "--text", &raw])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "HTTP/1.1 4" in hex, and not the policy's 403 ("HTTP/1.1 403").
+        ensure!(text.contains("\"firstBytesHex\":\"485454502f312e312034"), "{}: {text}", &raw[..20]);
+        ensure!(!text.contains("\"firstBytesHex\":\"485454502f312e3120343033"), "{}: {text}", &raw[..20]);
+    }
+    wait_until(SETTLE, || Ok(counter(&m.b, "shop", "shop-server", "proxy.httpRejected")? >= before + 2))
+        .with_context(|| format!("httpRejected {:?} (before {before}); log: {}", counter(&m.b, "shop", "shop-server", "proxy.httpRejected"), m.b.log().lines().filter(|l| l.contains("HTTP")).collect::<Vec<_>>().join("\n")))?;
+    let seen = app.stdout_lines();
+    ensure!(!seen.iter().any(|l| l.contains("/big") || l.contains("/bad")), "{seen:?}");
     let denied = pod_json(&m.b, "shop", "shop-server")?["proxy"]["inboundDenied"].clone();
     ensure!(denied["shop/deny-admin"].as_u64().unwrap_or(0) >= 8, "{denied}");
     Ok(())

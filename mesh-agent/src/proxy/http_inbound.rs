@@ -8,9 +8,12 @@
 //!   app receives carries exactly the normalized target that was checked.
 //! - A `Host` header that disagrees with the HTTP/2 `:authority` gets 400:
 //!   policies must see what the app sees.
-//! - Malformed requests (bad syntax, conflicting `Content-Length` /
-//!   `Transfer-Encoding`, oversized headers) are refused by hyper with 400
-//!   before any of this runs, and never forwarded.
+//! - Malformed requests (bad syntax, header blocks over 64 KiB) are refused
+//!   by hyper (400 / 431) before any of this runs, counted (`httpRejected`)
+//!   and never forwarded. A request with both `Content-Length` and
+//!   `Transfer-Encoding` is framed as chunked by hyper (RFC 9112: the length
+//!   is dropped and the connection closed after the response), so the app
+//!   never receives conflicting framing.
 //! - Headers that claim an identity are stripped from the client's request;
 //!   the verified peer identity goes to the app in `x-mesh-peer-identity`
 //!   (absent for plaintext clients).
@@ -39,6 +42,9 @@ pub const PEER_IDENTITY_HEADER: &str = "x-mesh-peer-identity";
 const IDENTITY_HEADERS: [&str; 3] = [PEER_IDENTITY_HEADER, "x-forwarded-client-cert", "x-client-spiffe-id"];
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request header block accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 fn local(status: StatusCode, text: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(text + "\n")).map_err(|never| match never {}).boxed());
@@ -77,6 +83,7 @@ impl Proxy {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let app = self.state.borrow().app_http(&pod.key, target.port()).unwrap_or(AppHttp::Http1);
+        let stats = pod.stats.clone();
         let conn = Arc::new(Conn {
             app,
             pod,
@@ -93,14 +100,39 @@ impl Proxy {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(this.http_request(&conn, req).await) }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // Header blocks above 64 KiB are refused (431), as Envoy's default.
+        builder.http1().max_buf_size(MAX_HEADER_BYTES);
+        builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
         if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
-            tracing::debug!(%target, error = %e, "inbound HTTP connection ended");
+            // hyper has already answered a malformed request with 400 (or
+            // 431 for oversized headers) and closed: count it.
+            let malformed = e
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_parse() || h.is_parse_too_large());
+            if malformed {
+                stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(%target, error = %e, "malformed HTTP request refused");
+            } else {
+                tracing::debug!(%target, error = %e, "inbound HTTP connection ended");
+            }
         }
     }
 
     async fn http_request(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         let pod = &conn.pod;
+        // Both framings at once is the classic smuggling vector. hyper's
+        // HTTP/1 parser already resolves it per RFC 9112 (chunked wins, the
+        // Content-Length is dropped, the connection closes after the
+        // response), so the request we forward is unambiguous; should both
+        // headers still reach us (another parser), refuse rather than guess.
+        if req.headers().contains_key(header::CONTENT_LENGTH) && req.headers().contains_key(header::TRANSFER_ENCODING) {
+            pod.stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(pod = %pod.key, "request refused: both Content-Length and Transfer-Encoding");
+            let mut r = local(StatusCode::BAD_REQUEST, "conflicting Content-Length and Transfer-Encoding".into());
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
         let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
         let path = match policy::normalize_path(&target) {
             Ok(p) => p,
