@@ -85,6 +85,10 @@ impl Proxy {
         else {
             return refuse(StatusCode::BAD_REQUEST, format!("authority {:?} is not an IP:port", req.uri().authority().map(|a| a.as_str())));
         };
+        // The agent's own ports are never a destination.
+        if mesh_common::AGENT_PORTS.contains(&target.port()) {
+            return refuse(StatusCode::BAD_REQUEST, format!("{target} is a port of the mesh agent, not of the application"));
+        }
         // The listener is inside this pod: it only delivers to this pod.
         if !pod.ips.contains(&target.ip().to_canonical()) {
             return refuse(
