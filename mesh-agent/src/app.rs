@@ -87,6 +87,7 @@ impl AdminSource for Admin {
             "openConnections": self.proxy.open_connections(),
             "tunnelConnections": { "open": self.proxy.tunnel_connections().0, "opened": self.proxy.tunnel_connections().1 },
             "tls": self.proxy.tls_stats().view(),
+            "endpoints": self.proxy.endpoints(),
             "reconcileChanges": e.changes,
             "pods": e.status(),
         })

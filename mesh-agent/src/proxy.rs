@@ -23,7 +23,7 @@ use std::{
     os::fd::OwnedFd,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -40,6 +40,7 @@ use crate::{
 };
 
 mod authz;
+pub mod balance;
 mod http_inbound;
 mod inbound;
 mod outbound;
@@ -171,11 +172,10 @@ pub struct Proxy {
     tls_stats: Arc<TlsStats>,
     pool: pool::Pool,
     authz: authz::Cache,
+    balancer: balance::Balancer,
     ports: Ports,
     /// Every connection task, so shutdown can wait for them to finish.
     connections: TaskTracker,
-    /// Round robin over a service's endpoints.
-    next_endpoint: AtomicUsize,
     runtime: tokio::runtime::Handle,
 }
 
@@ -227,9 +227,9 @@ impl Proxy {
             tls_stats,
             pool: pool::Pool::default(),
             authz: authz::Cache::default(),
+            balancer: balance::Balancer::default(),
             ports,
             connections: TaskTracker::new(),
-            next_endpoint: AtomicUsize::new(0),
             runtime,
         });
         let weak = Arc::downgrade(&proxy);
@@ -349,6 +349,11 @@ impl Proxy {
     /// Pooled mTLS tunnel connections open now, and opened in all.
     pub fn tunnel_connections(&self) -> (usize, usize) {
         (self.pool.open_connections(), self.pool.opened.load(Ordering::Relaxed))
+    }
+
+    /// Per-endpoint load-balancing state (active, picked, failures, ejected).
+    pub fn endpoints(&self) -> std::collections::BTreeMap<String, balance::EndpointView> {
+        self.balancer.view()
     }
 
     pub fn tls_stats(&self) -> &Arc<TlsStats> {

@@ -362,15 +362,25 @@ impl MeshState {
     /// address names that pod. Either is a mesh destination only when the pod
     /// is enrolled.
     pub fn resolve(&self, dst: SocketAddr, pick: impl FnOnce(usize) -> usize) -> Destination {
+        let mut all = self.resolve_all(dst);
+        let i = pick(all.len()) % all.len();
+        all.swap_remove(i)
+    }
+
+    /// Every place an original destination may go: the endpoints of a
+    /// service address (in a stable order), else the one pod or address.
+    /// Never empty.
+    pub fn resolve_all(&self, dst: SocketAddr) -> Vec<Destination> {
         let ip = dst.ip().to_canonical();
-        if let Some(pod) = self.pod_by_ip(ip) {
+        let to_pod = |pod: &Pod, addr: SocketAddr| {
             if self.is_enrolled(pod) {
-                return Destination::MeshPod {
-                    pod: pod.key.clone(),
-                    addr: SocketAddr::new(ip, dst.port()),
-                };
+                Destination::MeshPod { pod: pod.key.clone(), addr }
+            } else {
+                Destination::Passthrough(addr)
             }
-            return Destination::Passthrough(SocketAddr::new(ip, dst.port()));
+        };
+        if let Some(pod) = self.pod_by_ip(ip) {
+            return vec![to_pod(pod, SocketAddr::new(ip, dst.port()))];
         }
         for svc in &self.services {
             if !svc.ips.contains(&ip) {
@@ -379,19 +389,28 @@ impl MeshState {
             let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
                 continue;
             };
-            let eps: Vec<&Pod> = self.endpoints(svc).filter(|p| !p.ips.is_empty()).collect();
-            if eps.is_empty() {
-                break;
+            let eps: Vec<Destination> = self
+                .endpoints(svc)
+                .filter(|p| !p.ips.is_empty())
+                .map(|pod| {
+                    let pod_ip = pod.ips.iter().find(|a| a.is_ipv4() == ip.is_ipv4()).unwrap_or(&pod.ips[0]);
+                    to_pod(pod, SocketAddr::new(*pod_ip, port.target_port))
+                })
+                .collect();
+            if !eps.is_empty() {
+                return eps;
             }
-            let pod = eps[pick(eps.len()) % eps.len()];
-            let pod_ip = pod.ips.iter().find(|a| a.is_ipv4() == ip.is_ipv4()).unwrap_or(&pod.ips[0]);
-            let addr = SocketAddr::new(*pod_ip, port.target_port);
-            if self.is_enrolled(pod) {
-                return Destination::MeshPod { pod: pod.key.clone(), addr };
-            }
-            return Destination::Passthrough(addr);
+            break;
         }
-        Destination::Passthrough(SocketAddr::new(ip, dst.port()))
+        vec![Destination::Passthrough(SocketAddr::new(ip, dst.port()))]
+    }
+}
+
+impl Destination {
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Destination::MeshPod { addr, .. } | Destination::Passthrough(addr) => *addr,
+        }
     }
 }
 

@@ -191,3 +191,41 @@ fn pods_fail_open_while_their_agent_is_down() -> Result<()> {
     ensure!(counter(&m.b, "shop", "shop-server", "proxy.inbound")? == inbound + 1);
     Ok(())
 }
+
+/// A service with two endpoints, one of them broken (nothing listens):
+/// every connection to the service address succeeds, the broken endpoint
+/// is ejected after its first failure, and the load is spread otherwise.
+#[test]
+fn service_endpoints_are_balanced_and_failures_ejected() -> Result<()> {
+    let mut m = mesh("lb", false, &["shop"])?;
+    let spare = m.tb.add_pod(mesh_e2e::PodSpec::new("shop-server-2", "shop", "node-b", [198, 51, 100, 13].into()).label("role", "echo"))?;
+    let third = m.tb.add_pod(mesh_e2e::PodSpec::new("shop-server-3", "shop", "node-b", [198, 51, 100, 14].into()).label("role", "echo"))?;
+    let _echo = third.start_echo(ECHO_PORT)?;
+    m.tb.add_service(
+        mesh_e2e::ServiceSpec::new("echo", "shop").port(80, ECHO_PORT).select("role", "echo").ip([198, 51, 100, 251].into()),
+    )?;
+    m.tb.write_config(&m.tb.config_path(), &["shop"])?;
+    wait_until(SETTLE, || Ok(m.a.status()?["config"]["generation"] == 2 && m.b.status()?["config"]["generation"] == 2))?;
+    wait_enrolled(&m.b, "shop", "shop-server-2", true)?;
+    wait_enrolled(&m.b, "shop", "shop-server-3", true)?;
+    // shop-server-2 runs no server: its agent refuses the stream (503).
+    let _ = spare;
+    for _ in 0..10 {
+        send(&m.shop_client, "198.51.100.251:80", 4096)?;
+    }
+    let eps = m.a.status()?["endpoints"].clone();
+    ensure!(eps["198.51.100.13:9000"]["failures"].as_u64().unwrap_or(0) >= 1, "{eps}");
+    ensure!(eps["198.51.100.14:9000"]["picked"].as_u64().unwrap_or(0) >= 10, "{eps}");
+    ensure!(counter(&m.a, "shop", "shop-client", "proxy.outboundFailed")? == 0);
+
+    // Two healthy endpoints share the load.
+    let _echo2 = spare.start_echo(ECHO_PORT)?;
+    std::thread::sleep(std::time::Duration::from_secs(6)); // past the ejection
+    for _ in 0..20 {
+        send(&m.shop_client, "198.51.100.251:80", 1024)?;
+    }
+    let eps = m.a.status()?["endpoints"].clone();
+    let picked = |a: &str| eps[a]["picked"].as_u64().unwrap_or(0);
+    ensure!(picked("198.51.100.13:9000") >= 3 && picked("198.51.100.14:9000") >= 13, "{eps}");
+    Ok(())
+}

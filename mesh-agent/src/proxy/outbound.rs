@@ -13,6 +13,14 @@ use super::{
 };
 use crate::{identity::SpiffeId, state::Destination};
 
+/// Endpoints a connection to a service may try before failing.
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+enum Upstream {
+    Tunnel(TokioIo<hyper::upgrade::Upgraded>, StreamSlot),
+    Direct(TcpStream),
+}
+
 /// Where a redirected connection was going (the eBPF original-destination
 /// map in production; a table in tests).
 pub trait OrigDstLookup: Send + Sync {
@@ -30,52 +38,68 @@ impl Proxy {
             return;
         };
         stats.outbound.fetch_add(1, Ordering::Relaxed);
-        let (dest, dst_id) = {
+        let (candidates, trust_domain) = {
             let state = self.state.borrow();
-            let dest = state.resolve(orig, |n| self.next_endpoint.fetch_add(1, Ordering::Relaxed) % n);
-            let dst_id = match &dest {
-                Destination::MeshPod { pod, .. } => state
-                    .pods
-                    .get(pod)
-                    .map(|p| SpiffeId::new(&state.trust_domain, &p.key.namespace, &p.service_account)),
-                Destination::Passthrough(_) => None,
-            };
-            (dest, dst_id)
+            (state.resolve_all(orig), state.trust_domain.clone())
         };
-        let result = match (&dest, dst_id) {
-            (Destination::MeshPod { pod: dst_pod, addr }, Some(Ok(dst_id))) => {
+        let is_service = candidates.len() > 1;
+        let mut tried = Vec::new();
+        let mut last_err = None;
+        // A service gets up to three endpoints before the client sees a
+        // failure; a pod or plain address gets one try.
+        while tried.len() < MAX_CONNECT_ATTEMPTS {
+            let Some((dest, _in_use)) = self.balancer.pick(&candidates, &tried) else { break };
+            tried.push(dest.addr());
+            match self.establish(pod, &dest, &trust_domain).await {
+                Ok(mut upstream) => {
+                    self.balancer.success(dest.addr());
+                    let result = match &mut upstream {
+                        Upstream::Tunnel(up, _slot) => tokio::io::copy_bidirectional(&mut app, up).await,
+                        Upstream::Direct(up) => tokio::io::copy_bidirectional(&mut app, up).await,
+                    };
+                    match result {
+                        Ok(_) => tracing::debug!(%orig, to = %dest.addr(), "outbound connection closed"),
+                        Err(e) => tracing::debug!(%orig, to = %dest.addr(), error = %e, "outbound connection ended with an error"),
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::info!(%orig, to = %dest.addr(), error = %e, "outbound connection failed");
+                    if is_service {
+                        self.balancer.failure(dest.addr());
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%orig, error = ?last_err.map(|e| e.to_string()), tried = tried.len(), "outbound connection gave up");
+    }
+
+    /// Opens the way to one destination: an mTLS tunnel stream for a mesh
+    /// pod, a direct connection otherwise (both from the source pod's netns).
+    async fn establish(&self, pod: &PodHandle, dest: &Destination, trust_domain: &str) -> std::io::Result<Upstream> {
+        let stats = &pod.stats;
+        match dest {
+            Destination::MeshPod { pod: dst_pod, addr } => {
+                let dst_id = {
+                    let state = self.state.borrow();
+                    let p = state.pods.get(dst_pod).ok_or_else(|| std::io::Error::other(format!("destination {dst_pod} is gone")))?;
+                    SpiffeId::new(trust_domain, &p.key.namespace, &p.service_account)
+                        .map_err(|e| std::io::Error::other(format!("destination {dst_pod} has no valid identity: {e}")))?
+                };
                 let tunnel = SocketAddr::new(addr.ip(), self.ports.tunnel);
-                tracing::debug!(%orig, dst = %dst_pod, %tunnel, %dst_id, "outbound via mTLS tunnel");
-                match self.open_stream(pod, tunnel, dst_id.clone(), *addr).await {
-                    Ok((upgraded, _slot)) => {
-                        stats.outbound_tunneled.fetch_add(1, Ordering::Relaxed);
-                        count_peer(&stats.outbound_peers, &dst_id);
-                        let mut upgraded = TokioIo::new(upgraded);
-                        tokio::io::copy_bidirectional(&mut app, &mut upgraded).await.map(|_| ())
-                    }
-                    Err(e) => Err(e),
-                }
+                tracing::debug!(dst = %dst_pod, %tunnel, %dst_id, "outbound via mTLS tunnel");
+                let (upgraded, slot) = self.open_stream(pod, tunnel, dst_id.clone(), *addr).await?;
+                stats.outbound_tunneled.fetch_add(1, Ordering::Relaxed);
+                count_peer(&stats.outbound_peers, &dst_id);
+                Ok(Upstream::Tunnel(TokioIo::new(upgraded), slot))
             }
-            (Destination::MeshPod { pod: dst_pod, .. }, bad_id) => Err(std::io::Error::other(format!(
-                "destination {dst_pod} has no valid identity: {}",
-                bad_id.map(|r| r.err().map(|e| e.to_string()).unwrap_or_default()).unwrap_or_else(|| "pod unknown".into())
-            ))),
-            (Destination::Passthrough(addr), _) => {
-                tracing::debug!(%orig, dst = %addr, "outbound direct (destination not in the mesh)");
-                match connect_from(&pod.netns, *addr).await {
-                    Ok(mut upstream) => {
-                        stats.outbound_direct.fetch_add(1, Ordering::Relaxed);
-                        tokio::io::copy_bidirectional(&mut app, &mut upstream).await.map(|_| ())
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        match result {
-            Ok(()) => tracing::debug!(%orig, "outbound connection closed"),
-            Err(e) => {
-                stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%orig, error = %e, "outbound connection failed");
+            Destination::Passthrough(addr) => {
+                tracing::debug!(dst = %addr, "outbound direct (destination not in the mesh)");
+                let up = connect_from(&pod.netns, *addr).await?;
+                stats.outbound_direct.fetch_add(1, Ordering::Relaxed);
+                Ok(Upstream::Direct(up))
             }
         }
     }
