@@ -48,11 +48,23 @@ impl Proxy {
         // A service gets up to three endpoints before the client sees a
         // failure; a pod or plain address gets one try.
         while tried.len() < MAX_CONNECT_ATTEMPTS {
-            let Some((dest, _in_use)) = self.balancer.pick(&candidates, &tried) else { break };
+            // Only service endpoints are balanced (and remembered): a single
+            // destination needs no choice, and remembering every address a
+            // pod ever dials would grow without bound.
+            let (dest, _in_use) = if is_service {
+                let Some(picked) = self.balancer.pick(&candidates, &tried) else { break };
+                (picked.0, Some(picked.1))
+            } else if tried.is_empty() {
+                (candidates[0].clone(), None)
+            } else {
+                break;
+            };
             tried.push(dest.addr());
             match self.establish(pod, &dest, &trust_domain).await {
                 Ok(mut upstream) => {
-                    self.balancer.success(dest.addr());
+                    if is_service {
+                        self.balancer.success(dest.addr());
+                    }
                     let result = match &mut upstream {
                         Upstream::Tunnel(up, _slot) => tokio::io::copy_bidirectional(&mut app, up).await,
                         Upstream::Direct(up) => tokio::io::copy_bidirectional(&mut app, up).await,
