@@ -12,6 +12,7 @@
 //! | [`netns`] | sockets inside pods' network namespaces |
 //! | [`proxy`] | in-pod listeners, tunnel, relays |
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
+//! | [`route`] | HTTP routing: route schema, validation, pure route selection |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
 //! | [`admin`] | `/healthz`, `/ready`, `/status` |
 //! | [`app`] | wiring, runtimes, shutdown |
@@ -27,6 +28,7 @@ pub mod localfile;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod route;
 pub mod state;
 pub mod tls;
 

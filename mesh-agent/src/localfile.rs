@@ -1,5 +1,5 @@
 //! The local YAML source: one file declaring nodes, namespaces, pods,
-//! services and policies, parsed, validated and published into the mesh state. Watched by
+//! services, policies and HTTP routes, parsed, validated and published into the mesh state. Watched by
 //! polling its content, which also follows the symlink swaps a Kubernetes
 //! ConfigMap volume does (inotify on the file would miss those). An invalid
 //! edit is rejected with a message naming the file, the field and the reason,
@@ -50,6 +50,9 @@ struct File {
     /// `policy::validate` checks what serde cannot.
     #[serde(default)]
     authorization_policies: Vec<state::AuthorizationPolicy>,
+    /// Schema and checks in [`crate::route`].
+    #[serde(default)]
+    http_routes: Vec<crate::route::HttpRoute>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -324,9 +327,33 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
         crate::policy::validate(ap).map_err(|e| invalid(at(&e.field), e.reason))?;
     }
 
+    let mut route_keys = HashSet::new();
+    let mut routed: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (i, r) in file.http_routes.iter().enumerate() {
+        let at = |f: &str| format!("httpRoutes[{i}].{f}");
+        check_dns_label(&at("name"), &r.name).map_err(|e| invalid(at("name"), e))?;
+        if !ns_names.contains(&r.namespace) {
+            return Err(invalid(
+                at("namespace"),
+                format!("namespace {:?} is not declared under `namespaces`", r.namespace),
+            ));
+        }
+        if !route_keys.insert((r.namespace.clone(), r.name.clone())) {
+            return Err(invalid(at("name"), format!("route {}/{} is declared twice", r.namespace, r.name)));
+        }
+        crate::route::validate(r, &services).map_err(|e| invalid(at(&e.field), e.reason))?;
+        if let Some(other) = routed.insert((r.namespace.clone(), r.service.clone()), r.name.clone()) {
+            return Err(invalid(
+                at("service"),
+                format!("service {}/{} is already routed by route {other} (one route per service)", r.namespace, r.service),
+            ));
+        }
+    }
+
     Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services)
         .with_peer_authentications(peer_auths)
-        .with_authorization_policies(file.authorization_policies))
+        .with_authorization_policies(file.authorization_policies)
+        .with_routes(file.http_routes))
 }
 
 /// Kubernetes object names are DNS labels (RFC 1123): lower-case

@@ -238,6 +238,8 @@ pub struct MeshState {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// In config order, which is also the order decisions report matches in.
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// HTTP routes, in config order; semantics in [`crate::route`].
+    pub routes: Vec<crate::route::HttpRoute>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, PodKey>,
 }
@@ -271,6 +273,7 @@ impl MeshState {
             services,
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
+            routes: Vec::new(),
             by_ip,
         }
     }
@@ -282,6 +285,11 @@ impl MeshState {
 
     pub fn with_authorization_policies(mut self, policies: Vec<AuthorizationPolicy>) -> Self {
         self.authorization_policies = policies;
+        self
+    }
+
+    pub fn with_routes(mut self, routes: Vec<crate::route::HttpRoute>) -> Self {
+        self.routes = routes;
         self
     }
 

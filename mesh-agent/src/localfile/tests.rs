@@ -165,3 +165,136 @@ async fn invalid_policy_edit_keeps_the_last_good_state() {
     task.abort();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+const ROUTES: &str = r#"
+httpRoutes:
+  - name: server-canary
+    namespace: legacy
+    service: server
+    rules:
+      - matches: [{headers: [{name: x-canary, exact: "1"}], cookies: [{name: group, exact: beta}]}]
+        backends: [{subset: {version: v2}}]
+      - matches: [{path: {prefix: /api}, method: GET}]
+        backends:
+          - {subset: {version: v1}, weight: 90}
+          - {subset: {version: v2}, weight: 10}
+        timeout: 2s
+        retries: {attempts: 3, perTryTimeout: 500ms, retryOn: [connect-failure, 503], budgetPercent: 10}
+    circuitBreaker: {maxConnections: 10}
+    outlierDetection: {consecutive5xx: 3, baseEjectionTime: 10s}
+"#;
+
+fn with_http_port() -> String {
+    GOOD.replace("ports: [{name: tcp, port: 80, targetPort: 8080}]", "ports: [{name: tcp, port: 80, targetPort: 8080}, {name: http, port: 81}]")
+}
+
+#[test]
+fn parses_http_routes() {
+    let s = parse(Path::new("x"), &format!("{}{ROUTES}", with_http_port())).unwrap();
+    let r = &s.routes[0];
+    assert_eq!((r.namespace.as_str(), r.service.as_str()), ("legacy", "server"));
+    assert_eq!(r.rules[1].backends[1].weight, Some(10));
+    assert_eq!(r.rules[1].timeout.unwrap().0, Duration::from_secs(2));
+    assert_eq!(r.rules[1].retries.budget_percent, 10);
+    assert_eq!(r.rules[0].retries, crate::route::RetryPolicy::default());
+    assert_eq!(r.circuit_breaker.max_connections, 10);
+    assert_eq!(r.circuit_breaker.max_requests, 1024);
+    assert_eq!(r.outlier_detection.consecutive_5xx, 3);
+    assert_eq!(r.outlier_detection.consecutive_connect_failures, 5);
+    assert!(parse(Path::new("x"), GOOD).unwrap().routes.is_empty());
+}
+
+#[test]
+fn http_route_errors_name_file_field_and_reason() {
+    let base = with_http_port();
+    let with = |from: &str, to: &str| err(&format!("{base}{}", ROUTES.replace(from, to)));
+    let r = "/etc/mesh.yaml: httpRoutes[0]";
+    #[rustfmt::skip]
+    let table: &[(&str, &str, &str)] = &[
+        ("weight: 10}", "weight: 0}", "rules[1].backends: weights add up to 90, not 100"),
+        ("weight: 10}", "weight: 20}", "rules[1].backends: weights add up to 110, not 100"),
+        ("{subset: {version: v2}, weight: 10}", "{subset: {version: v2}}", "rules[1].backends[1].weight: every backend needs a weight when there are several"),
+        ("[{subset: {version: v2}}]", "[{subset: {version: v2}, weight: 50}]", "rules[0].backends: weights add up to 50, not 100"),
+        ("[{subset: {version: v2}}]", "[{subset: {}}]", "rules[0].backends[0].subset: an empty subset is ambiguous"),
+        ("[{subset: {version: v2}}]", "[]", "rules[0].backends: a rule needs at least one backend"),
+        ("service: server", "service: nope", "service: service legacy/nope is not declared under `services`"),
+        ("namespace: legacy\n    service", "namespace: shop\n    service", "service: service shop/server is not declared"),
+        ("namespace: legacy\n    service", "namespace: nope\n    service", "namespace: namespace \"nope\" is not declared"),
+        ("name: server-canary", "name: Server", "name: \"Server\" is not a valid name"),
+        ("timeout: 2s", "timeout: 2 seconds", "rules[1].timeout: \"2 seconds\" is not a duration"),
+        ("timeout: 2s", "timeout: 0s", "rules[1].timeout: must be longer than zero"),
+        ("perTryTimeout: 500ms", "perTryTimeout: 5x", "rules[1].retries.perTryTimeout: \"5x\" is not a duration"),
+        ("baseEjectionTime: 10s", "baseEjectionTime: 10", "outlierDetection.baseEjectionTime: \"10\" is not a duration"),
+        ("retryOn: [connect-failure, 503]", "retryOn: [connect-failure, 600]", "rules[1].retries.retryOn[1]: 600 is not an HTTP status code (100-599)"),
+        ("retryOn: [connect-failure, 503]", "retryOn: [connect-failure, 99]", "rules[1].retries.retryOn[1]: 99 is not an HTTP status code"),
+        ("retryOn: [connect-failure, 503]", "retryOn: [timeout]", "rules[1].retries.retryOn[0]: \"timeout\" is not a retry condition"),
+        ("retryOn: [connect-failure, 503]", "retryOn: []", "rules[1].retries.retryOn: an empty list is ambiguous"),
+        ("budgetPercent: 10", "budgetPercent: 101", "rules[1].retries.budgetPercent: 101 is not a percentage"),
+        ("attempts: 3", "attempts: 11", "rules[1].retries.attempts: 11 retries is too many"),
+        ("attempts: 3", "tries: 3", "rules[1].retries: unknown field `tries`"),
+        ("timeout: 2s", "deadline: 2s", "rules[1]: unknown field `deadline`"),
+        ("service: server", "service: server\n    hosts: [a]", ": unknown field `hosts`"),
+        ("{maxConnections: 10}", "{maxConnections: 0}", "circuitBreaker.maxConnections: must be at least 1"),
+        ("{maxConnections: 10}", "{maxConnection: 10}", "circuitBreaker: unknown field `maxConnection`"),
+        ("{consecutive5xx: 3,", "{maxEjectionPercent: 101,", "outlierDetection.maxEjectionPercent: 101 is not a percentage"),
+        ("[{path: {prefix: /api}, method: GET}]", "[]", "rules[1].matches: an empty list is ambiguous"),
+        ("{prefix: /api}", "{regex: /api}", "rules[1].matches[0].path: unknown field `regex`"),
+        ("{prefix: /api}", "{prefix: api}", "rules[1].matches[0].path.prefix: \"api\": a path must start with '/'"),
+        ("{prefix: /api}", "{prefix: /a//b}", "rules[1].matches[0].path.prefix: \"/a//b\" is not in normalized form"),
+        ("{prefix: /api}", "{prefix: /api, exact: /api}", "rules[1].matches[0].path: set exactly one of `exact`, `prefix`"),
+        ("method: GET", "method: \"GE T\"", "rules[1].matches[0].method: \"GE T\" is not an HTTP method"),
+        ("{name: x-canary, exact: \"1\"}", "{name: x-canary}", "rules[0].matches[0].headers[0]: set exactly one of `exact`, `prefix`, `present`"),
+        ("{name: x-canary, exact: \"1\"}", "{name: x-canary, exact: \"1\", present: true}", "rules[0].matches[0].headers[0]: set exactly one"),
+        ("{name: x-canary, exact: \"1\"}", "{name: \"x canary\", exact: \"1\"}", "rules[0].matches[0].headers[0].name: \"x canary\" is not a header name"),
+        ("headers: [{name: x-canary, exact: \"1\"}]", "headers: []", "rules[0].matches[0].headers: an empty list is ambiguous"),
+        ("cookies: [{name: group, exact: beta}]", "cookies: []", "rules[0].matches[0].cookies: an empty list is ambiguous"),
+        ("{name: group, exact: beta}", "{name: group, exact: \"a;b\"}", "rules[0].matches[0].cookies[0].exact: \"a;b\" cannot be a cookie value"),
+        ("{name: group, exact: beta}", "{name: \"gr oup\", exact: beta}", "rules[0].matches[0].cookies[0].name: \"gr oup\" is not a cookie name"),
+        ("{name: group, exact: beta}", "{name: group, value: beta}", "rules[0].matches[0].cookies[0]: unknown field `value`"),
+        ("    rules:\n      - matches: [{headers", "    rules: []\n    circuitBreaker: {}\n    xRules:\n      - matches: [{headers", "unknown field `xRules`"),
+    ];
+    for (from, to, want) in table {
+        assert!(ROUTES.contains(from), "{from}");
+        let e = with(from, to);
+        let want = if want.starts_with("unknown") { want.to_string() } else { format!("{r}.{want}") };
+        let want = want.replace("[0].:", "[0]:");
+        assert!(e.contains(&want), "{from} -> {to}:\n  got  {e}\n  want {want}");
+    }
+
+    let e = err(&format!("{GOOD}{ROUTES}"));
+    assert!(e.starts_with(&format!("{r}.service: service legacy/server has no HTTP port")), "{e}");
+    let e = err(&format!("{base}{ROUTES}{}", ROUTES.replace("httpRoutes:\n", "")));
+    assert!(e.starts_with("/etc/mesh.yaml: httpRoutes[1].name: route legacy/server-canary is declared twice"), "{e}");
+    let e = err(&format!("{base}{ROUTES}{}", ROUTES.replace("httpRoutes:\n", "").replace("name: server-canary", "name: other")));
+    assert!(e.starts_with("/etc/mesh.yaml: httpRoutes[1].service: service legacy/server is already routed by route server-canary"), "{e}");
+    let no_rules = format!("{base}httpRoutes: [{{name: r, namespace: legacy, service: server, rules: []}}]\n");
+    assert_eq!(err(&no_rules), format!("{r}.rules: a route needs at least one rule"));
+}
+
+/// An invalid route edit is rejected as a whole: the last good state (with
+/// its routes) keeps serving and the error is reported.
+#[tokio::test]
+async fn invalid_route_edit_keeps_the_last_good_state() {
+    let dir = std::env::temp_dir().join(format!("mesh-localfile-route-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mesh.yaml");
+    let base = with_http_port();
+    std::fs::write(&path, format!("{base}{ROUTES}")).unwrap();
+    let (rx, stats, fut) = start(path.clone(), Duration::from_millis(10)).await.unwrap();
+    let task = tokio::spawn(fut);
+
+    std::fs::write(&path, format!("{base}{}", ROUTES.replace("weight: 10}", "weight: 5}"))).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while stats.rejected.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the edit was never looked at");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = stats.last_error.lock().unwrap().clone().unwrap_or_default();
+    assert!(err.contains("httpRoutes[0].rules[1].backends: weights add up to 95, not 100"), "{err}");
+    let state = rx.borrow().clone();
+    assert_eq!(state.routes[0].rules[1].backends[1].weight, Some(10), "the last good route still applies");
+    assert_eq!(stats.generation.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    task.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
