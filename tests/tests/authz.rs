@@ -26,18 +26,6 @@ const DENY_CLIENT: &str = r#"  - name: deny-client
       - from: [{principals: ["spiffe://cluster.local/ns/shop/*"]}]
 "#;
 
-/// Writes the testbed's config plus `policies`, atomically, and waits until
-/// both agents have accepted it.
-fn write_policies(m: &Mesh, enrolled: &[&str], policies: &str) -> Result<()> {
-    let path = m.tb.config_path();
-    let generation = |a: &mesh_e2e::Agent| -> Result<u64> { Ok(a.status()?["config"]["generation"].as_u64().unwrap_or(0)) };
-    let (ga, gb) = (generation(&m.a)?, generation(&m.b)?);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{}\n{policies}", m.tb.config_yaml(enrolled)))?;
-    std::fs::rename(&tmp, &path)?;
-    wait_until(SETTLE, || Ok(generation(&m.a)? > ga && generation(&m.b)? > gb))
-}
-
 fn denied(m: &Mesh) -> Result<Value> {
     Ok(pod_json(&m.b, "shop", "shop-server")?["proxy"]["inboundDenied"].clone())
 }
@@ -57,7 +45,7 @@ fn connection_policies_allow_deny_and_default_deny() -> Result<()> {
     // No policy: everyone may connect.
     send(&m.legacy_client, &to, 1024)?;
 
-    write_policies(&m, &["shop", "legacy"], ALLOW_CLIENT)?;
+    write_with_extra(&m, &["shop", "legacy"], ALLOW_CLIENT)?;
     send(&m.shop_client, &to, 64 << 10)?;
     ensure!(send(&m.legacy_client, &to, 1024).is_err(), "second principal was not denied");
     ensure!(total(&denied(&m)?) == 1, "{}", denied(&m)?);
@@ -67,7 +55,7 @@ fn connection_policies_allow_deny_and_default_deny() -> Result<()> {
     ensure!(accepts == 2, "app saw {accepts} connections");
 
     // DENY is evaluated first.
-    write_policies(&m, &["shop", "legacy"], &format!("{ALLOW_CLIENT}{DENY_CLIENT}"))?;
+    write_with_extra(&m, &["shop", "legacy"], &format!("{ALLOW_CLIENT}{DENY_CLIENT}"))?;
     ensure!(send(&m.shop_client, &to, 1024).is_err(), "DENY did not beat ALLOW");
     ensure!(denied(&m)?["shop/deny-client"] == 1, "{}", denied(&m)?);
 
@@ -79,7 +67,7 @@ fn connection_policies_allow_deny_and_default_deny() -> Result<()> {
     ensure!(send(&m.shop_client, &to, 1024).is_err(), "an invalid edit opened access");
 
     // A plaintext client outside the mesh is blocked by the L4 rule too.
-    write_policies(&m, &["shop"], ALLOW_CLIENT)?;
+    write_with_extra(&m, &["shop"], ALLOW_CLIENT)?;
     wait_enrolled(&m.a, "legacy", "legacy-client", false)?;
     ensure!(send(&m.legacy_client, &to, 1024).is_err(), "plaintext client was not denied");
     send(&m.shop_client, &to, 1024)?;

@@ -64,11 +64,7 @@ fn requests_are_authorized_one_by_one() -> Result<()> {
     std::fs::write(&script, APP)?;
     let app = m.shop_server.spawn("python3", [script.to_str().context("utf-8")?])?;
     // Policies and the service in one edit.
-    let path = m.tb.config_path();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{}\n{POLICIES}", m.tb.config_yaml(&["shop", "legacy"])))?;
-    std::fs::rename(&tmp, &path)?;
-    wait_until(SETTLE, || Ok(m.b.status()?["config"]["generation"] == 2 && m.a.status()?["config"]["generation"] == 2))?;
+    write_with_extra(&m, &["shop", "legacy"], POLICIES)?;
     wait_until(SETTLE, || Ok(curl(&m.shop_client, "GET", "/ready", &[]).map(|r| r.0 == 200).unwrap_or(false)))?;
 
     // GET allowed, with the verified identity (a forged one is replaced).

@@ -244,3 +244,16 @@ pub fn pod_status(agent: &Agent, ns: &str, name: &str) -> Result<mesh_e2e::PodSt
 pub fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
 }
+
+/// Writes the testbed's config plus `extra` YAML (e.g. policies), atomically, and waits until
+/// both agents have accepted it.
+pub fn write_with_extra(m: &Mesh, enrolled: &[&str], extra: &str) -> Result<()> {
+    let path = m.tb.config_path();
+    let generation = |a: &mesh_e2e::Agent| -> Result<u64> { Ok(a.status()?["config"]["generation"].as_u64().unwrap_or(0)) };
+    let (ga, gb) = (generation(&m.a)?, generation(&m.b)?);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{}\n{extra}", m.tb.config_yaml(enrolled)))?;
+    std::fs::rename(&tmp, &path)?;
+    wait_until(SETTLE, || Ok(generation(&m.a)? > ga && generation(&m.b)? > gb))
+}
+
