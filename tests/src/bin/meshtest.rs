@@ -462,6 +462,9 @@ fn read_patient(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> io::Res
     let start = Instant::now();
     loop {
         match s.read(buf) {
+            // A signal (SIGTERM for `hold`) interrupts the read; the caller
+            // checks for termination between round trips.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed() < timeout => {
                 let mut fd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(s), events: libc::POLLIN, revents: 0 };
                 let left = timeout.saturating_sub(start.elapsed()).as_millis().min(i32::MAX as u128) as i32;
