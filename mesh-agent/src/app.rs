@@ -74,6 +74,7 @@ impl AdminSource for Admin {
 
     fn status(&self) -> serde_json::Value {
         let e = self.enrollment.lock().expect("poisoned");
+        let (tunnels_open, tunnels_opened) = self.proxy.tunnel_connections();
         serde_json::json!({
             "node": self.node,
             "ready": e.ready(),
@@ -85,7 +86,7 @@ impl AdminSource for Admin {
             },
             "repairs": e.repairs,
             "openConnections": self.proxy.open_connections(),
-            "tunnelConnections": { "open": self.proxy.tunnel_connections().0, "opened": self.proxy.tunnel_connections().1 },
+            "tunnelConnections": { "open": tunnels_open, "opened": tunnels_opened },
             "tls": self.proxy.tls_stats().view(),
             "endpoints": self.proxy.endpoints(),
             "reconcileChanges": e.changes,

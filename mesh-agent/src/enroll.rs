@@ -53,6 +53,13 @@ impl ManagedPod {
     }
 }
 
+/// When a forgotten pod's listeners close: after the grace period during
+/// normal operation, at once on shutdown (the drain takes over).
+enum Listeners {
+    CloseAfterGrace,
+    CloseNow,
+}
+
 /// What `ensure` needs besides the datapath and the pod.
 #[derive(Clone, Copy)]
 struct EnsureCtx<'a> {
@@ -142,15 +149,9 @@ impl Enrollment {
 
         let gone: Vec<PodKey> = self.pods.keys().filter(|k| !wanted.contains_key(k)).cloned().collect();
         for key in gone {
-            if let Some(mut mp) = self.pods.remove(&key) {
+            if let Some(mp) = self.pods.remove(&key) {
                 tracing::info!(pod = %key, "pod left this node");
-                self.leave(&key, &mut mp);
-                if let Some(ns) = &mp.netns {
-                    self.datapath.untrack(ns.cookie());
-                }
-                if let Err(e) = self.datapath.detach(&mp.cgroup) {
-                    tracing::warn!(pod = %key, error = %e, "detach failed");
-                }
+                self.forget_pod(&key, mp, Listeners::CloseAfterGrace);
                 self.changes += 1;
             }
         }
@@ -163,12 +164,8 @@ impl Enrollment {
                 .pods
                 .get(key)
                 .is_some_and(|mp| mp.netns_path != pod.netns || mp.cgroup != pod.cgroup || mp.ips != pod.ips);
-            if sandbox_changed && let Some(mut old) = self.pods.remove(key) {
-                self.leave(key, &mut old);
-                if let Some(ns) = &old.netns {
-                    self.datapath.untrack(ns.cookie());
-                }
-                let _ = self.datapath.detach(&old.cgroup);
+            if sandbox_changed && let Some(old) = self.pods.remove(key) {
+                self.forget_pod(key, old, Listeners::CloseAfterGrace);
             }
             self.pods.entry(key.clone()).or_insert_with(|| ManagedPod {
                 netns_path: pod.netns.clone(),
@@ -328,19 +325,28 @@ impl Enrollment {
         Ok(ch)
     }
 
-    fn leave(&mut self, key: &PodKey, mp: &mut ManagedPod) {
+    /// Undoes everything the agent set up for a pod it no longer manages:
+    /// enrollment and capture entries first (new connections go direct),
+    /// then programs, counters, certificate and listeners.
+    fn forget_pod(&mut self, key: &PodKey, mut mp: ManagedPod, listeners: Listeners) {
         if let Some(ns) = &mp.netns {
             if let Err(e) = self.datapath.unenroll(ns.cookie()) {
                 tracing::warn!(pod = %key, error = %e, "removing enrollment failed");
             }
             self.datapath.detach_netns(ns.cookie());
+            self.datapath.untrack(ns.cookie());
         }
         for ip in &mp.ips {
             self.datapath.remove_inbound_listener(*ip);
         }
-        mp.enrolled = false;
+        if let Err(e) = self.datapath.detach(&mp.cgroup) {
+            tracing::warn!(pod = %key, error = %e, "detach failed");
+        }
         if let Some(l) = mp.listeners.take() {
-            close_later(l);
+            match listeners {
+                Listeners::CloseAfterGrace => close_later(l),
+                Listeners::CloseNow => l.close(),
+            }
         }
         if mp.id.take().is_some() {
             self.proxy.certs().forget(key);
@@ -351,22 +357,8 @@ impl Enrollment {
     /// For shutdown: every pod's new connections go direct from now on
     /// (programs detached, entries removed), and the listeners close.
     pub fn release_all(&mut self) {
-        let keys: Vec<PodKey> = self.pods.keys().cloned().collect();
-        for key in keys {
-            let mut mp = self.pods.remove(&key).expect("listed above");
-            if let Some(ns) = &mp.netns {
-                let _ = self.datapath.unenroll(ns.cookie());
-                self.datapath.detach_netns(ns.cookie());
-            }
-            for ip in &mp.ips {
-                self.datapath.remove_inbound_listener(*ip);
-            }
-            if let Err(e) = self.datapath.detach(&mp.cgroup) {
-                tracing::warn!(pod = %key, error = %e, "detach failed");
-            }
-            if let Some(l) = mp.listeners.take() {
-                l.close();
-            }
+        for (key, mp) in std::mem::take(&mut self.pods) {
+            self.forget_pod(&key, mp, Listeners::CloseNow);
         }
     }
 

@@ -293,12 +293,6 @@ impl MeshState {
         self
     }
 
-    /// Whether `port` of `pod` speaks HTTP, as declared by a service that
-    /// selects the pod with that target port.
-    pub fn is_http_port(&self, pod: &PodKey, port: u16) -> bool {
-        self.app_http(pod, port).is_some()
-    }
-
     /// The HTTP version `pod` serves on `port`, as a service selecting it
     /// declares; `None` for L4.
     pub fn app_http(&self, pod: &PodKey, port: u16) -> Option<AppHttp> {

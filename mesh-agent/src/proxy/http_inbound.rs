@@ -79,10 +79,10 @@ impl Proxy {
         pod: Arc<PodHandle>,
         peer: Option<SpiffeId>,
         target: SocketAddr,
+        app: AppHttp,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let app = self.state.borrow().app_http(&pod.key, target.port()).unwrap_or(AppHttp::Http1);
         let stats = pod.stats.clone();
         let conn = Arc::new(Conn {
             app,

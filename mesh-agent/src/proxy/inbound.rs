@@ -34,9 +34,10 @@ impl Proxy {
             let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
             return;
         }
-        if self.state.borrow().is_http_port(&pod.key, target.port()) {
+        let app_http = self.state.borrow().app_http(&pod.key, target.port());
+        if let Some(app) = app_http {
             pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-            self.self_arc().serve_http_inbound(client, pod, None, target).await;
+            self.self_arc().serve_http_inbound(client, pod, None, target, app).await;
             return;
         }
         if self.authorize_connection(&pod, None, target.port()).is_err() {

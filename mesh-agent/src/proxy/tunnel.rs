@@ -96,11 +96,11 @@ impl Proxy {
                 format!("{target} is not an address of pod {}", pod.key),
             );
         }
-        let http = self.state.borrow().is_http_port(&pod.key, target.port());
+        let app_http = self.state.borrow().app_http(&pod.key, target.port());
         let peer_for_policy = crate::policy::Peer::new(client_id);
         // HTTP ports are authorized per request instead (a DENY on a path
         // must not refuse the whole connection).
-        if !http && let Err(reason) = self.authorize_connection(&pod, Some(&peer_for_policy), target.port()) {
+        if app_http.is_none() && let Err(reason) = self.authorize_connection(&pod, Some(&peer_for_policy), target.port()) {
             let mut res = Response::new(Empty::new());
             *res.status_mut() = StatusCode::FORBIDDEN;
             if let Ok(v) = http::HeaderValue::from_str(&reason) {
@@ -108,14 +108,14 @@ impl Proxy {
             }
             return res;
         }
-        if http {
+        if let Some(app) = app_http {
             pod.stats.inbound.fetch_add(1, Ordering::Relaxed);
             count_peer(&pod.stats.inbound_peers, client_id);
             let this = self.self_arc();
             let client_id = client_id.clone();
             self.connections.spawn(async move {
                 match hyper::upgrade::on(req).await {
-                    Ok(upgraded) => this.serve_http_inbound(TokioIo::new(upgraded), pod, Some(client_id), target).await,
+                    Ok(upgraded) => this.serve_http_inbound(TokioIo::new(upgraded), pod, Some(client_id), target, app).await,
                     Err(e) => tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
                 }
             });

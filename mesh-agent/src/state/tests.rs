@@ -96,10 +96,10 @@ fn peer_authentication_workload_beats_namespace() {
 fn http_ports_by_declaration() {
     let s = state();
     let b1 = PodKey { namespace: "shop".into(), name: "b1".into() };
-    assert!(s.is_http_port(&b1, 8080), "port named http");
-    assert!(!s.is_http_port(&b1, 80), "service port, not target port");
+    assert!(s.app_http(&b1, 8080).is_some(), "port named http");
+    assert!(s.app_http(&b1, 80).is_none(), "service port, not target port");
     let a = PodKey { namespace: "shop".into(), name: "a".into() };
-    assert!(!s.is_http_port(&a, 8080), "not selected");
+    assert!(s.app_http(&a, 8080).is_none(), "not selected");
     let p = |name: &str, proto: Option<&str>| ServicePort { name: name.into(), port: 1, target_port: 1, app_protocol: proto.map(Into::into) };
     assert!(p("http-web", None).is_http());
     assert!(p("grpc", None).is_http());

@@ -370,14 +370,7 @@ fn send_one(
                                      "reason": format!("connect: {e}")}));
         }
     };
-    let local = stream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let (local, peer) = endpoints(&stream);
     let base =
         json!({"to": to.to_string(), "local": local, "peer": peer, "sent": 0, "received": 0});
     let setup = stream
@@ -674,6 +667,12 @@ fn tls_probe(to: SocketAddr, connect_timeout: Duration, timeout: Duration) -> Ex
     }
 }
 
+/// The connection's local and peer addresses, as text ("" if unknown).
+fn endpoints(s: &TcpStream) -> (String, String) {
+    let text = |a: io::Result<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    (text(s.local_addr()), text(s.peer_addr()))
+}
+
 fn with(mut v: Value, key: &str, val: Value) -> Value {
     v[key] = val;
     v
@@ -715,14 +714,7 @@ fn hold(
     {
         return fail(json!({"roundtrips": 0, "reason": format!("socket setup: {e}")}));
     }
-    let local = stream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let (local, peer) = endpoints(&stream);
     emit(json!({"connected": peer, "local": local}));
     let mut n = 0u64;
     loop {
