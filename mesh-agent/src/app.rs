@@ -89,6 +89,7 @@ impl AdminSource for Admin {
             "tunnelConnections": { "open": tunnels_open, "opened": tunnels_opened },
             "tls": self.proxy.tls_stats().view(),
             "endpoints": self.proxy.endpoints(),
+            "services": self.proxy.services(),
             "reconcileChanges": e.changes,
             "pods": e.status(),
         })
@@ -197,7 +198,6 @@ async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Re
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let wake = enrollment.lock().expect("poisoned").wake.clone();
-    let mut warned_routes = false;
     loop {
         tokio::select! {
             r = state.changed() => if r.is_err() { return },
@@ -205,10 +205,6 @@ async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Re
             _ = wake.notified() => {}
         }
         let snapshot = state.borrow_and_update().clone();
-        if !snapshot.routes.is_empty() && !warned_routes {
-            tracing::warn!(routes = snapshot.routes.len(), "httpRoutes are validated but not applied by this version of the agent");
-            warned_routes = true;
-        }
         enrollment.lock().expect("poisoned").reconcile(&snapshot);
     }
 }

@@ -41,14 +41,21 @@ use crate::{
 
 mod authz;
 pub mod balance;
+mod http_client;
 mod http_inbound;
+mod http_outbound;
 mod inbound;
 mod outbound;
 mod pool;
+mod services;
+mod sniff;
 mod tunnel;
 
 pub use outbound::OrigDstLookup;
 
+/// How long the agent waits for a client's first bytes to tell whether it
+/// speaks HTTP (only where policy makes it matter: see [`authz`]).
+const DETECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an agent waits for a TCP handshake it starts.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 flow-control windows of the tunnel: large enough that one stream
@@ -172,7 +179,10 @@ pub struct Proxy {
     tls_stats: Arc<TlsStats>,
     pool: pool::Pool,
     authz: authz::Cache,
+    routes: http_outbound::RouteCache,
     balancer: balance::Balancer,
+    services: services::Services,
+    http_clients: http_client::HttpClients,
     ports: Ports,
     /// Every connection task, so shutdown can wait for them to finish.
     connections: TaskTracker,
@@ -227,7 +237,10 @@ impl Proxy {
             tls_stats,
             pool: pool::Pool::default(),
             authz: authz::Cache::default(),
+            routes: http_outbound::RouteCache::default(),
             balancer: balance::Balancer::default(),
+            services: services::Services::default(),
+            http_clients: http_client::HttpClients::default(),
             ports,
             connections: TaskTracker::new(),
             runtime,
@@ -239,6 +252,7 @@ impl Proxy {
                 tick.tick().await;
                 let Some(p) = weak.upgrade() else { return };
                 p.pool.reap(pool::IDLE_TIMEOUT);
+                p.http_clients.reap();
             }
         });
         proxy
@@ -317,7 +331,7 @@ impl Proxy {
             self.connections.spawn(tracing::Instrument::instrument(
                 async move {
                     match kind {
-                        Kind::Outbound => this.outbound(stream, peer, &pod).await,
+                        Kind::Outbound => this.outbound(stream, peer, pod).await,
                         Kind::Tunnel(tls) => this.tunnel_inbound(stream, peer, pod, tls).await,
                         Kind::Plaintext => this.plaintext_inbound(stream, peer, pod).await,
                     }
@@ -354,6 +368,11 @@ impl Proxy {
     /// Per-endpoint load-balancing state (active, picked, failures, ejected).
     pub fn endpoints(&self) -> std::collections::BTreeMap<String, balance::EndpointView> {
         self.balancer.view()
+    }
+
+    /// Per-service state of the HTTP layer (requests, retries, limits).
+    pub fn services(&self) -> std::collections::BTreeMap<String, services::ServiceView> {
+        self.services.view()
     }
 
     pub fn tls_stats(&self) -> &Arc<TlsStats> {

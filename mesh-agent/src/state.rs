@@ -66,7 +66,7 @@ pub struct ServicePort {
 }
 
 /// The HTTP version an application serves on a declared HTTP port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AppHttp {
     Http1,
     /// HTTP/2 with prior knowledge (h2c), including gRPC.
@@ -374,38 +374,55 @@ impl MeshState {
     /// Never empty.
     pub fn resolve_all(&self, dst: SocketAddr) -> Vec<Destination> {
         let ip = dst.ip().to_canonical();
-        let to_pod = |pod: &Pod, addr: SocketAddr| {
-            if self.is_enrolled(pod) {
-                Destination::MeshPod { pod: pod.key.clone(), addr }
-            } else {
-                Destination::Passthrough(addr)
-            }
-        };
         if let Some(pod) = self.pod_by_ip(ip) {
-            return vec![to_pod(pod, SocketAddr::new(ip, dst.port()))];
+            return vec![self.destination(pod, SocketAddr::new(ip, dst.port()))];
         }
-        for svc in &self.services {
-            if !svc.ips.contains(&ip) {
-                continue;
-            }
-            let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
-                continue;
-            };
-            let eps: Vec<Destination> = self
-                .endpoints(svc)
-                .filter(|p| !p.ips.is_empty())
-                .map(|pod| {
-                    let pod_ip = pod.ips.iter().find(|a| a.is_ipv4() == ip.is_ipv4()).unwrap_or(&pod.ips[0]);
-                    to_pod(pod, SocketAddr::new(*pod_ip, port.target_port))
-                })
-                .collect();
-            if !eps.is_empty() {
-                return eps;
-            }
-            break;
+        match self.service_target(dst) {
+            Some(t) if !t.endpoints.is_empty() => t.endpoints.into_iter().map(|e| e.dest).collect(),
+            _ => vec![Destination::Passthrough(SocketAddr::new(ip, dst.port()))],
         }
-        vec![Destination::Passthrough(SocketAddr::new(ip, dst.port()))]
     }
+
+    /// The service port an address names (a service IP and one of its
+    /// ports), with the endpoints behind it in a stable order.
+    pub fn service_target(&self, dst: SocketAddr) -> Option<ServiceTarget<'_>> {
+        let ip = dst.ip().to_canonical();
+        let svc = self.services.iter().find(|s| s.ips.contains(&ip))?;
+        let port = svc.ports.iter().find(|p| p.port == dst.port())?;
+        let endpoints = self
+            .endpoints(svc)
+            .filter(|p| !p.ips.is_empty())
+            .map(|pod| {
+                let pod_ip = pod.ips.iter().find(|a| a.is_ipv4() == ip.is_ipv4()).unwrap_or(&pod.ips[0]);
+                Endpoint { dest: self.destination(pod, SocketAddr::new(*pod_ip, port.target_port)), labels: &pod.labels }
+            })
+            .collect();
+        Some(ServiceTarget { service: svc, port, endpoints })
+    }
+
+    /// A pod as a destination: through the mesh when it is enrolled.
+    fn destination(&self, pod: &Pod, addr: SocketAddr) -> Destination {
+        if self.is_enrolled(pod) {
+            Destination::MeshPod { pod: pod.key.clone(), addr }
+        } else {
+            Destination::Passthrough(addr)
+        }
+    }
+}
+
+/// A service port reached through the service's address.
+#[derive(Clone, Debug)]
+pub struct ServiceTarget<'a> {
+    pub service: &'a Service,
+    pub port: &'a ServicePort,
+    pub endpoints: Vec<Endpoint<'a>>,
+}
+
+/// One pod behind a service port.
+#[derive(Clone, Debug)]
+pub struct Endpoint<'a> {
+    pub dest: Destination,
+    pub labels: &'a Labels,
 }
 
 impl Destination {

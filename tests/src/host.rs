@@ -88,6 +88,14 @@ pub fn meshtest_bin() -> Result<PathBuf> {
     )
 }
 
+pub fn meshhttp_bin() -> Result<PathBuf> {
+    find_bin(
+        "meshhttp",
+        "MESHHTTP_BIN",
+        "run `cargo build -p mesh-e2e --bin meshhttp` first",
+    )
+}
+
 fn find_bin(name: &str, env: &str, hint: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);

@@ -53,7 +53,7 @@ pub use config::{
     ENROLL_LABEL, ENROLL_VALUE, LocalConfig, NamespaceEntry, NodeEntry, PeerAuthMode,
     PeerAuthenticationEntry, PodEntry, ServiceEntry, ServicePortEntry,
 };
-pub use host::{agent_bin, cgroup2_mount, meshtest_bin};
+pub use host::{agent_bin, cgroup2_mount, meshhttp_bin, meshtest_bin};
 pub use pod::{Pod, PodProcess, RUN_TIMEOUT};
 pub use status::{
     CertificateStatus, ConfigStatus, EbpfStatus, PodCounters, PodEbpf, PodProxy, PodStatus, Status,

@@ -78,8 +78,8 @@ impl Pod {
     }
 
     /// Spawns `program args` in the pod (netns + cgroup), stdin closed,
-    /// stdout and stderr captured. A bare `meshtest` is resolved with
-    /// [`crate::meshtest_bin`]. The process is killed when the handle drops.
+    /// stdout and stderr captured. A bare `meshtest` (`meshhttp`) is
+    /// resolved with [`crate::meshtest_bin`] ([`crate::meshhttp_bin`]). The process is killed when the handle drops.
     pub fn spawn<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<PodProcess>
     where
         I: IntoIterator<Item = S>,
@@ -88,6 +88,8 @@ impl Pod {
         let program = program.as_ref();
         let mut cmd = if program == "meshtest" {
             Command::new(host::meshtest_bin()?)
+        } else if program == "meshhttp" {
+            Command::new(host::meshhttp_bin()?)
         } else {
             Command::new(program)
         };

@@ -2,11 +2,15 @@
 //! pod's agent decides, from the verified peer identity (or none, for
 //! plaintext) and the destination port, before it connects to the app.
 //!
-//! Until the HTTP layer lands, every connection is checked at L4: a DENY
-//! rule that names HTTP attributes (methods, paths, headers) denies whole
+//! A connection to a port that is not HTTP is checked at L4: a DENY rule
+//! that names HTTP attributes (methods, paths, headers) denies whole
 //! connections to the workloads it selects, and an ALLOW rule that needs
 //! them never matches. Enforcement can only be stricter than intended,
-//! never looser.
+//! never looser. When that strictness would refuse a connection to a port
+//! nobody declared and the workload's policies do name HTTP attributes,
+//! the agent first looks at what the client sends ([`super::sniff`]): an
+//! HTTP client is then authorized request by request, anything else is
+//! refused as before.
 
 use std::{
     collections::HashMap,
@@ -53,7 +57,32 @@ impl Cache {
     }
 }
 
+/// The connection-time verdict for a port that is not declared HTTP.
+pub(super) enum L4Verdict {
+    Allow,
+    /// Refused (already counted and logged), with the reason.
+    Deny(String),
+    /// Refused as a whole connection, but HTTP requests on it might be
+    /// allowed one by one: detect the protocol first.
+    DependsOnHttp,
+}
+
 impl Proxy {
+    pub(super) fn check_l4(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> L4Verdict {
+        let snapshot = self.state.borrow().clone();
+        let wp = self.authz.workload(&snapshot, &pod.key);
+        if wp.check_connection(&Connection { peer, port }).allowed {
+            L4Verdict::Allow
+        } else if wp.uses_http_attributes() {
+            L4Verdict::DependsOnHttp
+        } else {
+            match self.authorize_connection(pod, peer, port) {
+                Ok(()) => L4Verdict::Allow,
+                Err(reason) => L4Verdict::Deny(reason),
+            }
+        }
+    }
+
     /// `Err(reason)` when policy refuses a connection from `peer` (None:
     /// plaintext) to `port` of `pod`; counted and logged with the policy.
     pub(super) fn authorize_connection(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> Result<(), String> {

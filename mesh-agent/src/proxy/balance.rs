@@ -1,10 +1,14 @@
 //! Choosing among a service's endpoints: least requests by the power of two
-//! choices, skipping endpoints ejected after connection failures.
+//! choices, skipping endpoints ejected by outlier detection.
 //!
-//! An endpoint whose connection (TCP, mTLS or the CONNECT) fails is ejected
-//! for 5 s, doubling with each consecutive ejection up to 60 s; a success
-//! clears its record. If every candidate is ejected, all are tried anyway:
-//! ejection must never take a whole service down.
+//! Every try reports its outcome ([`Outcome`]). Consecutive connection
+//! failures, or consecutive 5xx answers on the HTTP path, eject an endpoint
+//! for `baseEjectionTime` times the number of times it was ejected (capped),
+//! as the service's [`OutlierDetection`] says. L4 connections, which have
+//! no route, use [`l4_outlier_detection`]: one connection failure ejects
+//! for 5 s, growing to 60 s. At most `maxEjectionPercent` of a service's
+//! endpoints are ejected at once, and never all: if every candidate is
+//! ejected anyway (endpoints shared between services), all are tried.
 
 use std::{
     collections::HashMap,
@@ -18,19 +22,55 @@ use std::{
 
 use serde::Serialize;
 
-use crate::state::Destination;
+use crate::{
+    route::{OutlierDetection, RouteDuration},
+    state::Destination,
+};
 
-const BASE_EJECTION: Duration = Duration::from_secs(5);
-const MAX_EJECTION: Duration = Duration::from_secs(60);
+/// Outlier detection for L4 connections to a service (no route applies):
+/// the first failed connection ejects the endpoint for 5 s, then 10 s, ...
+/// up to 60 s; up to all but one endpoint may be ejected.
+pub fn l4_outlier_detection() -> &'static OutlierDetection {
+    static L4: std::sync::OnceLock<OutlierDetection> = std::sync::OnceLock::new();
+    L4.get_or_init(|| OutlierDetection {
+        consecutive_5xx: 0,
+        consecutive_connect_failures: 1,
+        base_ejection_time: RouteDuration(Duration::from_secs(5)),
+        max_ejection_time: RouteDuration(Duration::from_secs(60)),
+        max_ejection_percent: 100,
+    })
+}
+
+/// What one try at an endpoint came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Connected (L4), or answered with a status below 500.
+    Success,
+    /// No connection (TCP, mTLS or the tunnel's CONNECT), or reset before
+    /// an answer.
+    ConnectFailure,
+    /// Answered with a 5xx status.
+    ServerError,
+}
 
 #[derive(Default)]
 struct Endpoint {
     active: usize,
-    consecutive_failures: u32,
+    consecutive_connect_failures: u32,
+    consecutive_5xx: u32,
+    /// Times ejected; forgotten once the endpoint has been back and
+    /// healthy for `maxEjectionTime`.
     ejections: u32,
     ejected_until: Option<Instant>,
     total_failures: u64,
+    total_ejections: u64,
     picked: u64,
+}
+
+impl Endpoint {
+    fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|t| t > now)
+    }
 }
 
 #[derive(Default)]
@@ -59,11 +99,12 @@ pub struct EndpointView {
     active: usize,
     picked: u64,
     failures: u64,
+    ejections: u64,
     ejected: bool,
 }
 
 impl Balancer {
-    fn random(&self) -> u64 {
+    pub fn random(&self) -> u64 {
         // splitmix64 over a shared counter: cheap, good enough to break ties.
         let mut z = self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed).wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -82,7 +123,7 @@ impl Balancer {
         let healthy: Vec<&Destination> = open
             .iter()
             .copied()
-            .filter(|d| eps.get(&d.addr()).and_then(|e| e.ejected_until).is_none_or(|t| t <= now))
+            .filter(|d| eps.get(&d.addr()).is_none_or(|e| !e.is_ejected(now)))
             .collect();
         let pool = if healthy.is_empty() { open } else { healthy };
         let chosen = if pool.len() == 1 {
@@ -103,24 +144,54 @@ impl Balancer {
         Some((chosen.clone(), InUse { balancer: self, addr: chosen.addr() }))
     }
 
-    pub fn success(&self, addr: SocketAddr) {
-        if let Some(e) = self.endpoints.lock().expect("poisoned").get_mut(&addr) {
-            e.consecutive_failures = 0;
-            e.ejections = 0;
-            e.ejected_until = None;
-        }
-    }
-
-    /// A connection to `addr` failed: eject it for a growing interval.
-    pub fn failure(&self, addr: SocketAddr) {
+    /// Records the outcome of a try at `addr`, one of `endpoints` (the
+    /// service's, for the ejection limit). Returns how long the endpoint is
+    /// now ejected for, if this outcome ejected it.
+    pub fn report(&self, addr: SocketAddr, outcome: Outcome, policy: &OutlierDetection, endpoints: &[Destination]) -> Option<Duration> {
         let mut eps = self.endpoints.lock().expect("poisoned");
+        let now = Instant::now();
         let e = eps.entry(addr).or_default();
-        e.consecutive_failures += 1;
-        e.total_failures += 1;
-        let ejection = BASE_EJECTION.saturating_mul(1 << e.ejections.min(4)).min(MAX_EJECTION);
+        let tripped = match outcome {
+            Outcome::Success => {
+                e.consecutive_connect_failures = 0;
+                e.consecutive_5xx = 0;
+                if e.ejected_until.is_some_and(|t| t + policy.max_ejection_time.0 <= now) {
+                    e.ejections = 0;
+                    e.ejected_until = None;
+                }
+                false
+            }
+            Outcome::ConnectFailure => {
+                e.total_failures += 1;
+                e.consecutive_connect_failures += 1;
+                policy.consecutive_connect_failures > 0 && e.consecutive_connect_failures >= policy.consecutive_connect_failures
+            }
+            Outcome::ServerError => {
+                e.total_failures += 1;
+                e.consecutive_5xx += 1;
+                policy.consecutive_5xx > 0 && e.consecutive_5xx >= policy.consecutive_5xx
+            }
+        };
+        if !tripped || e.is_ejected(now) {
+            return None;
+        }
+        let ejected_now = endpoints
+            .iter()
+            .filter(|d| d.addr() != addr && eps.get(&d.addr()).is_some_and(|o| o.is_ejected(now)))
+            .count();
+        if ejected_now >= policy.max_ejected(endpoints.len().max(1)) {
+            tracing::info!(endpoint = %addr, ?outcome, ejected = ejected_now, "endpoint not ejected: the service is at its ejection limit");
+            return None;
+        }
+        let e = eps.get_mut(&addr).expect("inserted above");
         e.ejections += 1;
-        e.ejected_until = Some(Instant::now() + ejection);
-        tracing::info!(endpoint = %addr, ?ejection, "endpoint ejected after a connection failure");
+        e.total_ejections += 1;
+        e.consecutive_connect_failures = 0;
+        e.consecutive_5xx = 0;
+        let ejection = policy.ejection_time(e.ejections);
+        e.ejected_until = Some(now + ejection);
+        tracing::info!(endpoint = %addr, ?outcome, ?ejection, times = e.ejections, "endpoint ejected");
+        Some(ejection)
     }
 
     pub fn view(&self) -> std::collections::BTreeMap<String, EndpointView> {
@@ -136,7 +207,8 @@ impl Balancer {
                         active: e.active,
                         picked: e.picked,
                         failures: e.total_failures,
-                        ejected: e.ejected_until.is_some_and(|t| t > now),
+                        ejections: e.total_ejections,
+                        ejected: e.is_ejected(now),
                     },
                 )
             })
@@ -156,21 +228,52 @@ mod tests {
     fn least_loaded_wins_and_ejected_endpoints_are_skipped() {
         let b = Balancer::default();
         let c = [d(1), d(2)];
+        let l4 = l4_outlier_detection();
         let (first, _held) = b.pick(&c, &[]).unwrap();
         // With one endpoint busy, the other is always chosen.
         for _ in 0..20 {
             let (next, _g) = b.pick(&c, &[]).unwrap();
             assert_ne!(next, first);
         }
-        b.failure(d(2).addr());
+        assert_eq!(b.report(d(2).addr(), Outcome::ConnectFailure, l4, &c), Some(Duration::from_secs(5)));
         for _ in 0..20 {
             assert_eq!(b.pick(&c, &[]).unwrap().0, d(1));
         }
-        // Never ejecting all: with both ejected, both are still tried.
-        b.failure(d(1).addr());
-        assert!(b.pick(&c, &[]).is_some());
+        // Never ejecting all: the last healthy endpoint stays in.
+        assert_eq!(b.report(d(1).addr(), Outcome::ConnectFailure, l4, &c), None);
         assert!(b.pick(&c, &[d(1).addr(), d(2).addr()]).is_none());
-        b.success(d(2).addr());
-        assert_eq!(b.pick(&c, &[]).unwrap().0, d(2));
+    }
+
+    #[test]
+    fn consecutive_5xx_eject_for_a_growing_time_within_the_limit() {
+        let b = Balancer::default();
+        let c = [d(1), d(2), d(3), d(4)];
+        let policy = OutlierDetection { consecutive_5xx: 3, ..OutlierDetection::default() };
+        // Two 5xx then a success: the streak is broken.
+        for o in [Outcome::ServerError, Outcome::ServerError, Outcome::Success, Outcome::ServerError, Outcome::ServerError] {
+            assert_eq!(b.report(d(1).addr(), o, &policy, &c), None);
+        }
+        assert_eq!(b.report(d(1).addr(), Outcome::ServerError, &policy, &c), Some(Duration::from_secs(30)));
+        // 50% of four endpoints: a second one may go, a third may not.
+        for _ in 0..2 {
+            assert_eq!(b.report(d(2).addr(), Outcome::ServerError, &policy, &c), None);
+        }
+        assert!(b.report(d(2).addr(), Outcome::ServerError, &policy, &c).is_some());
+        for _ in 0..3 {
+            assert_eq!(b.report(d(3).addr(), Outcome::ServerError, &policy, &c), None);
+        }
+        for _ in 0..50 {
+            let (p, _g) = b.pick(&c, &[]).unwrap();
+            assert!(p == d(3) || p == d(4), "{p:?}");
+        }
+        // A second ejection lasts twice as long (set the first one as over).
+        b.endpoints.lock().unwrap().get_mut(&d(1).addr()).unwrap().ejected_until = Some(Instant::now());
+        for _ in 0..2 {
+            b.report(d(1).addr(), Outcome::ServerError, &policy, &c);
+        }
+        assert_eq!(b.report(d(1).addr(), Outcome::ServerError, &policy, &c), Some(Duration::from_secs(60)));
+        // Connect failures count separately.
+        let v = b.view();
+        assert_eq!(v[&d(1).addr().to_string()].ejections, 2);
     }
 }

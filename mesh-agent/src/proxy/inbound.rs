@@ -15,7 +15,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PodHandle, Proxy, connect_from};
+use super::{PodHandle, Proxy, authz::L4Verdict, connect_from};
 use crate::state::PeerAuthMode;
 
 impl Proxy {
@@ -40,9 +40,25 @@ impl Proxy {
             self.self_arc().serve_http_inbound(client, pod, None, target, app).await;
             return;
         }
-        if self.authorize_connection(&pod, None, target.port()).is_err() {
-            let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
-            return;
+        match self.check_l4(&pod, None, target.port()) {
+            L4Verdict::Allow => {}
+            L4Verdict::Deny(_) => {
+                let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+                return;
+            }
+            L4Verdict::DependsOnHttp => {
+                let (http, io) = super::sniff::detect(client, super::DETECT_TIMEOUT).await;
+                match http {
+                    Some(app) => {
+                        pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
+                        self.self_arc().serve_http_inbound(io, pod, None, target, app).await;
+                    }
+                    None => {
+                        let _ = self.authorize_connection(&pod, None, target.port());
+                    }
+                }
+                return;
+            }
         }
         pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
         match connect_from(&pod.netns, target).await {

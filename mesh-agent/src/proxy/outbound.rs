@@ -1,6 +1,11 @@
 //! Outbound: a pod's redirected connection, relayed to where it was going.
 
-use std::{net::SocketAddr, sync::atomic::Ordering};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+};
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -8,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::{
+    balance::{Outcome, l4_outlier_detection},
     CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, connect_from, count_peer,
     pool::{PoolKey, StreamSlot},
 };
@@ -16,9 +22,56 @@ use crate::{identity::SpiffeId, state::Destination};
 /// Endpoints a connection to a service may try before failing.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
-enum Upstream {
+/// The way to one destination: a tunnel stream or a direct connection.
+pub(super) enum Upstream {
     Tunnel(TokioIo<hyper::upgrade::Upgraded>, StreamSlot),
     Direct(TcpStream),
+}
+
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tunnel(s, _) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Direct(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tunnel(s, _) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Direct(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tunnel(s, _) => Pin::new(s).poll_flush(cx),
+            Upstream::Direct(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tunnel(s, _) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Direct(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tunnel(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Upstream::Direct(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Upstream::Tunnel(s, _) => s.is_write_vectored(),
+            Upstream::Direct(s) => s.is_write_vectored(),
+        }
+    }
 }
 
 /// Where a redirected connection was going (the eBPF original-destination
@@ -28,7 +81,7 @@ pub trait OrigDstLookup: Send + Sync {
 }
 
 impl Proxy {
-    pub(super) async fn outbound(&self, mut app: TcpStream, peer: SocketAddr, pod: &PodHandle) {
+    pub(super) async fn outbound(self: Arc<Self>, mut app: TcpStream, peer: SocketAddr, pod: Arc<PodHandle>) {
         let stats = &pod.stats;
         let Some(orig) = self.orig_dst.take(peer) else {
             // Someone connected to the listener directly: there is nowhere
@@ -38,10 +91,17 @@ impl Proxy {
             return;
         };
         stats.outbound.fetch_add(1, Ordering::Relaxed);
-        let (candidates, trust_domain) = {
+        let (candidates, trust_domain, http) = {
             let state = self.state.borrow();
-            (state.resolve_all(orig), state.trust_domain.clone())
+            let http = state.service_target(orig).and_then(|t| t.port.http_version().filter(|_| !t.endpoints.is_empty()));
+            (state.resolve_all(orig), state.trust_domain.clone(), http)
         };
+        // A service port declared HTTP: routed, balanced and retried per
+        // request by the HTTP layer.
+        if let Some(version) = http {
+            return self.serve_http_outbound(app, pod, orig, version).await;
+        }
+        let pod = &*pod;
         let is_service = candidates.len() > 1;
         let mut tried = Vec::new();
         let mut last_err = None;
@@ -63,7 +123,7 @@ impl Proxy {
             match self.establish(pod, &dest, &trust_domain).await {
                 Ok(mut upstream) => {
                     if is_service {
-                        self.balancer.success(dest.addr());
+                        self.balancer.report(dest.addr(), Outcome::Success, l4_outlier_detection(), &candidates);
                     }
                     let result = match &mut upstream {
                         Upstream::Tunnel(up, _slot) => tokio::io::copy_bidirectional(&mut app, up).await,
@@ -78,7 +138,7 @@ impl Proxy {
                 Err(e) => {
                     tracing::info!(%orig, to = %dest.addr(), error = %e, "outbound connection failed");
                     if is_service {
-                        self.balancer.failure(dest.addr());
+                        self.balancer.report(dest.addr(), Outcome::ConnectFailure, l4_outlier_detection(), &candidates);
                     }
                     last_err = Some(e);
                 }
@@ -90,7 +150,7 @@ impl Proxy {
 
     /// Opens the way to one destination: an mTLS tunnel stream for a mesh
     /// pod, a direct connection otherwise (both from the source pod's netns).
-    async fn establish(&self, pod: &PodHandle, dest: &Destination, trust_domain: &str) -> std::io::Result<Upstream> {
+    pub(super) async fn establish(&self, pod: &PodHandle, dest: &Destination, trust_domain: &str) -> std::io::Result<Upstream> {
         let stats = &pod.stats;
         match dest {
             Destination::MeshPod { pod: dst_pod, addr } => {

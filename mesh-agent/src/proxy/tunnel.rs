@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::{CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, connect_from, count_peer};
+use super::{CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, authz::L4Verdict, connect_from, count_peer};
 use crate::identity::SpiffeId;
 
 /// Response header saying why a CONNECT was refused, for the other agent's log.
@@ -100,13 +100,42 @@ impl Proxy {
         let peer_for_policy = crate::policy::Peer::new(client_id);
         // HTTP ports are authorized per request instead (a DENY on a path
         // must not refuse the whole connection).
-        if app_http.is_none() && let Err(reason) = self.authorize_connection(&pod, Some(&peer_for_policy), target.port()) {
-            let mut res = Response::new(Empty::new());
-            *res.status_mut() = StatusCode::FORBIDDEN;
-            if let Ok(v) = http::HeaderValue::from_str(&reason) {
-                res.headers_mut().insert(REASON_HEADER, v);
+        let mut detect = false;
+        if app_http.is_none() {
+            match self.check_l4(&pod, Some(&peer_for_policy), target.port()) {
+                L4Verdict::Allow => {}
+                L4Verdict::Deny(reason) => {
+                    let mut res = Response::new(Empty::new());
+                    *res.status_mut() = StatusCode::FORBIDDEN;
+                    if let Ok(v) = http::HeaderValue::from_str(&reason) {
+                        res.headers_mut().insert(REASON_HEADER, v);
+                    }
+                    return res;
+                }
+                L4Verdict::DependsOnHttp => detect = true,
             }
-            return res;
+        }
+        if detect {
+            pod.stats.inbound.fetch_add(1, Ordering::Relaxed);
+            count_peer(&pod.stats.inbound_peers, client_id);
+            let this = self.self_arc();
+            let client_id = client_id.clone();
+            self.connections.spawn(async move {
+                match hyper::upgrade::on(req).await {
+                    Ok(upgraded) => {
+                        let (http, io) = super::sniff::detect(TokioIo::new(upgraded), super::DETECT_TIMEOUT).await;
+                        match http {
+                            Some(app) => this.serve_http_inbound(io, pod, Some(client_id), target, app).await,
+                            None => {
+                                let peer = crate::policy::Peer::new(&client_id);
+                                let _ = this.authorize_connection(&pod, Some(&peer), target.port());
+                            }
+                        }
+                    }
+                    Err(e) => tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
+                }
+            });
+            return Response::new(Empty::new());
         }
         if let Some(app) = app_http {
             pod.stats.inbound.fetch_add(1, Ordering::Relaxed);

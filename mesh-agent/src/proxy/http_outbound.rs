@@ -1,0 +1,351 @@
+//! Outbound HTTP: a pod's connection to a service port declared HTTP is
+//! terminated by the **source** node's agent, which routes, balances,
+//! retries and bounds each request (the model is in [`crate::route`]):
+//!
+//! 1. the request's target is normalized for matching (a target that cannot
+//!    be normalized gets 400; the request itself is forwarded as sent: the
+//!    destination agent normalizes what it authorizes and forwards);
+//! 2. the service's route picks a rule and a weighted backend (a label
+//!    subset of the service's endpoints); no route or no matching rule: any
+//!    endpoint, default retries, no timeout;
+//! 3. the circuit breaker admits it (`maxRequests`) or answers 503 at once;
+//! 4. an endpoint of the backend is chosen (least requests of two, outlier
+//!    ejection skipped) and the request sent on a pooled connection in the
+//!    application's HTTP version, through the destination's agent;
+//! 5. connect failures, resets and the configured status codes are retried
+//!    on another endpoint when the method is idempotent (or the rule allows
+//!    every method), the retry budget has room and the body was small
+//!    enough to keep ([`MAX_RETRY_BODY`]), after a jittered backoff;
+//! 6. the rule's timeout bounds all of it until the response head: 504.
+//!
+//! Local answers carry `x-mesh-reply` (`overflow`, `timeout`,
+//! `no-endpoint`, `connect-failure`, `reset`) so a client or an operator
+//! can tell them from the application's.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::{
+    PodHandle, Proxy,
+    balance::Outcome,
+    http_client::{ReqBody, TryError},
+    http_inbound::MAX_HEADER_BYTES,
+    services::{self, ServiceState},
+};
+use crate::{
+    policy,
+    route::{self, RequestView, RetryOn, RouteTable},
+    state::{AppHttp, Destination, Snapshot},
+};
+
+type RespBody = BoxBody<Bytes, hyper::Error>;
+
+/// Request bodies up to this size are kept so the request can be retried;
+/// a larger (or unknown-length, streamed) body is sent once.
+pub const MAX_RETRY_BODY: u64 = 64 * 1024;
+/// The header naming why the agent answered itself.
+pub const REPLY_HEADER: &str = "x-mesh-reply";
+
+/// Headers that belong to one hop (RFC 9110 7.6.1) and are not forwarded.
+const HOP_BY_HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "proxy-authorization"];
+
+/// The compiled routes of the current snapshot.
+#[derive(Default)]
+pub struct RouteCache {
+    inner: Mutex<Option<(Snapshot, Arc<RouteTable>)>>,
+}
+
+impl RouteCache {
+    fn get(&self, snapshot: &Snapshot) -> Arc<RouteTable> {
+        let mut inner = self.inner.lock().expect("poisoned");
+        match inner.as_ref() {
+            Some((s, t)) if Arc::ptr_eq(s, snapshot) => t.clone(),
+            _ => {
+                let t = Arc::new(RouteTable::from_state(snapshot));
+                *inner = Some((snapshot.clone(), t.clone()));
+                t
+            }
+        }
+    }
+}
+
+fn local(status: StatusCode, reply: &'static str, text: String) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(Bytes::from(text + "\n")).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r.headers_mut().insert(REPLY_HEADER, HeaderValue::from_static(reply));
+    r
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for h in listed.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        // `TE: trailers` is how gRPC asks for trailers; keep exactly that.
+        if h == "te" && headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+            continue;
+        }
+        headers.remove(h);
+    }
+}
+
+/// What every request on one downstream connection shares.
+struct Conn {
+    pod: Arc<PodHandle>,
+    /// The service address the app dialled.
+    orig: SocketAddr,
+    /// What the application behind the service speaks.
+    version: AppHttp,
+}
+
+impl Proxy {
+    pub(super) async fn serve_http_outbound(self: Arc<Self>, app: TcpStream, pod: Arc<PodHandle>, orig: SocketAddr, version: AppHttp) {
+        let stats = pod.stats.clone();
+        let conn = Arc::new(Conn { pod, orig, version });
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(this.outbound_request(&conn, req).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder.http1().max_buf_size(MAX_HEADER_BYTES);
+        builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
+        if let Err(e) = builder.serve_connection(TokioIo::new(app), svc).await {
+            let malformed = e
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_parse() || h.is_parse_too_large());
+            if malformed {
+                stats.http_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%orig, error = %e, "malformed HTTP request refused");
+            } else {
+                tracing::debug!(%orig, error = %e, "outbound HTTP connection ended");
+            }
+        }
+    }
+
+    async fn outbound_request(&self, conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
+        let snapshot = self.state.borrow().clone();
+        let routes = self.routes.get(&snapshot);
+        let Some(target) = snapshot.service_target(conn.orig) else {
+            return local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", format!("{} is no longer a service address", conn.orig));
+        };
+        let (ns, name) = (target.service.namespace.as_str(), target.service.name.as_str());
+        let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let path = match policy::normalize_path(raw) {
+            Ok(p) => p,
+            Err(e) => {
+                conn.pod.stats.http_rejected.fetch_add(1, Ordering::Relaxed);
+                return local(StatusCode::BAD_REQUEST, "bad-request", format!("bad request target: {e}"));
+            }
+        };
+        let view = RequestView { method: req.method(), path: path.path(), headers: req.headers() };
+        let selected = routes.select(ns, name, &view, (self.balancer.random() % 100) as u32);
+        let endpoints: Vec<Destination> = target
+            .endpoints
+            .iter()
+            .filter(|e| selected.is_none_or(|s| s.backend.selects(e.labels)))
+            .map(|e| e.dest.clone())
+            .collect();
+        let svc = self.services.get(ns, name);
+        svc.requests.fetch_add(1, Ordering::Relaxed);
+        let route_name = selected.map_or("(none)", |s| s.route);
+        if endpoints.is_empty() {
+            svc.no_endpoint.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(service = %format_args!("{ns}/{name}"), route = route_name, "no endpoint for the selected backend");
+            return local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", format!("no endpoint of {ns}/{name} for route {route_name}"));
+        }
+        let policy = routes.service_policy(ns, name).clone();
+        let Some(_active) = services::acquire(&svc.active, policy.circuit_breaker.max_requests) else {
+            svc.overflow_requests.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(service = %format_args!("{ns}/{name}"), limit = policy.circuit_breaker.max_requests, "circuit breaker: too many requests");
+            return local(StatusCode::SERVICE_UNAVAILABLE, "overflow", format!("{ns}/{name}: too many requests (maxRequests)"));
+        };
+        let retry = match selected {
+            Some(s) => s.retry.clone(),
+            None => route::default_retry_policy().clone(),
+        };
+        let timeout = selected.and_then(|s| s.timeout);
+        let job = Job { conn, svc: &svc, policy: &policy, retry: &retry, endpoints: &endpoints };
+        let run = self.send_with_retries(&job, req);
+        match timeout {
+            None => run.await,
+            Some(t) => match tokio::time::timeout(t, run).await {
+                Ok(r) => r,
+                Err(_) => {
+                    svc.timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(service = %format_args!("{ns}/{name}"), route = route_name, timeout = ?t, "request timed out");
+                    local(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{ns}/{name}: no response within {}", route::RouteDuration(t)))
+                }
+            },
+        }
+    }
+
+    async fn send_with_retries(&self, job: &Job<'_>, req: Request<Incoming>) -> Response<RespBody> {
+        let (mut parts, body) = req.into_parts();
+        prepare(&mut parts, job.conn);
+        // Keep the body for retries when it is small and the method may be
+        // retried at all; otherwise stream it through once.
+        let len = body.size_hint().upper();
+        let keep = job.retry.allows_method(&parts.method) && len.is_some_and(|l| l <= MAX_RETRY_BODY);
+        let mut streamed = None;
+        let kept = if keep {
+            match body.collect().await {
+                Ok(b) => Some(b.to_bytes()),
+                Err(e) => return local(StatusCode::BAD_REQUEST, "bad-request", format!("reading the request body: {e}")),
+            }
+        } else {
+            streamed = Some(body);
+            None
+        };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries = 0u32;
+        let mut _retrying: Option<services::Gauge<'_>> = None;
+        loop {
+            // A retry prefers an endpoint not tried yet.
+            let exclude: &[SocketAddr] = if tried.len() < job.endpoints.len() { &tried } else { &[] };
+            let Some((dest, _in_use)) = self.balancer.pick(job.endpoints, exclude) else {
+                return local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", "no endpoint left to try".into());
+            };
+            tried.push(dest.addr());
+            let body: ReqBody = match (&kept, streamed.take()) {
+                (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
+                (None, Some(s)) => s.boxed(),
+                (None, None) => unreachable!("a streamed body is only sent once: retries need a kept body"),
+            };
+            let mut req = Request::from_parts(parts.clone(), body);
+            *req.extensions_mut() = http::Extensions::new();
+            let attempt = self.http_try(&job.conn.pod, &dest, job.conn.version, job.svc, &job.policy.circuit_breaker, req);
+            let result = match job.retry.per_try_timeout {
+                Some(t) => tokio::time::timeout(t.0, attempt).await.unwrap_or_else(|_| Err(TryError::Reset(format!("no response within the per-try timeout {t}")))),
+                None => attempt.await,
+            };
+            let (outcome, cause, reply) = match result {
+                Ok(res) => {
+                    let outcome = if res.status().is_server_error() { Outcome::ServerError } else { Outcome::Success };
+                    (outcome, RetryOn::Status(u32::from(res.status().as_u16())), Ok(res))
+                }
+                Err(TryError::Overflow) => {
+                    tracing::info!(endpoint = %dest.addr(), "circuit breaker: too many pending requests");
+                    return local(StatusCode::SERVICE_UNAVAILABLE, "overflow", "too many pending requests (maxPendingRequests)".into());
+                }
+                Err(TryError::Connect(e)) => {
+                    tracing::info!(endpoint = %dest.addr(), error = %e, "upstream connect failed");
+                    let r = local(StatusCode::SERVICE_UNAVAILABLE, "connect-failure", format!("upstream connect to {} failed: {e}", dest.addr()));
+                    (Outcome::ConnectFailure, RetryOn::ConnectFailure, Err(r))
+                }
+                Err(TryError::Reset(e)) => {
+                    tracing::info!(endpoint = %dest.addr(), error = %e, "upstream reset before the response");
+                    let r = local(StatusCode::BAD_GATEWAY, "reset", format!("upstream {} reset before the response: {e}", dest.addr()));
+                    (Outcome::ConnectFailure, RetryOn::Reset, Err(r))
+                }
+            };
+            if self.balancer.report(dest.addr(), outcome, &job.policy.outlier_detection, job.endpoints).is_some() {
+                job.svc.ejections.fetch_add(1, Ordering::Relaxed);
+            }
+            let may_retry = kept.is_some()
+                && retries < job.retry.attempts
+                && job.retry.retries_on(cause)
+                && job.retry.budget_allows(job.svc.active.load(Ordering::Relaxed), job.svc.retries_in_flight.load(Ordering::Relaxed));
+            if !may_retry {
+                return match reply {
+                    Ok(mut res) => {
+                        strip_hop_by_hop(res.headers_mut());
+                        res.map(|b| b.boxed())
+                    }
+                    Err(local) => local,
+                };
+            }
+            drop(reply);
+            job.svc.retries.fetch_add(1, Ordering::Relaxed);
+            _retrying = Some(services::enter(&job.svc.retries_in_flight));
+            tracing::debug!(endpoint = %dest.addr(), %cause, retry = retries + 1, "retrying");
+            let pause: Duration = job.retry.backoff(retries, self.balancer.random() as u32);
+            tokio::time::sleep(pause).await;
+            retries += 1;
+        }
+    }
+}
+
+struct Job<'a> {
+    conn: &'a Conn,
+    svc: &'a Arc<ServiceState>,
+    policy: &'a route::ServicePolicy,
+    retry: &'a route::RetryPolicy,
+    endpoints: &'a [Destination],
+}
+
+/// Puts the request in the form of the application's HTTP version.
+fn prepare(parts: &mut http::request::Parts, conn: &Conn) {
+    strip_hop_by_hop(&mut parts.headers);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_else(|| conn.orig.to_string());
+    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match conn.version {
+        AppHttp::Http1 => {
+            if !parts.headers.contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(&authority)
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+            parts.uri = http::Uri::from(pq);
+            parts.version = http::Version::HTTP_11;
+        }
+        AppHttp::Http2 => {
+            let mut p = http::uri::Parts::default();
+            p.scheme = Some(parts.uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
+            p.authority = authority.parse().ok();
+            p.path_and_query = Some(pq);
+            if let Ok(uri) = http::Uri::from_parts(p) {
+                parts.uri = uri;
+            }
+            // :authority carries it; a Host header that disagrees would be
+            // refused by the destination.
+            parts.headers.remove(header::HOST);
+            parts.version = http::Version::HTTP_2;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_but_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("traceparent", HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "traceparent"]);
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TE));
+    }
+}

@@ -1,0 +1,137 @@
+//! Per-service state of the source-side HTTP layer: the circuit breaker's
+//! gauges (requests, pending requests, upstream connections, retries in
+//! flight) and the counters `/status` reports, per service and per agent.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+/// `namespace/name` of a service.
+pub type ServiceName = String;
+
+#[derive(Default)]
+pub struct ServiceState {
+    /// Requests admitted and not finished.
+    pub active: AtomicU32,
+    /// Requests waiting for an upstream connection.
+    pub pending: AtomicU32,
+    /// Upstream HTTP connections open.
+    pub connections: AtomicU32,
+    pub retries_in_flight: AtomicU32,
+    /// Woken when an upstream connection becomes idle or closes.
+    pub connection_freed: Notify,
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub ejections: AtomicU64,
+    pub no_endpoint: AtomicU64,
+    /// Requests refused by the circuit breaker, by the limit that refused.
+    pub overflow_requests: AtomicU64,
+    pub overflow_pending: AtomicU64,
+}
+
+/// A slot in one of the gauges, released when dropped.
+pub struct Gauge<'a>(&'a AtomicU32);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Takes a slot in `gauge` unless it is at `max` already.
+pub fn acquire(gauge: &AtomicU32, max: u32) -> Option<Gauge<'_>> {
+    gauge
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+        .ok()
+        .map(|_| Gauge(gauge))
+}
+
+/// Takes a slot whatever the count (gauges that only report).
+pub fn enter(gauge: &AtomicU32) -> Gauge<'_> {
+    gauge.fetch_add(1, Ordering::AcqRel);
+    Gauge(gauge)
+}
+
+#[derive(Default)]
+pub struct Services {
+    by_name: Mutex<HashMap<ServiceName, Arc<ServiceState>>>,
+}
+
+impl Services {
+    pub fn get(&self, namespace: &str, name: &str) -> Arc<ServiceState> {
+        let key = format!("{namespace}/{name}");
+        let mut map = self.by_name.lock().expect("poisoned");
+        if let Some(s) = map.get(&key) {
+            return s.clone();
+        }
+        map.entry(key).or_default().clone()
+    }
+
+    pub fn view(&self) -> BTreeMap<ServiceName, ServiceView> {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let g = |c: &AtomicU32| c.load(Ordering::Relaxed);
+        self.by_name
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    ServiceView {
+                        active: g(&s.active),
+                        pending: g(&s.pending),
+                        connections: g(&s.connections),
+                        requests: l(&s.requests),
+                        retries: l(&s.retries),
+                        timeouts: l(&s.timeouts),
+                        ejections: l(&s.ejections),
+                        no_endpoint: l(&s.no_endpoint),
+                        overflow_requests: l(&s.overflow_requests),
+                        overflow_pending: l(&s.overflow_pending),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceView {
+    active: u32,
+    pending: u32,
+    connections: u32,
+    requests: u64,
+    retries: u64,
+    timeouts: u64,
+    ejections: u64,
+    no_endpoint: u64,
+    overflow_requests: u64,
+    overflow_pending: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauges_refuse_past_the_limit_and_free_on_drop() {
+        let g = AtomicU32::new(0);
+        let a = acquire(&g, 2).unwrap();
+        let _b = acquire(&g, 2).unwrap();
+        assert!(acquire(&g, 2).is_none());
+        drop(a);
+        assert!(acquire(&g, 2).is_some());
+        assert_eq!(g.load(Ordering::Relaxed), 1);
+        let _e = enter(&g);
+        assert_eq!(g.load(Ordering::Relaxed), 2);
+    }
+}

@@ -1,0 +1,128 @@
+//! Protocol detection for ports nobody declared: the first bytes a client
+//! sends tell HTTP/1.x (a request line starting with a method and a space)
+//! from HTTP/2 with prior knowledge (the connection preface) from anything
+//! else. The bytes read are replayed to whoever serves the connection next.
+//!
+//! A client that sends nothing within the timeout (a server-first protocol
+//! such as SMTP or MySQL), closes, or sends anything else, is not HTTP.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+
+use crate::state::AppHttp;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: [&[u8]; 9] = [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT "];
+
+/// What the first bytes say, or `None` when more are needed.
+fn classify(buf: &[u8]) -> Option<Option<AppHttp>> {
+    if buf.len() >= PREFACE.len() && buf.starts_with(PREFACE) {
+        return Some(Some(AppHttp::Http2));
+    }
+    if METHODS.iter().any(|m| buf.starts_with(m)) {
+        return Some(Some(AppHttp::Http1));
+    }
+    let could_be = PREFACE.starts_with(buf) || METHODS.iter().any(|m| m.starts_with(buf));
+    if could_be { None } else { Some(None) }
+}
+
+/// Reads the first bytes of `io` (for at most `timeout`) and says whether
+/// they are HTTP; the returned stream replays them.
+pub async fn detect<IO: AsyncRead + Unpin>(mut io: IO, timeout: Duration) -> (Option<AppHttp>, Prefixed<IO>) {
+    let mut buf = Vec::with_capacity(PREFACE.len());
+    let deadline = tokio::time::Instant::now() + timeout;
+    let verdict = loop {
+        if let Some(v) = classify(&buf) {
+            break v;
+        }
+        let mut chunk = [0u8; PREFACE.len()];
+        let want = PREFACE.len() - buf.len().min(PREFACE.len());
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk[..want.max(1)])).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            // EOF, an error or the timeout: not HTTP (the error, if any,
+            // shows again on the next read).
+            _ => break None,
+        }
+    };
+    (verdict, Prefixed { prefix: buf, pos: 0, io })
+}
+
+/// A stream whose first bytes were already read: they come out first.
+pub struct Prefixed<IO> {
+    prefix: Vec<u8>,
+    pos: usize,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    #[test]
+    fn classifies_first_bytes() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Some(AppHttp::Http1)));
+        assert_eq!(classify(b"OPTIONS "), Some(Some(AppHttp::Http1)));
+        assert_eq!(classify(PREFACE), Some(Some(AppHttp::Http2)));
+        // Not yet decidable.
+        for partial in [&b""[..], b"G", b"GE", b"GET", b"PRI * HTTP/2", b"OPTION"] {
+            assert_eq!(classify(partial), None, "{partial:?}");
+        }
+        // Not HTTP: TLS, SSH, lowercase methods, a method without a space.
+        for other in [&b"\x16\x03\x01\x02\x00"[..], b"SSH-2.0-x", b"get / HTTP/1.1", b"GETX", b"PRI * HTTP/1.1"] {
+            assert_eq!(classify(other), Some(None), "{other:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn replays_what_it_read_and_gives_up_on_silence() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        client.write_all(b"GE").await.unwrap();
+        let sniff = tokio::spawn(detect(server, Duration::from_secs(5)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client.write_all(b"T /x HTTP/1.1\r\n\r\n").await.unwrap();
+        let (verdict, mut stream) = sniff.await.unwrap();
+        assert_eq!(verdict, Some(AppHttp::Http1));
+        let mut all = vec![0u8; 19];
+        stream.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all, b"GET /x HTTP/1.1\r\n\r\n");
+
+        // A server-first protocol: the client waits, detection times out.
+        let (_client, server) = tokio::io::duplex(1024);
+        let (verdict, _) = detect(server, Duration::from_millis(50)).await;
+        assert_eq!(verdict, None);
+    }
+}
