@@ -164,3 +164,44 @@ fn http1_keepalive_http2_and_large_bodies() -> Result<()> {
     ensure!(app.stdout_lines().iter().any(|l| l.contains(&format!("\"bytes\": {}", 6u32 << 20))), "{:?}", app.stdout_lines());
     Ok(())
 }
+
+const DENY_ADMIN_ONLY: &str = r#"authorizationPolicies:
+  - name: deny-admin
+    namespace: shop
+    action: DENY
+    rules:
+      - to: [{paths: ["/admin", "/admin/*"]}]
+"#;
+
+/// A port no service declares, under a policy that names paths: the agent
+/// detects HTTP from the first bytes and authorizes each request (at L4 the
+/// DENY would have refused every connection); a client that does not speak
+/// HTTP is refused as before. Over the tunnel and from plaintext clients.
+#[test]
+fn undeclared_port_is_detected_as_http_when_policy_needs_it() -> Result<()> {
+    let opts = MeshOpts { enrolled: &["shop"], named_service_accounts: true, ..MeshOpts::default() };
+    let m = mesh_with("sniff", &opts)?;
+    let script = m.tb.dir().join("app.py");
+    std::fs::write(&script, APP)?;
+    let app = m.shop_server.spawn("python3", [script.to_str().context("utf-8")?])?;
+    write_with_extra(&m, &["shop"], DENY_ADMIN_ONLY)?;
+    for client in [&m.shop_client, &m.legacy_client] {
+        wait_until(SETTLE, || Ok(curl(client, "GET", "/ready", &[]).map(|r| r.0 == 200).unwrap_or(false)))
+            .with_context(|| format!("{}: {}", client.name(), m.b.log()))?;
+        let (code, body) = curl(client, "GET", "/hello", &[])?;
+        ensure!(code == 200, "{}: {code} {body}", client.name());
+        for p in ["/admin", "//admin/x", "/%61dmin"] {
+            let (code, body) = curl(client, "GET", p, &[])?;
+            ensure!(code == 403 || code == 400, "{} {p}: {code} {body}", client.name());
+        }
+    }
+    // Only the mesh client's identity reaches the app.
+    ensure!(curl(&m.shop_client, "GET", "/who", &[])?.1.contains("peer=spiffe://cluster.local/ns/shop/sa/shop-client"));
+    ensure!(!app.stdout_lines().iter().any(|l| l.contains("admin")), "{:?}", app.stdout_lines());
+    // Not HTTP: the connection-level DENY applies.
+    let before = pod_json(&m.b, "shop", "shop-server")?["proxy"]["inboundDenied"]["shop/deny-admin"].as_u64().unwrap_or(0);
+    ensure!(send(&m.shop_client, &server(&m.shop_server), 1024).is_err(), "a non-HTTP client got through");
+    let after = pod_json(&m.b, "shop", "shop-server")?["proxy"]["inboundDenied"]["shop/deny-admin"].as_u64().unwrap_or(0);
+    ensure!(after > before, "denial not counted");
+    Ok(())
+}
