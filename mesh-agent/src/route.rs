@@ -39,6 +39,7 @@
 //!       - backends: [{}]           # no matches: matches everything; no subset: every endpoint
 //!     circuitBreaker: {maxConnections: 100, maxPendingRequests: 50, maxRequests: 200}
 //!     outlierDetection: {consecutive5xx: 3, baseEjectionTime: 10s}
+//!     loadBalancer: roundRobin      # or leastRequest (the default)
 //! ```
 //!
 //! # Semantics and the choices made
@@ -98,6 +99,12 @@
 //!   allowed), backoff with full jitter between `baseBackoff: 25ms` and
 //!   `maxBackoff: 250ms`. A rule without `retries` gets all the defaults;
 //!   so does a request that matches no rule ([`default_retry_policy`]).
+//! - **Load balancing** (per service, per agent): `leastRequest` (default:
+//!   of two endpoints picked at random, the one with fewer requests in
+//!   flight from this agent) or `roundRobin` (each endpoint in turn).
+//!   Ejected endpoints are skipped by both; a retry prefers an endpoint not
+//!   tried yet. Services without a route, and L4 connections, use
+//!   `leastRequest`.
 //! - **Circuit breaker** (per service, per agent, [`CircuitBreaker::default`]):
 //!   `maxConnections: 1024`, `maxPendingRequests: 1024`, `maxRequests:
 //!   1024` (Envoy's defaults); each at least 1; excess fails fast with 503.
@@ -144,6 +151,20 @@ pub struct HttpRoute {
     pub circuit_breaker: CircuitBreaker,
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+}
+
+/// How a service's endpoints take turns (per agent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancer {
+    /// The less busy of two endpoints picked at random (requests in flight
+    /// from this agent).
+    #[default]
+    LeastRequest,
+    /// Each endpoint in turn.
+    RoundRobin,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -276,11 +276,12 @@ fn retries_timeouts_ejection_and_circuit_breaking() -> Result<()> {
 fn http2_multiplexing_grpc_and_large_bodies_through_a_service() -> Result<()> {
     let mut grpc = ServiceSpec::new("grpc", "shop").select("app", "grpc").ip([198, 51, 100, 102].into());
     grpc.ports.push(ServicePort { name: "grpc".into(), port: 9090, target_port: 9090 });
-    let mut l7 = l7_mesh("h2grpc", &[("web-1", "v1", 51), ("web-2", "v1", 52)], &[grpc], "")?;
+    let rr = "httpRoutes:\n  - {name: web, namespace: shop, service: web, rules: [{backends: [{}]}], loadBalancer: roundRobin}\n";
+    let mut l7 = l7_mesh("h2grpc", &[("web-1", "v1", 51), ("web-2", "v1", 52)], &[grpc], rr)?;
     let grpc_pod = l7.m.tb.add_pod(PodSpec::new("grpc-server", "shop", "node-b", [198, 51, 100, 53].into()).label("app", "grpc"))?;
     let _server = grpc_pod.spawn("meshhttp", ["grpc-serve", "--port", "9090", "--name", "nodemesh.test"])?;
     _server.wait_for_stdout(SETTLE, |l| l.contains("listening"))?;
-    write_with_extra(&l7.m, &["shop"], "")?;
+    write_with_extra(&l7.m, &["shop"], rr)?;
     wait_enrolled(&l7.m.b, "shop", "grpc-server", true)?;
     let m = &l7.m;
 
@@ -297,6 +298,10 @@ fn http2_multiplexing_grpc_and_large_bodies_through_a_service() -> Result<()> {
         max_inflight += s["max_inflight"].as_u64().unwrap_or(0);
     }
     ensure!(max_inflight >= 3, "the streams were not served concurrently (max in flight {max_inflight})");
+
+    // Round robin: the two endpoints take turns.
+    let v = load(m, "/rr", 20, &[])?;
+    ensure!(count(&v, "backend", "web-1") == 10 && count(&v, "backend", "web-2") == 10, "{v}");
 
     // A gRPC unary call, through the service and to the pod directly.
     for addr in ["198.51.100.102:9090", "198.51.100.53:9090"] {

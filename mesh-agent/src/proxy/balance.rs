@@ -112,8 +112,9 @@ impl Balancer {
         z ^ (z >> 31)
     }
 
-    /// Picks one of `candidates` not in `exclude` (already tried), or None.
-    pub fn pick<'a>(&'a self, candidates: &[Destination], exclude: &[SocketAddr]) -> Option<(Destination, InUse<'a>)> {
+    /// Picks one of `candidates` not in `exclude` (already tried), or None:
+    /// least requests of two, or in turn with a round-robin `cursor`.
+    pub fn pick<'a>(&'a self, candidates: &[Destination], exclude: &[SocketAddr], cursor: Option<&AtomicU64>) -> Option<(Destination, InUse<'a>)> {
         let mut eps = self.endpoints.lock().expect("poisoned");
         let now = Instant::now();
         let open: Vec<&Destination> = candidates.iter().filter(|d| !exclude.contains(&d.addr())).collect();
@@ -128,6 +129,8 @@ impl Balancer {
         let pool = if healthy.is_empty() { open } else { healthy };
         let chosen = if pool.len() == 1 {
             pool[0]
+        } else if let Some(c) = cursor {
+            pool[(c.fetch_add(1, Ordering::Relaxed) % pool.len() as u64) as usize]
         } else {
             let n = pool.len() as u64;
             let a = (self.random() % n) as usize;
@@ -229,19 +232,31 @@ mod tests {
         let b = Balancer::default();
         let c = [d(1), d(2)];
         let l4 = l4_outlier_detection();
-        let (first, _held) = b.pick(&c, &[]).unwrap();
+        let (first, _held) = b.pick(&c, &[], None).unwrap();
         // With one endpoint busy, the other is always chosen.
         for _ in 0..20 {
-            let (next, _g) = b.pick(&c, &[]).unwrap();
+            let (next, _g) = b.pick(&c, &[], None).unwrap();
             assert_ne!(next, first);
         }
         assert_eq!(b.report(d(2).addr(), Outcome::ConnectFailure, l4, &c), Some(Duration::from_secs(5)));
         for _ in 0..20 {
-            assert_eq!(b.pick(&c, &[]).unwrap().0, d(1));
+            assert_eq!(b.pick(&c, &[], None).unwrap().0, d(1));
         }
         // Never ejecting all: the last healthy endpoint stays in.
         assert_eq!(b.report(d(1).addr(), Outcome::ConnectFailure, l4, &c), None);
-        assert!(b.pick(&c, &[d(1).addr(), d(2).addr()]).is_none());
+        assert!(b.pick(&c, &[d(1).addr(), d(2).addr()], None).is_none());
+    }
+
+    #[test]
+    fn round_robin_takes_turns_among_healthy_endpoints() {
+        let b = Balancer::default();
+        let c = [d(1), d(2), d(3)];
+        let cursor = AtomicU64::new(0);
+        let picks: Vec<_> = (0..6).map(|_| b.pick(&c, &[], Some(&cursor)).unwrap().0).collect();
+        assert_eq!(picks, [d(1), d(2), d(3), d(1), d(2), d(3)]);
+        b.report(d(2).addr(), Outcome::ConnectFailure, l4_outlier_detection(), &c);
+        let picks: Vec<_> = (0..4).map(|_| b.pick(&c, &[], Some(&cursor)).unwrap().0).collect();
+        assert!(!picks.contains(&d(2)) && picks.contains(&d(1)) && picks.contains(&d(3)), "{picks:?}");
     }
 
     #[test]
@@ -263,7 +278,7 @@ mod tests {
             assert_eq!(b.report(d(3).addr(), Outcome::ServerError, &policy, &c), None);
         }
         for _ in 0..50 {
-            let (p, _g) = b.pick(&c, &[]).unwrap();
+            let (p, _g) = b.pick(&c, &[], None).unwrap();
             assert!(p == d(3) || p == d(4), "{p:?}");
         }
         // A second ejection lasts twice as long (set the first one as over).

@@ -221,7 +221,8 @@ impl Proxy {
         loop {
             // A retry prefers an endpoint not tried yet.
             let exclude: &[SocketAddr] = if tried.len() < job.endpoints.len() { &tried } else { &[] };
-            let Some((dest, _in_use)) = self.balancer.pick(job.endpoints, exclude) else {
+            let cursor = (job.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&job.svc.cursor);
+            let Some((dest, _in_use)) = self.balancer.pick(job.endpoints, exclude, cursor) else {
                 return local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", "no endpoint left to try".into());
             };
             tried.push(dest.addr());

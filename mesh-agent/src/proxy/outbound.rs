@@ -112,7 +112,7 @@ impl Proxy {
             // destination needs no choice, and remembering every address a
             // pod ever dials would grow without bound.
             let (dest, _in_use) = if is_service {
-                let Some(picked) = self.balancer.pick(&candidates, &tried) else { break };
+                let Some(picked) = self.balancer.pick(&candidates, &tried, None) else { break };
                 (picked.0, Some(picked.1))
             } else if tried.is_empty() {
                 (candidates[0].clone(), None)

@@ -25,6 +25,8 @@ pub struct ServiceState {
     /// Upstream HTTP connections open.
     pub connections: AtomicU32,
     pub retries_in_flight: AtomicU32,
+    /// Round-robin position.
+    pub cursor: AtomicU64,
     /// Woken when an upstream connection becomes idle or closes.
     pub connection_freed: Notify,
     pub requests: AtomicU64,

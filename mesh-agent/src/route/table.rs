@@ -34,6 +34,7 @@ pub struct Selected<'a> {
 pub struct ServicePolicy {
     pub circuit_breaker: CircuitBreaker,
     pub outlier_detection: OutlierDetection,
+    pub load_balancer: super::LoadBalancer,
 }
 
 #[derive(Debug, Default)]
@@ -207,6 +208,7 @@ fn compile(id: String, route: &HttpRoute) -> Compiled {
         policy: ServicePolicy {
             circuit_breaker: route.circuit_breaker.clone(),
             outlier_detection: route.outlier_detection.clone(),
+            load_balancer: route.load_balancer,
         },
         rules,
     }
