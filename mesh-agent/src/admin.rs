@@ -1,5 +1,8 @@
-//! The admin listener: `/healthz`, `/ready`, `/status`. Loopback only, on the
-//! control runtime so a busy data plane cannot starve it (nor it the data plane).
+//! The admin listener: `/healthz`, `/ready`, `/status`, `/metrics`
+//! (OpenMetrics text; Prometheus reads it), `/config_dump` (the mesh state
+//! the agent enforces, as JSON: it holds no private key, only public
+//! certificate facts). Loopback only by default, on the control runtime so a
+//! busy data plane cannot starve it (nor it the data plane).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -13,6 +16,8 @@ use tokio::net::TcpListener;
 pub trait AdminSource: Send + Sync + 'static {
     fn ready(&self) -> bool;
     fn status(&self) -> serde_json::Value;
+    fn metrics(&self) -> String;
+    fn config_dump(&self) -> serde_json::Value;
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -35,6 +40,14 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>) {
     }
 }
 
+fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
 fn route(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: &str| {
         let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
@@ -50,14 +63,17 @@ fn route(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<Byt
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready")
             }
         }
-        (&http::Method::GET, "/status") => {
-            let body = serde_json::to_vec_pretty(&source.status()).unwrap_or_default();
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut()
-                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        (&http::Method::GET, "/status") => json(&source.status()),
+        (&http::Method::GET, "/config_dump") => json(&source.config_dump()),
+        (&http::Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(source.metrics())));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
             r
         }
-        (_, "/healthz" | "/ready" | "/status") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /ready, /status"),
+        (_, "/healthz" | "/ready" | "/status" | "/config_dump" | "/metrics") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /ready, /status, /metrics, /config_dump"),
     }
 }

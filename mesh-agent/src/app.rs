@@ -21,6 +21,7 @@ use crate::{
     identity::{CertManager, GrpcCaClient, ManagerConfig},
     tls::TlsStats,
     localfile::{self, ReloadStats},
+    metrics::{HealthCollector, Metrics},
     proxy::{OrigDstLookup, Ports, Proxy},
     state::Snapshot,
 };
@@ -65,11 +66,38 @@ struct Admin {
     enrollment: Arc<Mutex<Enrollment>>,
     reloads: Arc<ReloadStats>,
     proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    state: watch::Receiver<Snapshot>,
 }
 
 impl AdminSource for Admin {
     fn ready(&self) -> bool {
         self.enrollment.lock().expect("poisoned").ready()
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let state = self.state.borrow().clone();
+        // Pods are keyed by a struct in the state: listed here instead.
+        let value = |v: Result<serde_json::Value, serde_json::Error>| v.unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}));
+        serde_json::json!({
+            "node": self.node,
+            "config": self.reloads.view(),
+            "state": {
+                "trustDomain": state.trust_domain,
+                "nodes": state.nodes,
+                "namespaces": value(serde_json::to_value(&state.namespaces)),
+                "pods": value(serde_json::to_value(state.pods.values().collect::<Vec<_>>())),
+                "services": value(serde_json::to_value(&state.services)),
+                "peerAuthentications": value(serde_json::to_value(&state.peer_authentications)),
+                "authorizationPolicies": value(serde_json::to_value(&state.authorization_policies)),
+                "routes": value(serde_json::to_value(&state.routes)),
+            },
+            "certificates": value(serde_json::to_value(self.proxy.certs().status())),
+        })
     }
 
     fn status(&self) -> serde_json::Value {
@@ -136,6 +164,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     let ca = GrpcCaClient::new(&cfg.ca.endpoint, &roots, token.trim(), None)?;
     // Certificates are fetched and rotated on the control runtime.
     let certs = CertManager::new(Arc::new(ca), ManagerConfig { ttl: cfg.ca.cert_ttl, ..ManagerConfig::default() });
+    let metrics = Arc::new(Metrics::default());
     let proxy = Proxy::new(
         state.clone(),
         Arc::new(datapath.orig_dst()),
@@ -143,6 +172,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
         Arc::new(TlsStats::default()),
         Ports::default(),
         data.clone(),
+        metrics.clone(),
     );
     let enrollment = Arc::new(Mutex::new(Enrollment::new(
         cfg.node.clone(),
@@ -163,6 +193,12 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
         enrollment: enrollment.clone(),
         reloads,
         proxy: proxy.clone(),
+        metrics: metrics.clone(),
+        state: state.clone(),
+    });
+    let weak = Arc::downgrade(&admin);
+    metrics.register_health(HealthCollector {
+        status: Arc::new(move || weak.upgrade().map_or(serde_json::Value::Null, |a| a.status())),
     });
     let admin_task = tokio::spawn(admin::serve(listener, admin));
     let watch_task = tokio::spawn(watcher);

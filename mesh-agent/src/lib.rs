@@ -14,7 +14,8 @@
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
 //! | [`route`] | HTTP routing: route schema, validation, pure route selection |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
-//! | [`admin`] | `/healthz`, `/ready`, `/status` |
+//! | [`metrics`] | Prometheus metrics (Istio's names), health collector |
+//! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump`, `/logging` |
 //! | [`app`] | wiring, runtimes, shutdown |
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod enroll;
 pub mod host;
 pub mod identity;
 pub mod localfile;
+pub mod metrics;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

@@ -46,6 +46,7 @@ mod http_inbound;
 mod http_outbound;
 mod inbound;
 mod outbound;
+mod observe;
 mod pool;
 mod services;
 mod sniff;
@@ -184,6 +185,7 @@ pub struct Proxy {
     services: services::Services,
     http_clients: http_client::HttpClients,
     ports: Ports,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Every connection task, so shutdown can wait for them to finish.
     connections: TaskTracker,
     runtime: tokio::runtime::Handle,
@@ -228,6 +230,7 @@ impl Proxy {
         tls_stats: Arc<TlsStats>,
         ports: Ports,
         runtime: tokio::runtime::Handle,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let proxy = Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -242,6 +245,7 @@ impl Proxy {
             services: services::Services::default(),
             http_clients: http_client::HttpClients::default(),
             ports,
+            metrics,
             connections: TaskTracker::new(),
             runtime,
         });

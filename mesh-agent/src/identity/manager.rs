@@ -64,6 +64,8 @@ pub struct WorkloadCertStatus {
     pub id: SpiffeId,
     /// RFC 3339; absent when there is no usable certificate.
     pub not_after: Option<String>,
+    /// The same, in seconds since the epoch (for metrics).
+    pub not_after_unix: Option<u64>,
     pub serial: Option<String>,
     pub fetched: u64,
     pub errors: u64,
@@ -175,6 +177,7 @@ impl CertManager {
                     pod: pod.clone(),
                     id: w.id.clone(),
                     not_after: cert.as_ref().map(|c| humantime(c.not_after)),
+                    not_after_unix: cert.as_ref().map(|c| unix(c.not_after)),
                     serial: cert.as_ref().map(|c| c.serial.clone()),
                     fetched: w.stats.fetched.load(Ordering::Relaxed),
                     errors: w.stats.errors.load(Ordering::Relaxed),

@@ -36,6 +36,8 @@ use crate::{
     state::AppHttp,
 };
 
+use super::http_outbound::REPLY_HEADER;
+
 /// The header carrying the verified client identity to the application.
 pub const PEER_IDENTITY_HEADER: &str = "x-mesh-peer-identity";
 /// Client-sent headers that claim an identity; never passed through.
@@ -64,6 +66,8 @@ struct Conn {
     /// What the app speaks: requests are translated when the client spoke
     /// the other version.
     app: AppHttp,
+    /// The client's address (a source pod's, for tunnel streams).
+    client: SocketAddr,
     pod: Arc<PodHandle>,
     peer: Option<(SpiffeId, Peer)>,
     target: SocketAddr,
@@ -77,6 +81,7 @@ impl Proxy {
         self: Arc<Self>,
         io: IO,
         pod: Arc<PodHandle>,
+        client: SocketAddr,
         peer: Option<SpiffeId>,
         target: SocketAddr,
         app: AppHttp,
@@ -86,6 +91,7 @@ impl Proxy {
         let stats = pod.stats.clone();
         let conn = Arc::new(Conn {
             app,
+            client,
             pod,
             peer: peer.map(|id| {
                 let p = Peer::new(&id);
@@ -119,7 +125,36 @@ impl Proxy {
         }
     }
 
-    async fn http_request(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
+    /// Authorizes and forwards one request, and records its metrics.
+    async fn http_request(&self, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+        let start = std::time::Instant::now();
+        let protocol = super::observe::protocol(req.headers());
+        let request_bytes = hyper::body::Body::size_hint(req.body()).exact().unwrap_or(0);
+        let res = self.authorize_and_forward(conn, req).await;
+        let snapshot = self.state.borrow().clone();
+        let mut labels = super::observe::Parties {
+            state: &snapshot,
+            reporter: "destination",
+            src_pod: None,
+            src_ip: Some(conn.client.ip().to_canonical()),
+            src_id: conn.peer.as_ref().map(|(id, _)| id),
+            dst_pod: Some(&conn.pod.key),
+            dst_addr: Some(conn.target),
+            service: None,
+            mtls: conn.peer.is_some(),
+        }
+        .labels(protocol);
+        labels.response_code = res.status().as_u16();
+        labels.response_flags = match res.headers().get(REPLY_HEADER).map(HeaderValue::as_bytes) {
+            Some(b"denied") => "RBAC",
+            Some(_) => "DPE",
+            None => "-",
+        };
+        let metrics = self.metrics.clone();
+        res.map(|b| super::observe::Recorded::new(b, metrics, labels, start, request_bytes).boxed())
+    }
+
+    async fn authorize_and_forward(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         let pod = &conn.pod;
         // Both framings at once is the classic smuggling vector. hyper's
         // HTTP/1 parser already resolves it per RFC 9112 (chunked wins, the
@@ -162,7 +197,9 @@ impl Proxy {
             *pod.stats.inbound_denied.lock().expect("poisoned").entry(name.clone()).or_default() += 1;
             let who = conn.peer.as_ref().map(|(id, _)| id.to_string()).unwrap_or_else(|| "plaintext client".into());
             tracing::info!(pod = %pod.key, peer = %who, method = %req.method(), path = path.as_str(), policy = %name, "request denied by authorization policy");
-            return local(StatusCode::FORBIDDEN, format!("RBAC: access denied ({})", decision.2));
+            let mut r = local(StatusCode::FORBIDDEN, format!("RBAC: access denied ({})", decision.2));
+            r.headers_mut().insert(REPLY_HEADER, HeaderValue::from_static("denied"));
+            return r;
         }
         // Forward exactly what was checked.
         if path.as_str() != target {

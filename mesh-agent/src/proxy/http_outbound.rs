@@ -142,10 +142,49 @@ impl Proxy {
     }
 
     async fn outbound_request(&self, conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
+        let start = std::time::Instant::now();
+        let protocol = super::observe::protocol(req.headers());
+        let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+        let (res, dest) = self.route_request(conn, req).await;
+        let snapshot = self.state.borrow().clone();
+        let service = snapshot.service_target(conn.orig).map(|t| (t.service.namespace.clone(), t.service.name.clone()));
+        let dst_pod = match &dest {
+            Some(Destination::MeshPod { pod, .. }) => Some(pod.clone()),
+            _ => None,
+        };
+        let mut labels = super::observe::Parties {
+            state: &snapshot,
+            reporter: "source",
+            src_pod: Some(&conn.pod.key),
+            src_ip: None,
+            src_id: None,
+            dst_pod: dst_pod.as_ref(),
+            dst_addr: dest.as_ref().map(Destination::addr),
+            service: service.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str())),
+            mtls: dst_pod.is_some(),
+        }
+        .labels(protocol);
+        labels.response_code = res.status().as_u16();
+        labels.response_flags = match res.headers().get(REPLY_HEADER).map(HeaderValue::as_bytes) {
+            Some(b"overflow") => "UO",
+            Some(b"timeout") => "UT",
+            Some(b"connect-failure") => "UF",
+            Some(b"reset") => "UR",
+            Some(b"no-endpoint") => "NR",
+            Some(_) => "DPE",
+            None => "-",
+        };
+        let metrics = self.metrics.clone();
+        res.map(|b| super::observe::Recorded::new(b, metrics, labels, start, request_bytes).boxed())
+    }
+
+    /// Routes, balances and sends one request; also says which endpoint
+    /// answered last, if any.
+    async fn route_request(&self, conn: &Conn, req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
         let snapshot = self.state.borrow().clone();
         let routes = self.routes.get(&snapshot);
         let Some(target) = snapshot.service_target(conn.orig) else {
-            return local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", format!("{} is no longer a service address", conn.orig));
+            return (local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", format!("{} is no longer a service address", conn.orig)), None);
         };
         let (ns, name) = (target.service.namespace.as_str(), target.service.name.as_str());
         let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -153,7 +192,7 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => {
                 conn.pod.stats.http_rejected.fetch_add(1, Ordering::Relaxed);
-                return local(StatusCode::BAD_REQUEST, "bad-request", format!("bad request target: {e}"));
+                return (local(StatusCode::BAD_REQUEST, "bad-request", format!("bad request target: {e}")), None);
             }
         };
         let view = RequestView { method: req.method(), path: path.path(), headers: req.headers() };
@@ -170,13 +209,13 @@ impl Proxy {
         if endpoints.is_empty() {
             svc.no_endpoint.fetch_add(1, Ordering::Relaxed);
             tracing::info!(service = %format_args!("{ns}/{name}"), route = route_name, "no endpoint for the selected backend");
-            return local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", format!("no endpoint of {ns}/{name} for route {route_name}"));
+            return (local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", format!("no endpoint of {ns}/{name} for route {route_name}")), None);
         }
         let policy = routes.service_policy(ns, name).clone();
         let Some(_active) = services::acquire(&svc.active, policy.circuit_breaker.max_requests) else {
             svc.overflow_requests.fetch_add(1, Ordering::Relaxed);
             tracing::info!(service = %format_args!("{ns}/{name}"), limit = policy.circuit_breaker.max_requests, "circuit breaker: too many requests");
-            return local(StatusCode::SERVICE_UNAVAILABLE, "overflow", format!("{ns}/{name}: too many requests (maxRequests)"));
+            return (local(StatusCode::SERVICE_UNAVAILABLE, "overflow", format!("{ns}/{name}: too many requests (maxRequests)")), None);
         };
         let retry = match selected {
             Some(s) => s.retry.clone(),
@@ -192,13 +231,13 @@ impl Proxy {
                 Err(_) => {
                     svc.timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(service = %format_args!("{ns}/{name}"), route = route_name, timeout = ?t, "request timed out");
-                    local(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{ns}/{name}: no response within {}", route::RouteDuration(t)))
+                    (local(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("{ns}/{name}: no response within {}", route::RouteDuration(t))), None)
                 }
             },
         }
     }
 
-    async fn send_with_retries(&self, job: &Job<'_>, req: Request<Incoming>) -> Response<RespBody> {
+    async fn send_with_retries(&self, job: &Job<'_>, req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
         let (mut parts, body) = req.into_parts();
         prepare(&mut parts, job.conn);
         // Keep the body for retries when it is small and the method may be
@@ -209,7 +248,7 @@ impl Proxy {
         let kept = if keep {
             match body.collect().await {
                 Ok(b) => Some(b.to_bytes()),
-                Err(e) => return local(StatusCode::BAD_REQUEST, "bad-request", format!("reading the request body: {e}")),
+                Err(e) => return (local(StatusCode::BAD_REQUEST, "bad-request", format!("reading the request body: {e}")), None),
             }
         } else {
             streamed = Some(body);
@@ -223,7 +262,7 @@ impl Proxy {
             let exclude: &[SocketAddr] = if tried.len() < job.endpoints.len() { &tried } else { &[] };
             let cursor = (job.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&job.svc.cursor);
             let Some((dest, _in_use)) = self.balancer.pick(job.endpoints, exclude, cursor) else {
-                return local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", "no endpoint left to try".into());
+                return (local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", "no endpoint left to try".into()), None);
             };
             tried.push(dest.addr());
             let body: ReqBody = match (&kept, streamed.take()) {
@@ -245,7 +284,7 @@ impl Proxy {
                 }
                 Err(TryError::Overflow) => {
                     tracing::info!(endpoint = %dest.addr(), "circuit breaker: too many pending requests");
-                    return local(StatusCode::SERVICE_UNAVAILABLE, "overflow", "too many pending requests (maxPendingRequests)".into());
+                    return (local(StatusCode::SERVICE_UNAVAILABLE, "overflow", "too many pending requests (maxPendingRequests)".into()), Some(dest));
                 }
                 Err(TryError::Connect(e)) => {
                     tracing::info!(endpoint = %dest.addr(), error = %e, "upstream connect failed");
@@ -266,13 +305,14 @@ impl Proxy {
                 && job.retry.retries_on(cause)
                 && job.retry.budget_allows(job.svc.active.load(Ordering::Relaxed), job.svc.retries_in_flight.load(Ordering::Relaxed));
             if !may_retry {
-                return match reply {
+                let res = match reply {
                     Ok(mut res) => {
                         strip_hop_by_hop(res.headers_mut());
                         res.map(|b| b.boxed())
                     }
                     Err(local) => local,
                 };
+                return (res, Some(dest));
             }
             drop(reply);
             job.svc.retries.fetch_add(1, Ordering::Relaxed);

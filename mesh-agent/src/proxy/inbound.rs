@@ -37,7 +37,7 @@ impl Proxy {
         let app_http = self.state.borrow().app_http(&pod.key, target.port());
         if let Some(app) = app_http {
             pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-            self.self_arc().serve_http_inbound(client, pod, None, target, app).await;
+            self.self_arc().serve_http_inbound(client, pod, peer, None, target, app).await;
             return;
         }
         match self.check_l4(&pod, None, target.port()) {
@@ -51,7 +51,7 @@ impl Proxy {
                 match http {
                     Some(app) => {
                         pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-                        self.self_arc().serve_http_inbound(io, pod, None, target, app).await;
+                        self.self_arc().serve_http_inbound(io, pod, peer, None, target, app).await;
                     }
                     None => {
                         let _ = self.authorize_connection(&pod, None, target.port());

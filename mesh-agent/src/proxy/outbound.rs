@@ -125,10 +125,34 @@ impl Proxy {
                     if is_service {
                         self.balancer.report(dest.addr(), Outcome::Success, l4_outlier_detection(), &candidates);
                     }
-                    let result = match &mut upstream {
-                        Upstream::Tunnel(up, _slot) => tokio::io::copy_bidirectional(&mut app, up).await,
-                        Upstream::Direct(up) => tokio::io::copy_bidirectional(&mut app, up).await,
+                    let labels = {
+                        let snapshot = self.state.borrow().clone();
+                        let (dst_pod, mtls) = match &dest {
+                            Destination::MeshPod { pod, .. } => (Some(pod), true),
+                            Destination::Passthrough(_) => (None, false),
+                        };
+                        let service = snapshot.service_target(orig).map(|t| (t.service.namespace.clone(), t.service.name.clone()));
+                        super::observe::Parties {
+                            state: &snapshot,
+                            reporter: "source",
+                            src_pod: Some(&pod.key),
+                            src_ip: None,
+                            src_id: None,
+                            dst_pod,
+                            dst_addr: Some(dest.addr()),
+                            service: service.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str())),
+                            mtls,
+                        }
+                        .labels("tcp")
                     };
+                    self.metrics.tcp_opened(&labels);
+                    let mut counted = super::observe::Counted::new(&mut app);
+                    let result = match &mut upstream {
+                        Upstream::Tunnel(up, _slot) => tokio::io::copy_bidirectional(&mut counted, up).await,
+                        Upstream::Direct(up) => tokio::io::copy_bidirectional(&mut counted, up).await,
+                    };
+                    let (received, sent) = counted.totals();
+                    self.metrics.tcp_closed(&labels, sent, received);
                     match result {
                         Ok(_) => tracing::debug!(%orig, to = %dest.addr(), "outbound connection closed"),
                         Err(e) => tracing::debug!(%orig, to = %dest.addr(), error = %e, "outbound connection ended with an error"),

@@ -125,7 +125,7 @@ impl Proxy {
                     Ok(upgraded) => {
                         let (http, io) = super::sniff::detect(TokioIo::new(upgraded), super::DETECT_TIMEOUT).await;
                         match http {
-                            Some(app) => this.serve_http_inbound(io, pod, Some(client_id), target, app).await,
+                            Some(app) => this.serve_http_inbound(io, pod, peer, Some(client_id), target, app).await,
                             None => {
                                 let peer = crate::policy::Peer::new(&client_id);
                                 let _ = this.authorize_connection(&pod, Some(&peer), target.port());
@@ -144,7 +144,7 @@ impl Proxy {
             let client_id = client_id.clone();
             self.connections.spawn(async move {
                 match hyper::upgrade::on(req).await {
-                    Ok(upgraded) => this.serve_http_inbound(TokioIo::new(upgraded), pod, Some(client_id), target, app).await,
+                    Ok(upgraded) => this.serve_http_inbound(TokioIo::new(upgraded), pod, peer, Some(client_id), target, app).await,
                     Err(e) => tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
                 }
             });
@@ -157,14 +157,33 @@ impl Proxy {
         pod.stats.inbound.fetch_add(1, Ordering::Relaxed);
         count_peer(&pod.stats.inbound_peers, client_id);
         tracing::debug!(%peer, %target, client = %client_id, "tunnel stream delivered");
+        let labels = {
+            let snapshot = self.state.borrow().clone();
+            super::observe::Parties {
+                state: &snapshot,
+                reporter: "destination",
+                src_pod: None,
+                src_ip: Some(peer.ip().to_canonical()),
+                src_id: Some(client_id),
+                dst_pod: Some(&pod.key),
+                dst_addr: Some(target),
+                service: None,
+                mtls: true,
+            }
+            .labels("tcp")
+        };
+        let metrics = self.metrics.clone();
+        metrics.tcp_opened(&labels);
         self.connections.spawn(async move {
             let mut app = app;
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
-                    let mut upgraded = TokioIo::new(upgraded);
+                    let mut upgraded = super::observe::Counted::new(TokioIo::new(upgraded));
                     if let Err(e) = tokio::io::copy_bidirectional(&mut upgraded, &mut app).await {
                         tracing::debug!(%target, error = %e, "tunnel stream ended with an error");
                     }
+                    let (received, sent) = upgraded.totals();
+                    metrics.tcp_closed(&labels, sent, received);
                 }
                 Err(e) => tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
             }

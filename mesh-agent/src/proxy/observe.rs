@@ -1,0 +1,230 @@
+//! What the proxy reports per request and per connection: Istio-labelled
+//! metrics ([`crate::metrics`]), computed from the mesh state.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::{
+    identity::SpiffeId,
+    metrics::{Labels, Metrics},
+    state::{MeshState, Pod, PodKey},
+};
+
+/// The workload, namespace and app of a pod, as metrics name them.
+fn workload(pod: &Pod) -> (String, String) {
+    let app = pod.labels.get("app").cloned().unwrap_or_else(|| pod.key.name.clone());
+    (app.clone(), app)
+}
+
+/// Labels for traffic from `src` (a pod, or a peer identity, or nothing)
+/// to `dst` (a pod key or address).
+pub(super) struct Parties<'a> {
+    pub state: &'a MeshState,
+    pub reporter: &'static str,
+    pub src_pod: Option<&'a PodKey>,
+    pub src_ip: Option<IpAddr>,
+    pub src_id: Option<&'a SpiffeId>,
+    pub dst_pod: Option<&'a PodKey>,
+    pub dst_addr: Option<SocketAddr>,
+    /// The service the client addressed, if any (`namespace`, `name`).
+    pub service: Option<(&'a str, &'a str)>,
+    pub mtls: bool,
+}
+
+impl Parties<'_> {
+    pub fn labels(&self, protocol: &'static str) -> Labels {
+        let mut l = Labels {
+            reporter: self.reporter,
+            request_protocol: protocol,
+            response_flags: "-",
+            connection_security_policy: if self.mtls { "mutual_tls" } else { "none" },
+            ..Labels::default()
+        };
+        let unknown = || "unknown".to_owned();
+        let src = self
+            .src_pod
+            .and_then(|k| self.state.pods.get(k))
+            .or_else(|| self.src_ip.and_then(|ip| self.state.pod_by_ip(ip)));
+        match src {
+            Some(p) => {
+                (l.source_workload, l.source_app) = workload(p);
+                l.source_workload_namespace = p.key.namespace.clone();
+                l.source_principal = SpiffeId::new(&self.state.trust_domain, &p.key.namespace, &p.service_account)
+                    .map_or_else(|_| unknown(), |id| id.to_string());
+            }
+            None => {
+                (l.source_workload, l.source_app, l.source_workload_namespace) = (unknown(), unknown(), unknown());
+                l.source_principal = unknown();
+            }
+        }
+        if let Some(id) = self.src_id {
+            // The verified identity wins over what the address suggests.
+            l.source_principal = id.to_string();
+            l.source_workload_namespace = id.namespace().to_owned();
+        }
+        let dst = self
+            .dst_pod
+            .and_then(|k| self.state.pods.get(k))
+            .or_else(|| self.dst_addr.and_then(|a| self.state.pod_by_ip(a.ip())));
+        match dst {
+            Some(p) => {
+                (l.destination_workload, l.destination_app) = workload(p);
+                l.destination_workload_namespace = p.key.namespace.clone();
+                l.destination_principal = SpiffeId::new(&self.state.trust_domain, &p.key.namespace, &p.service_account)
+                    .map_or_else(|_| unknown(), |id| id.to_string());
+            }
+            None => {
+                (l.destination_workload, l.destination_app, l.destination_workload_namespace) = (unknown(), unknown(), unknown());
+                l.destination_principal = unknown();
+            }
+        }
+        let service = self.service.map(|(ns, n)| (ns.to_owned(), n.to_owned())).or_else(|| {
+            // Addressed to a pod: the first service selecting it, as Istio does.
+            let p = dst?;
+            self.state
+                .services
+                .iter()
+                .find(|s| s.namespace == p.key.namespace && !s.selector.is_empty() && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                .map(|s| (s.namespace.clone(), s.name.clone()))
+        });
+        match service {
+            Some((ns, name)) => {
+                l.destination_service = format!("{name}.{ns}.svc.cluster.local");
+                l.destination_service_name = name;
+                l.destination_service_namespace = ns;
+            }
+            None => {
+                let host = self.dst_addr.map_or_else(unknown, |a| a.ip().to_string());
+                l.destination_service = host.clone();
+                l.destination_service_name = host;
+                l.destination_service_namespace = unknown();
+            }
+        }
+        l
+    }
+}
+
+/// `http` or `grpc` (by the request's content type).
+pub(super) fn protocol(headers: &http::HeaderMap) -> &'static str {
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc { "grpc" } else { "http" }
+}
+
+/// A response body that records the request's metrics when it ends (or is
+/// dropped): duration to the end of the body, and its size.
+pub(super) struct Recorded<B> {
+    inner: B,
+    bytes: u64,
+    done: Option<Done>,
+}
+
+struct Done {
+    metrics: Arc<Metrics>,
+    labels: Labels,
+    start: Instant,
+    request_bytes: u64,
+}
+
+impl<B> Recorded<B> {
+    pub fn new(inner: B, metrics: Arc<Metrics>, labels: Labels, start: Instant, request_bytes: u64) -> Self {
+        Self { inner, bytes: 0, done: Some(Done { metrics, labels, start, request_bytes }) }
+    }
+
+    fn finish(&mut self) {
+        if let Some(d) = self.done.take() {
+            d.metrics.request(&d.labels, d.start.elapsed(), d.request_bytes, self.bytes);
+        }
+    }
+}
+
+impl<B> Drop for Recorded<B> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Recorded<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.finish(),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A stream that counts the bytes read from it and written to it.
+pub(super) struct Counted<IO> {
+    io: IO,
+    read: u64,
+    written: u64,
+}
+
+impl<IO> Counted<IO> {
+    pub fn new(io: IO) -> Self {
+        Self { io, read: 0, written: 0 }
+    }
+
+    /// (bytes read, bytes written).
+    pub fn totals(&self) -> (u64, u64) {
+        (self.read, self.written)
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.written += *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}

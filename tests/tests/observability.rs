@@ -1,0 +1,148 @@
+//! Issue (observability): Istio-compatible metrics on both agents for a
+//! known mix of requests and bytes; `/config_dump` without secrets.
+
+mod common;
+
+use anyhow::{Context, Result, ensure};
+use common::*;
+use mesh_e2e::{Agent, ServicePort, ServiceSpec, wait_until};
+
+const APP: &str = r#"
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def handle_one(self):
+        n = int(self.headers.get('content-length') or 0)
+        if n: self.rfile.read(n)
+        body = b"x" * 100
+        self.send_response(200); self.send_header('content-length', str(len(body))); self.end_headers(); self.wfile.write(body)
+    do_GET = do_POST = handle_one
+    def log_message(self, *a): pass
+print("listening", flush=True)
+ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()
+"#;
+
+const GET_ONLY: &str = r#"authorizationPolicies:
+  - name: get-only
+    namespace: shop
+    selector: {app: shop-server}
+    action: ALLOW
+    rules:
+      - from: [{principals: ["spiffe://cluster.local/ns/shop/sa/shop-client"]}]
+"#;
+
+const GET_ONLY_HTTP: &str = r#"        to: [{methods: [GET], ports: [8080]}]
+      - from: [{principals: ["spiffe://cluster.local/ns/shop/sa/shop-client"]}]
+        to: [{ports: [9000]}]
+"#;
+
+/// The value of the one series of `name` whose labels include all `labels`
+/// (0 when there is none; an error when several match).
+fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    let (code, body) = agent.get("/metrics")?;
+    ensure!(code == 200, "/metrics answered {code}");
+    let text = String::from_utf8(body)?;
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && wanted.iter().all(|w| l.contains(w.as_str())))
+        .collect();
+    ensure!(rows.len() <= 1, "several series of {name} match {labels:?}: {rows:?}");
+    Ok(rows.first().and_then(|l| l.rsplit(' ').next()).map(str::parse).transpose()?.unwrap_or(0.0))
+}
+
+#[test]
+fn metrics_count_requests_and_bytes_on_both_agents() -> Result<()> {
+    let opts = MeshOpts { enrolled: &["shop"], named_service_accounts: true, ..MeshOpts::default() };
+    let mut m = mesh_with("metrics", &opts)?;
+    let mut svc = ServiceSpec::new("shop-server", "shop").select("app", "shop-server").ip([198, 51, 100, 100].into());
+    svc.ports.push(ServicePort { name: "http".into(), port: 80, target_port: 8080 });
+    m.tb.add_service(svc)?;
+    let script = m.tb.dir().join("app.py");
+    std::fs::write(&script, APP)?;
+    let app = m.shop_server.spawn("python3", [script.to_str().context("utf-8")?])?;
+    app.wait_for_stdout(SETTLE, |l| l.contains("listening"))?;
+    write_with_extra(&m, &["shop"], &format!("{GET_ONLY}{GET_ONLY_HTTP}"))?;
+    let url = "http://198.51.100.100:80/x";
+    wait_until(SETTLE, || {
+        let out = m.shop_client.run("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", url])?;
+        Ok(String::from_utf8_lossy(&out.stdout) == "200")
+    })?;
+    // The probe above made at least one request; count from here.
+    let base = |agent: &Agent, reporter: &str, code: &str| {
+        metric(agent, "istio_requests_total", &[("reporter", reporter), ("response_code", code), ("source_workload", "shop-client")])
+    };
+    let before = [base(&m.a, "source", "200")?, base(&m.b, "destination", "200")?];
+
+    // The mix: 5 GETs allowed, 3 POSTs denied by policy, one 1,000-byte
+    // plain TCP exchange.
+    for _ in 0..5 {
+        let out = m.shop_client.run("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", url])?;
+        ensure!(String::from_utf8_lossy(&out.stdout) == "200");
+    }
+    for _ in 0..3 {
+        let out = m.shop_client.run("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-d", "abc", url])?;
+        ensure!(String::from_utf8_lossy(&out.stdout) == "403");
+    }
+    send(&m.shop_client, &server(&m.shop_server), 1000)?;
+
+    let common = [
+        ("source_workload", "shop-client"),
+        ("source_workload_namespace", "shop"),
+        ("source_principal", "spiffe://cluster.local/ns/shop/sa/shop-client"),
+        ("destination_workload", "shop-server"),
+        ("destination_workload_namespace", "shop"),
+        ("destination_principal", "spiffe://cluster.local/ns/shop/sa/shop-server"),
+        ("destination_service", "shop-server.shop.svc.cluster.local"),
+        ("connection_security_policy", "mutual_tls"),
+        ("request_protocol", "http"),
+    ];
+    for (agent, reporter, i) in [(&m.a, "source", 0), (&m.b, "destination", 1)] {
+        let with = |code: &'static str| {
+            let mut l = common.to_vec();
+            l.extend([("reporter", reporter), ("response_code", code)]);
+            l
+        };
+        // Recorded when the response ends: give the last one a moment.
+        wait_until(SETTLE, || Ok(metric(agent, "istio_requests_total", &with("403"))? == 3.0))
+            .with_context(|| format!("{reporter}: 403s: {:?}", metric(agent, "istio_requests_total", &with("403"))))?;
+        let ok = metric(agent, "istio_requests_total", &with("200"))? - before[i];
+        ensure!(ok == 5.0, "{reporter}: {ok} requests with 200");
+        let count = metric(agent, "istio_request_duration_milliseconds_count", &with("403"))?;
+        ensure!(count == 3.0, "{reporter}: duration count {count}");
+        // Request bodies: 3 bytes each for the POSTs.
+        let sum = metric(agent, "istio_request_bytes_sum", &with("403"))?;
+        ensure!(sum == 9.0, "{reporter}: request bytes {sum}");
+    }
+    // Destination: the denial flag; both: the 200s' response bodies.
+    let denied = metric(&m.b, "istio_requests_total", &[("reporter", "destination"), ("response_code", "403"), ("response_flags", "RBAC")])?;
+    ensure!(denied == 3.0, "{denied}");
+    // TCP on both agents: one connection, 1,000 bytes each way.
+    for (agent, reporter) in [(&m.a, "source"), (&m.b, "destination")] {
+        let l = [("reporter", reporter), ("request_protocol", "tcp"), ("destination_workload", "shop-server"), ("source_workload", "shop-client")];
+        wait_until(SETTLE, || Ok(metric(agent, "istio_tcp_connections_closed_total", &l)? == 1.0))
+            .with_context(|| format!("{reporter}: TCP closed"))?;
+        ensure!(metric(agent, "istio_tcp_connections_opened_total", &l)? == 1.0);
+        ensure!(metric(agent, "istio_tcp_received_bytes_total", &l)? == 1000.0, "{reporter}: received");
+        ensure!(metric(agent, "istio_tcp_sent_bytes_total", &l)? == 1000.0, "{reporter}: sent");
+    }
+    // The agent's own health.
+    let (_, body) = m.b.get("/metrics")?;
+    let text = String::from_utf8(body)?;
+    let denials: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("nodemesh_policy_denials_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    ensure!(denials == 3.0, "policy denials {denials}");
+    for want in ["nodemesh_enrolled_pods 1.0", "process_resident_memory_bytes ", "nodemesh_certificate_expiry_timestamp_seconds{namespace=\"shop\",pod=\"shop-server\"}"] {
+        ensure!(text.contains(want), "{want} missing in /metrics");
+    }
+    // The config dump: the state, and never a private key.
+    let (code, body) = m.b.get("/config_dump")?;
+    let dump = String::from_utf8(body)?;
+    ensure!(code == 200 && dump.contains("\"get-only\"") && dump.contains("shop-server"), "{code} {dump}");
+    ensure!(!dump.contains("PRIVATE KEY") && !dump.contains("-----BEGIN"), "{dump}");
+    Ok(())
+}
