@@ -59,7 +59,7 @@ pub fn which(tool: &str) -> Option<std::path::PathBuf> {
 }
 
 /// How long and how often: one per [`Mode`].
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Profile {
     pub reps: usize,
     pub latency_secs: u64,

@@ -65,6 +65,10 @@ struct Cli {
     criterion_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     criterion_since: u64,
+    /// Re-render the report of an earlier run from its `results.json` (into
+    /// `--out`), measuring nothing.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
     /// Only these variants (comma-separated names, e.g. `direct,agent-l7/accel-off`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -149,6 +153,13 @@ fn run(cli: Cli) -> Result<()> {
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("blocking SIGINT/SIGTERM")?;
 
+    if let Some(path) = &cli.from_json {
+        let run = report::read_json(path)?;
+        let dir = report::write(&cli.out, &run)?;
+        println!("{}", report::markdown(&run));
+        eprintln!("bench: report rewritten in {}", dir.display());
+        return Ok(());
+    }
     let mut profile = Profile::for_mode(cli.mode);
     if let Some(reps) = cli.reps {
         profile.reps = reps.max(1);

@@ -108,7 +108,7 @@ impl Files {
 
 /// No logs (the agents log at `warn`), TLS 1.3 only as between agents.
 fn common() -> String {
-    "global\n    maxconn 20000\n    ssl-default-bind-options ssl-min-ver TLSv1.3\n    \
+    "global\n    maxconn 8000\n    ssl-default-bind-options ssl-min-ver TLSv1.3\n    \
      ssl-default-server-options ssl-min-ver TLSv1.3\n\
      defaults\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"
         .to_string()
