@@ -17,6 +17,9 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::process::{self, Captured};
 use crate::status::{PodStatus, Status};
 
+/// `RUST_LOG` of agents unless the testbed says otherwise: tests read the
+/// debug lines (decisions, eBPF events) when they fail.
+pub const DEFAULT_LOG_FILTER: &str = "debug";
 /// How long an agent may take to print its ready line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`Agent::stop`] waits after SIGTERM.
@@ -82,18 +85,19 @@ impl Agent {
         node: &str,
         log_dir: &Path,
     ) -> Result<Agent> {
-        Agent::start_in(bin, config, node, log_dir, None, &[])
+        Agent::start_in(bin, config, node, log_dir, None, DEFAULT_LOG_FILTER, &[])
     }
 
     /// Like [`Agent::start`], in the cgroup `cgroup` (as a DaemonSet pod's
     /// agent is in its own; socket acceleration needs that) and with extra
-    /// `run` arguments.
+    /// `run` arguments and `RUST_LOG=log_filter`.
     pub(crate) fn start_in(
         bin: &Path,
         config: &Path,
         node: &str,
         log_dir: &Path,
         cgroup: Option<&Path>,
+        log_filter: &str,
         extra_args: &[&str],
     ) -> Result<Agent> {
         let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -106,7 +110,7 @@ impl Agent {
             .arg(config)
             .args(["--node", node, "--admin", "127.0.0.1:0"])
             .args(extra_args)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);

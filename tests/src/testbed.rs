@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::agent::{Agent, AgentProc};
+use crate::agent::{self, Agent, AgentProc};
 use crate::ca::{Ca, CaOptions};
 use crate::capture::Capture;
 use crate::config::{self, LocalConfig, PeerAuthenticationEntry};
@@ -225,6 +225,7 @@ pub struct Testbed {
     peer_authentications: Vec<PeerAuthenticationEntry>,
     nodes: BTreeSet<String>,
     ca: Option<Ca>,
+    agent_log_filter: String,
     cleanup: CleanupHandle,
 }
 
@@ -260,6 +261,7 @@ impl Testbed {
             peer_authentications: Vec::new(),
             nodes: BTreeSet::new(),
             ca: None,
+            agent_log_filter: agent::DEFAULT_LOG_FILTER.to_string(),
             cleanup,
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -292,6 +294,13 @@ impl Testbed {
 
     pub fn cleanup_handle(&self) -> CleanupHandle {
         self.cleanup.clone()
+    }
+
+    /// `RUST_LOG` for the agents started from now on (default `debug`, which
+    /// tests want; a benchmark wants `warn`: debug logging per connection
+    /// would be what it measures).
+    pub fn set_agent_log_filter(&mut self, filter: impl Into<String>) {
+        self.agent_log_filter = filter.into();
     }
 
     /// Declares a node with no pods (nodes of pods are declared implicitly).
@@ -493,7 +502,7 @@ impl Testbed {
         let cg = self.cgroup.join(format!("agent-{node}-{n}"));
         cgroup::create(&cg)?;
         self.cleanup.track_cgroup(&cg);
-        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &args)?;
+        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_log_filter, &args)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }
@@ -503,7 +512,7 @@ impl Testbed {
     pub fn start_agent_in(&self, cgroup: &Path, node: &str, args: &[&str]) -> Result<Agent> {
         let args = self.agent_args_for(node, args)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(cgroup), &args)?;
+        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(cgroup), &self.agent_log_filter, &args)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }
@@ -513,7 +522,7 @@ impl Testbed {
     pub fn start_agent_with(&self, bin: &Path, config: &Path, node: &str) -> Result<Agent> {
         let args = self.agent_args_for(node, &[])?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start_in(bin, config, node, &self.dir, None, &args)?;
+        let agent = Agent::start_in(bin, config, node, &self.dir, None, &self.agent_log_filter, &args)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }

@@ -2,6 +2,7 @@
 //! a built, tested, demonstrated mesh. The only place that shells out to
 //! apt, rustup and `cargo install`.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -33,6 +34,9 @@ enum Command {
     Test(test::Args),
     /// Setup, build, then run the end-to-end demo.
     Demo(demo::Args),
+    /// Setup (with the load generators and HAProxy), release build, then the
+    /// data-path benchmark side by side with HAProxy, and the policy benchmark.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Command::Build => build::run(),
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,12 +4,14 @@
 //! under a second. Each step prints one line; a step that cannot do its job
 //! stops setup with an error naming the step and what to do about it.
 
+mod bench;
 mod host;
 mod packages;
 mod toolchain;
 
 use anyhow::{Context, Result};
 
+pub use bench::path_with_cargo_bin;
 pub use host::is_root;
 
 /// What a step found or did, for its one line of output.
@@ -29,6 +31,14 @@ pub fn run() -> Result<()> {
     let nightly = step_with("nightly toolchain", toolchain::nightly)?;
     step("bpf-linker", || toolchain::bpf_linker(&nightly))?;
     step("bpffs", host::bpffs)?;
+    Ok(())
+}
+
+/// The bench-only step: the peer proxy and the load generators (`cargo
+/// xtask bench`, and `cargo xtask test` for the bench's smoke test).
+pub fn bench_tools() -> Result<()> {
+    step("bench packages", bench::packages)?;
+    step("oha", bench::oha)?;
     Ok(())
 }
 

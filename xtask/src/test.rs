@@ -28,13 +28,17 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let mut progress = Progress::new();
     progress.step("setup", setup::run)?;
+    // The bench's smoke test (tests/tests/bench.rs) runs HAProxy and the
+    // load generators.
+    progress.step("bench tools", setup::bench_tools)?;
     progress.step("build", workspace::build_bins)?;
     let agent = workspace::debug_bin("mesh-agent")?;
     progress.step("tests", || {
         cmd::run(
             workspace::cargo_host("test")
                 .args(&args.cargo_test_args)
-                .env(workspace::MESH_AGENT_BIN, &agent),
+                .env(workspace::MESH_AGENT_BIN, &agent)
+                .env("PATH", setup::path_with_cargo_bin()),
         )
     })?;
     if args.lint {

@@ -42,6 +42,12 @@ pub fn build_bins() -> Result<()> {
     cmd::run(cargo_host("build").arg("--bins"))
 }
 
+/// Optimized builds of the agent and the bench's tools (mesh-e2e): what
+/// `cargo xtask bench` measures.
+pub fn build_release_bins() -> Result<()> {
+    cmd::run(cargo().args(["build", "--release", "--package", "mesh-agent", "--package", "mesh-e2e", "--bins"]))
+}
+
 /// Path of a binary from the last `build_bins`.
 pub fn debug_bin(name: &str) -> Result<PathBuf> {
     Ok(target_dir()?.join("debug").join(name))
@@ -49,7 +55,7 @@ pub fn debug_bin(name: &str) -> Result<PathBuf> {
 
 /// Asks cargo rather than assuming `target/`, so `CARGO_TARGET_DIR` and
 /// `build.target-dir` are honoured.
-fn target_dir() -> Result<PathBuf> {
+pub fn target_dir() -> Result<PathBuf> {
     let metadata = cmd::output(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
     let metadata: serde_json::Value =
         serde_json::from_str(&metadata).context("`cargo metadata` printed invalid JSON")?;

@@ -3,6 +3,10 @@
 //! Every result is one JSON line on stdout, so tests parse rather than grep;
 //! failures also exit non-zero.
 
+// Beside this file, not in a folder of its own: the binary is `meshtest.rs`.
+#[path = "meshtest/http_serve.rs"]
+mod http_serve;
+
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -114,6 +118,18 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         io_timeout: f64,
     },
+    /// HTTP/1.1 server (hyper) for the benchmark: `--body-bytes` (1 kB) per
+    /// response, `GET /bulk?bytes=N` streams N bytes. Prints
+    /// `{"listening":..}` once.
+    HttpServe {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        /// tokio worker threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -168,6 +184,7 @@ fn main() -> ExitCode {
             secs(connect_timeout),
             secs(io_timeout),
         ),
+        Cmd::HttpServe { listen, body_bytes, threads } => http_serve::run(listen, body_bytes, threads),
     }
 }
 

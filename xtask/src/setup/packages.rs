@@ -23,13 +23,18 @@ const PACKAGES: &[&str] = &[
 ];
 
 pub fn ensure() -> Result<Outcome> {
-    let missing = PACKAGES
+    ensure_these(PACKAGES)
+}
+
+/// Installs whichever of `packages` are missing (one `apt-get install`).
+pub fn ensure_these(packages: &[&str]) -> Result<Outcome> {
+    let missing = packages
         .iter()
         .copied()
         .filter(|package| !is_installed(package))
         .collect::<Vec<_>>();
     if missing.is_empty() {
-        return Ok(Outcome::Ok(format!("{} installed", PACKAGES.len())));
+        return Ok(Outcome::Ok(format!("{} installed", packages.len())));
     }
     let hint = "apt-get must run as root and reach the Debian mirrors";
     cmd::run(apt_get().args(["update", "-q"])).context(hint)?;
