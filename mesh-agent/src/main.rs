@@ -57,6 +57,8 @@ enum Command {
     },
     /// Run the mesh's certificate authority (gRPC over TLS).
     Ca(mesh_agent::identity::server::CaArgs),
+    /// Print the mesh's CustomResourceDefinitions (YAML), as in deploy/crds.yaml.
+    Crds,
     /// Show a running agent's pods, enrollment and counters.
     Status {
         #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
@@ -105,6 +107,10 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
         }
         Command::Status { admin, json } => status(admin, json),
+        Command::Crds => {
+            print!("{}", mesh_agent::k8s::crd::crds_yaml());
+            Ok(())
+        }
         Command::Ca(args) => mesh_agent::identity::server::run(args).map_err(anyhow::Error::from),
     };
     match result {
