@@ -46,6 +46,8 @@ pub enum Error {
     CaFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("the CA client cannot be set up: {0}")]
     CaClient(#[from] crate::identity::FetchError),
+    #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG): {0}")]
+    Kube(#[from] kube::Error),
 }
 
 impl From<ebpf::Error> for Error {
@@ -65,11 +67,14 @@ struct Admin {
     enrollment: Arc<Mutex<Enrollment>>,
     reloads: Arc<ReloadStats>,
     proxy: Arc<Proxy>,
+    /// With `--source kube`: the watchers' state.
+    kube: Option<Arc<crate::k8s::Stats>>,
 }
 
 impl AdminSource for Admin {
     fn ready(&self) -> bool {
-        self.enrollment.lock().expect("poisoned").ready()
+        // With Kubernetes, not before the first state built from the API.
+        self.kube.as_ref().is_none_or(|k| k.view().built) && self.enrollment.lock().expect("poisoned").ready()
     }
 
     fn status(&self) -> serde_json::Value {
@@ -91,6 +96,7 @@ impl AdminSource for Admin {
             "endpoints": self.proxy.endpoints(),
             "reconcileChanges": e.changes,
             "pods": e.status(),
+            "kube": self.kube.as_ref().map(|k| k.view()),
         })
     }
 }
@@ -119,7 +125,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
-    let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
+    let (state, reloads, watcher, kube) = source(&cfg).await?;
     let mut datapath = Datapath::load(ebpf::Options { accelerate: cfg.accelerate })?;
     ebpf::spawn_logger(datapath.ebpf_mut());
     if cfg.accelerate {
@@ -162,6 +168,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
         enrollment: enrollment.clone(),
         reloads,
         proxy: proxy.clone(),
+        kube,
     });
     let admin_task = tokio::spawn(admin::serve(listener, admin));
     let watch_task = tokio::spawn(watcher);
@@ -191,6 +198,34 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     }
     admin_task.abort();
     Ok(())
+}
+
+type Source = (
+    watch::Receiver<Snapshot>,
+    Arc<ReloadStats>,
+    std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    Option<Arc<crate::k8s::Stats>>,
+);
+
+/// The mesh state's source: the local file, or the Kubernetes API.
+async fn source(cfg: &Config) -> Result<Source, Error> {
+    let Some(kube_cfg) = &cfg.kube else {
+        let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
+        return Ok((state, reloads, Box::pin(watcher), None));
+    };
+    let client = crate::k8s::client().await?;
+    let (state, stats, watcher) = crate::k8s::start(
+        client,
+        crate::k8s::Options {
+            node: cfg.node.clone(),
+            trust_domain: kube_cfg.trust_domain.clone(),
+            locator: Arc::new(crate::k8s::podpaths::ProcLocator::host()),
+            write_status: true,
+        },
+    );
+    // `/status` keeps its `config` block; the Kubernetes details are under `kube`.
+    let reloads = Arc::new(ReloadStats::new("kubernetes API".into()));
+    Ok((state, reloads, Box::pin(watcher), Some(stats)))
 }
 
 async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Receiver<Snapshot>, every: Duration) {

@@ -105,6 +105,11 @@ pub struct Service {
     pub ips: Vec<IpAddr>,
     pub selector: Labels,
     pub ports: Vec<ServicePort>,
+    /// Kubernetes (EndpointSlices): the addresses of the service's ready
+    /// endpoints; only pods with one of them are endpoints. `None` (the
+    /// local file): every pod the selector matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_ips: Option<Vec<IpAddr>>,
 }
 
 /// How a workload accepts inbound connections that do not come through the
@@ -356,6 +361,7 @@ impl MeshState {
             p.key.namespace == svc.namespace
                 && !svc.selector.is_empty()
                 && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                && svc.endpoint_ips.as_ref().is_none_or(|eps| p.ips.iter().any(|ip| eps.contains(ip)))
         })
     }
 
