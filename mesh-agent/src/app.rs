@@ -47,6 +47,8 @@ pub enum Error {
     CaFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("the CA client cannot be set up: {0}")]
     CaClient(#[from] crate::identity::FetchError),
+    #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG): {0}")]
+    Kube(#[from] kube::Error),
 }
 
 impl From<ebpf::Error> for Error {
@@ -68,11 +70,14 @@ struct Admin {
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     state: watch::Receiver<Snapshot>,
+    /// With `--source kube`: the watchers' state.
+    kube: Option<Arc<crate::k8s::Stats>>,
 }
 
 impl AdminSource for Admin {
     fn ready(&self) -> bool {
-        self.enrollment.lock().expect("poisoned").ready()
+        // With Kubernetes, not before the first state built from the API.
+        self.kube.as_ref().is_none_or(|k| k.view().built) && self.enrollment.lock().expect("poisoned").ready()
     }
 
     fn metrics(&self) -> String {
@@ -120,6 +125,7 @@ impl AdminSource for Admin {
             "services": self.proxy.services(),
             "reconcileChanges": e.changes,
             "pods": e.status(),
+            "kube": self.kube.as_ref().map(|k| k.view()),
         })
     }
 }
@@ -148,7 +154,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
-    let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
+    let (state, reloads, watcher, kube) = source(&cfg).await?;
     let mut datapath = Datapath::load(ebpf::Options { accelerate: cfg.accelerate })?;
     ebpf::spawn_logger(datapath.ebpf_mut());
     if cfg.accelerate {
@@ -195,6 +201,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
         proxy: proxy.clone(),
         metrics: metrics.clone(),
         state: state.clone(),
+        kube,
     });
     let weak = Arc::downgrade(&admin);
     metrics.register_health(HealthCollector {
@@ -228,6 +235,34 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     }
     admin_task.abort();
     Ok(())
+}
+
+type Source = (
+    watch::Receiver<Snapshot>,
+    Arc<ReloadStats>,
+    std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    Option<Arc<crate::k8s::Stats>>,
+);
+
+/// The mesh state's source: the local file, or the Kubernetes API.
+async fn source(cfg: &Config) -> Result<Source, Error> {
+    let Some(kube_cfg) = &cfg.kube else {
+        let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
+        return Ok((state, reloads, Box::pin(watcher), None));
+    };
+    let client = crate::k8s::client().await?;
+    let (state, stats, watcher) = crate::k8s::start(
+        client,
+        crate::k8s::Options {
+            node: cfg.node.clone(),
+            trust_domain: kube_cfg.trust_domain.clone(),
+            locator: Arc::new(crate::k8s::podpaths::ProcLocator::host()),
+            write_status: true,
+        },
+    );
+    // `/status` keeps its `config` block; the Kubernetes details are under `kube`.
+    let reloads = Arc::new(ReloadStats::new("kubernetes API".into()));
+    Ok((state, reloads, Box::pin(watcher), Some(stats)))
 }
 
 async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Receiver<Snapshot>, every: Duration) {

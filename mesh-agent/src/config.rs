@@ -10,6 +10,9 @@ pub const ENV_ADMIN: &str = "MESH_ADMIN_ADDR";
 pub const ENV_CA_ENDPOINT: &str = "MESH_CA_ENDPOINT";
 pub const ENV_CA_ROOTS: &str = "MESH_CA_ROOTS";
 pub const ENV_CA_TOKEN_FILE: &str = "MESH_CA_TOKEN_FILE";
+pub const ENV_SOURCE: &str = "MESH_SOURCE";
+pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 /// Kubernetes gives a pod 30 s by default between SIGTERM and SIGKILL; the
 /// drain must end before that.
@@ -33,6 +36,8 @@ pub enum Error {
     CaEndpoint(String),
     #[error("--cert-ttl {0:?}: must be between 1s and 30 days")]
     CertTtl(Duration),
+    #[error("--config: the local config file is required unless --source kube")]
+    NoConfigFile,
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +55,15 @@ pub struct Config {
     /// state change (drift repair).
     pub reconcile_interval: Duration,
     pub ca: CaConfig,
+    /// `Some`: the mesh state comes from the Kubernetes API, not `config_file`.
+    pub kube: Option<KubeConfig>,
+}
+
+/// The Kubernetes source (`--source kube`): the API server is the one of the
+/// cluster the agent runs in, or `KUBECONFIG`'s.
+#[derive(Clone, Debug)]
+pub struct KubeConfig {
+    pub trust_domain: String,
 }
 
 /// Where workload certificates come from.
@@ -82,6 +96,9 @@ impl Config {
         }
         if self.reconcile_interval < Duration::from_millis(100) || self.reconcile_interval > Duration::from_secs(600) {
             return Err(Error::Reconcile(self.reconcile_interval));
+        }
+        if self.kube.is_none() && self.config_file.as_os_str().is_empty() {
+            return Err(Error::NoConfigFile);
         }
         if !self.ca.endpoint.starts_with("https://") {
             return Err(Error::CaEndpoint(self.ca.endpoint.clone()));
@@ -131,6 +148,7 @@ mod tests {
                 token_file: "/y".into(),
                 cert_ttl: None,
             },
+            kube: None,
         }
     }
 
@@ -154,5 +172,10 @@ mod tests {
         let mut c = cfg();
         c.ca.endpoint = "http://127.0.0.1:15012".into();
         assert!(matches!(c.validate(), Err(Error::CaEndpoint(_))));
+        let mut c = cfg();
+        c.config_file = PathBuf::new();
+        assert!(matches!(c.validate(), Err(Error::NoConfigFile)));
+        c.kube = Some(KubeConfig { trust_domain: DEFAULT_TRUST_DOMAIN.into() });
+        assert!(c.validate().is_ok());
     }
 }

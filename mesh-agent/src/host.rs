@@ -19,7 +19,7 @@ pub fn cgroup2_mount() -> Result<PathBuf, Error> {
     parse_cgroup2_mount(&text).ok_or(Error::NoCgroup2)
 }
 
-fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+pub(crate) fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
@@ -35,7 +35,7 @@ pub fn own_cgroup() -> Result<(PathBuf, bool), Error> {
     Ok((mount.join(rel.trim_start_matches('/')), is_root))
 }
 
-fn parse_membership(text: &str) -> Option<String> {
+pub(crate) fn parse_membership(text: &str) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned))
 }
 

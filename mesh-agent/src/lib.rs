@@ -5,6 +5,7 @@
 //! | [`config`] | the agent's own settings, validated |
 //! | [`state`] | the in-memory mesh state (pure) |
 //! | [`localfile`] | the YAML source that writes `state` |
+//! | [`k8s`] | the Kubernetes source that writes `state`: CRDs, watchers (the only kube user) |
 //! | [`identity`] | SPIFFE IDs, the CA (`mesh-agent ca`), workload certificates |
 //! | [`tls`] | rustls configs for the tunnel, SPIFFE verifiers |
 //! | [`ebpf`] | load and attach programs, maps (the only aya user) |
@@ -25,6 +26,7 @@ pub mod ebpf;
 pub mod enroll;
 pub mod host;
 pub mod identity;
+pub mod k8s;
 pub mod localfile;
 pub mod metrics;
 pub mod netns;

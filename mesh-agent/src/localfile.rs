@@ -283,6 +283,7 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
             ips: s.ip.into_iter().collect(),
             selector: s.selector.clone(),
             ports,
+            endpoint_ips: None,
         });
     }
 

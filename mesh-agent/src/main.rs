@@ -15,9 +15,16 @@ struct Cli {
 enum Command {
     /// Run the node agent.
     Run {
-        /// The local mesh config file (YAML), watched for changes.
-        #[arg(long, env = config::ENV_CONFIG)]
-        config: PathBuf,
+        /// The local mesh config file (YAML), watched for changes (`--source file`).
+        #[arg(long, env = config::ENV_CONFIG, required_if_eq("source", "file"))]
+        config: Option<PathBuf>,
+        /// Where the mesh state comes from: the local file, or the Kubernetes
+        /// API (in-cluster service account, or KUBECONFIG).
+        #[arg(long, env = config::ENV_SOURCE, default_value = "file", value_parser = ["file", "kube"])]
+        source: String,
+        /// The SPIFFE trust domain with `--source kube` (the file names its own).
+        #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
         /// This node's name, as in the config file.
         #[arg(long, env = config::ENV_NODE_NAME)]
         node: String,
@@ -57,6 +64,8 @@ enum Command {
     },
     /// Run the mesh's certificate authority (gRPC over TLS).
     Ca(mesh_agent::identity::server::CaArgs),
+    /// Print the mesh's CustomResourceDefinitions (YAML), as in deploy/crds.yaml.
+    Crds,
     /// Show a running agent's pods, enrollment and counters.
     Status {
         #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
@@ -73,6 +82,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run {
             config,
+            source,
+            trust_domain,
             node,
             admin,
             drain_timeout,
@@ -87,7 +98,7 @@ fn main() -> ExitCode {
         } => {
             let cfg = Config {
                 node,
-                config_file: config,
+                config_file: config.unwrap_or_default(),
                 admin_addr: admin,
                 drain_timeout,
                 config_poll,
@@ -95,6 +106,7 @@ fn main() -> ExitCode {
                 accelerate: accelerate == "on",
                 reconcile_interval,
                 ca: config::CaConfig { endpoint: ca_endpoint, roots: ca_roots, token_file: ca_token_file, cert_ttl },
+                kube: (source == "kube").then_some(config::KubeConfig { trust_domain }),
             };
             mesh_agent::app::run(cfg, |addr| {
                 // One machine-readable line on stdout for supervisors and tests.
@@ -105,6 +117,10 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
         }
         Command::Status { admin, json } => status(admin, json),
+        Command::Crds => {
+            print!("{}", mesh_agent::k8s::crd::crds_yaml());
+            Ok(())
+        }
         Command::Ca(args) => mesh_agent::identity::server::run(args).map_err(anyhow::Error::from),
     };
     match result {

@@ -156,7 +156,7 @@ pub struct HttpRoute {
 }
 
 /// How a service's endpoints take turns (per agent).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum LoadBalancer {
     /// The less busy of two endpoints picked at random (requests in flight
@@ -167,7 +167,7 @@ pub enum LoadBalancer {
     RoundRobin,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteRule {
     /// `None`: the rule matches every request.
@@ -181,7 +181,7 @@ pub struct RouteRule {
 }
 
 /// Every set part must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,7 +195,7 @@ pub struct HttpMatch {
 }
 
 /// `{exact: /x}` or `{prefix: /api}` (whole segments): exactly one.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,7 +205,7 @@ pub struct PathMatch {
 }
 
 /// `name` plus exactly one of `exact`, `prefix`, `present`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     pub name: String,
@@ -217,7 +217,7 @@ pub struct HeaderMatch {
     pub present: Option<bool>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CookieMatch {
     pub name: String,
@@ -225,7 +225,7 @@ pub struct CookieMatch {
 }
 
 /// A weighted share of the service's endpoints.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backend {
     /// Pod labels the backend's endpoints carry; `None`: every endpoint.
@@ -257,7 +257,7 @@ pub enum RetryOn {
 }
 
 /// Retries of one rule; see the module doc for the defaults.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Retries after the first try; 0 disables retries.
@@ -324,7 +324,7 @@ impl RetryPolicy {
 }
 
 /// Per service and per agent; excess fails fast with 503.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct CircuitBreaker {
     pub max_connections: u32,
@@ -343,7 +343,7 @@ impl Default for CircuitBreaker {
 }
 
 /// Per service and per agent: ejects failing endpoints for a while.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct OutlierDetection {
     /// Consecutive 5xx answers that eject an endpoint; 0 disables.
@@ -506,3 +506,42 @@ impl<'de> Deserialize<'de> for RetryOn {
 
 #[cfg(test)]
 mod tests;
+
+/// Schema for the CRD (`crate::k8s::crd`): a string such as `250ms`, so
+/// the API server refuses other shapes before the agent sees them.
+impl schemars::JsonSchema for RouteDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RouteDuration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[0-9]+(ms|s|m|h)$",
+            "description": "An integer and a unit (ms, s, m, h), such as 250ms or 2s.",
+        })
+    }
+}
+
+/// Schema for the CRD: `connect-failure`, `reset` or a status code, as a
+/// number or a string (Kubernetes' int-or-string).
+impl schemars::JsonSchema for RetryOn {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RetryOn".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "description": "connect-failure, reset, or an HTTP status code (100-599).",
+        })
+    }
+}

@@ -105,11 +105,16 @@ pub struct Service {
     pub ips: Vec<IpAddr>,
     pub selector: Labels,
     pub ports: Vec<ServicePort>,
+    /// Kubernetes (EndpointSlices): the addresses of the service's ready
+    /// endpoints; only pods with one of them are endpoints. `None` (the
+    /// local file): every pod the selector matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_ips: Option<Vec<IpAddr>>,
 }
 
 /// How a workload accepts inbound connections that do not come through the
 /// mesh tunnel (plaintext, captured on the agent's 15006 listener).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PeerAuthMode {
     /// Plaintext accepted (and labelled as such); mTLS from mesh peers too.
@@ -131,7 +136,7 @@ pub struct PeerAuthentication {
 }
 
 /// What an authorization policy does with the requests its rules match.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum AuthzAction {
     Allow,
@@ -166,7 +171,7 @@ pub struct AuthorizationPolicy {
 
 /// A rule matches when every part it sets matches: any `from` entry, any
 /// `to` entry, and all `when` conditions. The empty rule `{}` matches all.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthzRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,7 +183,7 @@ pub struct AuthzRule {
 }
 
 /// Who the peer is (from its verified SPIFFE ID). Every set field must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthzSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -193,7 +198,7 @@ pub struct AuthzSource {
 
 /// What is asked for. Every set field must match; all but the ports are
 /// HTTP-only.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthzOperation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,7 +222,7 @@ pub struct AuthzOperation {
 }
 
 /// A request-header condition (HTTP-only).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthzCondition {
     pub header: String,
@@ -356,6 +361,7 @@ impl MeshState {
             p.key.namespace == svc.namespace
                 && !svc.selector.is_empty()
                 && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                && svc.endpoint_ips.as_ref().is_none_or(|eps| p.ips.iter().any(|ip| eps.contains(ip)))
         })
     }
 

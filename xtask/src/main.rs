@@ -5,6 +5,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod crds;
 mod demo;
 mod setup;
 mod test;
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Install and check everything the build and the tests need (idempotent).
     Setup,
+    /// Write deploy/crds.yaml from the CRD types (mesh-agent/src/k8s/crd.rs).
+    Crds,
     /// Setup, then build every binary of the workspace (mesh-agent embeds the eBPF object).
     Build,
     /// Setup, build, then run the whole test suite, end-to-end tests included (needs root).
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Setup => setup::run(),
         Command::Build => build::run(),
+        Command::Crds => crds::run(),
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),

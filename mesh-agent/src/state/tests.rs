@@ -38,6 +38,7 @@ fn state() -> MeshState {
             ips: vec!["198.51.100.250".parse().unwrap()],
             selector: [("app".to_string(), "b".to_string())].into(),
             ports: vec![ServicePort { name: "http".into(), port: 80, target_port: 8080, app_protocol: None }],
+            endpoint_ips: None,
         }],
     )
 }

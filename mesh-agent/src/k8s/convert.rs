@@ -1,0 +1,257 @@
+//! Kubernetes objects to mesh-state values: pure functions, no I/O.
+//!
+//! Core objects (validated by the API server) are converted leniently: what
+//! the mesh cannot use is left out with a reason. The mesh's own objects are
+//! validated with the local file's rules and either accepted or refused with
+//! a reason for their status.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::crd;
+use crate::{route::HttpRoute, state};
+
+/// EndpointSlices name their service with this label.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+pub fn namespace(ns: &Namespace) -> Option<state::Namespace> {
+    Some(state::Namespace {
+        name: ns.metadata.name.clone()?,
+        labels: crd::labels(&ns.metadata.labels),
+    })
+}
+
+/// Why a pod is not (yet) part of the mesh state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PodSkipped {
+    #[error("not scheduled to a node yet")]
+    Unscheduled,
+    #[error("has no IP address yet")]
+    NoIp,
+    #[error("has finished (phase {0})")]
+    Finished(String),
+    #[error("uses the node's network (hostNetwork): it cannot be enrolled")]
+    HostNetwork,
+    #[error("its status has an invalid IP address {0:?}")]
+    BadIp(String),
+}
+
+/// A pod as the mesh sees it; `paths` are its netns and cgroup (known only
+/// for pods on this node; empty for the others).
+pub fn pod(p: &Pod, paths: Option<(PathBuf, PathBuf)>) -> Result<state::Pod, PodSkipped> {
+    let spec = p.spec.as_ref();
+    let status = p.status.as_ref();
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        return Err(PodSkipped::HostNetwork);
+    }
+    let node = spec.and_then(|s| s.node_name.clone()).ok_or(PodSkipped::Unscheduled)?;
+    // A finished pod's address may already belong to a new pod.
+    if let Some(phase @ ("Succeeded" | "Failed")) = status.and_then(|s| s.phase.as_deref()) {
+        return Err(PodSkipped::Finished(phase.to_owned()));
+    }
+    let mut ips = Vec::new();
+    let listed = status.and_then(|s| s.pod_ips.as_ref()).map(|v| v.iter().map(|i| i.ip.clone()).collect::<Vec<_>>());
+    let listed = listed.filter(|v| !v.is_empty()).or_else(|| status.and_then(|s| s.pod_ip.clone()).map(|ip| vec![ip]));
+    for text in listed.into_iter().flatten() {
+        let ip: IpAddr = text.parse().map_err(|_| PodSkipped::BadIp(text.clone()))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return Err(PodSkipped::NoIp);
+    }
+    let (netns, cgroup) = paths.unwrap_or_default();
+    Ok(state::Pod {
+        key: state::PodKey {
+            namespace: p.metadata.namespace.clone().unwrap_or_default(),
+            name: p.metadata.name.clone().unwrap_or_default(),
+        },
+        node,
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        ips,
+        labels: crd::labels(&p.metadata.labels),
+        netns,
+        cgroup,
+    })
+}
+
+/// A service with its ports resolved against its EndpointSlices (named
+/// target ports) and, when it has slices, its ready endpoint addresses.
+pub fn service(s: &Service, slices: &[&EndpointSlice]) -> Option<state::Service> {
+    let spec = s.spec.as_ref()?;
+    let mut ips = Vec::new();
+    let listed = spec.cluster_ips.clone().filter(|v| !v.is_empty()).or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]));
+    for text in listed.into_iter().flatten() {
+        // "None": a headless service has no virtual address.
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            ips.push(ip);
+        }
+    }
+    let mut ports = Vec::new();
+    for sp in spec.ports.iter().flatten() {
+        if sp.protocol.as_deref().is_some_and(|p| p != "TCP") {
+            continue;
+        }
+        let name = sp.name.clone().unwrap_or_default();
+        let target = match &sp.target_port {
+            None => Some(sp.port),
+            Some(IntOrString::Int(n)) => Some(*n),
+            // A named port: each slice says what it resolved to.
+            Some(IntOrString::String(_)) => slices
+                .iter()
+                .flat_map(|sl| sl.ports.iter().flatten())
+                .find(|p| p.name.as_deref().unwrap_or_default() == name)
+                .and_then(|p| p.port),
+        };
+        let (Ok(port), Some(Ok(target_port))) = (u16::try_from(sp.port), target.map(u16::try_from)) else {
+            continue;
+        };
+        if port == 0 || target_port == 0 {
+            continue;
+        }
+        ports.push(state::ServicePort {
+            name,
+            port,
+            target_port,
+            app_protocol: sp.app_protocol.clone(),
+        });
+    }
+    let endpoint_ips = (!slices.is_empty()).then(|| {
+        let mut eps: Vec<IpAddr> = slices
+            .iter()
+            .flat_map(|sl| sl.endpoints.iter())
+            // Kubernetes: an unknown readiness is to be read as ready.
+            .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .flat_map(|ep| ep.addresses.iter())
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        eps.sort();
+        eps.dedup();
+        eps
+    });
+    Some(state::Service {
+        name: s.metadata.name.clone()?,
+        namespace: s.metadata.namespace.clone()?,
+        ips,
+        selector: spec.selector.clone().unwrap_or_default(),
+        ports,
+        endpoint_ips,
+    })
+}
+
+/// EndpointSlices grouped by `(namespace, service)`.
+pub fn slices_by_service<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> BTreeMap<(String, String), Vec<&'a EndpointSlice>> {
+    let mut out: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    for sl in slices {
+        let (Some(ns), Some(svc)) = (
+            sl.metadata.namespace.clone(),
+            sl.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned(),
+        ) else {
+            continue;
+        };
+        out.entry((ns, svc)).or_default().push(sl);
+    }
+    out
+}
+
+/// Why one of the mesh's objects is refused: `reason` is a CamelCase word
+/// for the condition, `message` names the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Refused {
+    fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
+        Self {
+            reason: "Invalid",
+            message: format!("spec.{field}: {reason}"),
+        }
+    }
+}
+
+fn name_and_namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (meta.name.clone().unwrap_or_default(), meta.namespace.clone().unwrap_or_default())
+}
+
+pub fn authorization_policy(obj: &crd::AuthorizationPolicy) -> Result<state::AuthorizationPolicy, Refused> {
+    let (name, namespace) = name_and_namespace(&obj.metadata);
+    let spec = obj.spec.clone();
+    let policy = state::AuthorizationPolicy {
+        name,
+        namespace,
+        selector: spec.selector,
+        action: spec.action,
+        rules: spec.rules,
+        ignore_path_case: spec.ignore_path_case,
+    };
+    crate::policy::validate(&policy).map_err(|e| Refused::invalid(&e.field, e.reason))?;
+    Ok(policy)
+}
+
+pub fn peer_authentication(obj: &crd::PeerAuthentication) -> Result<state::PeerAuthentication, Refused> {
+    let (name, namespace) = name_and_namespace(&obj.metadata);
+    if obj.spec.selector.as_ref().is_some_and(|s| s.is_empty()) {
+        return Err(Refused::invalid("selector", "an empty selector is ambiguous: omit it for a namespace-wide policy"));
+    }
+    Ok(state::PeerAuthentication {
+        name,
+        namespace,
+        selector: obj.spec.selector.clone(),
+        mode: obj.spec.mode,
+    })
+}
+
+/// The route with everything checked that does not depend on other
+/// objects; whether its service exists (with an HTTP port) is checked when
+/// the state is built ([`route_service`]), since services come and go.
+pub fn route(obj: &crd::MeshHTTPRoute) -> Result<HttpRoute, Refused> {
+    let (name, namespace) = name_and_namespace(&obj.metadata);
+    let spec = obj.spec.clone();
+    let route = HttpRoute {
+        name,
+        namespace: namespace.clone(),
+        service: spec.service.clone(),
+        rules: spec.rules,
+        circuit_breaker: spec.circuit_breaker,
+        outlier_detection: spec.outlier_detection,
+        load_balancer: spec.load_balancer,
+    };
+    // A stand-in service with an HTTP port, so that only the route's own
+    // structure is judged here.
+    let stand_in = state::Service {
+        name: spec.service,
+        namespace,
+        ips: Vec::new(),
+        selector: Labels::new(),
+        ports: vec![state::ServicePort { name: "http".into(), port: 80, target_port: 80, app_protocol: None }],
+        endpoint_ips: None,
+    };
+    crate::route::validate(&route, std::slice::from_ref(&stand_in)).map_err(|e| Refused::invalid(&e.field, e.reason))?;
+    Ok(route)
+}
+
+/// Whether a structurally valid route's service exists with an HTTP port.
+pub fn route_service(route: &HttpRoute, services: &[state::Service]) -> Result<(), Refused> {
+    crate::route::validate(route, services).map_err(|e| Refused {
+        reason: "ServiceNotFound",
+        message: format!("spec.{}: {}", e.field, e.reason.replace("is not declared under `services`", "does not exist")),
+    })
+}
+
+use state::Labels;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,587 @@
+//! The watchers and the state they build.
+//!
+//! One kube-rs `watcher` + reflector per input, each restarting with
+//! exponential backoff (0.8 s doubling to 30 s, with jitter) after any
+//! error; a relist (after a `410 Gone`, a dropped watch or a restart)
+//! replaces a store's contents at once, so the state converges to what the
+//! API holds. While the API is unreachable the stores keep their contents
+//! and the last state keeps serving. Each change wakes one builder that
+//! turns the stores into a whole [`MeshState`] and publishes it when it
+//! differs from the last one.
+//!
+//! | input | scope | why |
+//! | --- | --- | --- |
+//! | Namespaces | cluster | the enrollment label |
+//! | Pods, `spec.nodeName=<node>` | this node | the pods this agent enrolls (netns and cgroup found on the node) |
+//! | Pods | cluster | destinations on other nodes: address, labels, service account (the identity to expect) |
+//! | Services, EndpointSlices | cluster | virtual IPs, ports, `appProtocol`, ready endpoints |
+//! | the three CRDs | cluster | policies and routes |
+//!
+//! A mesh object that cannot be read (unknown field, wrong type) or fails
+//! validation is left out and reported on its status; if an earlier version
+//! of the same object was valid, that version stays in force, so a bad edit
+//! never changes enforcement.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    future::Future,
+    hash::Hash,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    core::DeserializeGuard,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::{Notify, watch};
+
+use super::{
+    convert::{self, Refused},
+    crd,
+    status::{self, Verdict},
+};
+use crate::{
+    route::HttpRoute,
+    state::{self, MeshState, Snapshot},
+};
+
+/// Where a local pod's network namespace and cgroup are, found on the node.
+pub trait PodLocator: Send + Sync {
+    /// `(netns, cgroup)`, or why they cannot be found (yet).
+    fn locate(&self, pod: &Pod) -> Result<(PathBuf, PathBuf), String>;
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub node: String,
+    pub trust_domain: String,
+    pub locator: Arc<dyn PodLocator>,
+    /// Write `Accepted` conditions on the mesh objects' status.
+    pub write_status: bool,
+}
+
+/// What `/status` reports under `kube`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    inner: Mutex<StatsView>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsView {
+    /// Per input: synced, events, errors, last error.
+    pub watches: BTreeMap<&'static str, WatchView>,
+    /// Whether a state has been built from the API (every input listed).
+    pub built: bool,
+    /// States built and published.
+    pub generation: u64,
+    /// Mesh objects left out, by `kind namespace/name`, with the reason.
+    pub refused: BTreeMap<String, String>,
+    /// Pods of this node left out of the state, with the reason.
+    pub unlocated_pods: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchView {
+    pub synced: bool,
+    pub events: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+impl Stats {
+    pub fn view(&self) -> StatsView {
+        self.inner.lock().expect("poisoned").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut StatsView)) {
+        f(&mut self.inner.lock().expect("poisoned"));
+    }
+}
+
+/// One input: what it is called in logs and errors, and the RBAC it needs.
+#[derive(Clone, Copy, Debug)]
+struct Input {
+    name: &'static str,
+    /// API group ("" for core) and resource, for messages naming a permission.
+    group: &'static str,
+    resource: &'static str,
+}
+
+const NAMESPACES: Input = Input { name: "namespaces", group: "", resource: "namespaces" };
+const LOCAL_PODS: Input = Input { name: "pods (this node)", group: "", resource: "pods" };
+const PODS: Input = Input { name: "pods", group: "", resource: "pods" };
+const SERVICES: Input = Input { name: "services", group: "", resource: "services" };
+const SLICES: Input = Input { name: "endpointslices", group: "discovery.k8s.io", resource: "endpointslices" };
+const AUTHZ: Input = Input { name: "authorizationpolicies", group: crd::GROUP, resource: "authorizationpolicies" };
+const PEER_AUTH: Input = Input { name: "peerauthentications", group: crd::GROUP, resource: "peerauthentications" };
+const ROUTES: Input = Input { name: "meshhttproutes", group: crd::GROUP, resource: "meshhttproutes" };
+
+/// Every (group, resource, verb) the agent's watchers use; the RBAC test
+/// compares this with `deploy/`.
+pub fn required_permissions() -> Vec<(&'static str, &'static str, &'static str)> {
+    let mut out = Vec::new();
+    for i in [NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, ROUTES] {
+        out.push((i.group, i.resource, "list"));
+        out.push((i.group, i.resource, "watch"));
+    }
+    for i in [AUTHZ, PEER_AUTH, ROUTES] {
+        out.push((i.group, leak(format!("{}/status", i.resource)), "patch"));
+    }
+    out
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// An operator's reading of a watch error: a 403 names the permission, a
+/// 404 on a mesh kind says the CRDs are missing.
+pub fn describe(input: &str, group: &str, resource: &str, e: &watcher::Error) -> String {
+    let api = |e: &kube::Error| match e {
+        kube::Error::Api(s) => Some((s.code, s.message.clone())),
+        _ => None,
+    };
+    let status = match e {
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => api(e),
+        watcher::Error::WatchError(s) => Some((s.code, s.message.clone())),
+        watcher::Error::NoResourceVersion => None,
+    };
+    let verb = match e {
+        watcher::Error::InitialListFailed(_) => "list",
+        _ => "watch",
+    };
+    let g = if group.is_empty() { "\"\" (core)".to_owned() } else { format!("{group:?}") };
+    match status {
+        Some((403, msg)) => format!(
+            "{input}: permission denied: the agent's service account may not {verb} {resource} (API group {g}); \
+             grant `{verb}` (and `list`, `watch`) on {resource} in its ClusterRole (deploy/rbac.yaml). API server said: {msg}"
+        ),
+        Some((404, msg)) if group == crd::GROUP => format!(
+            "{input}: the API has no {resource}.{group}: are the CRDs installed (kubectl apply -f deploy/crds.yaml)? API server said: {msg}"
+        ),
+        _ => format!("{input}: {}", crate::error_chain(e)),
+    }
+}
+
+/// Starts every watcher; the state is published once every input has been
+/// listed. The returned future runs the watchers and the builder.
+pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<Stats>, impl Future<Output = ()>) {
+    let empty = MeshState::new(opts.trust_domain.clone(), vec![opts.node.clone()], vec![], vec![], vec![]);
+    let (tx, rx) = watch::channel(Arc::new(empty));
+    let stats = Arc::new(Stats::default());
+    let wake = Arc::new(Notify::new());
+    let mut tasks: Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
+
+    macro_rules! input {
+        ($api:expr, $cfg:expr, $what:expr) => {{
+            let (store, fut) = reflect($api, $cfg, $what, stats.clone(), wake.clone());
+            tasks.push(Box::pin(fut));
+            store
+        }};
+    }
+    let local_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
+    let stores = Stores {
+        namespaces: input!(Api::<Namespace>::all(client.clone()), watcher::Config::default(), NAMESPACES),
+        local_pods: input!(Api::<Pod>::all(client.clone()), local_cfg, LOCAL_PODS),
+        pods: input!(Api::<Pod>::all(client.clone()), watcher::Config::default(), PODS),
+        services: input!(Api::<Service>::all(client.clone()), watcher::Config::default(), SERVICES),
+        slices: input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES),
+        authz: input!(Api::all(client.clone()), watcher::Config::default(), AUTHZ),
+        peer_auth: input!(Api::all(client.clone()), watcher::Config::default(), PEER_AUTH),
+        routes: input!(Api::all(client.clone()), watcher::Config::default(), ROUTES),
+    };
+    let builder = build_loop(client, opts, stores, tx, stats.clone(), wake);
+    let fut = async move {
+        let watchers = futures::future::join_all(tasks);
+        tokio::select! {
+            _ = watchers => {}
+            _ = builder => {}
+        }
+    };
+    (rx, stats, fut)
+}
+
+// Pods lose what the mesh never reads before they are stored: a node agent
+// holds every pod of the cluster.
+fn slim_pod(p: &mut Pod) {
+    p.metadata.managed_fields = None;
+    p.metadata.annotations = None;
+    if let Some(spec) = p.spec.as_mut() {
+        for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+            c.env = None;
+            c.env_from = None;
+            c.volume_mounts = None;
+            c.command = None;
+            c.args = None;
+        }
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+    }
+}
+
+fn reflect<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    what: Input,
+    stats: Arc<Stats>,
+    wake: Arc<Notify>,
+) -> (Store<K>, impl Future<Output = ()> + Send)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static + Slim,
+    K::DynamicType: Eq + Hash + Clone + Default,
+{
+    let (store, writer) = reflector::store();
+    let fut = async move {
+        let mut events = std::pin::pin!(
+            watcher(api, cfg)
+                .default_backoff()
+                .modify(K::slim)
+                .reflect(writer)
+        );
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(ev) => {
+                    let done = matches!(ev, watcher::Event::InitDone);
+                    stats.update(|s| {
+                        let w = s.watches.entry(what.name).or_default();
+                        w.events += 1;
+                        if done {
+                            w.synced = true;
+                            w.last_error = None;
+                        }
+                    });
+                    if done {
+                        tracing::debug!(input = what.name, "listed");
+                    }
+                    wake.notify_one();
+                }
+                Err(e) => {
+                    let msg = describe(what.name, what.group, what.resource, &e);
+                    tracing::warn!("kubernetes watch failed (retrying with backoff): {msg}");
+                    stats.update(|s| {
+                        let w = s.watches.entry(what.name).or_default();
+                        w.errors += 1;
+                        w.last_error = Some(msg);
+                    });
+                }
+            }
+        }
+    };
+    (store, fut)
+}
+
+/// What a watcher drops from each object before storing it.
+pub trait Slim {
+    fn slim(&mut self) {}
+}
+impl Slim for Pod {
+    fn slim(&mut self) {
+        slim_pod(self);
+    }
+}
+impl Slim for Namespace {}
+impl Slim for Service {}
+impl Slim for EndpointSlice {
+    fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+impl<K> Slim for DeserializeGuard<K> {}
+
+struct Stores {
+    namespaces: Store<Namespace>,
+    local_pods: Store<Pod>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    authz: Store<DeserializeGuard<crd::AuthorizationPolicy>>,
+    peer_auth: Store<DeserializeGuard<crd::PeerAuthentication>>,
+    routes: Store<DeserializeGuard<crd::MeshHTTPRoute>>,
+}
+
+impl Stores {
+    async fn wait_until_ready(&self) {
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.local_pods.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+        let _ = self.services.wait_until_ready().await;
+        let _ = self.slices.wait_until_ready().await;
+        let _ = self.authz.wait_until_ready().await;
+        let _ = self.peer_auth.wait_until_ready().await;
+        let _ = self.routes.wait_until_ready().await;
+    }
+}
+
+/// The last valid version of each mesh object, by `namespace/name` and uid.
+struct LastValid<T> {
+    by_key: BTreeMap<(String, String), (String, T)>,
+}
+
+impl<T> Default for LastValid<T> {
+    fn default() -> Self {
+        Self { by_key: BTreeMap::new() }
+    }
+}
+
+/// The versions in force and a verdict per object.
+struct Judged<T> {
+    in_force: Vec<T>,
+    verdicts: Vec<Verdict>,
+}
+
+impl<T: Clone> LastValid<T> {
+    /// Judges every object of a store, remembering the valid ones.
+    fn judge<K>(
+        &mut self,
+        kind: &'static str,
+        objects: Vec<Arc<DeserializeGuard<K>>>,
+        convert: impl Fn(&K) -> Result<T, Refused>,
+    ) -> Judged<T>
+    where
+        K: Resource<DynamicType = ()> + Clone,
+    {
+        let mut verdicts = Vec::new();
+        let mut seen = BTreeMap::new();
+        for obj in objects {
+            let (meta, result) = match &obj.0 {
+                Ok(o) => (o.meta().clone(), convert(o)),
+                Err(invalid) => (
+                    invalid.metadata.clone(),
+                    Err(Refused {
+                        reason: "Invalid",
+                        message: format!("cannot read the object: {}", invalid.error),
+                    }),
+                ),
+            };
+            let key = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+            let uid = meta.uid.clone().unwrap_or_default();
+            seen.insert(key.clone(), ());
+            let refused = match result {
+                Ok(t) => {
+                    self.by_key.insert(key.clone(), (uid, t));
+                    None
+                }
+                Err(r) => {
+                    // An earlier valid version of this same object stays.
+                    if self.by_key.get(&key).is_some_and(|(u, _)| *u != uid) {
+                        self.by_key.remove(&key);
+                    }
+                    Some(r)
+                }
+            };
+            verdicts.push(Verdict { kind, meta, refused });
+        }
+        self.by_key.retain(|k, _| seen.contains_key(k));
+        Judged {
+            in_force: self.by_key.values().map(|(_, t)| t.clone()).collect(),
+            verdicts,
+        }
+    }
+}
+
+async fn build_loop(
+    client: Client,
+    opts: Options,
+    stores: Stores,
+    tx: watch::Sender<Snapshot>,
+    stats: Arc<Stats>,
+    wake: Arc<Notify>,
+) {
+    stores.wait_until_ready().await;
+    tracing::info!("kubernetes inputs listed; building the mesh state");
+    let mut authz = LastValid::default();
+    let mut peer_auth = LastValid::default();
+    let mut routes = LastValid::default();
+    let statuses = status::Writer::new(client, opts.write_status);
+    loop {
+        let built = build(&opts, &stores, &mut authz, &mut peer_auth, &mut routes);
+        let unlocated = !built.unlocated.is_empty();
+        stats.update(|s| {
+            s.refused = built
+                .verdicts
+                .iter()
+                .filter_map(|v| v.refused.as_ref().map(|r| (v.describe(), r.message.clone())))
+                .collect();
+            s.unlocated_pods = built.unlocated.clone();
+            s.built = true;
+        });
+        let changed = tx.send_if_modified(|cur| {
+            if **cur == built.state {
+                return false;
+            }
+            *cur = Arc::new(built.state);
+            true
+        });
+        if changed {
+            stats.update(|s| s.generation += 1);
+            tracing::info!(pods = tx.borrow().pods.len(), services = tx.borrow().services.len(), "mesh state updated from kubernetes");
+        }
+        statuses.report(built.verdicts);
+        // Batch bursts (a relist is many events); retry locating pods whose
+        // sandbox was not there yet.
+        if unlocated {
+            let _ = tokio::time::timeout(Duration::from_secs(2), wake.notified()).await;
+        } else {
+            wake.notified().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Built {
+    state: MeshState,
+    verdicts: Vec<Verdict>,
+    unlocated: BTreeMap<String, String>,
+}
+
+fn build(
+    opts: &Options,
+    stores: &Stores,
+    authz: &mut LastValid<state::AuthorizationPolicy>,
+    peer_auth: &mut LastValid<state::PeerAuthentication>,
+    routes: &mut LastValid<HttpRoute>,
+) -> Built {
+    let namespaces: Vec<_> = stores.namespaces.state().iter().filter_map(|n| convert::namespace(n)).collect();
+
+    let mut unlocated = BTreeMap::new();
+    let mut pods: BTreeMap<state::PodKey, state::Pod> = BTreeMap::new();
+    for p in stores.pods.state() {
+        if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(opts.node.as_str()) {
+            continue; // from the node's own watch, below
+        }
+        if let Ok(pod) = convert::pod(&p, None) {
+            pods.insert(pod.key.clone(), pod);
+        }
+    }
+    for p in stores.local_pods.state() {
+        let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+        let paths = match opts.locator.locate(&p) {
+            Ok(paths) => paths,
+            Err(reason) => {
+                // Not running yet is normal; report only pods that have an IP.
+                if convert::pod(&p, None).is_ok() {
+                    unlocated.insert(key, reason);
+                }
+                continue;
+            }
+        };
+        match convert::pod(&p, Some(paths)) {
+            Ok(pod) => {
+                pods.insert(pod.key.clone(), pod);
+            }
+            Err(why) => tracing::debug!(pod = %key, "not in the mesh state: {why}"),
+        }
+    }
+    let slices = stores.slices.state();
+    let by_service = convert::slices_by_service(slices.iter().map(|s| s.as_ref()));
+    let services: Vec<state::Service> = stores
+        .services
+        .state()
+        .iter()
+        .filter_map(|s| {
+            let key = (s.namespace().unwrap_or_default(), s.name_any());
+            convert::service(s, by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]))
+        })
+        .collect();
+
+    let a = authz.judge("AuthorizationPolicy", stores.authz.state(), convert::authorization_policy);
+    let p = peer_auth.judge("PeerAuthentication", stores.peer_auth.state(), convert::peer_authentication);
+    let mut r = routes.judge("MeshHTTPRoute", stores.routes.state(), convert::route);
+
+    // Routes whose service is missing are left out (and reported); two
+    // routes for one service: the older one wins.
+    let mut in_force: Vec<HttpRoute> = Vec::new();
+    let mut route_problems: BTreeMap<(String, String), Refused> = BTreeMap::new();
+    let created: BTreeMap<(String, String), _> = r
+        .verdicts
+        .iter()
+        .map(|v| {
+            let k = (v.meta.namespace.clone().unwrap_or_default(), v.meta.name.clone().unwrap_or_default());
+            (k, v.meta.creation_timestamp.clone().map(|t| t.0))
+        })
+        .collect();
+    let mut candidates = r.in_force.clone();
+    candidates.sort_by_key(|rt| (created.get(&(rt.namespace.clone(), rt.name.clone())).cloned().flatten(), rt.name.clone()));
+    for rt in candidates {
+        let key = (rt.namespace.clone(), rt.name.clone());
+        if let Err(e) = convert::route_service(&rt, &services) {
+            route_problems.insert(key, e);
+            continue;
+        }
+        if let Some(other) = in_force.iter().find(|o| o.namespace == rt.namespace && o.service == rt.service) {
+            route_problems.insert(
+                key,
+                Refused {
+                    reason: "Conflict",
+                    message: format!("service {}/{} is already routed by {} (one route per service; the older wins)", rt.namespace, rt.service, other.name),
+                },
+            );
+            continue;
+        }
+        in_force.push(rt);
+    }
+    for v in &mut r.verdicts {
+        let k = (v.meta.namespace.clone().unwrap_or_default(), v.meta.name.clone().unwrap_or_default());
+        if v.refused.is_none()
+            && let Some(p) = route_problems.remove(&k)
+        {
+            v.refused = Some(p);
+        }
+    }
+
+    let mut authz_in_force = a.in_force;
+    authz_in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+    let mut peer_in_force = p.in_force;
+    peer_in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+    in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+
+    let state = MeshState::new(
+        opts.trust_domain.clone(),
+        vec![opts.node.clone()],
+        namespaces,
+        dedup_ips(pods, &opts.node),
+        services,
+    )
+    .with_peer_authentications(peer_in_force)
+    .with_authorization_policies(authz_in_force)
+    .with_routes(in_force);
+    let mut verdicts = a.verdicts;
+    verdicts.extend(p.verdicts);
+    verdicts.extend(r.verdicts);
+    Built { state, verdicts, unlocated }
+}
+
+/// During churn two pods can briefly claim one IP (a deleted pod's address
+/// reused before its deletion arrives). The state maps an address to one
+/// pod, so keep the local one, else the first by name, and drop the other's
+/// claim.
+fn dedup_ips(pods: BTreeMap<state::PodKey, state::Pod>, node: &str) -> Vec<state::Pod> {
+    let mut ordered: Vec<state::Pod> = pods.into_values().collect();
+    ordered.sort_by_key(|p| p.node != node);
+    let mut taken = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for mut p in ordered {
+        p.ips.retain(|ip| taken.insert(*ip));
+        if !p.ips.is_empty() {
+            out.push(p);
+        }
+    }
+    out
+}
