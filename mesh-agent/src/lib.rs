@@ -14,6 +14,7 @@
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
 //! | [`route`] | HTTP routing: route schema, validation, pure route selection |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
+//! | [`telemetry`] | distributed tracing (OTLP/gRPC) |
 //! | [`admin`] | `/healthz`, `/ready`, `/status` |
 //! | [`app`] | wiring, runtimes, shutdown |
 
@@ -30,6 +31,7 @@ pub mod policy;
 pub mod proxy;
 pub mod route;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 
 /// An error and its sources on one line, for logs and status.
