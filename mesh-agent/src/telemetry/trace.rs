@@ -48,7 +48,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use http::{HeaderMap, HeaderValue};
@@ -429,6 +429,7 @@ impl Tracer {
             name: name.into(),
             kind,
             start: SystemTime::now(),
+            started: Instant::now(),
             end: SystemTime::UNIX_EPOCH,
             attributes: Vec::new(),
             dropped_attributes: 0,
@@ -502,6 +503,9 @@ struct SpanData {
     name: Cow<'static, str>,
     kind: SpanKind,
     start: SystemTime,
+    /// The duration comes from the monotonic clock: a wall-clock step while
+    /// the span is open does not make it negative or huge.
+    started: Instant,
     end: SystemTime,
     attributes: Vec<(&'static str, AttrValue)>,
     dropped_attributes: u32,
@@ -567,7 +571,7 @@ impl Drop for Span {
         else {
             return;
         };
-        data.end = SystemTime::now();
+        data.end = data.start + data.started.elapsed();
         if shared.queue.try_send(export::Msg::Span(data)).is_err() {
             Counters::add(&shared.counters.dropped_queue_full, 1);
         }

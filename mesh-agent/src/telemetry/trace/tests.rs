@@ -428,6 +428,29 @@ async fn exporter_ends_with_the_last_tracer_and_exports_what_is_left() {
 }
 
 #[test]
+fn b3_callers_get_b3_back() {
+    let rt = parked_runtime();
+    let tracer = Tracer::start(config(dead_endpoint(), 0.0), rt.handle()).unwrap();
+    let mut h = HeaderMap::new();
+    h.insert("b3", format!("{TRACE}-{CALLER}-1").parse().unwrap());
+    let parent = tracer.extract(&h).unwrap();
+    let span = tracer.start_span(SpanKind::Server, "inbound", Some(&parent));
+    assert!(span.is_recording());
+    span.inject(&mut h);
+    let me = span.context().unwrap().span_id();
+    assert_eq!(h["b3"], format!("{TRACE}-{me}-1-{CALLER}"));
+    assert_eq!(h["traceparent"], format!("00-{TRACE}-{me}-01"));
+}
+
+#[test]
+fn handles_cross_threads() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<Tracer>();
+    send_sync::<Span>();
+    send_sync::<SpanContext>();
+}
+
+#[test]
 fn stats_serialize_camel_case() {
     let json = serde_json::to_value(TraceStats {
         dropped_queue_full: 2,
