@@ -22,7 +22,7 @@
 //! - [`Span`]: `context()`, `is_recording()`, `inject(&mut HeaderMap)`,
 //!   `set_attribute(key, value)`, `set_error(msg)`, `end()` (or drop);
 //! - [`SpanContext`], [`TraceId`], [`SpanId`], [`Formats`], [`SpanKind`],
-//!   [`AttrValue`], [`TraceStats`].
+//!   [`AttrValue`], [`TraceStats`]; [`attr`]: attribute keys.
 //!
 //! Rules the data path can rely on:
 //! - nothing here blocks or awaits: an ended span is `try_send`-ed into a
@@ -55,6 +55,7 @@ use http::{HeaderMap, HeaderValue};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+pub mod attr;
 mod config;
 mod export;
 mod propagation;

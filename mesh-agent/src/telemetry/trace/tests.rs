@@ -103,9 +103,9 @@ async fn exports_spans_with_ids_parents_kinds_and_attributes() {
     // A sampled caller is followed even at ratio 0.
     let parent = tracer.extract(&traceparent("01")).unwrap();
     let mut server = tracer.start_span(SpanKind::Server, "inbound", Some(&parent));
-    server.set_attribute("http.request.method", "GET");
-    server.set_attribute("http.response.status_code", 503u16);
-    server.set_attribute("mesh.mtls", true);
+    server.set_attribute(attr::HTTP_REQUEST_METHOD, "GET");
+    server.set_attribute(attr::HTTP_RESPONSE_STATUS_CODE, 503u16);
+    server.set_attribute(attr::MESH_MTLS, true);
     server.set_error("upstream connect failed");
     let mut client = tracer.start_span(
         SpanKind::Client,
