@@ -16,7 +16,8 @@
 //! | [`route`] | HTTP routing: route schema, validation, pure route selection |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
 //! | [`metrics`] | Prometheus metrics (Istio's names), health collector |
-//! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump`, `/logging` |
+//! | [`telemetry`] | distributed tracing (OTLP/gRPC) |
+//! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump` |
 //! | [`app`] | wiring, runtimes, shutdown |
 
 pub mod admin;
@@ -34,6 +35,7 @@ pub mod policy;
 pub mod proxy;
 pub mod route;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 
 /// An error and its sources on one line, for logs and status.

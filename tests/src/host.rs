@@ -96,6 +96,15 @@ pub fn meshhttp_bin() -> Result<PathBuf> {
     )
 }
 
+/// The `meshotlp` OTLP receiver, found like [`agent_bin`] (`$MESHOTLP_BIN`).
+pub fn meshotlp_bin() -> Result<PathBuf> {
+    find_bin(
+        "meshotlp",
+        "MESHOTLP_BIN",
+        "run `cargo build -p mesh-e2e --bin meshotlp` first",
+    )
+}
+
 fn find_bin(name: &str, env: &str, hint: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);

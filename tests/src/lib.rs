@@ -31,6 +31,7 @@
 //! | `ca` | [`Ca`]: the mesh's certificate authority, node tokens |
 //! | `capture` | [`Capture`]: raw frames on the fabric bridge |
 //! | `status` | typed view of the agent's `/status` JSON |
+//! | [`otlp`] | a real OTLP/gRPC trace receiver (`meshotlp`), its output parsed |
 //! | `wait` | deadline-bounded polling |
 
 mod agent;
@@ -40,6 +41,7 @@ mod cgroup;
 mod config;
 mod host;
 mod netns;
+pub mod otlp;
 mod pod;
 mod process;
 mod status;
@@ -53,7 +55,7 @@ pub use config::{
     ENROLL_LABEL, ENROLL_VALUE, LocalConfig, NamespaceEntry, NodeEntry, PeerAuthMode,
     PeerAuthenticationEntry, PodEntry, ServiceEntry, ServicePortEntry,
 };
-pub use host::{agent_bin, cgroup2_mount, meshhttp_bin, meshtest_bin};
+pub use host::{agent_bin, cgroup2_mount, meshhttp_bin, meshotlp_bin, meshtest_bin};
 pub use pod::{Pod, PodProcess, RUN_TIMEOUT};
 pub use status::{
     CertificateStatus, ConfigStatus, EbpfStatus, PodCounters, PodEbpf, PodProxy, PodStatus, Status,
