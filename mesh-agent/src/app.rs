@@ -22,7 +22,9 @@ use crate::{
     tls::TlsStats,
     localfile::{self, ReloadStats},
     metrics::{HealthCollector, Metrics},
-    proxy::{OrigDstLookup, Ports, Proxy},
+    access_log::AccessLog,
+    telemetry::trace::Tracer,
+    proxy::{OrigDstLookup, Ports, Proxy, Telemetry},
     state::Snapshot,
 };
 
@@ -37,6 +39,10 @@ pub enum Error {
     Ebpf(Box<ebpf::Error>),
     #[error("cannot listen on admin address {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Trace(crate::telemetry::trace::Error),
+    #[error("{0}")]
+    AccessLog(std::io::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
@@ -123,6 +129,8 @@ impl AdminSource for Admin {
             "tls": self.proxy.tls_stats().view(),
             "endpoints": self.proxy.endpoints(),
             "services": self.proxy.services(),
+            "tracing": self.proxy.telemetry().tracer.stats(),
+            "accessLog": self.proxy.telemetry().access_log.stats(),
             "reconcileChanges": e.changes,
             "pods": e.status(),
             "kube": self.kube.as_ref().map(|k| k.view()),
@@ -171,6 +179,9 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     // Certificates are fetched and rotated on the control runtime.
     let certs = CertManager::new(Arc::new(ca), ManagerConfig { ttl: cfg.ca.cert_ttl, ..ManagerConfig::default() });
     let metrics = Arc::new(Metrics::default());
+    let tracer = Tracer::start(cfg.trace.clone(), &tokio::runtime::Handle::current()).map_err(Error::Trace)?;
+    let access_log = Arc::new(AccessLog::start(&cfg.access_log).map_err(Error::AccessLog)?);
+    let telemetry = Arc::new(Telemetry { metrics: metrics.clone(), access_log, tracer: tracer.clone() });
     let proxy = Proxy::new(
         state.clone(),
         Arc::new(datapath.orig_dst()),
@@ -178,7 +189,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
         Arc::new(TlsStats::default()),
         Ports::default(),
         data.clone(),
-        metrics.clone(),
+        telemetry,
     );
     let enrollment = Arc::new(Mutex::new(Enrollment::new(
         cfg.node.clone(),
@@ -233,6 +244,8 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     } else {
         tracing::info!("drained");
     }
+    // Spans of the last requests, if the collector takes them in time.
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracer.flush()).await;
     admin_task.abort();
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_CONFIG: &str = "MESH_CONFIG";
 pub const ENV_ADMIN: &str = "MESH_ADMIN_ADDR";
+pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
 pub const ENV_CA_ENDPOINT: &str = "MESH_CA_ENDPOINT";
 pub const ENV_CA_ROOTS: &str = "MESH_CA_ROOTS";
 pub const ENV_CA_TOKEN_FILE: &str = "MESH_CA_TOKEN_FILE";
@@ -57,6 +58,10 @@ pub struct Config {
     pub ca: CaConfig,
     /// `Some`: the mesh state comes from the Kubernetes API, not `config_file`.
     pub kube: Option<KubeConfig>,
+    /// Distributed tracing (`--otlp-endpoint`, `--trace-sampling`).
+    pub trace: crate::telemetry::trace::TraceConfig,
+    /// Where access logs go.
+    pub access_log: crate::access_log::Target,
 }
 
 /// The Kubernetes source (`--source kube`): the API server is the one of the

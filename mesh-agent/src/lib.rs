@@ -15,11 +15,13 @@
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
 //! | [`route`] | HTTP routing: route schema, validation, pure route selection |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
+//! | [`access_log`] | one JSON line per request and connection, never blocking |
 //! | [`metrics`] | Prometheus metrics (Istio's names), health collector |
 //! | [`telemetry`] | distributed tracing (OTLP/gRPC) |
 //! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump` |
 //! | [`app`] | wiring, runtimes, shutdown |
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod config;

@@ -61,6 +61,12 @@ enum Command {
         /// certificates rotate at half-life.
         #[arg(long, value_parser = config::parse_duration)]
         cert_ttl: Option<Duration>,
+        #[command(flatten)]
+        trace: mesh_agent::telemetry::trace::TraceArgs,
+        /// Access log: one JSON line per request and per connection, to
+        /// `stdout`, `stderr`, a file path, or `off`.
+        #[arg(long, env = config::ENV_ACCESS_LOG, default_value = "stdout", value_parser = mesh_agent::access_log::parse_target)]
+        access_log: mesh_agent::access_log::Target,
     },
     /// Run the mesh's certificate authority (gRPC over TLS).
     Ca(mesh_agent::identity::server::CaArgs),
@@ -95,6 +101,8 @@ fn main() -> ExitCode {
             ca_roots,
             ca_token_file,
             cert_ttl,
+            trace,
+            access_log,
         } => {
             let cfg = Config {
                 node,
@@ -107,6 +115,8 @@ fn main() -> ExitCode {
                 reconcile_interval,
                 ca: config::CaConfig { endpoint: ca_endpoint, roots: ca_roots, token_file: ca_token_file, cert_ttl },
                 kube: (source == "kube").then_some(config::KubeConfig { trust_domain }),
+                trace: trace.into_config(),
+                access_log,
             };
             mesh_agent::app::run(cfg, |addr| {
                 // One machine-readable line on stdout for supervisors and tests.

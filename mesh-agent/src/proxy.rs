@@ -52,6 +52,7 @@ mod services;
 mod sniff;
 mod tunnel;
 
+pub use observe::Telemetry;
 pub use outbound::OrigDstLookup;
 
 /// How long the agent waits for a client's first bytes to tell whether it
@@ -185,7 +186,7 @@ pub struct Proxy {
     services: services::Services,
     http_clients: http_client::HttpClients,
     ports: Ports,
-    metrics: Arc<crate::metrics::Metrics>,
+    telemetry: Arc<observe::Telemetry>,
     /// Every connection task, so shutdown can wait for them to finish.
     connections: TaskTracker,
     runtime: tokio::runtime::Handle,
@@ -230,7 +231,7 @@ impl Proxy {
         tls_stats: Arc<TlsStats>,
         ports: Ports,
         runtime: tokio::runtime::Handle,
-        metrics: Arc<crate::metrics::Metrics>,
+        telemetry: Arc<observe::Telemetry>,
     ) -> Arc<Self> {
         let proxy = Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -245,7 +246,7 @@ impl Proxy {
             services: services::Services::default(),
             http_clients: http_client::HttpClients::default(),
             ports,
-            metrics,
+            telemetry,
             connections: TaskTracker::new(),
             runtime,
         });
@@ -377,6 +378,10 @@ impl Proxy {
     /// Per-service state of the HTTP layer (requests, retries, limits).
     pub fn services(&self) -> std::collections::BTreeMap<String, services::ServiceView> {
         self.services.view()
+    }
+
+    pub fn telemetry(&self) -> &Arc<observe::Telemetry> {
+        &self.telemetry
     }
 
     pub fn tls_stats(&self) -> &Arc<TlsStats> {

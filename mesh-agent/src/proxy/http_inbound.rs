@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{PodHandle, Proxy, connect_from};
 use crate::{
+    telemetry::trace::{SpanKind, attr},
     identity::SpiffeId,
     policy::{self, Connection, Peer},
     state::AppHttp,
@@ -125,12 +126,28 @@ impl Proxy {
         }
     }
 
-    /// Authorizes and forwards one request, and records its metrics.
-    async fn http_request(&self, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    /// Authorizes and forwards one request, and records its metrics, span
+    /// and access log line.
+    async fn http_request(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
         let start = std::time::Instant::now();
         let protocol = super::observe::protocol(req.headers());
         let request_bytes = hyper::body::Body::size_hint(req.body()).exact().unwrap_or(0);
-        let res = self.authorize_and_forward(conn, req).await;
+        // The server span: child of the source agent's client span (or of
+        // the plaintext client's context); the app sees it as its parent.
+        let tracer = &self.telemetry.tracer;
+        let parent = tracer.extract(req.headers());
+        let mut span = tracer.start_span(SpanKind::Server, "inbound", parent.as_ref());
+        span.inject(req.headers_mut());
+        let mut info = super::observe::RequestInfo {
+            method: req.method().to_string(),
+            path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            authority: req.uri().authority().map(|a| a.to_string()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)).unwrap_or_default(),
+            upstream: Some(conn.target),
+            trace_id: span.context().map(|c| c.trace_id().to_string()),
+            ..Default::default()
+        };
+        let (res, decision) = self.authorize_and_forward(conn, req).await;
+        info.decision = decision;
         let snapshot = self.state.borrow().clone();
         let mut labels = super::observe::Parties {
             state: &snapshot,
@@ -150,11 +167,29 @@ impl Proxy {
             Some(_) => "DPE",
             None => "-",
         };
-        let metrics = self.metrics.clone();
-        res.map(|b| super::observe::Recorded::new(b, metrics, labels, start, request_bytes).boxed())
+        if span.is_recording() {
+            span.set_attribute(attr::HTTP_REQUEST_METHOD, info.method.clone());
+            span.set_attribute(attr::URL_PATH, info.path.clone());
+            span.set_attribute(attr::HTTP_RESPONSE_STATUS_CODE, labels.response_code);
+            span.set_attribute(attr::MESH_DESTINATION_WORKLOAD, conn.pod.key.to_string());
+            if let Some((id, _)) = &conn.peer {
+                span.set_attribute(attr::MESH_PEER_PRINCIPAL, id.to_string());
+            }
+            span.set_attribute(attr::MESH_MTLS, conn.peer.is_some());
+            if let Some((d, p)) = &info.decision {
+                span.set_attribute(attr::MESH_POLICY_DECISION, *d);
+                if let Some(p) = p {
+                    span.set_attribute(attr::MESH_POLICY_NAME, p.clone());
+                }
+            }
+        }
+        span.end();
+        let telemetry = self.telemetry.clone();
+        res.map(|b| super::observe::Recorded::new(b, telemetry, labels, info, start, request_bytes).boxed())
     }
 
-    async fn authorize_and_forward(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
+    /// The response, and the policy decision when one was made.
+    async fn authorize_and_forward(&self, conn: &Conn, mut req: Request<Incoming>) -> (Response<Body>, Option<(&'static str, Option<String>)>) {
         let pod = &conn.pod;
         // Both framings at once is the classic smuggling vector. hyper's
         // HTTP/1 parser already resolves it per RFC 9112 (chunked wins, the
@@ -166,7 +201,7 @@ impl Proxy {
             tracing::info!(pod = %pod.key, "request refused: both Content-Length and Transfer-Encoding");
             let mut r = local(StatusCode::BAD_REQUEST, "conflicting Content-Length and Transfer-Encoding".into());
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
+            return (r, None);
         }
         let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
         let path = match policy::normalize_path(&target) {
@@ -174,7 +209,7 @@ impl Proxy {
             Err(e) => {
                 pod.stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(pod = %pod.key, %target, error = %e, "request refused: unsafe request target");
-                return local(StatusCode::BAD_REQUEST, format!("bad request target: {e}"));
+                return (local(StatusCode::BAD_REQUEST, format!("bad request target: {e}")), None);
             }
         };
         let host_header = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
@@ -182,7 +217,7 @@ impl Proxy {
         if let (Some(h), Some(a)) = (&host_header, &authority)
             && !h.eq_ignore_ascii_case(a)
         {
-            return local(StatusCode::BAD_REQUEST, format!("Host {h:?} disagrees with :authority {a:?}"));
+            return (local(StatusCode::BAD_REQUEST, format!("Host {h:?} disagrees with :authority {a:?}")), None);
         }
         let host = authority.or(host_header).unwrap_or_default();
         let decision = {
@@ -199,7 +234,7 @@ impl Proxy {
             tracing::info!(pod = %pod.key, peer = %who, method = %req.method(), path = path.as_str(), policy = %name, "request denied by authorization policy");
             let mut r = local(StatusCode::FORBIDDEN, format!("RBAC: access denied ({})", decision.2));
             r.headers_mut().insert(REPLY_HEADER, HeaderValue::from_static("denied"));
-            return r;
+            return (r, Some(("deny", Some(name))));
         }
         // Forward exactly what was checked.
         if path.as_str() != target {
@@ -211,9 +246,10 @@ impl Proxy {
                         *req.uri_mut() = uri;
                     }
                 }
-                Err(e) => return local(StatusCode::BAD_REQUEST, format!("bad request target: {e}")),
+                Err(e) => return (local(StatusCode::BAD_REQUEST, format!("bad request target: {e}")), None),
             }
         }
+        let allowed = Some(("allow", decision.1));
         for h in IDENTITY_HEADERS {
             req.headers_mut().remove(h);
         }
@@ -222,13 +258,14 @@ impl Proxy {
         {
             req.headers_mut().insert(PEER_IDENTITY_HEADER, v);
         }
-        match self.forward(conn, req).await {
+        let res = match self.forward(conn, req).await {
             Ok(res) => res.map(|b| b.boxed()),
             Err(e) => {
                 tracing::info!(pod = %pod.key, target = %conn.target, error = %e, "the application did not answer");
                 local(StatusCode::SERVICE_UNAVAILABLE, format!("upstream {} unavailable: {e}", conn.target))
             }
-        }
+        };
+        (res, allowed)
     }
 
     async fn forward(&self, conn: &Conn, mut req: Request<Incoming>) -> Result<Response<Incoming>, String> {

@@ -47,6 +47,7 @@ use crate::{
     policy,
     route::{self, RequestView, RetryOn, RouteTable},
     state::{AppHttp, Destination, Snapshot},
+    telemetry::trace::{SpanKind, attr},
 };
 
 type RespBody = BoxBody<Bytes, hyper::Error>;
@@ -141,10 +142,29 @@ impl Proxy {
         }
     }
 
-    async fn outbound_request(&self, conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
+    async fn outbound_request(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
         let start = std::time::Instant::now();
         let protocol = super::observe::protocol(req.headers());
         let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+        // A client span, child of the app's context; the destination's
+        // server span will be its child.
+        let tracer = &self.telemetry.tracer;
+        let parent = tracer.extract(req.headers());
+        let mut span = tracer.start_span(SpanKind::Client, "outbound", parent.as_ref());
+        span.inject(req.headers_mut());
+        let mut info = super::observe::RequestInfo {
+            method: req.method().to_string(),
+            path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            authority: req.uri().authority().map(|a| a.to_string()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)).unwrap_or_default(),
+            trace_id: span.context().map(|c| c.trace_id().to_string()),
+            ..Default::default()
+        };
+        if span.is_recording() {
+            span.set_attribute(attr::HTTP_REQUEST_METHOD, info.method.clone());
+            span.set_attribute(attr::URL_PATH, info.path.clone());
+            span.set_attribute(attr::SERVER_ADDRESS, info.authority.clone());
+            span.set_attribute(attr::MESH_SOURCE_WORKLOAD, conn.pod.key.to_string());
+        }
         let (res, dest) = self.route_request(conn, req).await;
         let snapshot = self.state.borrow().clone();
         let service = snapshot.service_target(conn.orig).map(|t| (t.service.namespace.clone(), t.service.name.clone()));
@@ -174,8 +194,18 @@ impl Proxy {
             Some(_) => "DPE",
             None => "-",
         };
-        let metrics = self.metrics.clone();
-        res.map(|b| super::observe::Recorded::new(b, metrics, labels, start, request_bytes).boxed())
+        info.upstream = dest.as_ref().map(Destination::addr);
+        if span.is_recording() {
+            span.set_attribute(attr::HTTP_RESPONSE_STATUS_CODE, labels.response_code);
+            span.set_attribute(attr::MESH_DESTINATION_WORKLOAD, format!("{}/{}", labels.destination_workload_namespace, labels.destination_workload));
+            span.set_attribute(attr::MESH_MTLS, dst_pod.is_some());
+            if res.status().is_server_error() {
+                span.set_error(format!("{} {}", labels.response_code, labels.response_flags));
+            }
+        }
+        span.end();
+        let telemetry = self.telemetry.clone();
+        res.map(|b| super::observe::Recorded::new(b, telemetry, labels, info, start, request_bytes).boxed())
     }
 
     /// Routes, balances and sends one request; also says which endpoint

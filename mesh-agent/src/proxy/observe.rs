@@ -1,5 +1,6 @@
 //! What the proxy reports per request and per connection: Istio-labelled
-//! metrics ([`crate::metrics`]), computed from the mesh state.
+//! metrics ([`crate::metrics`]) computed from the mesh state, access log
+//! lines ([`crate::access_log`]) and spans ([`crate::telemetry::trace`]).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -13,10 +14,90 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 use crate::{
+    access_log::AccessLog,
     identity::SpiffeId,
     metrics::{Labels, Metrics},
     state::{MeshState, Pod, PodKey},
+    telemetry::trace::Tracer,
 };
+
+/// Where the proxy's reports go.
+pub struct Telemetry {
+    pub metrics: Arc<Metrics>,
+    pub access_log: Arc<AccessLog>,
+    pub tracer: Tracer,
+}
+
+/// What an access log line says beyond the metric labels.
+#[derive(Default)]
+pub(super) struct RequestInfo {
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub upstream: Option<SocketAddr>,
+    /// `allow` / `deny`, and the deciding policy (destination side).
+    pub decision: Option<(&'static str, Option<String>)>,
+    pub trace_id: Option<String>,
+}
+
+impl Telemetry {
+    pub(super) fn request_done(&self, labels: &Labels, info: &RequestInfo, elapsed: std::time::Duration, request_bytes: u64, response_bytes: u64) {
+        self.metrics.request(labels, elapsed, request_bytes, response_bytes);
+        if self.access_log.enabled() {
+            let mut v = entry("http", labels);
+            let o = v.as_object_mut().expect("an object");
+            o.insert("method".into(), info.method.clone().into());
+            o.insert("path".into(), info.path.clone().into());
+            o.insert("authority".into(), info.authority.clone().into());
+            o.insert("durationMs".into(), (elapsed.as_secs_f64() * 1000.0).into());
+            o.insert("requestBytes".into(), request_bytes.into());
+            o.insert("responseBytes".into(), response_bytes.into());
+            o.insert("upstream".into(), info.upstream.map(|a| a.to_string()).into());
+            if let Some((d, p)) = &info.decision {
+                o.insert("policyDecision".into(), (*d).into());
+                o.insert("policy".into(), p.clone().into());
+            }
+            o.insert("traceId".into(), info.trace_id.clone().into());
+            self.access_log.log(&v);
+        }
+    }
+
+    pub(super) fn tcp_done(&self, labels: &Labels, elapsed: std::time::Duration, sent: u64, received: u64, upstream: SocketAddr) {
+        self.metrics.tcp_closed(labels, sent, received);
+        if self.access_log.enabled() {
+            let mut v = entry("tcp", labels);
+            let o = v.as_object_mut().expect("an object");
+            o.insert("durationMs".into(), (elapsed.as_secs_f64() * 1000.0).into());
+            o.insert("sentBytes".into(), sent.into());
+            o.insert("receivedBytes".into(), received.into());
+            o.insert("upstream".into(), upstream.to_string().into());
+            self.access_log.log(&v);
+        }
+    }
+}
+
+fn entry(kind: &str, l: &Labels) -> serde_json::Value {
+    serde_json::json!({
+        "time": humantime_now(),
+        "kind": kind,
+        "reporter": l.reporter,
+        "sourceWorkload": l.source_workload,
+        "sourceNamespace": l.source_workload_namespace,
+        "sourcePrincipal": l.source_principal,
+        "destinationWorkload": l.destination_workload,
+        "destinationNamespace": l.destination_workload_namespace,
+        "destinationPrincipal": l.destination_principal,
+        "destinationService": l.destination_service,
+        "protocol": l.request_protocol,
+        "responseCode": l.response_code,
+        "responseFlags": l.response_flags,
+        "connectionSecurityPolicy": l.connection_security_policy,
+    })
+}
+
+fn humantime_now() -> String {
+    crate::identity::humantime(std::time::SystemTime::now())
+}
 
 /// The workload, namespace and app of a pod, as metrics name them.
 fn workload(pod: &Pod) -> (String, String) {
@@ -130,20 +211,21 @@ pub(super) struct Recorded<B> {
 }
 
 struct Done {
-    metrics: Arc<Metrics>,
+    telemetry: Arc<Telemetry>,
     labels: Labels,
+    info: RequestInfo,
     start: Instant,
     request_bytes: u64,
 }
 
 impl<B> Recorded<B> {
-    pub fn new(inner: B, metrics: Arc<Metrics>, labels: Labels, start: Instant, request_bytes: u64) -> Self {
-        Self { inner, bytes: 0, done: Some(Done { metrics, labels, start, request_bytes }) }
+    pub fn new(inner: B, telemetry: Arc<Telemetry>, labels: Labels, info: RequestInfo, start: Instant, request_bytes: u64) -> Self {
+        Self { inner, bytes: 0, done: Some(Done { telemetry, labels, info, start, request_bytes }) }
     }
 
     fn finish(&mut self) {
         if let Some(d) = self.done.take() {
-            d.metrics.request(&d.labels, d.start.elapsed(), d.request_bytes, self.bytes);
+            d.telemetry.request_done(&d.labels, &d.info, d.start.elapsed(), d.request_bytes, self.bytes);
         }
     }
 }

@@ -145,14 +145,21 @@ impl Proxy {
                         }
                         .labels("tcp")
                     };
-                    self.metrics.tcp_opened(&labels);
+                    self.telemetry.metrics.tcp_opened(&labels);
+                    let opened = std::time::Instant::now();
+                    let mut span = self.telemetry.tracer.start_span(crate::telemetry::trace::SpanKind::Client, "tcp outbound", None);
+                    if span.is_recording() {
+                        span.set_attribute(crate::telemetry::trace::attr::MESH_SOURCE_WORKLOAD, pod.key.to_string());
+                        span.set_attribute(crate::telemetry::trace::attr::NETWORK_PEER_ADDRESS, dest.addr().to_string());
+                    }
                     let mut counted = super::observe::Counted::new(&mut app);
                     let result = match &mut upstream {
                         Upstream::Tunnel(up, _slot) => tokio::io::copy_bidirectional(&mut counted, up).await,
                         Upstream::Direct(up) => tokio::io::copy_bidirectional(&mut counted, up).await,
                     };
                     let (received, sent) = counted.totals();
-                    self.metrics.tcp_closed(&labels, sent, received);
+                    self.telemetry.tcp_done(&labels, opened.elapsed(), sent, received, dest.addr());
+                    span.end();
                     match result {
                         Ok(_) => tracing::debug!(%orig, to = %dest.addr(), "outbound connection closed"),
                         Err(e) => tracing::debug!(%orig, to = %dest.addr(), error = %e, "outbound connection ended with an error"),

@@ -172,8 +172,14 @@ impl Proxy {
             }
             .labels("tcp")
         };
-        let metrics = self.metrics.clone();
-        metrics.tcp_opened(&labels);
+        let telemetry = self.telemetry.clone();
+        telemetry.metrics.tcp_opened(&labels);
+        let opened = std::time::Instant::now();
+        let mut span = telemetry.tracer.start_span(crate::telemetry::trace::SpanKind::Server, "tcp inbound", None);
+        if span.is_recording() {
+            span.set_attribute(crate::telemetry::trace::attr::MESH_PEER_PRINCIPAL, client_id.to_string());
+            span.set_attribute(crate::telemetry::trace::attr::MESH_DESTINATION_WORKLOAD, pod.key.to_string());
+        }
         self.connections.spawn(async move {
             let mut app = app;
             match hyper::upgrade::on(req).await {
@@ -183,7 +189,8 @@ impl Proxy {
                         tracing::debug!(%target, error = %e, "tunnel stream ended with an error");
                     }
                     let (received, sent) = upgraded.totals();
-                    metrics.tcp_closed(&labels, sent, received);
+                    telemetry.tcp_done(&labels, opened.elapsed(), sent, received, target);
+                    span.end();
                 }
                 Err(e) => tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
             }
