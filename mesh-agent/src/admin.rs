@@ -1,7 +1,8 @@
 //! The admin listener: `/healthz`, `/ready`, `/status`, `/metrics`
 //! (OpenMetrics text; Prometheus reads it), `/config_dump` (the mesh state
 //! the agent enforces, as JSON: it holds no private key, only public
-//! certificate facts). Loopback only by default, on the control runtime so a
+//! certificate facts), `/logging` (GET: the log filter; POST `?level=SPEC`:
+//! change it, see [`crate::logging`]). Loopback only by default, on the control runtime so a
 //! busy data plane cannot starve it (nor it the data plane).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
@@ -73,7 +74,26 @@ fn route(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<Byt
             );
             r
         }
-        (_, "/healthz" | "/ready" | "/status" | "/config_dump" | "/metrics") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /ready, /status, /metrics, /config_dump"),
+        (&http::Method::GET, "/logging") => text(StatusCode::OK, &crate::logging::level().unwrap_or_default()),
+        (&http::Method::POST, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .find_map(|kv| kv.strip_prefix("level="));
+            match level {
+                None => text(StatusCode::BAD_REQUEST, "POST /logging?level=SPEC (e.g. debug, or info,mesh_agent::proxy=debug)"),
+                Some(l) => {
+                    let l = l.replace("%2C", ",").replace("%3A", ":").replace("%3D", "=");
+                    match crate::logging::set_level(&l) {
+                        Ok(()) => text(StatusCode::OK, &l),
+                        Err(e) => text(StatusCode::BAD_REQUEST, &e),
+                    }
+                }
+            }
+        }
+        (_, "/healthz" | "/ready" | "/status" | "/config_dump" | "/metrics" | "/logging") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /ready, /status, /metrics, /config_dump, /logging"),
     }
 }

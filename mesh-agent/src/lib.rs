@@ -16,9 +16,10 @@
 //! | [`route`] | HTTP routing: route schema, validation, pure route selection |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
 //! | [`access_log`] | one JSON line per request and connection, never blocking |
+//! | [`logging`] | the agent's log filter, changeable at run time |
 //! | [`metrics`] | Prometheus metrics (Istio's names), health collector |
 //! | [`telemetry`] | distributed tracing (OTLP/gRPC) |
-//! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump` |
+//! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump`, `/logging` |
 //! | [`app`] | wiring, runtimes, shutdown |
 
 pub mod access_log;
@@ -31,6 +32,7 @@ pub mod host;
 pub mod identity;
 pub mod k8s;
 pub mod localfile;
+pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

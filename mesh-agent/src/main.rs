@@ -72,6 +72,18 @@ enum Command {
     Ca(mesh_agent::identity::server::CaArgs),
     /// Print the mesh's CustomResourceDefinitions (YAML), as in deploy/crds.yaml.
     Crds,
+    /// Print a running agent's config dump (the state it enforces, JSON).
+    ConfigDump {
+        #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
+    /// Show or change a running agent's log filter (e.g. `debug`, or
+    /// `info,mesh_agent::proxy=debug`).
+    LogLevel {
+        #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+        level: Option<String>,
+    },
     /// Show a running agent's pods, enrollment and counters.
     Status {
         #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
@@ -83,7 +95,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    mesh_agent::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {
@@ -127,6 +139,14 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
         }
         Command::Status { admin, json } => status(admin, json),
+        Command::ConfigDump { admin } => admin_call(admin, http::Method::GET, "/config_dump".into()),
+        Command::LogLevel { admin, level } => match level {
+            None => admin_call(admin, http::Method::GET, "/logging".into()),
+            Some(l) => {
+                let q: String = l.chars().map(|c| match c { ',' => "%2C".into(), ':' => "%3A".into(), '=' => "%3D".into(), c => c.to_string() }).collect();
+                admin_call(admin, http::Method::POST, format!("/logging?level={q}"))
+            }
+        },
         Command::Crds => {
             print!("{}", mesh_agent::k8s::crd::crds_yaml());
             Ok(())
@@ -142,13 +162,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("MESH_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
-}
 
 fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -201,17 +214,32 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn admin_call(admin: SocketAddr, method: http::Method, path: String) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body = rt
+        .block_on(request(admin, method, &path))
+        .with_context(|| format!("agent admin endpoint at {admin}"))?;
+    print!("{body}");
+    Ok(())
+}
+
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    request(addr, http::Method::GET, path).await
+}
+
+async fn request(addr: SocketAddr, method: http::Method, path: &str) -> anyhow::Result<String> {
     use http_body_util::{BodyExt as _, Empty};
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = http::Request::get(path)
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header(http::header::HOST, addr.to_string())
         .body(Empty::<bytes::Bytes>::new())?;
     let res = sender.send_request(req).await?;
     let status = res.status();
     let body = res.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(status.is_success(), "{path}: HTTP {status}");
+    anyhow::ensure!(status.is_success(), "{path}: HTTP {status}: {}", String::from_utf8_lossy(&body).trim());
     Ok(String::from_utf8_lossy(&body).into_owned())
 }

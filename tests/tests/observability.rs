@@ -144,5 +144,18 @@ fn metrics_count_requests_and_bytes_on_both_agents() -> Result<()> {
     let dump = String::from_utf8(body)?;
     ensure!(code == 200 && dump.contains("\"get-only\"") && dump.contains("shop-server"), "{code} {dump}");
     ensure!(!dump.contains("PRIVATE KEY") && !dump.contains("-----BEGIN"), "{dump}");
+    // The same through the CLI; and the log filter changes at run time.
+    let bin = mesh_e2e::agent_bin()?;
+    let admin = m.b.admin().to_string();
+    let out = Agent::run_once(&bin, ["config-dump", "--admin", &admin])?;
+    ensure!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"get-only\""), "{out:?}");
+    let out = Agent::run_once(&bin, ["log-level", "--admin", &admin, "info,mesh_agent::proxy=debug"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let (code, body) = m.b.get("/logging")?;
+    ensure!(code == 200 && String::from_utf8_lossy(&body).trim() == "info,mesh_agent::proxy=debug", "{code}");
+    // An invalid filter is refused with the reason; the filter in force stays.
+    let out = Agent::run_once(&bin, ["log-level", "--admin", &admin, "info,[[["])?;
+    ensure!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("invalid log filter"), "{out:?}");
+    ensure!(String::from_utf8_lossy(&m.b.get("/logging")?.1).trim() == "info,mesh_agent::proxy=debug");
     Ok(())
 }
