@@ -25,14 +25,31 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>) {
+/// What a listener serves: everything (loopback admin), or only what a
+/// scraper and the kubelet need (`--metrics`, reachable from the network).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Admin,
+    /// `/metrics`, `/healthz`, `/ready`.
+    Public,
+}
+
+pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, scope: Scope) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let source = source.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let source = source.clone();
-                async move { Ok::<_, Infallible>(route(&req, &*source)) }
+                async move {
+                    let public = matches!(req.uri().path(), "/metrics" | "/healthz" | "/ready");
+                    if scope == Scope::Public && !public {
+                        let mut r = Response::new(Full::new(Bytes::from_static(b"not found: this port serves /metrics, /healthz and /ready\n")));
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                        return Ok::<_, Infallible>(r);
+                    }
+                    Ok::<_, Infallible>(route(&req, &*source))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

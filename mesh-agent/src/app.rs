@@ -218,7 +218,15 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     metrics.register_health(HealthCollector {
         status: Arc::new(move || weak.upgrade().map_or(serde_json::Value::Null, |a| a.status())),
     });
-    let admin_task = tokio::spawn(admin::serve(listener, admin));
+    let metrics_task = match cfg.metrics_addr {
+        Some(addr) => {
+            let l = admin::bind(addr).await.map_err(|source| Error::Admin { addr, source })?;
+            tracing::info!(%addr, "metrics listener (/metrics, /healthz, /ready)");
+            Some(tokio::spawn(admin::serve(l, admin.clone(), admin::Scope::Public)))
+        }
+        None => None,
+    };
+    let admin_task = tokio::spawn(admin::serve(listener, admin, admin::Scope::Admin));
     let watch_task = tokio::spawn(watcher);
     let reconcile_task = tokio::spawn(reconcile_loop(enrollment.clone(), state, cfg.reconcile_interval));
     tracing::info!(%admin_addr, node = %cfg.node, "agent ready");
@@ -247,6 +255,9 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     // Spans of the last requests, if the collector takes them in time.
     let _ = tokio::time::timeout(Duration::from_secs(2), tracer.flush()).await;
     admin_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_CONFIG: &str = "MESH_CONFIG";
 pub const ENV_ADMIN: &str = "MESH_ADMIN_ADDR";
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
+pub const ENV_METRICS: &str = "MESH_METRICS_ADDR";
 pub const ENV_CA_ENDPOINT: &str = "MESH_CA_ENDPOINT";
 pub const ENV_CA_ROOTS: &str = "MESH_CA_ROOTS";
 pub const ENV_CA_TOKEN_FILE: &str = "MESH_CA_TOKEN_FILE";
@@ -60,6 +61,8 @@ pub struct Config {
     pub kube: Option<KubeConfig>,
     /// Distributed tracing (`--otlp-endpoint`, `--trace-sampling`).
     pub trace: crate::telemetry::trace::TraceConfig,
+    /// The public metrics listener (`--metrics`), if any.
+    pub metrics_addr: Option<SocketAddr>,
     /// Where access logs go.
     pub access_log: crate::access_log::Target,
 }

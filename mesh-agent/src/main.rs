@@ -61,6 +61,10 @@ enum Command {
         /// certificates rotate at half-life.
         #[arg(long, value_parser = config::parse_duration)]
         cert_ttl: Option<Duration>,
+        /// A second listener serving only /metrics, /healthz and /ready, for
+        /// Prometheus and the kubelet (e.g. 0.0.0.0:15020); off by default.
+        #[arg(long, env = config::ENV_METRICS)]
+        metrics: Option<SocketAddr>,
         #[command(flatten)]
         trace: mesh_agent::telemetry::trace::TraceArgs,
         /// Access log: one JSON line per request and per connection, to
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
             ca_roots,
             ca_token_file,
             cert_ttl,
+            metrics,
             trace,
             access_log,
         } => {
@@ -127,6 +132,7 @@ fn main() -> ExitCode {
                 reconcile_interval,
                 ca: config::CaConfig { endpoint: ca_endpoint, roots: ca_roots, token_file: ca_token_file, cert_ttl },
                 kube: (source == "kube").then_some(config::KubeConfig { trust_domain }),
+                metrics_addr: metrics,
                 trace: trace.into_config(),
                 access_log,
             };

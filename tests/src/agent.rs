@@ -305,6 +305,12 @@ fn tail(s: &str, n: usize) -> String {
 
 /// Minimal blocking HTTP/1.1 GET (`Connection: close`), enough for the
 /// admin API; avoids pulling an HTTP client into the harness.
+/// `GET path` on a loopback HTTP/1.1 endpoint (an agent's admin or
+/// metrics port): (status, body).
+pub fn http_get_once(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
+    http_get(addr, path, HTTP_TIMEOUT).with_context(|| format!("GET {path} on {addr}"))
+}
+
 fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;

@@ -48,7 +48,7 @@ mod status;
 mod testbed;
 mod wait;
 
-pub use agent::Agent;
+pub use agent::{Agent, http_get_once as http_get};
 pub use ca::{Ca, CaOptions};
 pub use capture::{Capture, Frames, TcpSegment};
 pub use config::{

@@ -54,7 +54,12 @@ fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
 
 #[test]
 fn metrics_count_requests_and_bytes_on_both_agents() -> Result<()> {
-    let opts = MeshOpts { enrolled: &["shop"], named_service_accounts: true, ..MeshOpts::default() };
+    // A public metrics port on each agent (a free port, picked here).
+    let free = || -> Result<String> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string()) };
+    let (pa, pb) = (free()?, free()?);
+    let (fa, fb) = (["--metrics", pa.as_str()], ["--metrics", pb.as_str()]);
+    let node_args: [(&str, &[&str]); 2] = [("node-a", &fa), ("node-b", &fb)];
+    let opts = MeshOpts { enrolled: &["shop"], named_service_accounts: true, node_args: &node_args, ..MeshOpts::default() };
     let mut m = mesh_with("metrics", &opts)?;
     let mut svc = ServiceSpec::new("shop-server", "shop").select("app", "shop-server").ip([198, 51, 100, 100].into());
     svc.ports.push(ServicePort { name: "http".into(), port: 80, target_port: 8080 });
@@ -144,6 +149,33 @@ fn metrics_count_requests_and_bytes_on_both_agents() -> Result<()> {
     let dump = String::from_utf8(body)?;
     ensure!(code == 200 && dump.contains("\"get-only\"") && dump.contains("shop-server"), "{code} {dump}");
     ensure!(!dump.contains("PRIVATE KEY") && !dump.contains("-----BEGIN"), "{dump}");
+    // The public metrics port serves /metrics and the probes, nothing else.
+    for (addr, agent) in [(&pa, &m.a), (&pb, &m.b)] {
+        let addr: std::net::SocketAddr = addr.parse()?;
+        let (code, body) = mesh_e2e::http_get(addr, "/metrics")?;
+        ensure!(code == 200 && String::from_utf8_lossy(&body).contains("istio_requests_total{"), "{}: {code}", agent.node());
+        ensure!(mesh_e2e::http_get(addr, "/ready")?.0 == 200);
+        ensure!(mesh_e2e::http_get(addr, "/config_dump")?.0 == 404, "config dump exposed on the public port");
+    }
+    // Every metric the Grafana dashboard queries exists.
+    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/observability/grafana-dashboard.json"))?;
+    let dash: serde_json::Value = serde_json::from_str(&dashboard)?;
+    let all = format!("{}{}", String::from_utf8(m.a.get("/metrics")?.1)?, text);
+    let mut names = std::collections::BTreeSet::new();
+    for p in dash["panels"].as_array().context("panels")? {
+        for t in p["targets"].as_array().context("targets")? {
+            let expr = t["expr"].as_str().context("expr")?;
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if ["istio_", "nodemesh_", "process_"].iter().any(|p| word.starts_with(p)) {
+                    names.insert(word.to_owned());
+                }
+            }
+        }
+    }
+    ensure!(names.len() >= 10, "{names:?}");
+    for n in &names {
+        ensure!(all.lines().any(|l| l.starts_with(&format!("{n}{{")) || l.starts_with(&format!("{n} "))), "the dashboard queries {n}, which no agent exports");
+    }
     // The same through the CLI; and the log filter changes at run time.
     let bin = mesh_e2e::agent_bin()?;
     let admin = m.b.admin().to_string();

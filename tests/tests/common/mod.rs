@@ -57,6 +57,8 @@ pub struct MeshOpts<'a> {
     pub named_service_accounts: bool,
     /// Written with the first config.
     pub peer_authentications: Vec<PeerAuthenticationEntry>,
+    /// More flags for one node's agent only: (node, flags).
+    pub node_args: &'a [(&'a str, &'a [&'a str])],
 }
 
 pub fn mesh_with(test: &str, o: &MeshOpts) -> Result<Mesh> {
@@ -77,8 +79,17 @@ pub fn mesh_with(test: &str, o: &MeshOpts) -> Result<Mesh> {
     let echoes = vec![shop_server.start_echo(ECHO_PORT)?, legacy_server.start_echo(ECHO_PORT)?];
     let mut args = agent_args(o.accelerate);
     args.extend_from_slice(o.agent_args);
-    let a = tb.start_agent_args("node-a", &args)?;
-    let b = tb.start_agent_args("node-b", &args)?;
+    let for_node = |node: &str| -> Vec<&str> {
+        let mut v = args.clone();
+        for (n, extra) in o.node_args {
+            if *n == node {
+                v.extend_from_slice(extra);
+            }
+        }
+        v
+    };
+    let a = tb.start_agent_args("node-a", &for_node("node-a"))?;
+    let b = tb.start_agent_args("node-b", &for_node("node-b"))?;
     let m = Mesh { ca, a, b, shop_client, shop_server, legacy_client, legacy_server, echoes, tb };
     for ns in o.enrolled {
         for (agent, pod) in [(&m.a, format!("{ns}-client")), (&m.b, format!("{ns}-server"))] {
