@@ -157,6 +157,9 @@ mod tests {
                 cert_ttl: None,
             },
             kube: None,
+            metrics_addr: None,
+            trace: crate::telemetry::trace::TraceConfig::new(None, 0.01),
+            access_log: crate::access_log::Target::Off,
         }
     }
 
