@@ -49,6 +49,31 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// Largest request header block accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// The server side of the agent's HTTP layers: HTTP/1.1 or h2c (prior
+/// knowledge), header blocks above 64 KiB refused (431), as Envoy's default.
+pub(super) fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(MAX_HEADER_BYTES);
+    builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
+    builder
+}
+
+/// How a served HTTP connection ended: hyper has already answered a
+/// malformed request with 400 (431 for oversized headers) and closed; count
+/// it.
+pub(super) fn count_http_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>, stats: &super::PodStats, at: SocketAddr, side: &str) {
+    let Err(e) = result else { return };
+    let malformed = e
+        .downcast_ref::<hyper::Error>()
+        .is_some_and(|h| h.is_parse() || h.is_parse_too_large());
+    if malformed {
+        stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(%at, error = %e, side, "malformed HTTP request refused");
+    } else {
+        tracing::debug!(%at, error = %e, side, "HTTP connection ended");
+    }
+}
+
 fn local(status: StatusCode, text: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(text + "\n")).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
@@ -107,23 +132,8 @@ impl Proxy {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(this.http_request(&conn, req).await) }
         });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        // Header blocks above 64 KiB are refused (431), as Envoy's default.
-        builder.http1().max_buf_size(MAX_HEADER_BYTES);
-        builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
-        if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
-            // hyper has already answered a malformed request with 400 (or
-            // 431 for oversized headers) and closed: count it.
-            let malformed = e
-                .downcast_ref::<hyper::Error>()
-                .is_some_and(|h| h.is_parse() || h.is_parse_too_large());
-            if malformed {
-                stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(%target, error = %e, "malformed HTTP request refused");
-            } else {
-                tracing::debug!(%target, error = %e, "inbound HTTP connection ended");
-            }
-        }
+        let result = http_server().serve_connection_with_upgrades(TokioIo::new(io), svc).await;
+        count_http_end(result, &stats, target, "inbound");
     }
 
     /// Authorizes and forwards one request, and records its metrics, span
@@ -138,14 +148,8 @@ impl Proxy {
         let parent = tracer.extract(req.headers());
         let mut span = tracer.start_span(SpanKind::Server, "inbound", parent.as_ref());
         span.inject(req.headers_mut());
-        let mut info = super::observe::RequestInfo {
-            method: req.method().to_string(),
-            path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-            authority: req.uri().authority().map(|a| a.to_string()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)).unwrap_or_default(),
-            upstream: Some(conn.target),
-            trace_id: span.context().map(|c| c.trace_id().to_string()),
-            ..Default::default()
-        };
+        let mut info = super::observe::RequestInfo::of(&req, &span);
+        info.upstream = Some(conn.target);
         let (res, decision) = self.authorize_and_forward(conn, req).await;
         info.decision = decision;
         let snapshot = self.state.borrow().clone();

@@ -33,14 +33,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{
     PodHandle, Proxy,
     balance::Outcome,
     http_client::{ReqBody, TryError},
-    http_inbound::MAX_HEADER_BYTES,
     services::{self, ServiceState},
 };
 use crate::{
@@ -126,20 +125,8 @@ impl Proxy {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(this.outbound_request(&conn, req).await) }
         });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().max_buf_size(MAX_HEADER_BYTES);
-        builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
-        if let Err(e) = builder.serve_connection(TokioIo::new(app), svc).await {
-            let malformed = e
-                .downcast_ref::<hyper::Error>()
-                .is_some_and(|h| h.is_parse() || h.is_parse_too_large());
-            if malformed {
-                stats.http_rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%orig, error = %e, "malformed HTTP request refused");
-            } else {
-                tracing::debug!(%orig, error = %e, "outbound HTTP connection ended");
-            }
-        }
+        let result = super::http_inbound::http_server().serve_connection(TokioIo::new(app), svc).await;
+        super::http_inbound::count_http_end(result, &stats, orig, "outbound");
     }
 
     async fn outbound_request(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
@@ -152,13 +139,7 @@ impl Proxy {
         let parent = tracer.extract(req.headers());
         let mut span = tracer.start_span(SpanKind::Client, "outbound", parent.as_ref());
         span.inject(req.headers_mut());
-        let mut info = super::observe::RequestInfo {
-            method: req.method().to_string(),
-            path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-            authority: req.uri().authority().map(|a| a.to_string()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)).unwrap_or_default(),
-            trace_id: span.context().map(|c| c.trace_id().to_string()),
-            ..Default::default()
-        };
+        let mut info = super::observe::RequestInfo::of(&req, &span);
         if span.is_recording() {
             span.set_attribute(attr::HTTP_REQUEST_METHOD, info.method.clone());
             span.set_attribute(attr::URL_PATH, info.path.clone());

@@ -40,6 +40,24 @@ pub(super) struct RequestInfo {
     pub trace_id: Option<String>,
 }
 
+impl RequestInfo {
+    /// Method, target and authority of `req`, and the span's trace id.
+    pub fn of<B>(req: &http::Request<B>, span: &crate::telemetry::trace::Span) -> Self {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+        Self {
+            method: req.method().to_string(),
+            path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            authority: authority.unwrap_or_default(),
+            trace_id: span.context().map(|c| c.trace_id().to_string()),
+            ..Default::default()
+        }
+    }
+}
+
 impl Telemetry {
     pub(super) fn request_done(&self, labels: &Labels, info: &RequestInfo, elapsed: std::time::Duration, request_bytes: u64, response_bytes: u64) {
         self.metrics.request(labels, elapsed, request_bytes, response_bytes);
