@@ -42,6 +42,20 @@ class H(BaseHTTPRequestHandler):
         data = self.rfile.read(n) if n else b""
         url = urlparse(self.path)
         code, body = 200, (NAME + "\n").encode()
+        if url.path == "/upgrade" and self.headers.get("upgrade") == "echo":
+            # Switch to a raw echo protocol until the client closes.
+            self.send_response(101)
+            self.send_header("upgrade", "echo")
+            self.send_header("connection", "upgrade")
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                self.connection.sendall(data)
+            self.close_connection = True
+            return
         if url.path == "/control/broken":
             state["broken"] = True
         elif url.path == "/control/fixed":
@@ -298,6 +312,31 @@ fn http2_multiplexing_grpc_and_large_bodies_through_a_service() -> Result<()> {
         max_inflight += s["max_inflight"].as_u64().unwrap_or(0);
     }
     ensure!(max_inflight >= 3, "the streams were not served concurrently (max in flight {max_inflight})");
+
+    // An HTTP/1.1 Upgrade (the WebSocket handshake's shape): 101 through
+    // both agents, then raw bytes both ways on the same connection.
+    let client = r#"
+import socket, sys
+s = socket.create_connection(("198.51.100.100", 80), timeout=10)
+s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    chunk = s.recv(1)
+    if not chunk:
+        sys.exit("closed before the response head: %r" % head)
+    head += chunk
+assert head.startswith(b"HTTP/1.1 101"), head
+for i in range(3):
+    msg = ("frame-%d" % i).encode() * 1000
+    s.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        got += s.recv(65536)
+    assert got == msg, (len(got), len(msg))
+print("upgraded ok")
+"#;
+    let out = m.shop_client.run("python3", ["-c", client])?;
+    ensure!(String::from_utf8_lossy(&out.stdout).contains("upgraded ok"), "{out:?}");
 
     // Round robin: the two endpoints take turns.
     let v = load(m, "/rr", 20, &[])?;

@@ -237,7 +237,7 @@ impl Proxy {
         Some(ConnectionSlot(svc.clone()))
     }
 
-    async fn upstream_io(&self, pod: &PodHandle, dest: &Destination) -> Result<TokioIo<super::outbound::Upstream>, TryError> {
+    pub(super) async fn upstream_io(&self, pod: &PodHandle, dest: &Destination) -> Result<TokioIo<super::outbound::Upstream>, TryError> {
         let trust_domain = self.state.borrow().trust_domain.clone();
         self.establish(pod, dest, &trust_domain)
             .await

@@ -262,8 +262,17 @@ impl Proxy {
         {
             req.headers_mut().insert(PEER_IDENTITY_HEADER, v);
         }
+        let downstream = super::http_outbound::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let res = match self.forward(conn, req).await {
-            Ok(res) => res.map(|b| b.boxed()),
+            Ok(mut res) => {
+                if let Some(down) = downstream
+                    && res.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let up = hyper::upgrade::on(&mut res);
+                    self.connections.spawn(super::http_outbound::join_upgraded(down, up));
+                }
+                res.map(|b| b.boxed())
+            }
             Err(e) => {
                 tracing::info!(pod = %pod.key, target = %conn.target, error = %e, "the application did not answer");
                 local(StatusCode::SERVICE_UNAVAILABLE, format!("upstream {} unavailable: {e}", conn.target))

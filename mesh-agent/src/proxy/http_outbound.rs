@@ -125,7 +125,7 @@ impl Proxy {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(this.outbound_request(&conn, req).await) }
         });
-        let result = super::http_inbound::http_server().serve_connection(TokioIo::new(app), svc).await;
+        let result = super::http_inbound::http_server().serve_connection_with_upgrades(TokioIo::new(app), svc).await;
         super::http_inbound::count_http_end(result, &stats, orig, "outbound");
     }
 
@@ -234,6 +234,9 @@ impl Proxy {
         };
         let timeout = selected.and_then(|s| s.timeout);
         let job = Job { conn, svc: &svc, policy: &policy, retry: &retry, endpoints: &endpoints };
+        if is_upgrade(&req) && conn.version == AppHttp::Http1 {
+            return self.upgrade(&job, req).await;
+        }
         let run = self.send_with_retries(&job, req);
         match timeout {
             None => run.await,
@@ -333,6 +336,73 @@ impl Proxy {
             tokio::time::sleep(pause).await;
             retries += 1;
         }
+    }
+}
+
+impl Proxy {
+    /// An HTTP/1.1 `Upgrade` (WebSocket and the like): sent once, on a
+    /// connection of its own; on `101` the two upgraded connections are
+    /// joined and carry bytes until either side closes. No retries and no
+    /// route timeout (the exchange is long-lived by nature).
+    async fn upgrade(&self, job: &Job<'_>, mut req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
+        let cursor = (job.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&job.svc.cursor);
+        let Some((dest, _in_use)) = self.balancer.pick(job.endpoints, &[], cursor) else {
+            return (local(StatusCode::SERVICE_UNAVAILABLE, "no-endpoint", "no endpoint to upgrade to".into()), None);
+        };
+        let downstream = hyper::upgrade::on(&mut req);
+        let (mut parts, body) = req.into_parts();
+        let protocol = parts.headers.get(header::UPGRADE).cloned();
+        prepare(&mut parts, job.conn);
+        if let Some(p) = protocol {
+            parts.headers.insert(header::UPGRADE, p);
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let io = match self.upstream_io(&job.conn.pod, &dest).await {
+            Ok(io) => io,
+            Err(e) => {
+                let text = format!("upstream connect to {} failed: {e:?}", dest.addr());
+                return (local(StatusCode::SERVICE_UNAVAILABLE, "connect-failure", text), Some(dest));
+            }
+        };
+        let sent = async {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn.with_upgrades());
+            sender.send_request(Request::from_parts(parts, body.boxed())).await
+        };
+        let mut res = match sent.await {
+            Ok(r) => r,
+            Err(e) => return (local(StatusCode::BAD_GATEWAY, "reset", format!("upgrade to {} failed: {e}", dest.addr())), Some(dest)),
+        };
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut res);
+            self.connections.spawn(join_upgraded(downstream, upstream));
+        }
+        (res.map(|b| b.boxed()), Some(dest))
+    }
+}
+
+/// Whether a request asks to switch protocols (HTTP/1.1 `Upgrade`).
+pub(super) fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= http::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Carries bytes between the two sides of an upgraded exchange.
+pub(super) async fn join_upgraded(a: hyper::upgrade::OnUpgrade, b: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(a, b) {
+        Ok((a, b)) => {
+            let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::info!(error = %e, "upgrade did not complete"),
     }
 }
 
