@@ -32,6 +32,7 @@
 //! | `capture` | [`Capture`]: raw frames on the fabric bridge |
 //! | `status` | typed view of the agent's `/status` JSON |
 //! | `wait` | deadline-bounded polling |
+//! | [`kubeapi`] | a Kubernetes API server for tests (list, watch, 410, bookmarks, RBAC denials) |
 
 mod agent;
 mod ca;
@@ -39,6 +40,7 @@ mod capture;
 mod cgroup;
 mod config;
 mod host;
+pub mod kubeapi;
 mod netns;
 mod pod;
 mod process;
