@@ -138,7 +138,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
         .map_err(|source| Error::CaFile { what: "CA roots", path: cfg.ca.roots.clone(), source })?;
     let token = std::fs::read_to_string(&cfg.ca.token_file)
         .map_err(|source| Error::CaFile { what: "node token", path: cfg.ca.token_file.clone(), source })?;
-    let ca = GrpcCaClient::new(&cfg.ca.endpoint, &roots, token.trim(), None)?;
+    let ca = GrpcCaClient::new(&cfg.ca.endpoint, &roots, token.trim(), None)?.reread_token_from(cfg.ca.token_file.clone());
     // Certificates are fetched and rotated on the control runtime.
     let certs = CertManager::new(Arc::new(ca), ManagerConfig { ttl: cfg.ca.cert_ttl, ..ManagerConfig::default() });
     let proxy = Proxy::new(

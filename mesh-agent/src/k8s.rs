@@ -9,12 +9,14 @@
 //! | [`source`] | watchers + reflectors, the state builder, `/status` numbers |
 //! | [`status`] | the `Accepted` condition on the mesh's objects |
 //! | [`podpaths`] | a pod's netns and cgroup on a real node, from /proc and the runtime's cgroup layout |
+//! | [`tokenreview`] | the CA's check of an agent's projected service-account token |
 
 pub mod convert;
 pub mod crd;
 pub mod podpaths;
 pub mod source;
 pub mod status;
+pub mod tokenreview;
 
 pub use source::{Options, PodLocator, Stats, start};
 

@@ -374,3 +374,80 @@ async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
         .await;
     until_condition(&api, "AuthorizationPolicy", "deny-admin", "True", 3).await;
 }
+
+mod ca {
+    use mesh_agent::identity::{
+        Authority, GrpcCaClient, SpiffeId,
+        client::fetch,
+        server::{Authn, start_with},
+    };
+    use mesh_agent::k8s::tokenreview::TokenReviewer;
+
+    use super::*;
+
+    const AGENT: &str = "system:serviceaccount:nodemesh-system:nodemesh-agent";
+
+    fn review(username: &str, node: &str, audience: &str) -> Value {
+        json!({"authenticated": true, "audiences": [audience],
+               "user": {"username": username, "extra": {"authentication.kubernetes.io/node-name": [node]}}})
+    }
+
+    /// The CA in Kubernetes mode, in-process, against the test API server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn certificates_only_for_reviewed_tokens_and_pods_on_the_callers_node() {
+        let api = ApiServer::start().await.unwrap();
+        api.apply(&namespace("shop", &[ENROLL])).unwrap();
+        api.apply(&pod("shop", "web-a", "node-a", "10.1.0.11", &[])).unwrap();
+        api.apply(&pod("shop", "web-b", "node-b", "10.1.0.21", &[])).unwrap();
+        api.set_token("token-node-a", review(AGENT, "node-a", "nodemesh-ca"));
+        api.set_token("token-for-the-apiserver", review(AGENT, "node-a", "https://kubernetes.default.svc"));
+        api.set_token("token-other-account", review("system:serviceaccount:shop:web-a", "node-a", "nodemesh-ca"));
+        api.set_token("token-unbound", json!({"authenticated": true, "audiences": ["nodemesh-ca"], "user": {"username": AGENT}}));
+
+        let (state, stats, watchers) = k8s::start(
+            client(&api),
+            k8s::Options {
+                node: String::new(),
+                trust_domain: "cluster.local".into(),
+                locator: Arc::new(k8s::source::NoPods),
+                write_status: false,
+            },
+        );
+        let _watchers = tokio::spawn(watchers);
+        let mut reader = Agent { state, stats, task: tokio::spawn(async {}) };
+        reader.until("the CA sees both pods", |s| s.pods.len() == 2).await;
+
+        let authority = Arc::new(Authority::in_memory().unwrap());
+        let reviewer = TokenReviewer::new(client(&api), "nodemesh-ca", "nodemesh-system/nodemesh-agent").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ca = start_with(authority.clone(), Authn::Kube(Arc::new(reviewer)), reader.state.clone(), listener, &[]).unwrap();
+        let sign = |token: &'static str, pod_name: &'static str| {
+            let authority = authority.clone();
+            let addr = ca.addr;
+            async move {
+                let c = GrpcCaClient::new(&format!("https://{addr}"), &authority.trust_bundle_pem(), token, None).unwrap();
+                let id = SpiffeId::new("cluster.local", "shop", pod_name).unwrap();
+                fetch(&c, &key("shop", pod_name), &id, None).await.map_err(|e| mesh_agent::error_chain(&e))
+            }
+        };
+
+        let cert = sign("token-node-a", "web-a").await.expect("a certificate for a pod on the caller's node");
+        assert_eq!(cert.id.to_string(), "spiffe://cluster.local/ns/shop/sa/web-a");
+
+        let e = sign("token-node-a", "web-b").await.unwrap_err();
+        assert!(e.contains("node-b"), "a pod on another node: {e}");
+        for (token, why) in [
+            ("no-such-token", "not accepted"),
+            ("token-for-the-apiserver", "not accepted"),
+            ("token-other-account", "not to the node agents' service account"),
+            ("token-unbound", "not bound to a pod on a node"),
+        ] {
+            let e = sign(token, "web-a").await.unwrap_err();
+            assert!(e.contains(why), "{token}: {e}");
+        }
+
+        api.deny("create", "tokenreviews");
+        let e = sign("token-node-a", "web-a").await.unwrap_err();
+        assert!(e.contains("may not create tokenreviews"), "{e}");
+    }
+}

@@ -65,8 +65,19 @@ pub trait PodLocator: Send + Sync {
     fn locate(&self, pod: &Pod) -> Result<(PathBuf, PathBuf), String>;
 }
 
+/// For a reader with no node of its own (the CA): never asked.
+pub struct NoPods;
+
+impl PodLocator for NoPods {
+    fn locate(&self, _: &Pod) -> Result<(PathBuf, PathBuf), String> {
+        Err("this reader has no pods of its own".into())
+    }
+}
+
 #[derive(Clone)]
 pub struct Options {
+    /// This node; empty for a cluster-wide reader with no pods of its own
+    /// (the CA): then there is no node-local pod watch.
     pub node: String,
     pub trust_domain: String,
     pub locator: Arc<dyn PodLocator>,
@@ -182,7 +193,8 @@ pub fn describe(input: &str, group: &str, resource: &str, e: &watcher::Error) ->
 /// Starts every watcher; the state is published once every input has been
 /// listed. The returned future runs the watchers and the builder.
 pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<Stats>, impl Future<Output = ()>) {
-    let empty = MeshState::new(opts.trust_domain.clone(), vec![opts.node.clone()], vec![], vec![], vec![]);
+    let nodes = if opts.node.is_empty() { vec![] } else { vec![opts.node.clone()] };
+    let empty = MeshState::new(opts.trust_domain.clone(), nodes, vec![], vec![], vec![]);
     let (tx, rx) = watch::channel(Arc::new(empty));
     let stats = Arc::new(Stats::default());
     let wake = Arc::new(Notify::new());
@@ -198,7 +210,7 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
     let local_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
     let stores = Stores {
         namespaces: input!(Api::<Namespace>::all(client.clone()), watcher::Config::default(), NAMESPACES),
-        local_pods: input!(Api::<Pod>::all(client.clone()), local_cfg, LOCAL_PODS),
+        local_pods: (!opts.node.is_empty()).then(|| input!(Api::<Pod>::all(client.clone()), local_cfg, LOCAL_PODS)),
         pods: input!(Api::<Pod>::all(client.clone()), watcher::Config::default(), PODS),
         services: input!(Api::<Service>::all(client.clone()), watcher::Config::default(), SERVICES),
         slices: input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES),
@@ -307,7 +319,7 @@ impl<K> Slim for DeserializeGuard<K> {}
 
 struct Stores {
     namespaces: Store<Namespace>,
-    local_pods: Store<Pod>,
+    local_pods: Option<Store<Pod>>,
     pods: Store<Pod>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
@@ -319,7 +331,9 @@ struct Stores {
 impl Stores {
     async fn wait_until_ready(&self) {
         let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.local_pods.wait_until_ready().await;
+        if let Some(local) = &self.local_pods {
+            let _ = local.wait_until_ready().await;
+        }
         let _ = self.pods.wait_until_ready().await;
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
@@ -463,14 +477,14 @@ fn build(
     let mut unlocated = BTreeMap::new();
     let mut pods: BTreeMap<state::PodKey, state::Pod> = BTreeMap::new();
     for p in stores.pods.state() {
-        if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(opts.node.as_str()) {
+        if stores.local_pods.is_some() && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(opts.node.as_str()) {
             continue; // from the node's own watch, below
         }
         if let Ok(pod) = convert::pod(&p, None) {
             pods.insert(pod.key.clone(), pod);
         }
     }
-    for p in stores.local_pods.state() {
+    for p in stores.local_pods.iter().flat_map(|s| s.state()) {
         let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
         let paths = match opts.locator.locate(&p) {
             Ok(paths) => paths,
@@ -554,7 +568,7 @@ fn build(
 
     let state = MeshState::new(
         opts.trust_domain.clone(),
-        vec![opts.node.clone()],
+        if opts.node.is_empty() { vec![] } else { vec![opts.node.clone()] },
         namespaces,
         dedup_ips(pods, &opts.node),
         services,
