@@ -25,3 +25,31 @@ pub use source::{Options, PodLocator, Stats, start};
 pub async fn client() -> Result<kube::Client, kube::Error> {
     kube::Client::try_default().await
 }
+
+/// The ConfigMap key holding the CA's trust bundle.
+pub const ROOTS_KEY: &str = "roots.pem";
+
+/// Publishes the CA's trust bundle in a ConfigMap (`namespace/name`), which
+/// the agent DaemonSet mounts to verify the CA (server-side apply, so a
+/// restart with the same roots changes nothing).
+pub async fn publish_roots(client: kube::Client, configmap: &str, pem: &str) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams};
+    let (ns, name) = configmap.split_once('/').ok_or_else(|| format!("--roots-configmap {configmap:?} is not NAMESPACE/NAME"))?;
+    let cm = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": ns},
+        "data": {ROOTS_KEY: pem},
+    });
+    kube::Api::<ConfigMap>::namespaced(client, ns)
+        .patch(name, &PatchParams::apply("nodemesh-ca").force(), &Patch::Apply(&cm))
+        .await
+        .map(|_| ())
+        .map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 403 => format!(
+                "cannot publish the trust bundle: the CA's service account may not patch configmap {ns}/{name}; grant `get`, `create` and `patch` on configmaps in {ns} (deploy/rbac.yaml). API server said: {}",
+                s.message
+            ),
+            e => format!("cannot publish the trust bundle to configmap {ns}/{name}: {}", crate::error_chain(&e)),
+        })
+}

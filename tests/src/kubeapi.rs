@@ -48,6 +48,7 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
     ("Pod", "", "v1", "pods", true),
     ("Service", "", "v1", "services", true),
     ("ServiceAccount", "", "v1", "serviceaccounts", true),
+    ("ConfigMap", "", "v1", "configmaps", true),
     ("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices", true),
     ("AuthorizationPolicy", "nodemesh.io", "v1alpha1", "authorizationpolicies", true),
     ("PeerAuthentication", "nodemesh.io", "v1alpha1", "peerauthentications", true),
@@ -227,10 +228,12 @@ impl ApiServer {
         g.objects.get(plural)?.get(&(namespace.to_owned(), name.to_owned())).cloned()
     }
 
-    /// Forgets all history: watches from any resourceVersion before now get
-    /// `410 Gone`.
+    /// Forgets all history: a watch from any resourceVersion handed out so
+    /// far gets `410 Gone` (also one that was up to date, as when the real
+    /// server's watch cache has moved on), so clients must relist.
     pub fn compact(&self) {
         let mut g = self.inner.lock().expect("poisoned");
+        g.rv += 1;
         g.compacted = g.rv;
         g.history.clear();
     }
@@ -438,6 +441,7 @@ impl Ctx {
                 }
             }
             "patch" if t.subresource.as_deref() == Some("status") => self.patch_status(&t, req).await,
+            "patch" if t.subresource.is_none() => self.apply_patch(&t, req).await,
             _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", format!("{verb} is not supported by the test server")),
         }
     }
@@ -581,6 +585,27 @@ impl Ctx {
         if let Some(o) = obj.as_object_mut() {
             o.remove("resourceVersion");
         }
+        let server = ApiServerHandle { inner: self.inner.clone(), events: self.events.clone() };
+        match server.store(obj) {
+            Ok(v) => respond(StatusCode::OK, &v),
+            Err(e) => status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
+        }
+    }
+
+    /// Server-side apply (and merge patch) of a whole object: the fields
+    /// sent replace or create it (field ownership is not modelled).
+    async fn apply_patch(&self, t: &Target, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let Ok(body) = req.into_body().collect().await else {
+            return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body".into());
+        };
+        let Ok(patch) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+            return status(StatusCode::BAD_REQUEST, "BadRequest", "the patch is not JSON".into());
+        };
+        let key = (t.namespace.clone().unwrap_or_default(), t.name.clone().unwrap_or_default());
+        let current = self.inner.lock().expect("poisoned").objects.get(t.kind.3).and_then(|m| m.get(&key)).cloned();
+        let mut obj = current.unwrap_or_else(|| json!({"metadata": {"name": key.1, "namespace": key.0}}));
+        merge(&mut obj, &patch);
+        obj["kind"] = t.kind.0.into();
         let server = ApiServerHandle { inner: self.inner.clone(), events: self.events.clone() };
         match server.store(obj) {
             Ok(v) => respond(StatusCode::OK, &v),

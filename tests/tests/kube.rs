@@ -450,4 +450,20 @@ mod ca {
         let e = sign("token-node-a", "web-a").await.unwrap_err();
         assert!(e.contains("may not create tokenreviews"), "{e}");
     }
+
+    /// The agents verify the CA with the trust bundle it publishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_ca_publishes_its_trust_bundle() {
+        let api = ApiServer::start().await.unwrap();
+        let authority = Authority::in_memory().unwrap();
+        let pem = authority.trust_bundle_pem();
+        k8s::publish_roots(client(&api), "nodemesh-system/nodemesh-ca-roots", &pem).await.unwrap();
+        k8s::publish_roots(client(&api), "nodemesh-system/nodemesh-ca-roots", &pem).await.unwrap();
+        let cm = api.get("ConfigMap", "nodemesh-system", "nodemesh-ca-roots").unwrap();
+        assert_eq!(cm["data"][k8s::ROOTS_KEY], pem.as_str());
+
+        api.deny("patch", "configmaps");
+        let e = k8s::publish_roots(client(&api), "nodemesh-system/nodemesh-ca-roots", &pem).await.unwrap_err();
+        assert!(e.contains("may not patch configmap nodemesh-system/nodemesh-ca-roots"), "{e}");
+    }
 }

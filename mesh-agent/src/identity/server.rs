@@ -63,6 +63,9 @@ pub struct CaArgs {
     /// `--source kube`: the node agents' service account, NAMESPACE/NAME.
     #[arg(long, default_value = "nodemesh-system/nodemesh-agent")]
     pub agent_service_account: String,
+    /// `--source kube`: where the trust bundle is published for the agents, NAMESPACE/NAME.
+    #[arg(long, default_value = "nodemesh-system/nodemesh-ca-roots")]
+    pub roots_configmap: String,
     /// `--source kube`: the SPIFFE trust domain.
     #[arg(long, default_value = crate::config::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -100,6 +103,8 @@ pub enum ServerError {
     Runtime(std::io::Error),
     #[error("--ttl {0:?}: must be between 1s and 365d")]
     Ttl(Duration),
+    #[error("{0}")]
+    Publish(String),
     #[error("--agent-service-account: {0}")]
     AgentAccount(String),
     #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG): {0}")]
@@ -428,6 +433,7 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
         let authority = Arc::new(Authority::load_or_create(&args.state_dir)?.with_ttl(args.ttl));
         let (state, authn, source) = if args.source == "kube" {
             let client = crate::k8s::client().await?;
+            let client_for_roots = client.clone();
             let reviewer = crate::k8s::tokenreview::TokenReviewer::new(client.clone(), &args.audience, &args.agent_service_account)
                 .map_err(ServerError::AgentAccount)?;
             // Every pod of the cluster, no node of its own; the agents
@@ -442,6 +448,9 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
                 },
             );
             tokio::spawn(watchers);
+            crate::k8s::publish_roots(client_for_roots, &args.roots_configmap, &authority.trust_bundle_pem())
+                .await
+                .map_err(ServerError::Publish)?;
             (state, Authn::Kube(Arc::new(reviewer)), format!("kubernetes (audience {})", args.audience))
         } else {
             let (Some(config), Some(tokens_file)) = (&args.config, &args.tokens) else {
