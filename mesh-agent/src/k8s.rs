@@ -18,6 +18,9 @@ pub mod source;
 pub mod status;
 pub mod tokenreview;
 
+#[cfg(test)]
+mod deploy_tests;
+
 pub use source::{Options, PodLocator, Stats, start};
 
 /// A client for the cluster the agent runs in (in-cluster service account),

@@ -6,6 +6,7 @@ mod build;
 mod cmd;
 mod crds;
 mod demo;
+mod manifests;
 mod setup;
 mod test;
 mod workspace;
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Install and check everything the build and the tests need (idempotent).
     Setup,
+    /// Validate every manifest in deploy/ against the Kubernetes schemas (offline).
+    Manifests,
     /// Write deploy/crds.yaml from the CRD types (mesh-agent/src/k8s/crd.rs).
     Crds,
     /// Setup, then build every binary of the workspace (mesh-agent embeds the eBPF object).
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(),
         Command::Build => build::run(),
         Command::Crds => crds::run(),
+        Command::Manifests => setup::run().and_then(|()| manifests::run()),
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
     };

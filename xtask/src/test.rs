@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use crate::{cmd, setup, workspace};
+use crate::{cmd, manifests, setup, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +28,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let mut progress = Progress::new();
     progress.step("setup", setup::run)?;
+    progress.step("manifests", manifests::run)?;
     progress.step("build", workspace::build_bins)?;
     let agent = workspace::debug_bin("mesh-agent")?;
     progress.step("tests", || {

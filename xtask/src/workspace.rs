@@ -49,7 +49,7 @@ pub fn debug_bin(name: &str) -> Result<PathBuf> {
 
 /// Asks cargo rather than assuming `target/`, so `CARGO_TARGET_DIR` and
 /// `build.target-dir` are honoured.
-fn target_dir() -> Result<PathBuf> {
+pub fn target_dir() -> Result<PathBuf> {
     let metadata = cmd::output(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
     let metadata: serde_json::Value =
         serde_json::from_str(&metadata).context("`cargo metadata` printed invalid JSON")?;

@@ -143,22 +143,23 @@ const AUTHZ: Input = Input { name: "authorizationpolicies", group: crd::GROUP, r
 const PEER_AUTH: Input = Input { name: "peerauthentications", group: crd::GROUP, resource: "peerauthentications" };
 const ROUTES: Input = Input { name: "meshhttproutes", group: crd::GROUP, resource: "meshhttproutes" };
 
-/// Every (group, resource, verb) the agent's watchers use; the RBAC test
-/// compares this with `deploy/`.
-pub fn required_permissions() -> Vec<(&'static str, &'static str, &'static str)> {
+/// Every (group, resource, verb) the watchers use (cluster-wide).
+pub fn watch_permissions() -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for i in [NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, ROUTES] {
-        out.push((i.group, i.resource, "list"));
-        out.push((i.group, i.resource, "watch"));
-    }
-    for i in [AUTHZ, PEER_AUTH, ROUTES] {
-        out.push((i.group, leak(format!("{}/status", i.resource)), "patch"));
+        for verb in ["list", "watch"] {
+            out.push((i.group.to_owned(), i.resource.to_owned(), verb.to_owned()));
+        }
     }
     out
 }
 
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
+/// What reporting the mesh objects' status takes (`write_status`).
+pub fn status_permissions() -> Vec<(String, String, String)> {
+    [AUTHZ, PEER_AUTH, ROUTES]
+        .iter()
+        .map(|i| (i.group.to_owned(), format!("{}/status", i.resource), "patch".to_owned()))
+        .collect()
 }
 
 /// An operator's reading of a watch error: a 403 names the permission, a
