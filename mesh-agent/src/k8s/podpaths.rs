@@ -122,7 +122,7 @@ const KUBELET_ROOTS: &[&str] = &["", "kubepods.slice", "kubepods", "kubelet.slic
 /// The last `cgroup2` mount: the host's tree bind-mounted over the
 /// container's own namespaced one, when the DaemonSet mounts it there.
 fn last_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().rev().find_map(|l| crate::host::parse_cgroup2_mount(l))
+    mounts.lines().rev().find_map(crate::host::parse_cgroup2_mount)
 }
 
 /// The locator the agent uses on a node.
