@@ -46,7 +46,7 @@ pub enum Error {
     CaFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("the CA client cannot be set up: {0}")]
     CaClient(#[from] crate::identity::FetchError),
-    #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG): {0}")]
+    #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG)")]
     Kube(#[from] kube::Error),
 }
 

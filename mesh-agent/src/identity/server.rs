@@ -105,9 +105,11 @@ pub enum ServerError {
     Ttl(Duration),
     #[error("{0}")]
     Publish(String),
+    #[error("--config and --tokens are required unless --source kube")]
+    FileModeArgs,
     #[error("--agent-service-account: {0}")]
     AgentAccount(String),
-    #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG): {0}")]
+    #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG)")]
     Kube(#[from] kube::Error),
 }
 
@@ -421,6 +423,9 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
         );
         return Ok(());
     }
+    if args.source != "kube" && (args.config.is_none() || args.tokens.is_none()) {
+        return Err(ServerError::FileModeArgs);
+    }
     if args.ttl < super::authority::MIN_TTL || args.ttl > Duration::from_secs(365 * 86400) {
         return Err(ServerError::Ttl(args.ttl));
     }
@@ -454,7 +459,7 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
             (state, Authn::Kube(Arc::new(reviewer)), format!("kubernetes (audience {})", args.audience))
         } else {
             let (Some(config), Some(tokens_file)) = (&args.config, &args.tokens) else {
-                unreachable!("clap requires --config and --tokens with --source file");
+                return Err(ServerError::FileModeArgs);
             };
             let tokens = Arc::new(NodeTokens::load(tokens_file)?);
             if tokens.is_empty() {
