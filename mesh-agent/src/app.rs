@@ -46,8 +46,8 @@ pub enum Error {
     CaFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("the CA client cannot be set up: {0}")]
     CaClient(#[from] crate::identity::FetchError),
-    #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG)")]
-    Kube(#[from] kube::Error),
+    #[error("cannot set up the Kubernetes client (in-cluster service account, KUBECONFIG or --kubeconfig)")]
+    Kube(#[from] crate::k8s::ClientError),
 }
 
 impl From<ebpf::Error> for Error {
@@ -213,7 +213,7 @@ async fn source(cfg: &Config) -> Result<Source, Error> {
         let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
         return Ok((state, reloads, Box::pin(watcher), None));
     };
-    let client = crate::k8s::client().await?;
+    let client = crate::k8s::client_from(kube_cfg.kubeconfig.as_deref()).await?;
     let (state, stats, watcher) = crate::k8s::start(
         client,
         crate::k8s::Options {

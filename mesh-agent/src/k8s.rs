@@ -29,6 +29,25 @@ pub async fn client() -> Result<kube::Client, kube::Error> {
     kube::Client::try_default().await
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("--kubeconfig {path}")]
+    Kubeconfig { path: std::path::PathBuf, source: kube::config::KubeconfigError },
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+/// A client from a kubeconfig file, or [`client`] without one.
+pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ClientError> {
+    let Some(path) = kubeconfig else { return Ok(client().await?) };
+    let bad = |source| ClientError::Kubeconfig { path: path.to_owned(), source };
+    let file = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
+    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(bad)?;
+    Ok(kube::Client::try_from(config)?)
+}
+
 /// The ConfigMap key holding the CA's trust bundle.
 pub const ROOTS_KEY: &str = "roots.pem";
 

@@ -22,6 +22,10 @@ enum Command {
         /// API (in-cluster service account, or KUBECONFIG).
         #[arg(long, env = config::ENV_SOURCE, default_value = "file", value_parser = ["file", "kube"])]
         source: String,
+        /// With `--source kube`: a kubeconfig file instead of the in-cluster
+        /// service account (or KUBECONFIG).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
         /// The SPIFFE trust domain with `--source kube` (the file names its own).
         #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             source,
+            kubeconfig,
             trust_domain,
             node,
             admin,
@@ -106,7 +111,7 @@ fn main() -> ExitCode {
                 accelerate: accelerate == "on",
                 reconcile_interval,
                 ca: config::CaConfig { endpoint: ca_endpoint, roots: ca_roots, token_file: ca_token_file, cert_ttl },
-                kube: (source == "kube").then_some(config::KubeConfig { trust_domain }),
+                kube: (source == "kube").then_some(config::KubeConfig { trust_domain, kubeconfig }),
             };
             mesh_agent::app::run(cfg, |addr| {
                 // One machine-readable line on stdout for supervisors and tests.

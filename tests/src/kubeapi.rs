@@ -192,7 +192,10 @@ impl ApiServer {
             }
             None => {
                 g.uid_seq += 1;
-                meta["uid"] = format!("00000000-0000-4000-8000-{:012x}", g.uid_seq).into();
+                // A UID the test chose (to name a pod's cgroup after it) is kept.
+                if !meta["uid"].is_string() {
+                    meta["uid"] = format!("00000000-0000-4000-8000-{:012x}", g.uid_seq).into();
+                }
                 // Seconds are all the real server keeps; the sequence keeps creation order.
                 meta["creationTimestamp"] = format!("2026-01-01T00:{:02}:{:02}Z", (g.uid_seq / 60) % 60, g.uid_seq % 60).into();
                 meta["generation"] = 1.into();
