@@ -221,6 +221,7 @@ async fn source(cfg: &Config) -> Result<Source, Error> {
             trust_domain: kube_cfg.trust_domain.clone(),
             locator: Arc::new(crate::k8s::podpaths::ProcLocator::host()),
             write_status: true,
+            pods_only: false,
         },
     );
     // `/status` keeps its `config` block; the Kubernetes details are under `kube`.

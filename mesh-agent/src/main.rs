@@ -163,6 +163,20 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         v["config"]["rejected"],
         v["config"]["lastError"].as_str().map(|e| format!("\n  last error: {e}")).unwrap_or_default()
     );
+    if let Some(kube) = v["kube"].as_object() {
+        println!("kubernetes: state generation {}, built {}", kube["generation"], kube["built"]);
+        for (input, w) in kube["watches"].as_object().into_iter().flatten() {
+            if w["synced"] != true || !w["lastError"].is_null() {
+                println!("  {input}: synced {}, errors {}: {}", w["synced"], w["errors"], w["lastError"].as_str().unwrap_or("-"));
+            }
+        }
+        for (object, why) in kube["refused"].as_object().into_iter().flatten() {
+            println!("  refused {object}: {}", why.as_str().unwrap_or_default());
+        }
+        for (pod, why) in kube["unlocatedPods"].as_object().into_iter().flatten() {
+            println!("  pod {pod} not located: {}", why.as_str().unwrap_or_default());
+        }
+    }
     println!(
         "eBPF: acceleration {}, {} accelerated sockets; reconcile repairs {}",
         if v["ebpf"]["accelerating"] == true { "on" } else { "off" },

@@ -57,6 +57,7 @@ fn start_agent(api: &ApiServer, node: &str) -> Agent {
             trust_domain: "cluster.local".into(),
             locator: Arc::new(NamedPaths),
             write_status: true,
+            pods_only: false,
         },
     );
     Agent { state, stats, task: tokio::spawn(fut) }
@@ -404,6 +405,11 @@ mod ca {
         api.set_token("token-other-account", review("system:serviceaccount:shop:web-a", "node-a", "nodemesh-ca"));
         api.set_token("token-unbound", json!({"authenticated": true, "audiences": ["nodemesh-ca"], "user": {"username": AGENT}}));
 
+        // The CA reads namespaces and pods only: its RBAC grants nothing else.
+        for resource in ["services", "endpointslices", "authorizationpolicies", "peerauthentications", "meshhttproutes"] {
+            api.deny("list", resource);
+            api.deny("watch", resource);
+        }
         let (state, stats, watchers) = k8s::start(
             client(&api),
             k8s::Options {
@@ -411,6 +417,7 @@ mod ca {
                 trust_domain: "cluster.local".into(),
                 locator: Arc::new(k8s::source::NoPods),
                 write_status: false,
+                pods_only: true,
             },
         );
         let _watchers = tokio::spawn(watchers);

@@ -441,8 +441,8 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
             let client_for_roots = client.clone();
             let reviewer = crate::k8s::tokenreview::TokenReviewer::new(client.clone(), &args.audience, &args.agent_service_account)
                 .map_err(ServerError::AgentAccount)?;
-            // Every pod of the cluster, no node of its own; the agents
-            // report the mesh objects' status, not the CA.
+            // Every pod of the cluster (and namespaces), nothing else: no
+            // node of its own, no policies, no status to report.
             let (state, _stats, watchers) = crate::k8s::start(
                 client,
                 crate::k8s::Options {
@@ -450,6 +450,7 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
                     trust_domain: args.trust_domain.clone(),
                     locator: Arc::new(crate::k8s::source::NoPods),
                     write_status: false,
+                    pods_only: true,
                 },
             );
             tokio::spawn(watchers);

@@ -56,12 +56,12 @@ fn perm(g: &str, r: &str, v: &str, n: Option<&str>) -> Perm {
 fn rbac_grants_exactly_what_the_agent_and_the_ca_use() {
     let rbac = docs("rbac.yaml");
     // The agent: its watches and the status reports.
-    let mut agent = cluster(watch_permissions());
+    let mut agent = cluster(watch_permissions(false));
     agent.extend(cluster(status_permissions()));
     assert_eq!(granted(find(&rbac, "ClusterRole", "nodemesh-agent")), agent, "ClusterRole nodemesh-agent");
-    // The CA: the same watches (it builds the same state, without writing
-    // status), TokenReview, and its one ConfigMap.
-    let mut ca = cluster(watch_permissions());
+    // The CA: where pods run (namespaces and pods only), TokenReview, and
+    // its one ConfigMap.
+    let mut ca = cluster(watch_permissions(true));
     ca.insert(perm("authentication.k8s.io", "tokenreviews", "create", None));
     assert_eq!(granted(find(&rbac, "ClusterRole", "nodemesh-ca")), ca, "ClusterRole nodemesh-ca");
     let roots = "nodemesh-ca-roots";

@@ -83,6 +83,9 @@ pub struct Options {
     pub locator: Arc<dyn PodLocator>,
     /// Write `Accepted` conditions on the mesh objects' status.
     pub write_status: bool,
+    /// Only namespaces and pods (the CA: where pods run, nothing else), so
+    /// its RBAC stays that small.
+    pub pods_only: bool,
 }
 
 /// What `/status` reports under `kube`.
@@ -143,10 +146,12 @@ const AUTHZ: Input = Input { name: "authorizationpolicies", group: crd::GROUP, r
 const PEER_AUTH: Input = Input { name: "peerauthentications", group: crd::GROUP, resource: "peerauthentications" };
 const ROUTES: Input = Input { name: "meshhttproutes", group: crd::GROUP, resource: "meshhttproutes" };
 
-/// Every (group, resource, verb) the watchers use (cluster-wide).
-pub fn watch_permissions() -> Vec<(String, String, String)> {
+/// Every (group, resource, verb) the watchers use (cluster-wide), with or
+/// without [`Options::pods_only`].
+pub fn watch_permissions(pods_only: bool) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
-    for i in [NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, ROUTES] {
+    let inputs: &[Input] = if pods_only { &[NAMESPACES, PODS] } else { &[NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, ROUTES] };
+    for i in inputs {
         for verb in ["list", "watch"] {
             out.push((i.group.to_owned(), i.resource.to_owned(), verb.to_owned()));
         }
@@ -213,11 +218,11 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
         namespaces: input!(Api::<Namespace>::all(client.clone()), watcher::Config::default(), NAMESPACES),
         local_pods: (!opts.node.is_empty()).then(|| input!(Api::<Pod>::all(client.clone()), local_cfg, LOCAL_PODS)),
         pods: input!(Api::<Pod>::all(client.clone()), watcher::Config::default(), PODS),
-        services: input!(Api::<Service>::all(client.clone()), watcher::Config::default(), SERVICES),
-        slices: input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES),
-        authz: input!(Api::all(client.clone()), watcher::Config::default(), AUTHZ),
-        peer_auth: input!(Api::all(client.clone()), watcher::Config::default(), PEER_AUTH),
-        routes: input!(Api::all(client.clone()), watcher::Config::default(), ROUTES),
+        services: (!opts.pods_only).then(|| input!(Api::<Service>::all(client.clone()), watcher::Config::default(), SERVICES)),
+        slices: (!opts.pods_only).then(|| input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES)),
+        authz: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), AUTHZ)),
+        peer_auth: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), PEER_AUTH)),
+        routes: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), ROUTES)),
     };
     let builder = build_loop(client, opts, stores, tx, stats.clone(), wake);
     let fut = async move {
@@ -322,11 +327,28 @@ struct Stores {
     namespaces: Store<Namespace>,
     local_pods: Option<Store<Pod>>,
     pods: Store<Pod>,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    authz: Store<DeserializeGuard<crd::AuthorizationPolicy>>,
-    peer_auth: Store<DeserializeGuard<crd::PeerAuthentication>>,
-    routes: Store<DeserializeGuard<crd::MeshHTTPRoute>>,
+    services: Option<Store<Service>>,
+    slices: Option<Store<EndpointSlice>>,
+    authz: Option<Store<DeserializeGuard<crd::AuthorizationPolicy>>>,
+    peer_auth: Option<Store<DeserializeGuard<crd::PeerAuthentication>>>,
+    routes: Option<Store<DeserializeGuard<crd::MeshHTTPRoute>>>,
+}
+
+/// A store's objects; none for an input not watched.
+fn objects<K: Clone + kube::runtime::reflector::Lookup>(store: &Option<Store<K>>) -> Vec<Arc<K>>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store.as_ref().map(Store::state).unwrap_or_default()
+}
+
+async fn ready<K: Clone + kube::runtime::reflector::Lookup>(store: &Option<Store<K>>)
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    if let Some(s) = store {
+        let _ = s.wait_until_ready().await;
+    }
 }
 
 impl Stores {
@@ -336,11 +358,11 @@ impl Stores {
             let _ = local.wait_until_ready().await;
         }
         let _ = self.pods.wait_until_ready().await;
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.slices.wait_until_ready().await;
-        let _ = self.authz.wait_until_ready().await;
-        let _ = self.peer_auth.wait_until_ready().await;
-        let _ = self.routes.wait_until_ready().await;
+        ready(&self.services).await;
+        ready(&self.slices).await;
+        ready(&self.authz).await;
+        ready(&self.peer_auth).await;
+        ready(&self.routes).await;
     }
 }
 
@@ -504,11 +526,9 @@ fn build(
             Err(why) => tracing::debug!(pod = %key, "not in the mesh state: {why}"),
         }
     }
-    let slices = stores.slices.state();
+    let slices = objects(&stores.slices);
     let by_service = convert::slices_by_service(slices.iter().map(|s| s.as_ref()));
-    let services: Vec<state::Service> = stores
-        .services
-        .state()
+    let services: Vec<state::Service> = objects(&stores.services)
         .iter()
         .filter_map(|s| {
             let key = (s.namespace().unwrap_or_default(), s.name_any());
@@ -516,9 +536,9 @@ fn build(
         })
         .collect();
 
-    let a = authz.judge("AuthorizationPolicy", stores.authz.state(), convert::authorization_policy);
-    let p = peer_auth.judge("PeerAuthentication", stores.peer_auth.state(), convert::peer_authentication);
-    let mut r = routes.judge("MeshHTTPRoute", stores.routes.state(), convert::route);
+    let a = authz.judge("AuthorizationPolicy", objects(&stores.authz), convert::authorization_policy);
+    let p = peer_auth.judge("PeerAuthentication", objects(&stores.peer_auth), convert::peer_authentication);
+    let mut r = routes.judge("MeshHTTPRoute", objects(&stores.routes), convert::route);
 
     // Routes whose service is missing are left out (and reported); two
     // routes for one service: the older one wins.
