@@ -53,8 +53,8 @@ pub enum Error {
     CaFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("the CA client cannot be set up: {0}")]
     CaClient(#[from] crate::identity::FetchError),
-    #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG): {0}")]
-    Kube(#[from] kube::Error),
+    #[error("cannot set up the Kubernetes client (in-cluster service account, KUBECONFIG or --kubeconfig)")]
+    Kube(#[from] crate::k8s::ClientError),
 }
 
 impl From<ebpf::Error> for Error {
@@ -175,7 +175,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
         .map_err(|source| Error::CaFile { what: "CA roots", path: cfg.ca.roots.clone(), source })?;
     let token = std::fs::read_to_string(&cfg.ca.token_file)
         .map_err(|source| Error::CaFile { what: "node token", path: cfg.ca.token_file.clone(), source })?;
-    let ca = GrpcCaClient::new(&cfg.ca.endpoint, &roots, token.trim(), None)?;
+    let ca = GrpcCaClient::new(&cfg.ca.endpoint, &roots, token.trim(), None)?.reread_token_from(cfg.ca.token_file.clone());
     // Certificates are fetched and rotated on the control runtime.
     let certs = CertManager::new(Arc::new(ca), ManagerConfig { ttl: cfg.ca.cert_ttl, ..ManagerConfig::default() });
     let metrics = Arc::new(Metrics::default());
@@ -274,7 +274,7 @@ async fn source(cfg: &Config) -> Result<Source, Error> {
         let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
         return Ok((state, reloads, Box::pin(watcher), None));
     };
-    let client = crate::k8s::client().await?;
+    let client = crate::k8s::client_from(kube_cfg.kubeconfig.as_deref()).await?;
     let (state, stats, watcher) = crate::k8s::start(
         client,
         crate::k8s::Options {
@@ -282,6 +282,7 @@ async fn source(cfg: &Config) -> Result<Source, Error> {
             trust_domain: kube_cfg.trust_domain.clone(),
             locator: Arc::new(crate::k8s::podpaths::ProcLocator::host()),
             write_status: true,
+            pods_only: false,
         },
     );
     // `/status` keeps its `config` block; the Kubernetes details are under `kube`.

@@ -72,6 +72,8 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct KubeConfig {
     pub trust_domain: String,
+    /// A kubeconfig file instead of the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Where workload certificates come from.
@@ -186,7 +188,7 @@ mod tests {
         let mut c = cfg();
         c.config_file = PathBuf::new();
         assert!(matches!(c.validate(), Err(Error::NoConfigFile)));
-        c.kube = Some(KubeConfig { trust_domain: DEFAULT_TRUST_DOMAIN.into() });
+        c.kube = Some(KubeConfig { trust_domain: DEFAULT_TRUST_DOMAIN.into(), kubeconfig: None });
         assert!(c.validate().is_ok());
     }
 }

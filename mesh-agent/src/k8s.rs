@@ -9,12 +9,17 @@
 //! | [`source`] | watchers + reflectors, the state builder, `/status` numbers |
 //! | [`status`] | the `Accepted` condition on the mesh's objects |
 //! | [`podpaths`] | a pod's netns and cgroup on a real node, from /proc and the runtime's cgroup layout |
+//! | [`tokenreview`] | the CA's check of an agent's projected service-account token |
 
 pub mod convert;
 pub mod crd;
 pub mod podpaths;
 pub mod source;
 pub mod status;
+pub mod tokenreview;
+
+#[cfg(test)]
+mod deploy_tests;
 
 pub use source::{Options, PodLocator, Stats, start};
 
@@ -22,4 +27,51 @@ pub use source::{Options, PodLocator, Stats, start};
 /// or the one `KUBECONFIG` / `~/.kube/config` names.
 pub async fn client() -> Result<kube::Client, kube::Error> {
     kube::Client::try_default().await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("--kubeconfig {path}")]
+    Kubeconfig { path: std::path::PathBuf, source: kube::config::KubeconfigError },
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+/// A client from a kubeconfig file, or [`client`] without one.
+pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ClientError> {
+    let Some(path) = kubeconfig else { return Ok(client().await?) };
+    let bad = |source| ClientError::Kubeconfig { path: path.to_owned(), source };
+    let file = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
+    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(bad)?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The ConfigMap key holding the CA's trust bundle.
+pub const ROOTS_KEY: &str = "roots.pem";
+
+/// Publishes the CA's trust bundle in a ConfigMap (`namespace/name`), which
+/// the agent DaemonSet mounts to verify the CA (server-side apply, so a
+/// restart with the same roots changes nothing).
+pub async fn publish_roots(client: kube::Client, configmap: &str, pem: &str) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams};
+    let (ns, name) = configmap.split_once('/').ok_or_else(|| format!("--roots-configmap {configmap:?} is not NAMESPACE/NAME"))?;
+    let cm = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": ns},
+        "data": {ROOTS_KEY: pem},
+    });
+    kube::Api::<ConfigMap>::namespaced(client, ns)
+        .patch(name, &PatchParams::apply("nodemesh-ca").force(), &Patch::Apply(&cm))
+        .await
+        .map(|_| ())
+        .map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 403 => format!(
+                "cannot publish the trust bundle: the CA's service account may not patch configmap {ns}/{name}; grant `get`, `create` and `patch` on configmaps in {ns} (deploy/rbac.yaml). API server said: {}",
+                s.message
+            ),
+            e => format!("cannot publish the trust bundle to configmap {ns}/{name}: {}", crate::error_chain(&e)),
+        })
 }

@@ -24,6 +24,10 @@ enum Command {
         /// API (in-cluster service account, or KUBECONFIG).
         #[arg(long, env = config::ENV_SOURCE, default_value = "file", value_parser = ["file", "kube"])]
         source: String,
+        /// With `--source kube`: a kubeconfig file instead of the in-cluster
+        /// service account (or KUBECONFIG).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
         /// The SPIFFE trust domain with `--source kube` (the file names its own).
         #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             source,
+            kubeconfig,
             trust_domain,
             node,
             admin,
@@ -133,7 +138,7 @@ fn main() -> ExitCode {
                 accelerate: accelerate == "on",
                 reconcile_interval,
                 ca: config::CaConfig { endpoint: ca_endpoint, roots: ca_roots, token_file: ca_token_file, cert_ttl },
-                kube: (source == "kube").then_some(config::KubeConfig { trust_domain }),
+                kube: (source == "kube").then_some(config::KubeConfig { trust_domain, kubeconfig }),
                 metrics_addr: metrics,
                 trace: trace.into_config(),
                 access_log,
@@ -189,6 +194,20 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         v["config"]["rejected"],
         v["config"]["lastError"].as_str().map(|e| format!("\n  last error: {e}")).unwrap_or_default()
     );
+    if let Some(kube) = v["kube"].as_object() {
+        println!("kubernetes: state generation {}, built {}", kube["generation"], kube["built"]);
+        for (input, w) in kube["watches"].as_object().into_iter().flatten() {
+            if w["synced"] != true || !w["lastError"].is_null() {
+                println!("  {input}: synced {}, errors {}: {}", w["synced"], w["errors"], w["lastError"].as_str().unwrap_or("-"));
+            }
+        }
+        for (object, why) in kube["refused"].as_object().into_iter().flatten() {
+            println!("  refused {object}: {}", why.as_str().unwrap_or_default());
+        }
+        for (pod, why) in kube["unlocatedPods"].as_object().into_iter().flatten() {
+            println!("  pod {pod} not located: {}", why.as_str().unwrap_or_default());
+        }
+    }
     println!(
         "eBPF: acceleration {}, {} accelerated sockets; reconcile repairs {}",
         if v["ebpf"]["accelerating"] == true { "on" } else { "off" },

@@ -33,6 +33,7 @@
 //! | `status` | typed view of the agent's `/status` JSON |
 //! | [`otlp`] | a real OTLP/gRPC trace receiver (`meshotlp`), its output parsed |
 //! | `wait` | deadline-bounded polling |
+//! | [`kubeapi`] | a Kubernetes API server for tests (list, watch, 410, bookmarks, RBAC denials) |
 
 mod agent;
 mod ca;
@@ -40,6 +41,7 @@ mod capture;
 mod cgroup;
 mod config;
 mod host;
+pub mod kubeapi;
 mod netns;
 pub mod otlp;
 mod pod;

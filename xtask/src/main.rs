@@ -7,6 +7,7 @@ mod build;
 mod cmd;
 mod crds;
 mod demo;
+mod manifests;
 mod setup;
 mod test;
 mod workspace;
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Install and check everything the build and the tests need (idempotent).
     Setup,
+    /// Validate every manifest in deploy/ against the Kubernetes schemas (offline).
+    Manifests,
     /// Write deploy/crds.yaml from the CRD types (mesh-agent/src/k8s/crd.rs).
     Crds,
     /// Setup, then build every binary of the workspace (mesh-agent embeds the eBPF object).
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(),
         Command::Build => build::run(),
         Command::Crds => crds::run(),
+        Command::Manifests => setup::run().and_then(|()| manifests::run()),
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),

@@ -7,6 +7,7 @@
 mod bench;
 mod host;
 mod packages;
+pub mod python;
 mod toolchain;
 
 use anyhow::{Context, Result};
@@ -31,6 +32,7 @@ pub fn run() -> Result<()> {
     let nightly = step_with("nightly toolchain", toolchain::nightly)?;
     step("bpf-linker", || toolchain::bpf_linker(&nightly))?;
     step("bpffs", host::bpffs)?;
+    step("python tools", python::ensure)?;
     Ok(())
 }
 

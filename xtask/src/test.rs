@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use crate::{cmd, setup, workspace};
+use crate::{cmd, manifests, setup, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,6 +31,7 @@ pub fn run(args: &Args) -> Result<()> {
     // The bench's smoke test (tests/tests/bench.rs) runs HAProxy and the
     // load generators.
     progress.step("bench tools", setup::bench_tools)?;
+    progress.step("manifests", manifests::run)?;
     progress.step("build", workspace::build_bins)?;
     let agent = workspace::debug_bin("mesh-agent")?;
     progress.step("tests", || {

@@ -63,6 +63,9 @@ pub struct GrpcCaClient {
     endpoint: String,
     client: ca_client::CaClient<Channel>,
     authorization: MetadataValue<Ascii>,
+    /// Read again before each call: a projected service-account token is
+    /// rotated by the kubelet.
+    token_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for GrpcCaClient {
@@ -108,7 +111,29 @@ impl GrpcCaClient {
             endpoint: endpoint.to_owned(),
             client: ca_client::CaClient::new(channel),
             authorization,
+            token_file: None,
         })
+    }
+
+    /// Reads the token from `path` before every call (a Kubernetes projected
+    /// token is rotated in place); the token given to [`Self::new`] is used
+    /// while the file cannot be read.
+    pub fn reread_token_from(mut self, path: std::path::PathBuf) -> Self {
+        self.token_file = Some(path);
+        self
+    }
+
+    fn authorization(&self) -> MetadataValue<Ascii> {
+        let fresh = self.token_file.as_ref().and_then(|p| match std::fs::read_to_string(p) {
+            Ok(t) => format!("Bearer {}", t.trim()).parse::<MetadataValue<Ascii>>().ok(),
+            Err(e) => {
+                tracing::warn!(file = %p.display(), "cannot read the CA token again, using the previous one: {e}");
+                None
+            }
+        });
+        let mut value = fresh.unwrap_or_else(|| self.authorization.clone());
+        value.set_sensitive(true);
+        value
     }
 }
 
@@ -116,7 +141,7 @@ impl CaClient for GrpcCaClient {
     fn sign(&self, req: proto::SignRequest) -> BoxFuture<'_, Result<proto::SignResponse, Status>> {
         let mut client = self.client.clone();
         let mut request = tonic::Request::new(req);
-        request.metadata_mut().insert("authorization", self.authorization.clone());
+        request.metadata_mut().insert("authorization", self.authorization());
         Box::pin(async move { client.sign(request).await.map(tonic::Response::into_inner) })
     }
 

@@ -41,18 +41,34 @@ const MAX_CSR_LEN: usize = 16 * 1024;
 /// `mesh-agent ca` flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CaArgs {
-    /// The mesh config (the agents' local YAML), watched: it says which pod is on which node.
-    #[arg(long)]
-    pub config: PathBuf,
+    /// Where nodes and pods come from: the local file with node tokens, or
+    /// the Kubernetes API with TokenReview of the agents' projected tokens.
+    #[arg(long, default_value = "file", value_parser = ["file", "kube"])]
+    pub source: String,
+    /// The mesh config (the agents' local YAML), watched: it says which pod is on which node (`--source file`).
+    #[arg(long, required_if_eq("source", "file"))]
+    pub config: Option<PathBuf>,
     /// Where the root key and trust bundle live (created on first run).
     #[arg(long)]
     pub state_dir: PathBuf,
     /// gRPC + TLS listener.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Node credentials: YAML `nodes: {node-a: <token>, ...}`.
-    #[arg(long)]
-    pub tokens: PathBuf,
+    /// Node credentials: YAML `nodes: {node-a: <token>, ...}` (`--source file`).
+    #[arg(long, required_if_eq("source", "file"))]
+    pub tokens: Option<PathBuf>,
+    /// `--source kube`: the audience the agents' projected tokens are minted for.
+    #[arg(long, default_value = crate::k8s::tokenreview::DEFAULT_AUDIENCE)]
+    pub audience: String,
+    /// `--source kube`: the node agents' service account, NAMESPACE/NAME.
+    #[arg(long, default_value = "nodemesh-system/nodemesh-agent")]
+    pub agent_service_account: String,
+    /// `--source kube`: where the trust bundle is published for the agents, NAMESPACE/NAME.
+    #[arg(long, default_value = "nodemesh-system/nodemesh-ca-roots")]
+    pub roots_configmap: String,
+    /// `--source kube`: the SPIFFE trust domain.
+    #[arg(long, default_value = crate::config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// Default and maximum lifetime of workload certificates (e.g. 24h, 30m, 10s).
     #[arg(long, default_value = DEFAULT_TTL, value_parser = parse_ttl)]
     pub ttl: Duration,
@@ -87,6 +103,14 @@ pub enum ServerError {
     Runtime(std::io::Error),
     #[error("--ttl {0:?}: must be between 1s and 365d")]
     Ttl(Duration),
+    #[error("{0}")]
+    Publish(String),
+    #[error("--config and --tokens are required unless --source kube")]
+    FileModeArgs,
+    #[error("--agent-service-account: {0}")]
+    AgentAccount(String),
+    #[error("cannot set up the Kubernetes client (in-cluster service account or KUBECONFIG)")]
+    Kube(#[from] kube::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,20 +215,56 @@ impl NodeTokens {
     }
 }
 
+/// How the CA tells which node is calling.
+pub enum Authn {
+    /// Local mode: a token per node from a file.
+    Tokens(Arc<NodeTokens>),
+    /// In a cluster: a TokenReview of the agent's projected token.
+    Kube(Arc<crate::k8s::tokenreview::TokenReviewer>),
+}
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct CaService {
     authority: Arc<Authority>,
-    tokens: Arc<NodeTokens>,
+    authn: Arc<Authn>,
     state: watch::Receiver<Snapshot>,
 }
 
 impl CaService {
     pub fn new(authority: Arc<Authority>, tokens: Arc<NodeTokens>, state: watch::Receiver<Snapshot>) -> Self {
-        Self { authority, tokens, state }
+        Self::with_authn(authority, Authn::Tokens(tokens), state)
     }
 
-    fn authenticate(&self, md: &MetadataMap, peer: Option<SocketAddr>) -> Result<&str, Status> {
+    pub fn with_authn(authority: Arc<Authority>, authn: Authn, state: watch::Receiver<Snapshot>) -> Self {
+        Self { authority, authn: Arc::new(authn), state }
+    }
+
+    async fn node_of(&self, md: &MetadataMap, peer: Option<SocketAddr>) -> Result<String, Status> {
+        let tokens = match &*self.authn {
+            Authn::Tokens(t) => t.clone(),
+            Authn::Kube(reviewer) => {
+                let token = bearer(md).map_err(|msg| self.refused(peer, msg))?;
+                return match reviewer.node_of(token.trim()).await {
+                    Ok(node) => Ok(node),
+                    Err(e @ (crate::k8s::tokenreview::ReviewError::Forbidden(_) | crate::k8s::tokenreview::ReviewError::Api(_))) => {
+                        tracing::error!(peer = ?peer, "{e}");
+                        Err(Status::unavailable(e.to_string()))
+                    }
+                    Err(e) => Err(self.refused(peer, &e.to_string())),
+                };
+            }
+        };
+        self.authenticate(&tokens, md, peer).map(str::to_owned)
+    }
+
+    fn refused(&self, peer: Option<SocketAddr>, msg: &str) -> Status {
+        self.authority.stats().unauthenticated.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = ?peer, "certificate refused: {msg}");
+        Status::unauthenticated(msg)
+    }
+
+    fn authenticate<'t>(&self, tokens: &'t NodeTokens, md: &MetadataMap, peer: Option<SocketAddr>) -> Result<&'t str, Status> {
         let refuse = |msg: &str| {
             self.authority.stats().unauthenticated.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(peer = ?peer, "certificate refused: {msg}");
@@ -216,7 +276,7 @@ impl CaService {
         let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) else {
             return refuse("the authorization metadata is not `Bearer <node token>`");
         };
-        match self.tokens.authenticate(token.trim()) {
+        match tokens.authenticate(token.trim()) {
             Some(node) => Ok(node),
             None => refuse("unknown node token"),
         }
@@ -227,7 +287,7 @@ impl CaService {
 impl proto::ca_server::Ca for CaService {
     async fn sign(&self, request: Request<proto::SignRequest>) -> Result<Response<proto::SignResponse>, Status> {
         let peer = request.remote_addr();
-        let node = self.authenticate(request.metadata(), peer)?.to_owned();
+        let node = self.node_of(request.metadata(), peer).await?;
         let req = request.into_inner();
         let pod = PodKey {
             namespace: req.namespace,
@@ -259,6 +319,16 @@ impl proto::ca_server::Ca for CaService {
             trust_bundle_pem: issued.trust_bundle_pem,
         }))
     }
+}
+
+/// The bearer token of a request.
+fn bearer(md: &MetadataMap) -> Result<&str, &'static str> {
+    let value = md.get("authorization").ok_or("missing `authorization: Bearer <token>` metadata")?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or("the authorization metadata is not `Bearer <token>`")
 }
 
 /// A CA serving on a socket; dropped or [`RunningCa::stop`]ped, it stops.
@@ -300,6 +370,17 @@ pub fn start(
     listener: TcpListener,
     dns_names: &[String],
 ) -> Result<RunningCa, ServerError> {
+    start_with(authority, Authn::Tokens(tokens), state, listener, dns_names)
+}
+
+/// [`start`] with any way of authenticating nodes.
+pub fn start_with(
+    authority: Arc<Authority>,
+    authn: Authn,
+    state: watch::Receiver<Snapshot>,
+    listener: TcpListener,
+    dns_names: &[String],
+) -> Result<RunningCa, ServerError> {
     let addr = listener.local_addr().map_err(|source| ServerError::Bind {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
@@ -312,7 +393,7 @@ pub fn start(
     names.extend(dns_names.iter().filter(|n| n.as_str() != "localhost").cloned());
     let (cert_pem, key_pem) = authority.serving_cert(&ips, &names).map_err(ServerError::ServingCert)?;
     let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
-    let service = CaService::new(authority, tokens, state);
+    let service = CaService::with_authn(authority, authn, state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .tls_config(tls)
@@ -342,6 +423,9 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
         );
         return Ok(());
     }
+    if args.source != "kube" && (args.config.is_none() || args.tokens.is_none()) {
+        return Err(ServerError::FileModeArgs);
+    }
     if args.ttl < super::authority::MIN_TTL || args.ttl > Duration::from_secs(365 * 86400) {
         return Err(ServerError::Ttl(args.ttl));
     }
@@ -352,22 +436,50 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
         .map_err(ServerError::Runtime)?;
     rt.block_on(async move {
         let authority = Arc::new(Authority::load_or_create(&args.state_dir)?.with_ttl(args.ttl));
-        let tokens = Arc::new(NodeTokens::load(&args.tokens)?);
-        if tokens.is_empty() {
-            tracing::warn!(file = %args.tokens.display(), "no node tokens: every request will be refused");
-        }
-        let (state, _reload_stats, watch_config) = localfile::start(args.config.clone(), args.config_poll).await?;
-        tokio::spawn(watch_config);
+        let (state, authn, source) = if args.source == "kube" {
+            let client = crate::k8s::client().await?;
+            let client_for_roots = client.clone();
+            let reviewer = crate::k8s::tokenreview::TokenReviewer::new(client.clone(), &args.audience, &args.agent_service_account)
+                .map_err(ServerError::AgentAccount)?;
+            // Every pod of the cluster (and namespaces), nothing else: no
+            // node of its own, no policies, no status to report.
+            let (state, _stats, watchers) = crate::k8s::start(
+                client,
+                crate::k8s::Options {
+                    node: String::new(),
+                    trust_domain: args.trust_domain.clone(),
+                    locator: Arc::new(crate::k8s::source::NoPods),
+                    write_status: false,
+                    pods_only: true,
+                },
+            );
+            tokio::spawn(watchers);
+            crate::k8s::publish_roots(client_for_roots, &args.roots_configmap, &authority.trust_bundle_pem())
+                .await
+                .map_err(ServerError::Publish)?;
+            (state, Authn::Kube(Arc::new(reviewer)), format!("kubernetes (audience {})", args.audience))
+        } else {
+            let (Some(config), Some(tokens_file)) = (&args.config, &args.tokens) else {
+                return Err(ServerError::FileModeArgs);
+            };
+            let tokens = Arc::new(NodeTokens::load(tokens_file)?);
+            if tokens.is_empty() {
+                tracing::warn!(file = %tokens_file.display(), "no node tokens: every request will be refused");
+            }
+            let (state, _reload_stats, watch_config) = localfile::start(config.clone(), args.config_poll).await?;
+            tokio::spawn(watch_config);
+            let source = format!("{} ({} node tokens)", config.display(), tokens.len());
+            (state, Authn::Tokens(tokens), source)
+        };
         let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: args.listen, source })?;
-        let ca = start(authority.clone(), tokens.clone(), state, listener, &args.dns_names)?;
+        let ca = start_with(authority.clone(), authn, state, listener, &args.dns_names)?;
         tracing::info!(
             addr = %ca.addr,
-            nodes = tokens.len(),
             ttl = ?args.ttl,
             state_dir = %args.state_dir.display(),
-            config = %args.config.display(),
+            source = %source,
             "CA ready"
         );
         {

@@ -19,6 +19,15 @@
 //! `/proc/PID/ns/net` of the pod's sandbox process (`pause`), else of its
 //! lowest PID: every container of a pod shares the sandbox's namespace.
 //!
+//! In a container with its own cgroup namespace (the default on cgroup v2),
+//! `/proc/PID/cgroup` shows other pods' paths relative to the agent's own
+//! cgroup, starting with `/..`. The host's cgroup tree is bind-mounted into
+//! the agent (the DaemonSet's hostPath, the last `cgroup2` entry in
+//! `/proc/mounts`), so such a path is resolved by finding the one directory
+//! under the kubelet's known roots (`kubepods.slice`, `kubepods`,
+//! `kubelet.slice/kubelet-kubepods.slice`, or the mount itself) where the
+//! rest of it exists.
+//!
 //! Not supported, and reported as such: cgroup v1 hosts whose kubelet uses
 //! the cgroupfs driver (pods then have no cgroup v2 directory for the eBPF
 //! programs to attach to).
@@ -56,10 +65,12 @@ pub enum Runtime {
 
 /// The pod UID and pod-level cgroup a v2 cgroup path belongs to, if any.
 pub fn pod_of(path: &str) -> Option<(String, String, Runtime)> {
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').skip_while(|p| *p == "..").collect();
+    let relative = path.trim_start_matches('/').starts_with("..");
     for (i, part) in parts.iter().enumerate() {
         let Some(uid) = uid_in(part) else { continue };
-        let cgroup = format!("/{}", parts[..=i].join("/"));
+        // `../` marks a path outside our cgroup namespace: resolved later.
+        let cgroup = format!("{}/{}", if relative { ".." } else { "" }, parts[..=i].join("/"));
         let runtime = match parts.get(i + 1) {
             Some(c) if c.starts_with("cri-containerd-") => Runtime::Containerd,
             Some(c) if c.starts_with("crio-") => Runtime::CriO,
@@ -105,6 +116,15 @@ pub fn scan(proc_root: &Path) -> HashMap<String, Found> {
     out
 }
 
+/// Where the kubelet puts pods, relative to the cgroup v2 root.
+const KUBELET_ROOTS: &[&str] = &["", "kubepods.slice", "kubepods", "kubelet.slice/kubelet-kubepods.slice", "kubelet.slice"];
+
+/// The last `cgroup2` mount: the host's tree bind-mounted over the
+/// container's own namespaced one, when the DaemonSet mounts it there.
+fn last_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().rev().find_map(crate::host::parse_cgroup2_mount)
+}
+
 /// The locator the agent uses on a node.
 pub struct ProcLocator {
     proc_root: PathBuf,
@@ -121,7 +141,7 @@ impl ProcLocator {
     pub fn new(proc_root: PathBuf, mounts: &str) -> Self {
         Self {
             proc_root,
-            cgroup2: crate::host::parse_cgroup2_mount(mounts),
+            cgroup2: last_cgroup2_mount(mounts),
             cache: Mutex::new((None, HashMap::new())),
         }
     }
@@ -157,10 +177,21 @@ impl PodLocator for ProcLocator {
                 self.proc_root.display()
             ));
         };
-        Ok((
-            self.proc_root.join(found.pid.to_string()).join("ns/net"),
-            mount.join(found.cgroup.trim_start_matches('/')),
-        ))
+        let cgroup = match found.cgroup.strip_prefix("../") {
+            None => mount.join(found.cgroup.trim_start_matches('/')),
+            Some(rest) => KUBELET_ROOTS
+                .iter()
+                .map(|root| mount.join(root).join(rest))
+                .find(|p| p.is_dir())
+                .ok_or_else(|| {
+                    format!(
+                        "pod UID {uid}: its cgroup {rest} is outside this container's cgroup namespace and was not found under {} \
+                         (is the host's /sys/fs/cgroup mounted into the agent?)",
+                        mount.display()
+                    )
+                })?,
+        };
+        Ok((self.proc_root.join(found.pid.to_string()).join("ns/net"), cgroup))
     }
 }
 

@@ -65,13 +65,27 @@ pub trait PodLocator: Send + Sync {
     fn locate(&self, pod: &Pod) -> Result<(PathBuf, PathBuf), String>;
 }
 
+/// For a reader with no node of its own (the CA): never asked.
+pub struct NoPods;
+
+impl PodLocator for NoPods {
+    fn locate(&self, _: &Pod) -> Result<(PathBuf, PathBuf), String> {
+        Err("this reader has no pods of its own".into())
+    }
+}
+
 #[derive(Clone)]
 pub struct Options {
+    /// This node; empty for a cluster-wide reader with no pods of its own
+    /// (the CA): then there is no node-local pod watch.
     pub node: String,
     pub trust_domain: String,
     pub locator: Arc<dyn PodLocator>,
     /// Write `Accepted` conditions on the mesh objects' status.
     pub write_status: bool,
+    /// Only namespaces and pods (the CA: where pods run, nothing else), so
+    /// its RBAC stays that small.
+    pub pods_only: bool,
 }
 
 /// What `/status` reports under `kube`.
@@ -132,22 +146,25 @@ const AUTHZ: Input = Input { name: "authorizationpolicies", group: crd::GROUP, r
 const PEER_AUTH: Input = Input { name: "peerauthentications", group: crd::GROUP, resource: "peerauthentications" };
 const ROUTES: Input = Input { name: "meshhttproutes", group: crd::GROUP, resource: "meshhttproutes" };
 
-/// Every (group, resource, verb) the agent's watchers use; the RBAC test
-/// compares this with `deploy/`.
-pub fn required_permissions() -> Vec<(&'static str, &'static str, &'static str)> {
+/// Every (group, resource, verb) the watchers use (cluster-wide), with or
+/// without [`Options::pods_only`].
+pub fn watch_permissions(pods_only: bool) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
-    for i in [NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, ROUTES] {
-        out.push((i.group, i.resource, "list"));
-        out.push((i.group, i.resource, "watch"));
-    }
-    for i in [AUTHZ, PEER_AUTH, ROUTES] {
-        out.push((i.group, leak(format!("{}/status", i.resource)), "patch"));
+    let inputs: &[Input] = if pods_only { &[NAMESPACES, PODS] } else { &[NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, ROUTES] };
+    for i in inputs {
+        for verb in ["list", "watch"] {
+            out.push((i.group.to_owned(), i.resource.to_owned(), verb.to_owned()));
+        }
     }
     out
 }
 
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
+/// What reporting the mesh objects' status takes (`write_status`).
+pub fn status_permissions() -> Vec<(String, String, String)> {
+    [AUTHZ, PEER_AUTH, ROUTES]
+        .iter()
+        .map(|i| (i.group.to_owned(), format!("{}/status", i.resource), "patch".to_owned()))
+        .collect()
 }
 
 /// An operator's reading of a watch error: a 403 names the permission, a
@@ -182,7 +199,8 @@ pub fn describe(input: &str, group: &str, resource: &str, e: &watcher::Error) ->
 /// Starts every watcher; the state is published once every input has been
 /// listed. The returned future runs the watchers and the builder.
 pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<Stats>, impl Future<Output = ()>) {
-    let empty = MeshState::new(opts.trust_domain.clone(), vec![opts.node.clone()], vec![], vec![], vec![]);
+    let nodes = if opts.node.is_empty() { vec![] } else { vec![opts.node.clone()] };
+    let empty = MeshState::new(opts.trust_domain.clone(), nodes, vec![], vec![], vec![]);
     let (tx, rx) = watch::channel(Arc::new(empty));
     let stats = Arc::new(Stats::default());
     let wake = Arc::new(Notify::new());
@@ -198,13 +216,13 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
     let local_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
     let stores = Stores {
         namespaces: input!(Api::<Namespace>::all(client.clone()), watcher::Config::default(), NAMESPACES),
-        local_pods: input!(Api::<Pod>::all(client.clone()), local_cfg, LOCAL_PODS),
+        local_pods: (!opts.node.is_empty()).then(|| input!(Api::<Pod>::all(client.clone()), local_cfg, LOCAL_PODS)),
         pods: input!(Api::<Pod>::all(client.clone()), watcher::Config::default(), PODS),
-        services: input!(Api::<Service>::all(client.clone()), watcher::Config::default(), SERVICES),
-        slices: input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES),
-        authz: input!(Api::all(client.clone()), watcher::Config::default(), AUTHZ),
-        peer_auth: input!(Api::all(client.clone()), watcher::Config::default(), PEER_AUTH),
-        routes: input!(Api::all(client.clone()), watcher::Config::default(), ROUTES),
+        services: (!opts.pods_only).then(|| input!(Api::<Service>::all(client.clone()), watcher::Config::default(), SERVICES)),
+        slices: (!opts.pods_only).then(|| input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES)),
+        authz: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), AUTHZ)),
+        peer_auth: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), PEER_AUTH)),
+        routes: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), ROUTES)),
     };
     let builder = build_loop(client, opts, stores, tx, stats.clone(), wake);
     let fut = async move {
@@ -307,25 +325,44 @@ impl<K> Slim for DeserializeGuard<K> {}
 
 struct Stores {
     namespaces: Store<Namespace>,
-    local_pods: Store<Pod>,
+    local_pods: Option<Store<Pod>>,
     pods: Store<Pod>,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    authz: Store<DeserializeGuard<crd::AuthorizationPolicy>>,
-    peer_auth: Store<DeserializeGuard<crd::PeerAuthentication>>,
-    routes: Store<DeserializeGuard<crd::MeshHTTPRoute>>,
+    services: Option<Store<Service>>,
+    slices: Option<Store<EndpointSlice>>,
+    authz: Option<Store<DeserializeGuard<crd::AuthorizationPolicy>>>,
+    peer_auth: Option<Store<DeserializeGuard<crd::PeerAuthentication>>>,
+    routes: Option<Store<DeserializeGuard<crd::MeshHTTPRoute>>>,
+}
+
+/// A store's objects; none for an input not watched.
+fn objects<K: Clone + kube::runtime::reflector::Lookup>(store: &Option<Store<K>>) -> Vec<Arc<K>>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store.as_ref().map(Store::state).unwrap_or_default()
+}
+
+async fn ready<K: Clone + kube::runtime::reflector::Lookup>(store: &Option<Store<K>>)
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    if let Some(s) = store {
+        let _ = s.wait_until_ready().await;
+    }
 }
 
 impl Stores {
     async fn wait_until_ready(&self) {
         let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.local_pods.wait_until_ready().await;
+        if let Some(local) = &self.local_pods {
+            let _ = local.wait_until_ready().await;
+        }
         let _ = self.pods.wait_until_ready().await;
-        let _ = self.services.wait_until_ready().await;
-        let _ = self.slices.wait_until_ready().await;
-        let _ = self.authz.wait_until_ready().await;
-        let _ = self.peer_auth.wait_until_ready().await;
-        let _ = self.routes.wait_until_ready().await;
+        ready(&self.services).await;
+        ready(&self.slices).await;
+        ready(&self.authz).await;
+        ready(&self.peer_auth).await;
+        ready(&self.routes).await;
     }
 }
 
@@ -463,14 +500,14 @@ fn build(
     let mut unlocated = BTreeMap::new();
     let mut pods: BTreeMap<state::PodKey, state::Pod> = BTreeMap::new();
     for p in stores.pods.state() {
-        if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(opts.node.as_str()) {
+        if stores.local_pods.is_some() && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(opts.node.as_str()) {
             continue; // from the node's own watch, below
         }
         if let Ok(pod) = convert::pod(&p, None) {
             pods.insert(pod.key.clone(), pod);
         }
     }
-    for p in stores.local_pods.state() {
+    for p in stores.local_pods.iter().flat_map(|s| s.state()) {
         let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
         let paths = match opts.locator.locate(&p) {
             Ok(paths) => paths,
@@ -489,11 +526,9 @@ fn build(
             Err(why) => tracing::debug!(pod = %key, "not in the mesh state: {why}"),
         }
     }
-    let slices = stores.slices.state();
+    let slices = objects(&stores.slices);
     let by_service = convert::slices_by_service(slices.iter().map(|s| s.as_ref()));
-    let services: Vec<state::Service> = stores
-        .services
-        .state()
+    let services: Vec<state::Service> = objects(&stores.services)
         .iter()
         .filter_map(|s| {
             let key = (s.namespace().unwrap_or_default(), s.name_any());
@@ -501,9 +536,9 @@ fn build(
         })
         .collect();
 
-    let a = authz.judge("AuthorizationPolicy", stores.authz.state(), convert::authorization_policy);
-    let p = peer_auth.judge("PeerAuthentication", stores.peer_auth.state(), convert::peer_authentication);
-    let mut r = routes.judge("MeshHTTPRoute", stores.routes.state(), convert::route);
+    let a = authz.judge("AuthorizationPolicy", objects(&stores.authz), convert::authorization_policy);
+    let p = peer_auth.judge("PeerAuthentication", objects(&stores.peer_auth), convert::peer_authentication);
+    let mut r = routes.judge("MeshHTTPRoute", objects(&stores.routes), convert::route);
 
     // Routes whose service is missing are left out (and reported); two
     // routes for one service: the older one wins.
@@ -554,7 +589,7 @@ fn build(
 
     let state = MeshState::new(
         opts.trust_domain.clone(),
-        vec![opts.node.clone()],
+        if opts.node.is_empty() { vec![] } else { vec![opts.node.clone()] },
         namespaces,
         dedup_ips(pods, &opts.node),
         services,

@@ -12,6 +12,7 @@ use crate::cmd;
 /// - protobuf-compiler: `protoc` for gRPC code generation (OTLP)
 /// - tshark: checking on the wire that pod-to-pod bytes are TLS
 /// - bpftool: tests that change eBPF state behind the agent's back (drift)
+/// - python3-venv: the virtualenv for kubernetes-validate (manifest checks)
 const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -19,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "protobuf-compiler",
     "python3",
+    "python3-venv",
     "tshark",
 ];
 

@@ -1,0 +1,476 @@
+//! The agent's Kubernetes source (kube-rs watchers, reflectors, the state
+//! builder) against the test API server: real list/watch protocol, real
+//! object JSON. In-process and on loopback only, no root needed.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use mesh_agent::{
+    k8s::{self, PodLocator},
+    state::{Destination, MeshState, PodKey, Snapshot},
+};
+use mesh_e2e::kubeapi::ApiServer;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+const ENROLL: (&str, &str) = ("nodemesh.io/dataplane-mode", "enabled");
+
+/// Netns and cgroup paths named after the pod: the source's logic, not the
+/// node's layout, is under test here.
+struct NamedPaths;
+
+impl PodLocator for NamedPaths {
+    fn locate(&self, pod: &Pod) -> Result<(PathBuf, PathBuf), String> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        Ok((format!("/run/netns/{name}").into(), format!("/sys/fs/cgroup/test/{name}").into()))
+    }
+}
+
+struct Agent {
+    state: watch::Receiver<Snapshot>,
+    stats: Arc<k8s::Stats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn client(api: &ApiServer) -> kube::Client {
+    let cfg = kube::Config::new(api.url().parse().expect("a URL"));
+    kube::Client::try_from(cfg).expect("a client")
+}
+
+fn start_agent(api: &ApiServer, node: &str) -> Agent {
+    let (state, stats, fut) = k8s::start(
+        client(api),
+        k8s::Options {
+            node: node.into(),
+            trust_domain: "cluster.local".into(),
+            locator: Arc::new(NamedPaths),
+            write_status: true,
+            pods_only: false,
+        },
+    );
+    Agent { state, stats, task: tokio::spawn(fut) }
+}
+
+/// Bounds every wait so a broken build fails instead of hanging; never an
+/// assertion about speed.
+const PATIENCE: Duration = Duration::from_secs(90);
+
+impl Agent {
+    /// Waits until the published state satisfies `cond`.
+    async fn until(&mut self, what: &str, cond: impl Fn(&MeshState) -> bool) -> Snapshot {
+        let wait = async {
+            loop {
+                let s = self.state.borrow_and_update().clone();
+                if self.stats.view().built && cond(&s) {
+                    return s;
+                }
+                if self.state.changed().await.is_err() {
+                    panic!("the source stopped while waiting for: {what}");
+                }
+            }
+        };
+        match tokio::time::timeout(PATIENCE, wait).await {
+            Ok(s) => s,
+            Err(_) => panic!(
+                "not reached: {what}\nstate: {}\nkube: {:#?}",
+                serde_json::to_string_pretty(&**self.state.borrow()).unwrap(),
+                self.stats.view()
+            ),
+        }
+    }
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let wait = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(PATIENCE, wait).await.is_err() {
+        panic!("not reached: {what}");
+    }
+}
+
+fn meta(ns: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: ns.map(Into::into),
+        labels: (!labels.is_empty()).then(|| labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..Default::default()
+    }
+}
+
+fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
+    Namespace { metadata: meta(None, name, labels), ..Default::default() }
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: &[(&str, &str)]) -> Pod {
+    Pod {
+        metadata: meta(Some(ns), name, labels),
+        spec: Some(PodSpec { node_name: Some(node.into()), service_account_name: Some(name.into()), ..Default::default() }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            ..Default::default()
+        }),
+    }
+}
+
+fn service(ns: &str, name: &str, vip: &str, selector: &[(&str, &str)]) -> Service {
+    Service {
+        metadata: meta(Some(ns), name, &[]),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(vip.into()),
+            cluster_ips: Some(vec![vip.into()]),
+            selector: Some(selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::String("web".into())),
+                app_protocol: Some("http".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn slice(ns: &str, svc: &str, endpoints: &[(&str, bool)]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: meta(Some(ns), &format!("{svc}-x1"), &[("kubernetes.io/service-name", svc)]),
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort { name: Some("http".into()), port: Some(8080), ..Default::default() }]),
+        endpoints: endpoints
+            .iter()
+            .map(|(ip, ready)| Endpoint {
+                addresses: vec![ip.to_string()],
+                conditions: Some(EndpointConditions { ready: Some(*ready), ..Default::default() }),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn key(ns: &str, name: &str) -> PodKey {
+    PodKey { namespace: ns.into(), name: name.into() }
+}
+
+fn enrolled(s: &MeshState, ns: &str, name: &str) -> bool {
+    s.pods.get(&key(ns, name)).is_some_and(|p| s.is_enrolled(p))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelling_a_namespace_enrolls_this_nodes_pods_only_and_the_opt_out_wins() {
+    let api = ApiServer::start().await.unwrap();
+    api.apply(&namespace("shop", &[])).unwrap();
+    api.apply(&pod("shop", "a1", "node-a", "10.1.0.11", &[("app", "a")])).unwrap();
+    api.apply(&pod("shop", "a2", "node-a", "10.1.0.12", &[("nodemesh.io/dataplane-mode", "disabled")])).unwrap();
+    api.apply(&pod("shop", "b1", "node-b", "10.1.0.21", &[])).unwrap();
+    let mut agent = start_agent(&api, "node-a");
+
+    let s = agent.until("three pods, none enrolled", |s| s.pods.len() == 3).await;
+    assert!(!enrolled(&s, "shop", "a1") && !enrolled(&s, "shop", "a2"));
+    let local: Vec<_> = s.pods_on_node("node-a").map(|p| p.key.name.clone()).collect();
+    assert_eq!(local, ["a1", "a2"], "this node's pods");
+    assert_eq!(s.pods[&key("shop", "a1")].netns, PathBuf::from("/run/netns/a1"));
+    assert_eq!(s.pods[&key("shop", "b1")].netns, PathBuf::new(), "another node's pod is not located here");
+    assert_eq!(s.pods[&key("shop", "b1")].service_account, "b1", "remote identity comes from the pod");
+    assert!(
+        api.requests().iter().any(|r| r.contains("/api/v1/pods?") && r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "this node's pods are watched with a field selector: {:#?}",
+        api.requests()
+    );
+
+    api.apply(&namespace("shop", &[ENROLL])).unwrap();
+    let s = agent.until("a1 enrolled", |s| enrolled(s, "shop", "a1")).await;
+    assert!(!enrolled(&s, "shop", "a2"), "the pod opt-out label wins over the namespace label");
+    assert!(matches!(s.resolve("10.1.0.11:80".parse().unwrap(), |_| 0), Destination::MeshPod { .. }));
+
+    api.apply(&namespace("shop", &[])).unwrap();
+    agent.until("a1 un-enrolled", |s| !enrolled(s, "shop", "a1") && s.pods.len() == 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_and_endpointslice_changes_show_up_in_state_and_routing() {
+    let api = ApiServer::start().await.unwrap();
+    api.apply(&namespace("shop", &[ENROLL])).unwrap();
+    api.apply(&pod("shop", "w1", "node-a", "10.1.0.11", &[("app", "web")])).unwrap();
+    api.apply(&pod("shop", "w2", "node-b", "10.1.0.12", &[("app", "web")])).unwrap();
+    api.apply(&service("shop", "web", "10.96.0.10", &[("app", "web")])).unwrap();
+    api.apply(&slice("shop", "web", &[("10.1.0.11", true), ("10.1.0.12", false)])).unwrap();
+    let mut agent = start_agent(&api, "node-a");
+    let vip = "10.96.0.10:80".parse().unwrap();
+    let endpoints = |s: &MeshState| -> Vec<String> { s.resolve_all(vip).iter().map(|d| d.addr().to_string()).collect() };
+
+    let s = agent.until("the service", |s| !s.services.is_empty() && s.pods.len() == 2).await;
+    assert_eq!(endpoints(&s), ["10.1.0.11:8080"], "only ready endpoints, named target port resolved from the slice");
+    assert!(s.app_http(&key("shop", "w1"), 8080).is_some(), "appProtocol makes the port HTTP");
+
+    api.apply(&slice("shop", "web", &[("10.1.0.11", true), ("10.1.0.12", true)])).unwrap();
+    agent.until("w2 ready", |s| endpoints(s) == ["10.1.0.11:8080", "10.1.0.12:8080"]).await;
+
+    api.apply(&pod("shop", "w1", "node-a", "10.1.0.11", &[("app", "other")])).unwrap();
+    agent.until("w1 relabelled out of the service", |s| endpoints(s) == ["10.1.0.12:8080"]).await;
+
+    api.delete("Pod", "shop", "w2").unwrap();
+    agent.until("w2 deleted", |s| !s.pods.contains_key(&key("shop", "w2"))).await;
+
+    api.apply(&pod("shop", "w3", "node-a", "10.1.0.13", &[("app", "web")])).unwrap();
+    api.apply(&slice("shop", "web", &[("10.1.0.13", true)])).unwrap();
+    let s = agent.until("w3 created and in the slice", |s| endpoints(s) == ["10.1.0.13:8080"]).await;
+    assert!(enrolled(&s, "shop", "w3"));
+}
+
+fn list_requests(api: &ApiServer, path: &str) -> usize {
+    api.requests().iter().filter(|r| r.starts_with(&format!("GET {path}")) && !r.contains("watch=")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_watch_and_a_410_gone_converge() {
+    let api = ApiServer::start().await.unwrap();
+    api.apply(&namespace("shop", &[])).unwrap();
+    api.apply(&pod("shop", "a1", "node-a", "10.1.0.11", &[])).unwrap();
+    api.apply(&pod("shop", "a2", "node-a", "10.1.0.12", &[])).unwrap();
+    let mut agent = start_agent(&api, "node-a");
+    agent.until("listed", |s| s.pods.len() == 2).await;
+
+    // Dropped watches: clients resume from their resourceVersion.
+    let lists = list_requests(&api, "/api/v1/namespaces");
+    api.drop_watches();
+    api.apply(&namespace("shop", &[ENROLL])).unwrap();
+    agent.until("label seen after a dropped watch", |s| enrolled(s, "shop", "a1")).await;
+
+    // History compacted while watches are cut: resuming gets 410 Gone and the
+    // client relists; a deletion it never saw as an event must still land.
+    api.compact();
+    api.drop_watches();
+    api.delete("Pod", "shop", "a2").unwrap();
+    api.apply(&namespace("shop", &[])).unwrap();
+    api.compact();
+    api.drop_watches();
+    agent
+        .until("converged after 410", |s| !s.pods.contains_key(&key("shop", "a2")) && !enrolled(s, "shop", "a1"))
+        .await;
+    until("namespaces relisted", || list_requests(&api, "/api/v1/namespaces") > lists).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_being_down_keeps_the_last_state() {
+    let api = ApiServer::start().await.unwrap();
+    api.apply(&namespace("shop", &[ENROLL])).unwrap();
+    api.apply(&pod("shop", "a1", "node-a", "10.1.0.11", &[])).unwrap();
+    let mut agent = start_agent(&api, "node-a");
+    let before = agent.until("enrolled", |s| enrolled(s, "shop", "a1")).await;
+
+    api.set_down(true);
+    let stats = agent.stats.clone();
+    until("the outage is noticed", || stats.view().watches.values().any(|w| w.errors > 0)).await;
+    assert_eq!(*agent.state.borrow().clone(), *before, "the last state keeps serving during the outage");
+
+    api.set_down(false);
+    api.apply(&pod("shop", "a2", "node-a", "10.1.0.12", &[])).unwrap();
+    agent.until("back in sync after the outage", |s| enrolled(s, "shop", "a2") && enrolled(s, "shop", "a1")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rbac_denial_names_the_missing_permission() {
+    let api = ApiServer::start().await.unwrap();
+    api.deny("list", "endpointslices");
+    let agent = start_agent(&api, "node-a");
+    let stats = agent.stats.clone();
+    until("the denial is reported", || {
+        stats.view().watches.get("endpointslices").is_some_and(|w| w.last_error.is_some())
+    })
+    .await;
+    let err = stats.view().watches["endpointslices"].last_error.clone().unwrap();
+    for part in ["permission denied", "may not list endpointslices", "\"discovery.k8s.io\"", "ClusterRole"] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+    assert!(!stats.view().built, "no state is built from a partial view");
+}
+
+fn condition(api: &ApiServer, kind: &str, name: &str) -> Option<Value> {
+    let obj = api.get(kind, "shop", name)?;
+    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Accepted").cloned()
+}
+
+async fn until_condition(api: &ApiServer, kind: &str, name: &str, status: &str, generation: i64) -> Value {
+    let mut found = None;
+    until(&format!("{kind} {name}: Accepted={status} (generation {generation})"), || {
+        found = condition(api, kind, name).filter(|c| c["status"] == status && c["observedGeneration"] == generation);
+        found.is_some()
+    })
+    .await;
+    found.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
+    let api = ApiServer::start().await.unwrap();
+    api.apply(&namespace("shop", &[ENROLL])).unwrap();
+    let policy = |extra: Value| {
+        let mut spec = json!({"action": "DENY", "rules": [{"to": [{"ports": [9000]}]}]});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "deny-admin", "namespace": "shop"}, "spec": spec})
+    };
+    api.apply_json(policy(json!({}))).unwrap();
+    let mut agent = start_agent(&api, "node-a");
+    let good = agent.until("the valid policy", |s| s.authorization_policies.len() == 1).await;
+    until_condition(&api, "AuthorizationPolicy", "deny-admin", "True", 1).await;
+
+    // An unknown field: refused, and the previous version stays in force.
+    api.apply_json(policy(json!({"colour": "blue"}))).unwrap();
+    let c = until_condition(&api, "AuthorizationPolicy", "deny-admin", "False", 2).await;
+    assert_eq!(c["reason"], "Invalid");
+    assert!(c["message"].as_str().unwrap().contains("colour"), "{c}");
+    assert_eq!(agent.state.borrow().authorization_policies, good.authorization_policies);
+
+    // An impossible value in a new object: refused with the field named.
+    api.apply_json(json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "bad-port", "namespace": "shop"},
+        "spec": {"action": "ALLOW", "rules": [{"to": [{"ports": [70000]}]}]}}))
+    .unwrap();
+    let c = until_condition(&api, "AuthorizationPolicy", "bad-port", "False", 1).await;
+    assert!(c["message"].as_str().unwrap().starts_with("spec.rules[0].to[0].ports"), "{c}");
+    // A wrong type and a route to a service that does not exist.
+    api.apply_json(json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "shop"}, "spec": {"mode": 3}}))
+    .unwrap();
+    api.apply_json(json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "MeshHTTPRoute",
+        "metadata": {"name": "canary", "namespace": "shop"}, "spec": {"service": "nowhere", "rules": [{"backends": [{}]}]}}))
+    .unwrap();
+    let c = until_condition(&api, "PeerAuthentication", "strict", "False", 1).await;
+    assert_eq!(c["reason"], "Invalid");
+    let c = until_condition(&api, "MeshHTTPRoute", "canary", "False", 1).await;
+    assert_eq!(c["reason"], "ServiceNotFound", "{c}");
+    let s = agent.state.borrow().clone();
+    assert_eq!(s.authorization_policies, good.authorization_policies, "enforcement unchanged");
+    assert!(s.peer_authentications.is_empty() && s.routes.is_empty());
+    let refused = agent.stats.view().refused;
+    assert_eq!(refused.len(), 4, "{refused:#?}");
+
+    // A valid edit applies again.
+    api.apply_json(policy(json!({"action": "ALLOW"}))).unwrap();
+    agent
+        .until("the fixed policy", |s| {
+            s.authorization_policies.len() == 1 && s.authorization_policies[0].action == mesh_agent::state::AuthzAction::Allow
+        })
+        .await;
+    until_condition(&api, "AuthorizationPolicy", "deny-admin", "True", 3).await;
+}
+
+mod ca {
+    use mesh_agent::identity::{
+        Authority, GrpcCaClient, SpiffeId,
+        client::fetch,
+        server::{Authn, start_with},
+    };
+    use mesh_agent::k8s::tokenreview::TokenReviewer;
+
+    use super::*;
+
+    const AGENT: &str = "system:serviceaccount:nodemesh-system:nodemesh-agent";
+
+    fn review(username: &str, node: &str, audience: &str) -> Value {
+        json!({"authenticated": true, "audiences": [audience],
+               "user": {"username": username, "extra": {"authentication.kubernetes.io/node-name": [node]}}})
+    }
+
+    /// The CA in Kubernetes mode, in-process, against the test API server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn certificates_only_for_reviewed_tokens_and_pods_on_the_callers_node() {
+        let api = ApiServer::start().await.unwrap();
+        api.apply(&namespace("shop", &[ENROLL])).unwrap();
+        api.apply(&pod("shop", "web-a", "node-a", "10.1.0.11", &[])).unwrap();
+        api.apply(&pod("shop", "web-b", "node-b", "10.1.0.21", &[])).unwrap();
+        api.set_token("token-node-a", review(AGENT, "node-a", "nodemesh-ca"));
+        api.set_token("token-for-the-apiserver", review(AGENT, "node-a", "https://kubernetes.default.svc"));
+        api.set_token("token-other-account", review("system:serviceaccount:shop:web-a", "node-a", "nodemesh-ca"));
+        api.set_token("token-unbound", json!({"authenticated": true, "audiences": ["nodemesh-ca"], "user": {"username": AGENT}}));
+
+        // The CA reads namespaces and pods only: its RBAC grants nothing else.
+        for resource in ["services", "endpointslices", "authorizationpolicies", "peerauthentications", "meshhttproutes"] {
+            api.deny("list", resource);
+            api.deny("watch", resource);
+        }
+        let (state, stats, watchers) = k8s::start(
+            client(&api),
+            k8s::Options {
+                node: String::new(),
+                trust_domain: "cluster.local".into(),
+                locator: Arc::new(k8s::source::NoPods),
+                write_status: false,
+                pods_only: true,
+            },
+        );
+        let _watchers = tokio::spawn(watchers);
+        let mut reader = Agent { state, stats, task: tokio::spawn(async {}) };
+        reader.until("the CA sees both pods", |s| s.pods.len() == 2).await;
+
+        let authority = Arc::new(Authority::in_memory().unwrap());
+        let reviewer = TokenReviewer::new(client(&api), "nodemesh-ca", "nodemesh-system/nodemesh-agent").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ca = start_with(authority.clone(), Authn::Kube(Arc::new(reviewer)), reader.state.clone(), listener, &[]).unwrap();
+        let sign = |token: &'static str, pod_name: &'static str| {
+            let authority = authority.clone();
+            let addr = ca.addr;
+            async move {
+                let c = GrpcCaClient::new(&format!("https://{addr}"), &authority.trust_bundle_pem(), token, None).unwrap();
+                let id = SpiffeId::new("cluster.local", "shop", pod_name).unwrap();
+                fetch(&c, &key("shop", pod_name), &id, None).await.map_err(|e| mesh_agent::error_chain(&e))
+            }
+        };
+
+        let cert = sign("token-node-a", "web-a").await.expect("a certificate for a pod on the caller's node");
+        assert_eq!(cert.id.to_string(), "spiffe://cluster.local/ns/shop/sa/web-a");
+
+        let e = sign("token-node-a", "web-b").await.unwrap_err();
+        assert!(e.contains("node-b"), "a pod on another node: {e}");
+        for (token, why) in [
+            ("no-such-token", "not accepted"),
+            ("token-for-the-apiserver", "not accepted"),
+            ("token-other-account", "not to the node agents' service account"),
+            ("token-unbound", "not bound to a pod on a node"),
+        ] {
+            let e = sign(token, "web-a").await.unwrap_err();
+            assert!(e.contains(why), "{token}: {e}");
+        }
+
+        api.deny("create", "tokenreviews");
+        let e = sign("token-node-a", "web-a").await.unwrap_err();
+        assert!(e.contains("may not create tokenreviews"), "{e}");
+    }
+
+    /// The agents verify the CA with the trust bundle it publishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_ca_publishes_its_trust_bundle() {
+        let api = ApiServer::start().await.unwrap();
+        let authority = Authority::in_memory().unwrap();
+        let pem = authority.trust_bundle_pem();
+        k8s::publish_roots(client(&api), "nodemesh-system/nodemesh-ca-roots", &pem).await.unwrap();
+        k8s::publish_roots(client(&api), "nodemesh-system/nodemesh-ca-roots", &pem).await.unwrap();
+        let cm = api.get("ConfigMap", "nodemesh-system", "nodemesh-ca-roots").unwrap();
+        assert_eq!(cm["data"][k8s::ROOTS_KEY], pem.as_str());
+
+        api.deny("patch", "configmaps");
+        let e = k8s::publish_roots(client(&api), "nodemesh-system/nodemesh-ca-roots", &pem).await.unwrap_err();
+        assert!(e.contains("may not patch configmap nodemesh-system/nodemesh-ca-roots"), "{e}");
+    }
+}
