@@ -70,7 +70,14 @@ pub struct Profile {
     pub bulk_bytes: u64,
     /// Idle time after the proxies are up, before the idle RSS reading.
     pub settle_ms: u64,
+    /// Only these scenarios (names in [`SCENARIOS`]); empty: all. For
+    /// profiling one kind of load.
+    #[serde(default)]
+    pub only: Vec<String>,
 }
+
+/// Scenario names, for `--scenarios`.
+pub const SCENARIOS: [&str; 5] = ["latency", "open-conns", "saturation", "connrate", "bulk"];
 
 impl Profile {
     pub fn for_mode(mode: Mode) -> Profile {
@@ -84,6 +91,7 @@ impl Profile {
                 open_conns_secs: 5,
                 bulk_bytes: 1 << 30,
                 settle_ms: 1000,
+                only: Vec::new(),
             },
             Mode::Quick => Profile {
                 reps: 1,
@@ -94,6 +102,7 @@ impl Profile {
                 open_conns_secs: 3,
                 bulk_bytes: 256 << 20,
                 settle_ms: 500,
+                only: Vec::new(),
             },
             Mode::Smoke => Profile {
                 reps: 1,
@@ -104,11 +113,19 @@ impl Profile {
                 open_conns_secs: 1,
                 bulk_bytes: 16 << 20,
                 settle_ms: 200,
+                only: Vec::new(),
             },
         }
     }
 
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+
     pub fn describe(&self) -> String {
+        if !self.only.is_empty() {
+            return format!("only {} (durations as in the mode)", self.only.join(", "));
+        }
         format!(
             "latency {RATE} rps x {}s, {} open connections x {}s, saturation {}s, connection rate {}s, bulk {} MiB",
             self.latency_secs,
@@ -187,6 +204,38 @@ pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], p: &Profile) -> Re
     }
 
     // Latency at a fixed rate, and what the proxies spend on it.
+    if p.wants("latency") {
+        latency(client, target, pids, p, &mut m)?;
+    }
+
+    // Many open connections: the proxies' peak memory.
+    if !pids.is_empty() && p.wants("open-conns") {
+        let peak = PeakRss::start(pids.to_vec());
+        let conns = p.open_conns.to_string();
+        let v = oha(client, target, &["-q", &RATE.to_string(), "-c", &conns], p.open_conns_secs)?;
+        for ((side, _), mb) in sides(pids).zip(peak.stop()) {
+            m.set(&format!("rss_conns_{side}_mb"), mb);
+        }
+        m.set("open_conns_errors", errors(&v) as f64);
+    }
+
+    if p.wants("saturation") {
+        m.set("saturation_rps", wrk(client, target, p.saturation_secs)?);
+    }
+
+    if p.wants("connrate") {
+        let v = oha(client, target, &["-c", &CONNECTIONS.to_string(), "--disable-keepalive"], p.connrate_secs)?;
+        m.set("connrate_cps", v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0));
+        m.set("connrate_errors", errors(&v) as f64);
+    }
+
+    if p.wants("bulk") {
+        m.set("bulk_gbps", bulk(client, target, p.bulk_bytes)?);
+    }
+    Ok(m)
+}
+
+fn latency(client: &Pod, target: &Target, pids: &[u32], p: &Profile, m: &mut Metrics) -> Result<()> {
     let before: Vec<u64> = pids.iter().map(|&pid| cpu_ticks(pid)).collect::<Result<_>>()?;
     let t = Instant::now();
     let v = oha(client, target, &["-q", &RATE.to_string(), "-c", &CONNECTIONS.to_string()], p.latency_secs)?;
@@ -203,26 +252,7 @@ pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], p: &Profile) -> Re
     }
     m.set("latency_rps", v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0));
     m.set("latency_errors", errors(&v) as f64);
-
-    // Many open connections: the proxies' peak memory.
-    if !pids.is_empty() {
-        let peak = PeakRss::start(pids.to_vec());
-        let conns = p.open_conns.to_string();
-        let v = oha(client, target, &["-q", &RATE.to_string(), "-c", &conns], p.open_conns_secs)?;
-        for ((side, _), mb) in sides(pids).zip(peak.stop()) {
-            m.set(&format!("rss_conns_{side}_mb"), mb);
-        }
-        m.set("open_conns_errors", errors(&v) as f64);
-    }
-
-    m.set("saturation_rps", wrk(client, target, p.saturation_secs)?);
-
-    let v = oha(client, target, &["-c", &CONNECTIONS.to_string(), "--disable-keepalive"], p.connrate_secs)?;
-    m.set("connrate_cps", v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0));
-    m.set("connrate_errors", errors(&v) as f64);
-
-    m.set("bulk_gbps", bulk(client, target, p.bulk_bytes)?);
-    Ok(m)
+    Ok(())
 }
 
 /// `a` for the client-side proxy, `b` for the server-side one.

@@ -65,6 +65,10 @@ struct Cli {
     criterion_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     criterion_since: u64,
+    /// Only these scenarios (comma-separated: latency, open-conns,
+    /// saturation, connrate, bulk), e.g. to profile one kind of load.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
     /// Re-render the report of an earlier run from its `results.json` (into
     /// `--out`), measuring nothing.
     #[arg(long)]
@@ -164,6 +168,10 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(reps) = cli.reps {
         profile.reps = reps.max(1);
     }
+    for s in &cli.scenarios {
+        ensure!(load::SCENARIOS.contains(&s.as_str()), "unknown scenario {s:?}; known: {}", load::SCENARIOS.join(", "));
+    }
+    profile.only = cli.scenarios.clone();
     let variants: Vec<Variant> = if cli.only.is_empty() {
         Variant::ALL.to_vec()
     } else {
