@@ -25,10 +25,10 @@ pub fn packages() -> Result<Outcome> {
 }
 
 pub fn oha() -> Result<Outcome> {
-    if let Some(version) = oha_version() {
-        if version == OHA_VERSION {
-            return Ok(Outcome::Ok(format!("oha {version}")));
-        }
+    if let Some(version) = oha_version()
+        && version == OHA_VERSION
+    {
+        return Ok(Outcome::Ok(format!("oha {version}")));
     }
     cmd::run(
         crate::workspace::cargo()
