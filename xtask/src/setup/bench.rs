@@ -50,11 +50,17 @@ fn oha_version() -> Option<String> {
 /// front: where `cargo install` puts oha, even when a non-login shell's
 /// PATH lacks it. For the bench and the tests' children.
 pub fn path_with_cargo_bin() -> std::ffi::OsString {
-    let cargo_bin = std::env::var_os("CARGO_HOME")
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    let Some(cargo_bin) = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .map(|d| d.join("bin"));
-    let rest = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = cargo_bin.into_iter().chain(std::env::split_paths(&rest));
+        .map(|d| d.join("bin"))
+    else {
+        return rest;
+    };
+    if std::env::split_paths(&rest).any(|d| d == cargo_bin) {
+        return rest;
+    }
+    let dirs = std::iter::once(cargo_bin).chain(std::env::split_paths(&rest));
     std::env::join_paths(dirs).unwrap_or(rest)
 }

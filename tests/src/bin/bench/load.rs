@@ -4,7 +4,7 @@
 //! | scenario | tool | metric |
 //! | --- | --- | --- |
 //! | latency | `oha -q 1000 -c 16 --latency-correction` | p50/p90/p99/p99.9 of 1 kB GETs at a fixed 1,000 rps |
-//! | resources | `/proc/PID/stat`, `/proc/PID/status` | proxy CPU (vCPU) during the latency run; RSS idle, after it, and peak with 1,000 open connections |
+//! | resources | `/proc/PID/stat`, `/proc/PID/status` | proxy CPU (vCPU) during the latency run; RSS (and its anonymous part) idle, after it, and peak with 1,000 open connections |
 //! | connections | `oha -q 1000 -c 1000` | peak RSS with 1,000 connections open |
 //! | saturation | `wrk -t1 -c16` | requests/s, as many as it gets |
 //! | connection rate | `oha -c 16 --disable-keepalive` | new connections (one request each) per second |
@@ -70,7 +70,14 @@ pub struct Profile {
     pub bulk_bytes: u64,
     /// Idle time after the proxies are up, before the idle RSS reading.
     pub settle_ms: u64,
+    /// Only these scenarios (names in [`SCENARIOS`]); empty: all. For
+    /// profiling one kind of load.
+    #[serde(default)]
+    pub only: Vec<String>,
 }
+
+/// Scenario names, for `--scenarios`.
+pub const SCENARIOS: [&str; 5] = ["latency", "open-conns", "saturation", "connrate", "bulk"];
 
 impl Profile {
     pub fn for_mode(mode: Mode) -> Profile {
@@ -84,6 +91,7 @@ impl Profile {
                 open_conns_secs: 5,
                 bulk_bytes: 1 << 30,
                 settle_ms: 1000,
+                only: Vec::new(),
             },
             Mode::Quick => Profile {
                 reps: 1,
@@ -94,6 +102,7 @@ impl Profile {
                 open_conns_secs: 3,
                 bulk_bytes: 256 << 20,
                 settle_ms: 500,
+                only: Vec::new(),
             },
             Mode::Smoke => Profile {
                 reps: 1,
@@ -104,11 +113,19 @@ impl Profile {
                 open_conns_secs: 1,
                 bulk_bytes: 16 << 20,
                 settle_ms: 200,
+                only: Vec::new(),
             },
         }
     }
 
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+
     pub fn describe(&self) -> String {
+        if !self.only.is_empty() {
+            return format!("only {} (durations as in the mode)", self.only.join(", "));
+        }
         format!(
             "latency {RATE} rps x {}s, {} open connections x {}s, saturation {}s, connection rate {}s, bulk {} MiB",
             self.latency_secs,
@@ -184,9 +201,45 @@ pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], p: &Profile) -> Re
     std::thread::sleep(Duration::from_millis(p.settle_ms));
     for (side, pid) in sides(pids) {
         m.set(&format!("rss_idle_{side}_mb"), rss_mb(pid)?);
+        // Anonymous pages only: RSS also counts the binary's code pages,
+        // which are shared by every process of the same binary.
+        m.set(&format!("anon_idle_{side}_mb"), anon_mb(pid)?);
     }
 
     // Latency at a fixed rate, and what the proxies spend on it.
+    if p.wants("latency") {
+        latency(client, target, pids, p, &mut m)?;
+    }
+
+    // Many open connections: the proxies' peak memory.
+    if !pids.is_empty() && p.wants("open-conns") {
+        let peak = PeakRss::start(pids.to_vec());
+        let conns = p.open_conns.to_string();
+        let v = oha(client, target, &["-q", &RATE.to_string(), "-c", &conns], p.open_conns_secs)?;
+        for ((side, _), (rss, anon)) in sides(pids).zip(peak.stop()) {
+            m.set(&format!("rss_conns_{side}_mb"), rss);
+            m.set(&format!("anon_conns_{side}_mb"), anon);
+        }
+        m.set("open_conns_errors", errors(&v) as f64);
+    }
+
+    if p.wants("saturation") {
+        m.set("saturation_rps", wrk(client, target, p.saturation_secs)?);
+    }
+
+    if p.wants("connrate") {
+        let v = oha(client, target, &["-c", &CONNECTIONS.to_string(), "--disable-keepalive"], p.connrate_secs)?;
+        m.set("connrate_cps", v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0));
+        m.set("connrate_errors", errors(&v) as f64);
+    }
+
+    if p.wants("bulk") {
+        m.set("bulk_gbps", bulk(client, target, p.bulk_bytes)?);
+    }
+    Ok(m)
+}
+
+fn latency(client: &Pod, target: &Target, pids: &[u32], p: &Profile, m: &mut Metrics) -> Result<()> {
     let before: Vec<u64> = pids.iter().map(|&pid| cpu_ticks(pid)).collect::<Result<_>>()?;
     let t = Instant::now();
     let v = oha(client, target, &["-q", &RATE.to_string(), "-c", &CONNECTIONS.to_string()], p.latency_secs)?;
@@ -203,26 +256,7 @@ pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], p: &Profile) -> Re
     }
     m.set("latency_rps", v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0));
     m.set("latency_errors", errors(&v) as f64);
-
-    // Many open connections: the proxies' peak memory.
-    if !pids.is_empty() {
-        let peak = PeakRss::start(pids.to_vec());
-        let conns = p.open_conns.to_string();
-        let v = oha(client, target, &["-q", &RATE.to_string(), "-c", &conns], p.open_conns_secs)?;
-        for ((side, _), mb) in sides(pids).zip(peak.stop()) {
-            m.set(&format!("rss_conns_{side}_mb"), mb);
-        }
-        m.set("open_conns_errors", errors(&v) as f64);
-    }
-
-    m.set("saturation_rps", wrk(client, target, p.saturation_secs)?);
-
-    let v = oha(client, target, &["-c", &CONNECTIONS.to_string(), "--disable-keepalive"], p.connrate_secs)?;
-    m.set("connrate_cps", v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0));
-    m.set("connrate_errors", errors(&v) as f64);
-
-    m.set("bulk_gbps", bulk(client, target, p.bulk_bytes)?);
-    Ok(m)
+    Ok(())
 }
 
 /// `a` for the client-side proxy, `b` for the server-side one.
@@ -324,21 +358,31 @@ fn clock_ticks_per_sec() -> f64 {
 
 /// Resident set size in MiB (`VmRSS`).
 fn rss_mb(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
-    parse_rss_kb(&status)
-        .map(|kb| kb as f64 / 1024.0)
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+    status_mb(pid, "VmRSS:")
 }
 
-fn parse_rss_kb(status: &str) -> Option<u64> {
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok())
+/// Resident anonymous memory in MiB (`RssAnon`): heap and stacks, what
+/// grows with connections.
+fn anon_mb(pid: u32) -> Result<f64> {
+    status_mb(pid, "RssAnon:")
+}
+
+fn status_mb(pid: u32, field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
+    parse_status_kb(&status, field)
+        .map(|kb| kb as f64 / 1024.0)
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse().ok())
 }
 
 /// Samples the RSS of some processes every 50 ms on a thread; [`Self::stop`]
-/// returns each one's peak.
+/// returns each one's peak `(VmRSS, RssAnon)`.
 struct PeakRss {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<f64>>,
+    thread: std::thread::JoinHandle<Vec<(f64, f64)>>,
 }
 
 impl PeakRss {
@@ -346,11 +390,11 @@ impl PeakRss {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let mut peak = vec![0.0f64; pids.len()];
+            let mut peak = vec![(0.0f64, 0.0f64); pids.len()];
             while !flag.load(Ordering::Relaxed) {
                 for (p, &pid) in peak.iter_mut().zip(&pids) {
-                    if let Ok(mb) = rss_mb(pid) {
-                        *p = p.max(mb);
+                    if let (Ok(rss), Ok(anon)) = (rss_mb(pid), anon_mb(pid)) {
+                        *p = (p.0.max(rss), p.1.max(anon));
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -360,7 +404,7 @@ impl PeakRss {
         PeakRss { stop, thread }
     }
 
-    fn stop(self) -> Vec<f64> {
+    fn stop(self) -> Vec<(f64, f64)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
@@ -374,7 +418,9 @@ mod tests {
     fn parses_proc_and_wrk() {
         let stat = "1234 (mesh agent) (x) S 1 1234 1234 0 -1 4194560 3000 0 0 0 250 130 0 0 20 0 9 0";
         assert_eq!(parse_cpu_ticks(stat), Some(380));
-        assert_eq!(parse_rss_kb("Name:\tx\nVmRSS:\t   10240 kB\n"), Some(10240));
+        let status = "Name:\tx\nVmRSS:\t   10240 kB\nRssAnon:\t    4096 kB\n";
+        assert_eq!(parse_status_kb(status, "VmRSS:"), Some(10240));
+        assert_eq!(parse_status_kb(status, "RssAnon:"), Some(4096));
         let wrk = "Running 1s test @ http://x\n  1 threads and 16 connections\n  12345 requests in 1.00s, 13.2MB read\nRequests/sec:  12345.67\nTransfer/sec:     13.2MB\n";
         assert_eq!(parse_wrk(wrk).unwrap(), 12345.67);
         let bad = "  100 requests in 1.00s, 1MB read\n  Non-2xx or 3xx responses: 50\nRequests/sec:  100.00\n";

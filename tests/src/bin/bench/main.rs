@@ -65,6 +65,14 @@ struct Cli {
     criterion_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     criterion_since: u64,
+    /// Only these scenarios (comma-separated: latency, open-conns,
+    /// saturation, connrate, bulk), e.g. to profile one kind of load.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// An extra `mesh-agent run` argument for the agent variants (repeat
+    /// it), to compare settings: `--agent-arg=--data-threads --agent-arg=1`.
+    #[arg(long, allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
     /// Re-render the report of an earlier run from its `results.json` (into
     /// `--out`), measuring nothing.
     #[arg(long)]
@@ -164,6 +172,10 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(reps) = cli.reps {
         profile.reps = reps.max(1);
     }
+    for s in &cli.scenarios {
+        ensure!(load::SCENARIOS.contains(&s.as_str()), "unknown scenario {s:?}; known: {}", load::SCENARIOS.join(", "));
+    }
+    profile.only = cli.scenarios.clone();
     let variants: Vec<Variant> = if cli.only.is_empty() {
         Variant::ALL.to_vec()
     } else {
@@ -225,7 +237,7 @@ fn run(cli: Cli) -> Result<()> {
         order.rotate_left(rep % n);
         for variant in order {
             let t = Instant::now();
-            let metrics = run_variant(&tb, &client, &server, &peer_files, variant, &profile)
+            let metrics = run_variant(&tb, &client, &server, &peer_files, variant, &profile, &cli.agent_arg)
                 .with_context(|| format!("variant {} (repetition {})", variant.name(), rep + 1))?;
             eprintln!(
                 "bench: rep {}/{} {:<22} {} ({:.0}s)",
@@ -273,6 +285,7 @@ fn run_variant(
     peer_files: &peer::Files,
     variant: Variant,
     profile: &Profile,
+    agent_args: &[String],
 ) -> Result<Metrics> {
     write_config(tb, variant)?;
     let mut agents: Vec<Agent> = Vec::new();
@@ -281,7 +294,8 @@ fn run_variant(
         Variant::Direct => Target::new(SERVER_IP, APP_PORT),
         Variant::AgentMtls { accelerate } | Variant::AgentL7 { accelerate } => {
             let accelerate = if accelerate { "on" } else { "off" };
-            let args = ["--accelerate", accelerate, "--drain-timeout", "1s"];
+            let mut args = vec!["--accelerate", accelerate, "--drain-timeout", "1s"];
+            args.extend(agent_args.iter().map(String::as_str));
             agents.push(tb.start_agent_args("node-a", &args)?);
             agents.push(tb.start_agent_args("node-b", &args)?);
             for (agent, pod) in agents.iter().zip([client, server]) {

@@ -342,15 +342,34 @@ pub fn markdown(run: &Run) -> String {
     }
 
     let _ = writeln!(md, "\n## Proxy resources (client-side node A / server-side node B)\n");
-    let _ = writeln!(md, "| variant | CPU at {RATE} rps, vCPU (A / B) | RSS idle MiB (A / B) | RSS after {RATE} rps MiB (A / B) | peak RSS, {} conns MiB (A / B) |", run.profile.open_conns);
-    let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        md,
+        "RSS includes the binary's resident code pages (file-backed, shared by all processes of one binary); \
+         \"anonymous\" is heap and stacks only (`RssAnon`).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| variant | CPU at {RATE} rps, vCPU (A / B) | RSS idle MiB (A / B) | anonymous idle MiB (A / B) | RSS after {RATE} rps MiB (A / B) | peak RSS, {0} conns MiB (A / B) | peak anonymous, {0} conns MiB (A / B) |",
+        run.profile.open_conns
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
     for &v in &run.variants {
         if v == Variant::Direct {
             continue;
         }
         let pair = |k: &str, d| format!("{} / {}", cell(run.stat(v, &format!("{k}_a_{d}")), 3), cell(run.stat(v, &format!("{k}_b_{d}")), 3));
         let pair1 = |k: &str| format!("{} / {}", cell(run.stat(v, &format!("{k}_a_mb")), 1), cell(run.stat(v, &format!("{k}_b_mb")), 1));
-        let _ = writeln!(md, "| {} | {} | {} | {} | {} |", v.name(), pair("cpu", "vcpu"), pair1("rss_idle"), pair1("rss_load"), pair1("rss_conns"));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            v.name(),
+            pair("cpu", "vcpu"),
+            pair1("rss_idle"),
+            pair1("anon_idle"),
+            pair1("rss_load"),
+            pair1("rss_conns"),
+            pair1("anon_conns")
+        );
     }
 
     if !run.policy.is_empty() {
@@ -458,7 +477,10 @@ pub fn svg(run: &Run) -> String {
     let all: Vec<f64> = series.iter().flat_map(|(_, ys)| ys.iter().copied()).filter(|y| *y > 0.0).collect();
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1e-3);
     let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 1.1);
-    let (llo, lhi) = (lo.log10().floor(), hi.log10().ceil());
+    // The axis starts at the 1-2-5 step just below the smallest value.
+    let decade = 10f64.powf(lo.log10().floor());
+    let start = [5.0, 2.0, 1.0].into_iter().map(|m| m * decade).find(|v| *v <= lo).unwrap_or(decade);
+    let (llo, lhi) = (start.log10(), hi.log10().ceil());
     let y = |v: f64| top + ph * (1.0 - (v.max(10f64.powf(llo)).log10() - llo) / (lhi - llo).max(1e-9));
     let x = |i: usize| left + pw * (i as f64 + 0.5) / pct.len() as f64;
     let colors = ["#222222", "#1f77b4", "#6baed6", "#d62728", "#ff9896", "#2ca02c", "#98df8a"];
@@ -471,12 +493,15 @@ pub fn svg(run: &Run) -> String {
         run.profile.reps
     );
     // Grid: 1, 2, 5 per decade.
-    let mut d = llo;
+    let mut d = llo.floor();
     while d <= lhi {
         for m in [1.0, 2.0, 5.0] {
             let v = 10f64.powf(d) * m;
             if v.log10() > lhi + 1e-9 {
                 break;
+            }
+            if v.log10() < llo - 1e-9 {
+                continue;
             }
             let yy = y(v);
             let _ = writeln!(s, r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#dddddd"/>"##, left + pw);
