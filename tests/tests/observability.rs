@@ -5,7 +5,7 @@ mod common;
 
 use anyhow::{Context, Result, ensure};
 use common::*;
-use mesh_e2e::{Agent, ServicePort, ServiceSpec, wait_until};
+use mesh_e2e::{Agent, wait_until};
 
 const APP: &str = r#"
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,13 +61,7 @@ fn metrics_count_requests_and_bytes_on_both_agents() -> Result<()> {
     let node_args: [(&str, &[&str]); 2] = [("node-a", &fa), ("node-b", &fb)];
     let opts = MeshOpts { enrolled: &["shop"], named_service_accounts: true, node_args: &node_args, ..MeshOpts::default() };
     let mut m = mesh_with("metrics", &opts)?;
-    let mut svc = ServiceSpec::new("shop-server", "shop").select("app", "shop-server").ip([198, 51, 100, 100].into());
-    svc.ports.push(ServicePort { name: "http".into(), port: 80, target_port: 8080 });
-    m.tb.add_service(svc)?;
-    let script = m.tb.dir().join("app.py");
-    std::fs::write(&script, APP)?;
-    let app = m.shop_server.spawn("python3", [script.to_str().context("utf-8")?])?;
-    app.wait_for_stdout(SETTLE, |l| l.contains("listening"))?;
+    let _app = serve_http_app(&mut m, APP)?;
     write_with_extra(&m, &["shop"], &format!("{GET_ONLY}{GET_ONLY_HTTP}"))?;
     let url = "http://198.51.100.100:80/x";
     wait_until(SETTLE, || {

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use common::*;
-use mesh_e2e::{ServicePort, ServiceSpec, otlp::parse_spans, wait_until};
+use mesh_e2e::{otlp::parse_spans, wait_until};
 
 const APP: &str = r#"
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,13 +70,7 @@ fn client_and_server_spans_share_the_callers_trace() -> Result<()> {
     let agent_args = ["--otlp-endpoint", endpoint.as_str(), "--trace-sampling", "1"];
     let opts = MeshOpts { enrolled: &["shop"], named_service_accounts: true, agent_args: &agent_args, ..MeshOpts::default() };
     let mut m = mesh_with("tracing", &opts)?;
-    let mut svc = ServiceSpec::new("shop-server", "shop").select("app", "shop-server").ip([198, 51, 100, 100].into());
-    svc.ports.push(ServicePort { name: "http".into(), port: 80, target_port: 8080 });
-    m.tb.add_service(svc)?;
-    let script = m.tb.dir().join("app.py");
-    std::fs::write(&script, APP)?;
-    let app = m.shop_server.spawn("python3", [script.to_str().context("utf-8")?])?;
-    app.wait_for_stdout(SETTLE, |l| l.contains("listening"))?;
+    let _app = serve_http_app(&mut m, APP)?;
     write_with_extra(&m, &["shop"], "")?;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -99,6 +99,24 @@ pub fn mesh_with(test: &str, o: &MeshOpts) -> Result<Mesh> {
     Ok(m)
 }
 
+/// Address of the `shop-server` service that [`serve_http_app`] declares.
+pub const SHOP_SERVICE_IP: [u8; 4] = [198, 51, 100, 100];
+
+/// Declares service `shop/shop-server` at `198.51.100.100:80` (-> 8080,
+/// port name `http`) and runs the Python `app` in the shop-server pod until
+/// it prints `listening`. The service reaches the agents with the next
+/// config write.
+pub fn serve_http_app(m: &mut Mesh, app: &str) -> Result<PodProcess> {
+    let mut svc = mesh_e2e::ServiceSpec::new("shop-server", "shop").select("app", "shop-server").ip(SHOP_SERVICE_IP.into());
+    svc.ports.push(mesh_e2e::ServicePort { name: "http".into(), port: 80, target_port: 8080 });
+    m.tb.add_service(svc)?;
+    let script = m.tb.dir().join("app.py");
+    std::fs::write(&script, app)?;
+    let proc_ = m.shop_server.spawn("python3", [script.to_str().context("utf-8 path")?])?;
+    proc_.wait_for_stdout(SETTLE, |l| l.contains("listening"))?;
+    Ok(proc_)
+}
+
 /// The pod's entry in the agent's /status.
 pub fn pod_json(agent: &Agent, ns: &str, name: &str) -> Result<Value> {
     let s = agent.status()?;
