@@ -415,10 +415,13 @@ fn wait_enrolled(agent: &Agent, pod: &Pod) -> Result<()> {
 /// Thousands of short connections per second leave sockets in TIME_WAIT:
 /// let new connects reuse them and widen the port range, in the pod's own
 /// netns (these sysctls are per namespace), so the connection-rate scenario
-/// does not run out of ports.
+/// does not run out of ports. The range starts above the agent's in-pod
+/// listener ports (15001, 15006, 15008): a client socket lingering in
+/// TIME_WAIT on one of them would keep the next variant's agent from
+/// listening there.
 fn tune_pod(pod: &Pod) -> Result<()> {
     let script = "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse && \
-                  echo '1024 65000' > /proc/sys/net/ipv4/ip_local_port_range && \
+                  echo '16000 65000' > /proc/sys/net/ipv4/ip_local_port_range && \
                   echo 4096 > /proc/sys/net/core/somaxconn";
     let out = pod.run("sh", ["-c", script])?;
     ensure!(out.status.success(), "tuning {}: {}", pod.id(), String::from_utf8_lossy(&out.stderr));
