@@ -2,24 +2,30 @@
 //! the metrics' labels plus timings, sizes, the policy decision and the
 //! trace id. On by default, to stdout (`--access-log stdout|stderr|PATH|off`).
 //!
-//! The data path never waits for the log: lines go through a bounded queue
-//! to a writer thread; when it is full (a stalled stdout pipe, a slow disk)
-//! lines are dropped and counted (`accessLog.dropped` in `/status`).
+//! The data path never waits for the log: each line is serialized into a
+//! bounded buffer that a writer thread empties every 100 ms; when the buffer
+//! is full (a stalled stdout pipe, a slow disk) lines are dropped and counted
+//! (`accessLog.dropped` in `/status`). Shutdown writes what is left.
 
 use std::{
     io::Write,
     path::PathBuf,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-        mpsc,
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use serde::Serialize;
 
-/// Lines waiting for the writer at most.
-const QUEUE: usize = 16 * 1024;
+/// Bytes of lines waiting for the writer at most; beyond, lines are dropped.
+const BUFFER_LIMIT: usize = 4 << 20;
+/// How often the writer thread writes what has accumulated. The data path
+/// never wakes it: one write per interval rather than a thread wake-up (a
+/// futex call and a context switch) per request. Envoy flushes its access
+/// log files every second by default.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -41,11 +47,29 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
     }
 }
 
+/// Lines serialized by the data path, waiting for the writer.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    lines: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    written: AtomicU64,
+    dropped: AtomicU64,
+    /// Lines handed to the writer (written or failed), for `flush`.
+    taken: AtomicU64,
+    /// Lines accepted into the buffer.
+    queued: AtomicU64,
+    stop: AtomicBool,
+}
+
 #[derive(Default)]
 pub struct AccessLog {
-    tx: Option<mpsc::SyncSender<String>>,
-    written: Arc<AtomicU64>,
-    dropped: AtomicU64,
+    shared: Option<Arc<Shared>>,
+    writer: Option<std::thread::Thread>,
 }
 
 #[derive(Serialize)]
@@ -72,44 +96,88 @@ impl AccessLog {
                 std::io::Error::new(e.kind(), format!("cannot open the access log {}: {e}", p.display()))
             })?),
         };
-        let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
-        let written = Arc::new(AtomicU64::new(0));
-        let counter = written.clone();
-        std::thread::Builder::new().name("access-log".into()).spawn(move || {
-            while let Ok(first) = rx.recv() {
-                // Write what has queued up in one go, then flush.
-                let mut n = 1;
-                let mut ok = writeln!(out, "{first}").is_ok();
-                while let Ok(line) = rx.try_recv() {
-                    ok &= writeln!(out, "{line}").is_ok();
-                    n += 1;
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
+        let writer = std::thread::Builder::new().name("access-log".into()).spawn(move || {
+            let mut spare = Vec::new();
+            loop {
+                let stopping = s.stop.load(Ordering::Acquire);
+                let lines = {
+                    let mut p = s.pending.lock().expect("poisoned");
+                    std::mem::swap(&mut p.bytes, &mut spare);
+                    std::mem::take(&mut p.lines)
+                };
+                if lines > 0 {
+                    let ok = out.write_all(&spare).is_ok() && out.flush().is_ok();
+                    if ok {
+                        s.written.fetch_add(lines, Ordering::Relaxed);
+                    } else {
+                        s.dropped.fetch_add(lines, Ordering::Relaxed);
+                    }
+                    s.taken.fetch_add(lines, Ordering::Release);
+                    spare.clear();
+                    // Keep a buffer for the next round, not a burst's worth.
+                    spare.shrink_to(64 * 1024);
                 }
-                ok &= out.flush().is_ok();
-                if ok {
-                    counter.fetch_add(n, Ordering::Relaxed);
+                if stopping {
+                    return;
                 }
+                std::thread::park_timeout(FLUSH_INTERVAL);
             }
         })?;
-        Ok(Self { tx: Some(tx), written, dropped: AtomicU64::new(0) })
+        Ok(Self { writer: Some(writer.thread().clone()), shared: Some(shared) })
     }
 
     pub fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.shared.is_some()
     }
 
-    /// Queues one entry; never blocks.
-    pub fn log(&self, entry: &serde_json::Value) {
-        let Some(tx) = &self.tx else { return };
-        if tx.try_send(entry.to_string()).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Queues one entry as a JSON line; never blocks on the output.
+    pub fn log(&self, entry: &impl Serialize) {
+        let Some(s) = &self.shared else { return };
+        let mut p = s.pending.lock().expect("poisoned");
+        if p.bytes.len() >= BUFFER_LIMIT {
+            drop(p);
+            s.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let before = p.bytes.len();
+        if serde_json::to_writer(&mut p.bytes, entry).is_err() {
+            p.bytes.truncate(before);
+            drop(p);
+            s.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        p.bytes.push(b'\n');
+        p.lines += 1;
+        s.queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes what is queued now and stops the writer (at shutdown): waits
+    /// for the output up to `timeout`.
+    pub fn flush_and_stop(&self, timeout: Duration) {
+        let (Some(s), Some(w)) = (&self.shared, &self.writer) else { return };
+        s.stop.store(true, Ordering::Release);
+        w.unpark();
+        let deadline = std::time::Instant::now() + timeout;
+        while s.taken.load(Ordering::Acquire) < s.queued.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
     pub fn stats(&self) -> AccessLogStats {
-        AccessLogStats {
-            enabled: self.enabled(),
-            written: self.written.load(Ordering::Relaxed),
-            dropped: self.dropped.load(Ordering::Relaxed),
+        let (written, dropped) = self.shared.as_ref().map_or((0, 0), |s| {
+            (s.written.load(Ordering::Relaxed), s.dropped.load(Ordering::Relaxed))
+        });
+        AccessLogStats { enabled: self.enabled(), written, dropped }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        if let (Some(s), Some(w)) = (&self.shared, &self.writer) {
+            s.stop.store(true, Ordering::Release);
+            w.unpark();
         }
     }
 }

@@ -120,13 +120,43 @@ impl Default for Metrics {
     }
 }
 
+/// The request metrics of one label set, looked up once: recording through
+/// it costs no hashing of the labels (a connection keeps its series for the
+/// requests it carries).
+pub struct RequestSeries {
+    pub labels: Labels,
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestSeries {
+    /// One finished HTTP request.
+    pub fn record(&self, elapsed: Duration, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(elapsed.as_secs_f64() * 1000.0);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
 impl Metrics {
+    /// The series of `labels` (created on first use; families never drop
+    /// a series, so the handles stay the exported ones).
+    pub fn request_series(&self, labels: Labels) -> RequestSeries {
+        RequestSeries {
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+
     /// One finished HTTP request.
     pub fn request(&self, labels: &Labels, elapsed: Duration, request_bytes: u64, response_bytes: u64) {
-        self.requests.get_or_create(labels).inc();
-        self.duration.get_or_create(labels).observe(elapsed.as_secs_f64() * 1000.0);
-        self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
-        self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
+        self.request_series(labels.clone()).record(elapsed, request_bytes, response_bytes);
     }
 
     pub fn tcp_opened(&self, labels: &Labels) {

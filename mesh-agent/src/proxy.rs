@@ -48,6 +48,7 @@ mod inbound;
 mod outbound;
 mod observe;
 mod pool;
+mod relay;
 mod services;
 mod sniff;
 mod tunnel;
@@ -65,6 +66,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// millisecond of round trip).
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame an agent accepts on the tunnel: a relay read (up to
+/// 64 KiB) travels as one DATA frame instead of four 16 KiB ones.
+const FRAME_SIZE: u32 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -124,12 +124,13 @@ fn client_and_server_spans_share_the_callers_trace() -> Result<()> {
         Ok(s["tracing"]["droppedExportFailed"].as_u64().unwrap_or(0) > 0)
     })
     .with_context(|| format!("tracing stats: {}", m.a.status().map(|s| s["tracing"].clone()).unwrap_or_default()))?;
-    // The access log has a line for each request, with the trace id.
+    // The access log has a line for each request, with the trace id (the
+    // log is written every 100 ms).
+    let has_line = |l: &str| l.contains("\"kind\":\"http\"") && l.contains(trace_id);
+    wait_until(SETTLE, || Ok(m.b.stdout().lines().any(has_line)))
+        .with_context(|| format!("no access log line with the trace id: {}", m.b.stdout()))?;
     let log = m.b.stdout();
-    let line = log
-        .lines()
-        .find(|l| l.contains("\"kind\":\"http\"") && l.contains(trace_id))
-        .with_context(|| format!("no access log line with the trace id: {log}"))?;
+    let line = log.lines().find(|l| has_line(l)).expect("found above");
     let v: serde_json::Value = serde_json::from_str(line)?;
     ensure!(v["reporter"] == "destination" && v["responseCode"] == 200 && v["path"] == "/t", "{v}");
     ensure!(v["sourcePrincipal"] == "spiffe://cluster.local/ns/shop/sa/shop-client", "{v}");

@@ -217,6 +217,7 @@ impl Proxy {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(super::STREAM_WINDOW)
             .initial_connection_window_size(super::CONNECTION_WINDOW)
+            .max_frame_size(super::FRAME_SIZE)
             .handshake(io)
             .await
             .map_err(|e| TryError::Connect(e.to_string()))?;

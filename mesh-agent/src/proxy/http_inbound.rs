@@ -33,8 +33,8 @@ use super::{PodHandle, Proxy, connect_from};
 use crate::{
     telemetry::trace::{SpanKind, attr},
     identity::SpiffeId,
-    policy::{self, Connection, Peer},
-    state::AppHttp,
+    policy::{self, Connection, Peer, WorkloadPolicy},
+    state::{AppHttp, Snapshot},
 };
 
 use super::http_outbound::REPLY_HEADER;
@@ -96,8 +96,28 @@ struct Conn {
     client: SocketAddr,
     pod: Arc<PodHandle>,
     peer: Option<(SpiffeId, Peer)>,
+    /// `x-mesh-peer-identity`'s value, formatted once.
+    peer_header: Option<HeaderValue>,
     target: SocketAddr,
     upstream: tokio::sync::Mutex<Option<Upstream>>,
+    /// The pod's compiled policy, for as long as the mesh state stays the
+    /// same: requests skip the agent-wide policy cache.
+    policy: std::sync::Mutex<Option<(Snapshot, Arc<WorkloadPolicy>)>>,
+    series: super::observe::SeriesCache,
+}
+
+impl Conn {
+    fn policy(&self, proxy: &Proxy, snapshot: &Snapshot) -> Arc<WorkloadPolicy> {
+        let mut cached = self.policy.lock().expect("poisoned");
+        match &*cached {
+            Some((s, p)) if Arc::ptr_eq(s, snapshot) => p.clone(),
+            _ => {
+                let p = proxy.authz.workload(snapshot, &self.pod.key);
+                *cached = Some((snapshot.clone(), p.clone()));
+                p
+            }
+        }
+    }
 }
 
 impl Proxy {
@@ -119,12 +139,15 @@ impl Proxy {
             app,
             client,
             pod,
+            peer_header: peer.as_ref().and_then(|id| HeaderValue::from_str(&id.to_string()).ok()),
             peer: peer.map(|id| {
                 let p = Peer::new(&id);
                 (id, p)
             }),
             target,
             upstream: tokio::sync::Mutex::new(None),
+            policy: std::sync::Mutex::new(None),
+            series: super::observe::SeriesCache::default(),
         });
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -153,28 +176,30 @@ impl Proxy {
         let (res, decision) = self.authorize_and_forward(conn, req).await;
         info.decision = decision;
         let snapshot = self.state.borrow().clone();
-        let mut labels = super::observe::Parties {
-            state: &snapshot,
-            reporter: "destination",
-            src_pod: None,
-            src_ip: Some(conn.client.ip().to_canonical()),
-            src_id: conn.peer.as_ref().map(|(id, _)| id),
-            dst_pod: Some(&conn.pod.key),
-            dst_addr: Some(conn.target),
-            service: None,
-            mtls: conn.peer.is_some(),
-        }
-        .labels(protocol);
-        labels.response_code = res.status().as_u16();
-        labels.response_flags = match res.headers().get(REPLY_HEADER).map(HeaderValue::as_bytes) {
+        let code = res.status().as_u16();
+        let flags = match res.headers().get(REPLY_HEADER).map(HeaderValue::as_bytes) {
             Some(b"denied") => "RBAC",
             Some(_) => "DPE",
             None => "-",
         };
+        let series = conn.series.get(&self.telemetry.metrics, &snapshot, (None, protocol, code, flags), || {
+            super::observe::Parties {
+                state: &snapshot,
+                reporter: "destination",
+                src_pod: None,
+                src_ip: Some(conn.client.ip().to_canonical()),
+                src_id: conn.peer.as_ref().map(|(id, _)| id),
+                dst_pod: Some(&conn.pod.key),
+                dst_addr: Some(conn.target),
+                service: None,
+                mtls: conn.peer.is_some(),
+            }
+            .labels(protocol)
+        });
         if span.is_recording() {
             span.set_attribute(attr::HTTP_REQUEST_METHOD, info.method.clone());
             span.set_attribute(attr::URL_PATH, info.path.clone());
-            span.set_attribute(attr::HTTP_RESPONSE_STATUS_CODE, labels.response_code);
+            span.set_attribute(attr::HTTP_RESPONSE_STATUS_CODE, code);
             span.set_attribute(attr::MESH_DESTINATION_WORKLOAD, conn.pod.key.to_string());
             if let Some((id, _)) = &conn.peer {
                 span.set_attribute(attr::MESH_PEER_PRINCIPAL, id.to_string());
@@ -189,7 +214,7 @@ impl Proxy {
         }
         span.end();
         let telemetry = self.telemetry.clone();
-        res.map(|b| super::observe::Recorded::new(b, telemetry, labels, info, start, request_bytes).boxed())
+        res.map(|b| super::observe::Recorded::new(b, telemetry, series, info, start, request_bytes).boxed())
     }
 
     /// The response, and the policy decision when one was made.
@@ -207,8 +232,8 @@ impl Proxy {
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             return (r, None);
         }
-        let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
-        let path = match policy::normalize_path(&target) {
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let path = match policy::normalize_path(target) {
             Ok(p) => p,
             Err(e) => {
                 pod.stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -216,32 +241,31 @@ impl Proxy {
                 return (local(StatusCode::BAD_REQUEST, format!("bad request target: {e}")), None);
             }
         };
-        let host_header = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
-        let authority = req.uri().authority().map(|a| a.as_str().to_owned());
-        if let (Some(h), Some(a)) = (&host_header, &authority)
+        let rewritten = path.as_str() != target;
+        let host_header = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+        let authority = req.uri().authority().map(http::uri::Authority::as_str);
+        if let (Some(h), Some(a)) = (host_header, authority)
             && !h.eq_ignore_ascii_case(a)
         {
             return (local(StatusCode::BAD_REQUEST, format!("Host {h:?} disagrees with :authority {a:?}")), None);
         }
         let host = authority.or(host_header).unwrap_or_default();
-        let decision = {
-            let snapshot = self.state.borrow().clone();
-            let wp = self.authz.workload(&snapshot, &pod.key);
-            let c = Connection { peer: conn.peer.as_ref().map(|(_, p)| p), port: conn.target.port() };
-            let d = wp.check_http(&c, &policy::Request { method: req.method().as_str(), path: &path, host: &host, headers: req.headers() });
-            (d.allowed, d.policy.map(str::to_owned), d.to_string())
-        };
-        if !decision.0 {
-            let name = decision.1.unwrap_or_else(|| "(default deny)".into());
+        let snapshot = self.state.borrow().clone();
+        let wp = conn.policy(self, &snapshot);
+        let c = Connection { peer: conn.peer.as_ref().map(|(_, p)| p), port: conn.target.port() };
+        let d = wp.check_http(&c, &policy::Request { method: req.method().as_str(), path: &path, host, headers: req.headers() });
+        if !d.allowed {
+            let name = d.policy.unwrap_or("(default deny)").to_owned();
             *pod.stats.inbound_denied.lock().expect("poisoned").entry(name.clone()).or_default() += 1;
             let who = conn.peer.as_ref().map(|(id, _)| id.to_string()).unwrap_or_else(|| "plaintext client".into());
             tracing::info!(pod = %pod.key, peer = %who, method = %req.method(), path = path.as_str(), policy = %name, "request denied by authorization policy");
-            let mut r = local(StatusCode::FORBIDDEN, format!("RBAC: access denied ({})", decision.2));
+            let mut r = local(StatusCode::FORBIDDEN, format!("RBAC: access denied ({d})"));
             r.headers_mut().insert(REPLY_HEADER, HeaderValue::from_static("denied"));
             return (r, Some(("deny", Some(name))));
         }
+        let allowed = Some(("allow", d.policy.map(str::to_owned)));
         // Forward exactly what was checked.
-        if path.as_str() != target {
+        if rewritten {
             match http::uri::PathAndQuery::try_from(path.as_str()) {
                 Ok(pq) => {
                     let mut parts = req.uri().clone().into_parts();
@@ -253,14 +277,11 @@ impl Proxy {
                 Err(e) => return (local(StatusCode::BAD_REQUEST, format!("bad request target: {e}")), None),
             }
         }
-        let allowed = Some(("allow", decision.1));
         for h in IDENTITY_HEADERS {
             req.headers_mut().remove(h);
         }
-        if let Some((id, _)) = &conn.peer
-            && let Ok(v) = HeaderValue::from_str(&id.to_string())
-        {
-            req.headers_mut().insert(PEER_IDENTITY_HEADER, v);
+        if let Some(v) = &conn.peer_header {
+            req.headers_mut().insert(PEER_IDENTITY_HEADER, v.clone());
         }
         let downstream = super::http_outbound::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let res = match self.forward(conn, req).await {

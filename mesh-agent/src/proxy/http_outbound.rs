@@ -113,12 +113,13 @@ struct Conn {
     orig: SocketAddr,
     /// What the application behind the service speaks.
     version: AppHttp,
+    series: super::observe::SeriesCache,
 }
 
 impl Proxy {
     pub(super) async fn serve_http_outbound(self: Arc<Self>, app: TcpStream, pod: Arc<PodHandle>, orig: SocketAddr, version: AppHttp) {
         let stats = pod.stats.clone();
-        let conn = Arc::new(Conn { pod, orig, version });
+        let conn = Arc::new(Conn { pod, orig, version, series: super::observe::SeriesCache::default() });
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
@@ -148,25 +149,8 @@ impl Proxy {
         }
         let (res, dest) = self.route_request(conn, req).await;
         let snapshot = self.state.borrow().clone();
-        let service = snapshot.service_target(conn.orig).map(|t| (t.service.namespace.clone(), t.service.name.clone()));
-        let dst_pod = match &dest {
-            Some(Destination::MeshPod { pod, .. }) => Some(pod.clone()),
-            _ => None,
-        };
-        let mut labels = super::observe::Parties {
-            state: &snapshot,
-            reporter: "source",
-            src_pod: Some(&conn.pod.key),
-            src_ip: None,
-            src_id: None,
-            dst_pod: dst_pod.as_ref(),
-            dst_addr: dest.as_ref().map(Destination::addr),
-            service: service.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str())),
-            mtls: dst_pod.is_some(),
-        }
-        .labels(protocol);
-        labels.response_code = res.status().as_u16();
-        labels.response_flags = match res.headers().get(REPLY_HEADER).map(HeaderValue::as_bytes) {
+        let code = res.status().as_u16();
+        let flags = match res.headers().get(REPLY_HEADER).map(HeaderValue::as_bytes) {
             Some(b"overflow") => "UO",
             Some(b"timeout") => "UT",
             Some(b"connect-failure") => "UF",
@@ -175,6 +159,27 @@ impl Proxy {
             Some(_) => "DPE",
             None => "-",
         };
+        let dst_pod = match &dest {
+            Some(Destination::MeshPod { pod, .. }) => Some(pod),
+            _ => None,
+        };
+        let key = (dest.as_ref().map(Destination::addr), protocol, code, flags);
+        let series = conn.series.get(&self.telemetry.metrics, &snapshot, key, || {
+            let service = snapshot.service_target(conn.orig).map(|t| (t.service.namespace.clone(), t.service.name.clone()));
+            super::observe::Parties {
+                state: &snapshot,
+                reporter: "source",
+                src_pod: Some(&conn.pod.key),
+                src_ip: None,
+                src_id: None,
+                dst_pod,
+                dst_addr: dest.as_ref().map(Destination::addr),
+                service: service.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str())),
+                mtls: dst_pod.is_some(),
+            }
+            .labels(protocol)
+        });
+        let labels = &series.labels;
         info.upstream = dest.as_ref().map(Destination::addr);
         if span.is_recording() {
             span.set_attribute(attr::HTTP_RESPONSE_STATUS_CODE, labels.response_code);
@@ -186,7 +191,7 @@ impl Proxy {
         }
         span.end();
         let telemetry = self.telemetry.clone();
-        res.map(|b| super::observe::Recorded::new(b, telemetry, labels, info, start, request_bytes).boxed())
+        res.map(|b| super::observe::Recorded::new(b, telemetry, series.clone(), info, start, request_bytes).boxed())
     }
 
     /// Routes, balances and sends one request; also says which endpoint
@@ -398,7 +403,7 @@ pub(super) async fn join_upgraded(a: hyper::upgrade::OnUpgrade, b: hyper::upgrad
     match tokio::try_join!(a, b) {
         Ok((a, b)) => {
             let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+            if let Err(e) = super::relay::copy_bidirectional(&mut a, &mut b).await {
                 tracing::debug!(error = %e, "upgraded connection ended with an error");
             }
         }

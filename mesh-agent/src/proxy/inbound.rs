@@ -64,7 +64,7 @@ impl Proxy {
         match connect_from(&pod.netns, target).await {
             Ok(mut app) => {
                 tracing::debug!(%peer, %target, "plaintext inbound delivered");
-                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
+                if let Err(e) = super::relay::copy_bidirectional(&mut client, &mut app).await {
                     tracing::debug!(%peer, %target, error = %e, "plaintext inbound ended with an error");
                 }
             }

@@ -16,8 +16,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use crate::{
     access_log::AccessLog,
     identity::SpiffeId,
-    metrics::{Labels, Metrics},
-    state::{MeshState, Pod, PodKey},
+    metrics::{Labels, Metrics, RequestSeries},
+    state::{MeshState, Pod, PodKey, Snapshot},
     telemetry::trace::Tracer,
 };
 
@@ -59,62 +59,114 @@ impl RequestInfo {
 }
 
 impl Telemetry {
-    pub(super) fn request_done(&self, labels: &Labels, info: &RequestInfo, elapsed: std::time::Duration, request_bytes: u64, response_bytes: u64) {
-        self.metrics.request(labels, elapsed, request_bytes, response_bytes);
+    pub(super) fn request_done(&self, series: &RequestSeries, info: &RequestInfo, elapsed: std::time::Duration, request_bytes: u64, response_bytes: u64) {
+        series.record(elapsed, request_bytes, response_bytes);
         if self.access_log.enabled() {
-            let mut v = entry("http", labels);
-            let o = v.as_object_mut().expect("an object");
-            o.insert("method".into(), info.method.clone().into());
-            o.insert("path".into(), info.path.clone().into());
-            o.insert("authority".into(), info.authority.clone().into());
-            o.insert("durationMs".into(), (elapsed.as_secs_f64() * 1000.0).into());
-            o.insert("requestBytes".into(), request_bytes.into());
-            o.insert("responseBytes".into(), response_bytes.into());
-            o.insert("upstream".into(), info.upstream.map(|a| a.to_string()).into());
-            if let Some((d, p)) = &info.decision {
-                o.insert("policyDecision".into(), (*d).into());
-                o.insert("policy".into(), p.clone().into());
-            }
-            o.insert("traceId".into(), info.trace_id.clone().into());
-            self.access_log.log(&v);
+            let labels = &series.labels;
+            let (policy_decision, policy) = match &info.decision {
+                Some((d, p)) => (Some(*d), Some(p.as_deref())),
+                None => (None, None),
+            };
+            self.access_log.log(&Entry {
+                common: Common::new("http", labels, elapsed),
+                detail: Detail::Http {
+                    method: &info.method,
+                    path: &info.path,
+                    authority: &info.authority,
+                    request_bytes,
+                    response_bytes,
+                    upstream: info.upstream,
+                    policy_decision,
+                    policy,
+                    trace_id: info.trace_id.as_deref(),
+                },
+            });
         }
     }
 
     pub(super) fn tcp_done(&self, labels: &Labels, elapsed: std::time::Duration, sent: u64, received: u64, upstream: SocketAddr) {
         self.metrics.tcp_closed(labels, sent, received);
         if self.access_log.enabled() {
-            let mut v = entry("tcp", labels);
-            let o = v.as_object_mut().expect("an object");
-            o.insert("durationMs".into(), (elapsed.as_secs_f64() * 1000.0).into());
-            o.insert("sentBytes".into(), sent.into());
-            o.insert("receivedBytes".into(), received.into());
-            o.insert("upstream".into(), upstream.to_string().into());
-            self.access_log.log(&v);
+            self.access_log.log(&Entry {
+                common: Common::new("tcp", labels, elapsed),
+                detail: Detail::Tcp { sent_bytes: sent, received_bytes: received, upstream },
+            });
         }
     }
 }
 
-fn entry(kind: &str, l: &Labels) -> serde_json::Value {
-    serde_json::json!({
-        "time": humantime_now(),
-        "kind": kind,
-        "reporter": l.reporter,
-        "sourceWorkload": l.source_workload,
-        "sourceNamespace": l.source_workload_namespace,
-        "sourcePrincipal": l.source_principal,
-        "destinationWorkload": l.destination_workload,
-        "destinationNamespace": l.destination_workload_namespace,
-        "destinationPrincipal": l.destination_principal,
-        "destinationService": l.destination_service,
-        "protocol": l.request_protocol,
-        "responseCode": l.response_code,
-        "responseFlags": l.response_flags,
-        "connectionSecurityPolicy": l.connection_security_policy,
-    })
+/// One access log line: the metric labels, then what the kind adds.
+#[derive(serde::Serialize)]
+struct Entry<'a> {
+    #[serde(flatten)]
+    common: Common<'a>,
+    #[serde(flatten)]
+    detail: Detail<'a>,
 }
 
-fn humantime_now() -> String {
-    crate::identity::humantime(std::time::SystemTime::now())
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Common<'a> {
+    time: String,
+    kind: &'static str,
+    reporter: &'static str,
+    source_workload: &'a str,
+    source_namespace: &'a str,
+    source_principal: &'a str,
+    destination_workload: &'a str,
+    destination_namespace: &'a str,
+    destination_principal: &'a str,
+    destination_service: &'a str,
+    protocol: &'static str,
+    response_code: u16,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+    duration_ms: f64,
+}
+
+impl<'a> Common<'a> {
+    fn new(kind: &'static str, l: &'a Labels, elapsed: std::time::Duration) -> Self {
+        Self {
+            time: crate::identity::humantime(std::time::SystemTime::now()),
+            kind,
+            reporter: l.reporter,
+            source_workload: &l.source_workload,
+            source_namespace: &l.source_workload_namespace,
+            source_principal: &l.source_principal,
+            destination_workload: &l.destination_workload,
+            destination_namespace: &l.destination_workload_namespace,
+            destination_principal: &l.destination_principal,
+            destination_service: &l.destination_service,
+            protocol: l.request_protocol,
+            response_code: l.response_code,
+            response_flags: l.response_flags,
+            connection_security_policy: l.connection_security_policy,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged, rename_all_fields = "camelCase")]
+enum Detail<'a> {
+    Http {
+        method: &'a str,
+        path: &'a str,
+        authority: &'a str,
+        request_bytes: u64,
+        response_bytes: u64,
+        upstream: Option<SocketAddr>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        policy_decision: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        policy: Option<Option<&'a str>>,
+        trace_id: Option<&'a str>,
+    },
+    Tcp {
+        sent_bytes: u64,
+        received_bytes: u64,
+        upstream: SocketAddr,
+    },
 }
 
 /// The workload, namespace and app of a pod, as metrics name them.
@@ -211,6 +263,46 @@ impl Parties<'_> {
     }
 }
 
+/// What distinguishes the request series of one connection: the upstream
+/// address (the source side balances each request), protocol, response code
+/// and flags.
+pub(super) type SeriesKey = (Option<SocketAddr>, &'static str, u16, &'static str);
+
+/// A connection's request series, so that its requests skip computing the
+/// labels (pod lookups, a dozen strings) and the metric families' lookups:
+/// each is computed once per mesh state and key.
+#[derive(Default)]
+pub(super) struct SeriesCache(std::sync::Mutex<Option<CachedSeries>>);
+
+/// The series computed under one mesh state.
+type CachedSeries = (Snapshot, Vec<(SeriesKey, Arc<RequestSeries>)>);
+
+impl SeriesCache {
+    /// Distinct keys kept per connection (a few codes times a few endpoints).
+    const MAX: usize = 32;
+
+    /// The series of `key`; `labels` computes the labels on a miss (its
+    /// protocol, code and flags are set from the key).
+    pub fn get(&self, metrics: &Metrics, snapshot: &Snapshot, key: SeriesKey, labels: impl FnOnce() -> Labels) -> Arc<RequestSeries> {
+        let mut guard = self.0.lock().expect("poisoned");
+        if guard.as_ref().is_none_or(|(s, _)| !Arc::ptr_eq(s, snapshot)) {
+            *guard = Some((snapshot.clone(), Vec::new()));
+        }
+        let (_, cached) = guard.as_mut().expect("set above");
+        if let Some((_, s)) = cached.iter().find(|(k, _)| *k == key) {
+            return s.clone();
+        }
+        if cached.len() >= Self::MAX {
+            cached.clear();
+        }
+        let mut l = labels();
+        (l.request_protocol, l.response_code, l.response_flags) = (key.1, key.2, key.3);
+        let series = Arc::new(metrics.request_series(l));
+        cached.push((key, series.clone()));
+        series
+    }
+}
+
 /// `http` or `grpc` (by the request's content type).
 pub(super) fn protocol(headers: &http::HeaderMap) -> &'static str {
     let grpc = headers
@@ -230,20 +322,20 @@ pub(super) struct Recorded<B> {
 
 struct Done {
     telemetry: Arc<Telemetry>,
-    labels: Labels,
+    series: Arc<RequestSeries>,
     info: RequestInfo,
     start: Instant,
     request_bytes: u64,
 }
 
 impl<B> Recorded<B> {
-    pub fn new(inner: B, telemetry: Arc<Telemetry>, labels: Labels, info: RequestInfo, start: Instant, request_bytes: u64) -> Self {
-        Self { inner, bytes: 0, done: Some(Done { telemetry, labels, info, start, request_bytes }) }
+    pub fn new(inner: B, telemetry: Arc<Telemetry>, series: Arc<RequestSeries>, info: RequestInfo, start: Instant, request_bytes: u64) -> Self {
+        Self { inner, bytes: 0, done: Some(Done { telemetry, series, info, start, request_bytes }) }
     }
 
     fn finish(&mut self) {
         if let Some(d) = self.done.take() {
-            d.telemetry.request_done(&d.labels, &d.info, d.start.elapsed(), d.request_bytes, self.bytes);
+            d.telemetry.request_done(&d.series, &d.info, d.start.elapsed(), d.request_bytes, self.bytes);
         }
     }
 }

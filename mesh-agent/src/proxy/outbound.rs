@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use super::{
     balance::{Outcome, l4_outlier_detection},
-    CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, connect_from, count_peer,
+    CONNECTION_WINDOW, FRAME_SIZE, PodHandle, Proxy, STREAM_WINDOW, connect_from, count_peer,
     pool::{PoolKey, StreamSlot},
 };
 use crate::{identity::SpiffeId, state::Destination};
@@ -154,8 +154,8 @@ impl Proxy {
                     }
                     let mut counted = super::observe::Counted::new(&mut app);
                     let result = match &mut upstream {
-                        Upstream::Tunnel(up, _slot) => tokio::io::copy_bidirectional(&mut counted, up).await,
-                        Upstream::Direct(up) => tokio::io::copy_bidirectional(&mut counted, up).await,
+                        Upstream::Tunnel(up, _slot) => super::relay::copy_bidirectional(&mut counted, up).await,
+                        Upstream::Direct(up) => super::relay::copy_bidirectional(&mut counted, up).await,
                     };
                     let (received, sent) = counted.totals();
                     self.telemetry.tcp_done(&labels, opened.elapsed(), sent, received, dest.addr());
@@ -282,6 +282,7 @@ impl Proxy {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(FRAME_SIZE)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(std::io::Error::other)?;

@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::{CONNECTION_WINDOW, PodHandle, Proxy, STREAM_WINDOW, authz::L4Verdict, connect_from, count_peer};
+use super::{CONNECTION_WINDOW, FRAME_SIZE, PodHandle, Proxy, STREAM_WINDOW, authz::L4Verdict, connect_from, count_peer};
 use crate::identity::SpiffeId;
 
 /// Response header saying why a CONNECT was refused, for the other agent's log.
@@ -49,6 +49,7 @@ impl Proxy {
         let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(FRAME_SIZE)
             .serve_connection(TokioIo::new(stream), service)
             .await;
         if let Err(e) = result {
@@ -185,7 +186,7 @@ impl Proxy {
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     let mut upgraded = super::observe::Counted::new(TokioIo::new(upgraded));
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut upgraded, &mut app).await {
+                    if let Err(e) = super::relay::copy_bidirectional(&mut upgraded, &mut app).await {
                         tracing::debug!(%target, error = %e, "tunnel stream ended with an error");
                     }
                     let (received, sent) = upgraded.totals();
