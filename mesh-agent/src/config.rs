@@ -149,7 +149,7 @@ mod tests {
             admin_addr: DEFAULT_ADMIN.parse().unwrap(),
             drain_timeout: parse_duration(DEFAULT_DRAIN_TIMEOUT).unwrap(),
             config_poll: parse_duration(DEFAULT_CONFIG_POLL).unwrap(),
-            data_threads: 2,
+            data_threads: 1,
             accelerate: true,
             reconcile_interval: parse_duration(DEFAULT_RECONCILE_INTERVAL).unwrap(),
             ca: CaConfig {
