@@ -3,7 +3,9 @@
 //! A socket belongs to the network namespace of the thread that created it,
 //! for its whole life. Each pod gets one long-lived thread that has done
 //! `setns` into the pod's namespace and creates sockets on request; the
-//! sockets are then used from the async runtime like any other. Moving a
+//! sockets are then used from the async runtime like any other (a data-path
+//! connect waits for its socket asynchronously, so the runtime thread serves
+//! other connections meanwhile). Moving a
 //! runtime thread between namespaces would be cheaper per call, but one
 //! forgotten switch-back would put unrelated sockets in the wrong pod.
 
@@ -119,21 +121,40 @@ impl Netns {
         rx.recv().map_err(|_| Error::Gone { path: self.path.clone() })
     }
 
+    /// Runs `f` on the namespace's thread; the caller's task waits without
+    /// holding its runtime thread (the data plane may have just one).
+    pub async fn run_async<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| Error::Gone { path: self.path.clone() })?;
+        rx.await.map_err(|_| Error::Gone { path: self.path.clone() })
+    }
+
     /// A non-blocking TCP socket in this namespace, carrying the agent's mark
     /// so the connect hooks never redirect it.
     pub fn socket(&self, domain: Domain) -> Result<Socket, Error> {
-        let s = self
-            .run(move || -> io::Result<Socket> {
-                let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
-                s.set_mark(mesh_common::AGENT_SOCKET_MARK)?;
-                Ok(s)
-            })?
-            .map_err(|source| Error::Socket {
-                path: self.path.clone(),
-                source,
-            })?;
-        Ok(s)
+        self.run(move || new_socket(domain))?.map_err(|source| Error::Socket {
+            path: self.path.clone(),
+            source,
+        })
     }
+
+    /// [`Netns::socket`] for async callers (the data path's connects).
+    pub async fn socket_async(&self, domain: Domain) -> Result<Socket, Error> {
+        self.run_async(move || new_socket(domain)).await?.map_err(|source| Error::Socket {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+fn new_socket(domain: Domain) -> io::Result<Socket> {
+    let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    s.set_mark(mesh_common::AGENT_SOCKET_MARK)?;
+    Ok(s)
 }
 
 fn short_name(path: &Path) -> String {

@@ -189,6 +189,7 @@ pub struct Proxy {
     balancer: balance::Balancer,
     services: services::Services,
     http_clients: http_client::HttpClients,
+    app_connections: http_inbound::AppConnections,
     ports: Ports,
     telemetry: Arc<observe::Telemetry>,
     /// Every connection task, so shutdown can wait for them to finish.
@@ -249,6 +250,7 @@ impl Proxy {
             balancer: balance::Balancer::default(),
             services: services::Services::default(),
             http_clients: http_client::HttpClients::default(),
+            app_connections: http_inbound::AppConnections::default(),
             ports,
             telemetry,
             connections: TaskTracker::new(),
@@ -262,6 +264,7 @@ impl Proxy {
                 let Some(p) = weak.upgrade() else { return };
                 p.pool.reap(pool::IDLE_TIMEOUT);
                 p.http_clients.reap();
+                p.app_connections.reap();
             }
         });
         proxy
@@ -418,7 +421,7 @@ impl Kind {
 /// A TCP connect from inside a pod's namespace, with the agent's mark.
 async fn connect_from(netns: &Netns, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
-    let sock = netns.socket(domain).map_err(std::io::Error::other)?;
+    let sock = netns.socket_async(domain).await.map_err(std::io::Error::other)?;
     let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
         .await

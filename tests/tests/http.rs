@@ -15,7 +15,7 @@ class H(BaseHTTPRequestHandler):
     def handle_one(self):
         n = int(self.headers.get('content-length') or 0)
         data = self.rfile.read(n) if n else b""
-        print(json.dumps({"method": self.command, "path": self.path, "bytes": len(data)}), flush=True)
+        print(json.dumps({"method": self.command, "path": self.path, "bytes": len(data), "conn": self.client_address[1]}), flush=True)
         if self.path.startswith("/echo"):
             body = data
         else:
@@ -137,6 +137,20 @@ fn http1_keepalive_http2_and_large_bodies() -> Result<()> {
     )?;
     ensure!(String::from_utf8_lossy(&out.stdout).lines().filter(|l| *l == "200").count() == 3, "{out:?}");
     ensure!(counter(&m.a, "shop", "shop-client", "ebpf.redirected")? == before + 1, "not one connection");
+
+    // Client connections come and go; the agent keeps its connections to
+    // the app: ten clients one after the other, one request each, reach the
+    // app over one or two connections (not ten).
+    for i in 0..10 {
+        ensure!(curl(&m.shop_client, "GET", &format!("/reuse{i}"), &[])?.0 == 200);
+    }
+    let ports: std::collections::BTreeSet<u64> = app
+        .stdout_lines()
+        .iter()
+        .filter(|l| l.contains("/reuse"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["conn"].as_u64())
+        .collect();
+    ensure!(!ports.is_empty() && ports.len() <= 2, "the app saw the 10 requests on connections from ports {ports:?}");
 
     // HTTP/2 with prior knowledge (h2c), on two connections at once; the
     // agent speaks HTTP/1.1 to this app (its port is declared `http`).

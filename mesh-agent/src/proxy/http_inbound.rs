@@ -20,7 +20,7 @@
 //! - A denied request gets 403 with a short body naming the policy; it is
 //!   logged and counted (`inboundDenied`), and the app never sees it.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -81,11 +81,54 @@ fn local(status: StatusCode, text: String) -> Response<Body> {
     r
 }
 
-/// One upstream HTTP connection to the app per downstream connection, of the
-/// downstream's HTTP version, opened on the first request.
-enum Upstream {
-    H1(hyper::client::conn::http1::SendRequest<Incoming>),
-    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+/// Connections from the agent to the apps of this node's pods, shared by
+/// every downstream connection (an app sees a few keep-alive connections
+/// from its agent rather than one per client connection): per (pod network
+/// namespace, app address), one HTTP/2 connection for all requests, or
+/// HTTP/1.1 connections carrying one request at a time that go back to an
+/// idle list once the response has been read. Idle for
+/// [`super::pool::IDLE_TIMEOUT`]: closed.
+#[derive(Default)]
+pub(super) struct AppConnections {
+    h2: std::sync::Mutex<HashMap<AppKey, H2Sender>>,
+    /// Idle connections, each with the time it went idle.
+    h1: std::sync::Mutex<HashMap<AppKey, Vec<(H1Sender, Instant)>>>,
+}
+
+type H1Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct AppKey {
+    /// The pod's network namespace (its cookie): a pod re-created with the
+    /// same address is another key.
+    netns: u64,
+    target: SocketAddr,
+}
+
+impl AppConnections {
+    /// Closes HTTP/1.1 connections idle for too long, and forgets closed
+    /// HTTP/2 ones.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        self.h2.lock().expect("poisoned").retain(|_, s| !s.is_closed());
+        let mut h1 = self.h1.lock().expect("poisoned");
+        for list in h1.values_mut() {
+            list.retain(|(s, since)| !s.is_closed() && now - *since < super::pool::IDLE_TIMEOUT);
+        }
+        h1.retain(|_, l| !l.is_empty());
+    }
+
+    fn idle_h1(&self, key: &AppKey) -> Option<H1Sender> {
+        let mut h1 = self.h1.lock().expect("poisoned");
+        let list = h1.get_mut(key)?;
+        while let Some((s, _)) = list.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
 }
 
 struct Conn {
@@ -99,7 +142,6 @@ struct Conn {
     /// `x-mesh-peer-identity`'s value, formatted once.
     peer_header: Option<HeaderValue>,
     target: SocketAddr,
-    upstream: tokio::sync::Mutex<Option<Upstream>>,
     /// The pod's compiled policy, for as long as the mesh state stays the
     /// same: requests skip the agent-wide policy cache.
     policy: std::sync::Mutex<Option<(Snapshot, Arc<WorkloadPolicy>)>>,
@@ -145,7 +187,6 @@ impl Proxy {
                 (id, p)
             }),
             target,
-            upstream: tokio::sync::Mutex::new(None),
             policy: std::sync::Mutex::new(None),
             series: super::observe::SeriesCache::default(),
         });
@@ -321,46 +362,52 @@ impl Proxy {
         } else {
             *req.version_mut() = http::Version::HTTP_2;
         }
-        let mut guard = conn.upstream.lock().await;
-        let usable = match guard.as_ref() {
-            Some(Upstream::H1(s)) => !h2 && !s.is_closed(),
-            Some(Upstream::H2(s)) => h2 && !s.is_closed(),
-            None => false,
-        };
-        if !usable {
-            let tcp = connect_from(&conn.pod.netns, conn.target).await.map_err(|e| e.to_string())?;
-            let io = TokioIo::new(tcp);
-            *guard = Some(if h2 {
-                let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(|e| e.to_string())?;
-                tokio::spawn(c);
-                Upstream::H2(s)
-            } else {
-                let (s, c) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
-                tokio::spawn(c.with_upgrades());
-                Upstream::H1(s)
-            });
-        }
-        match guard.as_mut().expect("set above") {
-            Upstream::H1(s) => {
-                s.ready().await.map_err(|e| e.to_string())?;
-                // HTTP/1.1: one request at a time on this connection; the
-                // lock is held until the response head arrives.
-                s.send_request(req).await.map_err(|e| e.to_string())
-            }
-            Upstream::H2(s) => {
-                let mut s = s.clone();
-                drop(guard);
-                // HTTP/2 to the app: the URI carries scheme and authority.
-                if req.uri().scheme().is_none() {
-                    let mut parts = req.uri().clone().into_parts();
-                    parts.scheme = Some(http::uri::Scheme::HTTP);
-                    parts.authority = parts.authority.or_else(|| conn.target.to_string().parse().ok());
-                    if let Ok(uri) = http::Uri::from_parts(parts) {
-                        *req.uri_mut() = uri;
-                    }
+        let key = AppKey { netns: conn.pod.netns.cookie(), target: conn.target };
+        let apps = &self.app_connections;
+        if h2 {
+            let existing = apps.h2.lock().expect("poisoned").get(&key).filter(|s| !s.is_closed()).cloned();
+            let mut s = match existing {
+                Some(s) => s,
+                None => {
+                    let tcp = connect_from(&conn.pod.netns, conn.target).await.map_err(|e| e.to_string())?;
+                    let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tokio::spawn(c);
+                    apps.h2.lock().expect("poisoned").insert(key, s.clone());
+                    s
                 }
-                s.send_request(req).await.map_err(|e| e.to_string())
+            };
+            // HTTP/2 to the app: the URI carries scheme and authority.
+            if req.uri().scheme().is_none() {
+                let mut parts = req.uri().clone().into_parts();
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.authority = parts.authority.or_else(|| conn.target.to_string().parse().ok());
+                if let Ok(uri) = http::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
             }
+            s.ready().await.map_err(|e| e.to_string())?;
+            return s.send_request(req).await.map_err(|e| e.to_string());
         }
+        let mut s = match apps.idle_h1(&key) {
+            Some(s) => s,
+            None => {
+                let tcp = connect_from(&conn.pod.netns, conn.target).await.map_err(|e| e.to_string())?;
+                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+                tokio::spawn(c.with_upgrades());
+                s
+            }
+        };
+        let res = s.send_request(req).await.map_err(|e| e.to_string())?;
+        // Back to the idle list once the response has been read (an
+        // upgraded connection never is: it belongs to its client).
+        let this = self.self_arc();
+        tokio::spawn(async move {
+            if s.ready().await.is_ok() {
+                this.app_connections.h1.lock().expect("poisoned").entry(key).or_default().push((s, Instant::now()));
+            }
+        });
+        Ok(res)
     }
 }
