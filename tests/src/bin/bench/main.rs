@@ -70,7 +70,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// An extra `mesh-agent run` argument for the agent variants (repeat
-    /// it), to compare settings: `--agent-arg=--data-threads --agent-arg=1`.
+    /// it), to compare settings: `--agent-arg=--data-threads --agent-arg=2`.
     #[arg(long, allow_hyphen_values = true)]
     agent_arg: Vec<String>,
     /// Re-render the report of an earlier run from its `results.json` (into
