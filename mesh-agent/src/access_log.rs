@@ -211,6 +211,14 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 10, "{text}");
         assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+        // Shutdown: what is buffered is written at once, not at the next
+        // interval.
+        for i in 10..15 {
+            log.log(&serde_json::json!({"n": i}));
+        }
+        log.flush_and_stop(std::time::Duration::from_secs(5));
+        assert_eq!(log.stats().written, 15);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 15);
         let off = AccessLog::disabled();
         off.log(&serde_json::json!({}));
         assert_eq!(off.stats().written + off.stats().dropped, 0);

@@ -252,8 +252,10 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     } else {
         tracing::info!("drained");
     }
-    // Spans of the last requests, if the collector takes them in time.
+    // Spans of the last requests, if the collector takes them in time, and
+    // the access log lines still buffered.
     let _ = tokio::time::timeout(Duration::from_secs(2), tracer.flush()).await;
+    proxy.telemetry().access_log.flush_and_stop(Duration::from_secs(2));
     admin_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
