@@ -154,11 +154,6 @@ impl Metrics {
         }
     }
 
-    /// One finished HTTP request.
-    pub fn request(&self, labels: &Labels, elapsed: Duration, request_bytes: u64, response_bytes: u64) {
-        self.request_series(labels.clone()).record(elapsed, request_bytes, response_bytes);
-    }
-
     pub fn tcp_opened(&self, labels: &Labels) {
         self.tcp_opened.get_or_create(labels).inc();
     }
@@ -326,8 +321,9 @@ mod tests {
     fn istio_names_and_health_are_encoded() {
         let m = Metrics::default();
         let l = Labels { reporter: "source", request_protocol: "http", response_code: 200, response_flags: "-", connection_security_policy: "mutual_tls", ..Labels::default() };
-        m.request(&l, Duration::from_millis(3), 10, 2000);
-        m.request(&l, Duration::from_millis(7), 0, 5);
+        // Two connections' handles on the same label set: one series.
+        m.request_series(l.clone()).record(Duration::from_millis(3), 10, 2000);
+        m.request_series(l.clone()).record(Duration::from_millis(7), 0, 5);
         m.tcp_opened(&Labels { request_protocol: "tcp", ..l.clone() });
         m.tcp_closed(&Labels { request_protocol: "tcp", ..l.clone() }, 100, 7);
         m.register_health(HealthCollector {

@@ -63,5 +63,5 @@ pub use status::{
     CertificateStatus, ConfigStatus, EbpfStatus, PodCounters, PodEbpf, PodProxy, PodStatus, Status,
     TlsStatus, peers_since,
 };
-pub use testbed::{CleanupHandle, POD_RANGES, PodSpec, ServicePort, ServiceSpec, Testbed};
+pub use testbed::{CleanupHandle, POD_RANGES, PodSpec, ServicePort, ServiceSpec, SignalTeardown, Testbed};
 pub use wait::{wait_for, wait_until};

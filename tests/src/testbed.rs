@@ -159,6 +159,38 @@ struct Resources {
 #[derive(Clone)]
 pub struct CleanupHandle(Arc<Mutex<Resources>>);
 
+/// Ctrl-C for the tools that run a testbed (demo, bench): SIGINT and
+/// SIGTERM are blocked in every thread (threads inherit the mask; spawned
+/// processes get a clean one from std), and once armed one thread waits for
+/// them, tears the testbed down and exits, whatever main is blocked on.
+pub struct SignalTeardown(nix::sys::signal::SigSet);
+
+impl SignalTeardown {
+    /// Blocks the signals: call it before any thread starts.
+    pub fn block() -> Result<Self> {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut signals = SigSet::empty();
+        signals.add(Signal::SIGINT);
+        signals.add(Signal::SIGTERM);
+        signals.thread_block().context("blocking SIGINT/SIGTERM")?;
+        Ok(Self(signals))
+    }
+
+    /// From now on a signal tears `tb` down and exits with 130.
+    pub fn arm(self, tb: &Testbed) {
+        let cleanup = tb.cleanup_handle();
+        std::thread::spawn(move || {
+            if let Ok(sig) = self.0.wait() {
+                eprintln!("\n{sig:?} received: tearing the testbed down");
+                if let Err(e) = cleanup.cleanup() {
+                    eprintln!("cleanup incomplete: {e:#}");
+                }
+                std::process::exit(130);
+            }
+        });
+    }
+}
+
 impl CleanupHandle {
     /// Kills agents and every process in the pods' cgroups, deletes the
     /// namespaces (which removes the veths and the bridge), removes the

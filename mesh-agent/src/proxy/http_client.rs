@@ -171,10 +171,7 @@ impl Proxy {
         limits: &CircuitBreaker,
         key: &Key,
     ) -> Result<http1::SendRequest<ReqBody>, TryError> {
-        let _pending = services::acquire(&svc.pending, limits.max_pending_requests).ok_or_else(|| {
-            svc.overflow_pending.fetch_add(1, Ordering::Relaxed);
-            TryError::Overflow
-        })?;
+        let _pending = pending_request(svc, limits)?;
         loop {
             let freed = svc.connection_freed.notified();
             if let Some(s) = self.http_clients.idle_h1(key) {
@@ -202,10 +199,7 @@ impl Proxy {
         svc: &Arc<ServiceState>,
         limits: &CircuitBreaker,
     ) -> Result<http2::SendRequest<ReqBody>, TryError> {
-        let _pending = services::acquire(&svc.pending, limits.max_pending_requests).ok_or_else(|| {
-            svc.overflow_pending.fetch_add(1, Ordering::Relaxed);
-            TryError::Overflow
-        })?;
+        let _pending = pending_request(svc, limits)?;
         let slot = loop {
             let freed = svc.connection_freed.notified();
             if let Some(slot) = self.connection_slot(svc, limits) {
@@ -245,6 +239,15 @@ impl Proxy {
             .map(TokioIo::new)
             .map_err(|e| TryError::Connect(e.to_string()))
     }
+}
+
+/// A request waiting for a connection, counted against the service's
+/// `maxPendingRequests` (past it: overflow, counted).
+fn pending_request<'a>(svc: &'a ServiceState, limits: &CircuitBreaker) -> Result<services::Gauge<'a>, TryError> {
+    services::acquire(&svc.pending, limits.max_pending_requests).ok_or_else(|| {
+        svc.overflow_pending.fetch_add(1, Ordering::Relaxed);
+        TryError::Overflow
+    })
 }
 
 /// One upstream connection counted against the service's limit.

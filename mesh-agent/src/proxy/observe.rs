@@ -169,10 +169,16 @@ enum Detail<'a> {
     },
 }
 
-/// The workload, namespace and app of a pod, as metrics name them.
-fn workload(pod: &Pod) -> (String, String) {
-    let app = pod.labels.get("app").cloned().unwrap_or_else(|| pod.key.name.clone());
-    (app.clone(), app)
+/// Workload, app, namespace and principal of one side of the traffic, as
+/// metrics name them (`unknown` for what the agent cannot tell). A workload
+/// is its pod's `app` label, or the pod's name.
+fn party(state: &MeshState, pod: Option<&Pod>) -> (String, String, String, String) {
+    let unknown = || "unknown".to_owned();
+    let Some(p) = pod else { return (unknown(), unknown(), unknown(), unknown()) };
+    let app = p.labels.get("app").cloned().unwrap_or_else(|| p.key.name.clone());
+    let principal = SpiffeId::new(&state.trust_domain, &p.key.namespace, &p.service_account)
+        .map_or_else(|_| unknown(), |id| id.to_string());
+    (app.clone(), app, p.key.namespace.clone(), principal)
 }
 
 /// Labels for traffic from `src` (a pod, or a peer identity, or nothing)
@@ -199,23 +205,11 @@ impl Parties<'_> {
             connection_security_policy: if self.mtls { "mutual_tls" } else { "none" },
             ..Labels::default()
         };
-        let unknown = || "unknown".to_owned();
         let src = self
             .src_pod
             .and_then(|k| self.state.pods.get(k))
             .or_else(|| self.src_ip.and_then(|ip| self.state.pod_by_ip(ip)));
-        match src {
-            Some(p) => {
-                (l.source_workload, l.source_app) = workload(p);
-                l.source_workload_namespace = p.key.namespace.clone();
-                l.source_principal = SpiffeId::new(&self.state.trust_domain, &p.key.namespace, &p.service_account)
-                    .map_or_else(|_| unknown(), |id| id.to_string());
-            }
-            None => {
-                (l.source_workload, l.source_app, l.source_workload_namespace) = (unknown(), unknown(), unknown());
-                l.source_principal = unknown();
-            }
-        }
+        (l.source_workload, l.source_app, l.source_workload_namespace, l.source_principal) = party(self.state, src);
         if let Some(id) = self.src_id {
             // The verified identity wins over what the address suggests.
             l.source_principal = id.to_string();
@@ -225,18 +219,8 @@ impl Parties<'_> {
             .dst_pod
             .and_then(|k| self.state.pods.get(k))
             .or_else(|| self.dst_addr.and_then(|a| self.state.pod_by_ip(a.ip())));
-        match dst {
-            Some(p) => {
-                (l.destination_workload, l.destination_app) = workload(p);
-                l.destination_workload_namespace = p.key.namespace.clone();
-                l.destination_principal = SpiffeId::new(&self.state.trust_domain, &p.key.namespace, &p.service_account)
-                    .map_or_else(|_| unknown(), |id| id.to_string());
-            }
-            None => {
-                (l.destination_workload, l.destination_app, l.destination_workload_namespace) = (unknown(), unknown(), unknown());
-                l.destination_principal = unknown();
-            }
-        }
+        (l.destination_workload, l.destination_app, l.destination_workload_namespace, l.destination_principal) =
+            party(self.state, dst);
         let service = self.service.map(|(ns, n)| (ns.to_owned(), n.to_owned())).or_else(|| {
             // Addressed to a pod: the first service selecting it, as Istio does.
             let p = dst?;
@@ -253,6 +237,7 @@ impl Parties<'_> {
                 l.destination_service_namespace = ns;
             }
             None => {
+                let unknown = || "unknown".to_owned();
                 let host = self.dst_addr.map_or_else(unknown, |a| a.ip().to_string());
                 l.destination_service = host.clone();
                 l.destination_service_name = host;

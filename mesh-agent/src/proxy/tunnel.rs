@@ -116,37 +116,28 @@ impl Proxy {
                 L4Verdict::DependsOnHttp => detect = true,
             }
         }
-        if detect {
+        // HTTP, declared or to be detected: served per request on the
+        // stream once it is upgraded.
+        if detect || app_http.is_some() {
             pod.stats.inbound.fetch_add(1, Ordering::Relaxed);
             count_peer(&pod.stats.inbound_peers, client_id);
             let this = self.self_arc();
             let client_id = client_id.clone();
             self.connections.spawn(async move {
-                match hyper::upgrade::on(req).await {
-                    Ok(upgraded) => {
-                        let (http, io) = super::sniff::detect(TokioIo::new(upgraded), super::DETECT_TIMEOUT).await;
-                        match http {
-                            Some(app) => this.serve_http_inbound(io, pod, peer, Some(client_id), target, app).await,
-                            None => {
-                                let peer = crate::policy::Peer::new(&client_id);
-                                let _ = this.authorize_connection(&pod, Some(&peer), target.port());
-                            }
-                        }
-                    }
-                    Err(e) => tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
+                let upgraded = match hyper::upgrade::on(req).await {
+                    Ok(u) => TokioIo::new(u),
+                    Err(e) => return tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
+                };
+                if let Some(app) = app_http {
+                    return this.serve_http_inbound(upgraded, pod, peer, Some(client_id), target, app).await;
                 }
-            });
-            return Response::new(Empty::new());
-        }
-        if let Some(app) = app_http {
-            pod.stats.inbound.fetch_add(1, Ordering::Relaxed);
-            count_peer(&pod.stats.inbound_peers, client_id);
-            let this = self.self_arc();
-            let client_id = client_id.clone();
-            self.connections.spawn(async move {
-                match hyper::upgrade::on(req).await {
-                    Ok(upgraded) => this.serve_http_inbound(TokioIo::new(upgraded), pod, peer, Some(client_id), target, app).await,
-                    Err(e) => tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
+                let (http, io) = super::sniff::detect(upgraded, super::DETECT_TIMEOUT).await;
+                match http {
+                    Some(app) => this.serve_http_inbound(io, pod, peer, Some(client_id), target, app).await,
+                    None => {
+                        let peer = crate::policy::Peer::new(&client_id);
+                        let _ = this.authorize_connection(&pod, Some(&peer), target.port());
+                    }
                 }
             });
             return Response::new(Empty::new());

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mesh_e2e::{Agent, Pod, PodCounters, PodSpec, ServiceSpec, Status, Testbed, peers_since, wait_until};
-use nix::sys::signal::{SigSet, Signal};
 use serde_json::Value;
 
 const PORT: u16 = 9000;
@@ -32,27 +31,13 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<bool> {
-    // Ctrl-C: block SIGINT/SIGTERM in every thread (threads inherit the mask;
-    // spawned processes get a clean one from std) and let one thread wait for
-    // them, tear the testbed down and exit, whatever main is blocked on.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.thread_block().context("blocking SIGINT/SIGTERM")?;
+    // Ctrl-C tears the testbed down (blocked here, before any thread starts).
+    let signals = mesh_e2e::SignalTeardown::block()?;
 
     let agent_bin = mesh_e2e::agent_bin()?;
     mesh_e2e::meshtest_bin()?;
     let mut tb = Testbed::new("demo")?;
-    let cleanup = tb.cleanup_handle();
-    std::thread::spawn(move || {
-        if let Ok(sig) = signals.wait() {
-            eprintln!("\n{sig:?} received: tearing the testbed down");
-            if let Err(e) = cleanup.cleanup() {
-                eprintln!("cleanup incomplete: {e:#}");
-            }
-            std::process::exit(130);
-        }
-    });
+    signals.arm(&tb);
 
     let specs = [
         ("shop-client", "shop", "node-a", 11),

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, ValueEnum};
 use mesh_e2e::{Agent, Pod, PodProcess, PodSpec, ServicePortEntry, ServiceEntry, Testbed, wait_until};
-use nix::sys::signal::{SigSet, Signal};
 
 use load::{Metrics, Profile, Target};
 
@@ -154,12 +153,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    // Ctrl-C: as in the demo, one thread waits for the signal and tears
-    // the testbed down (agents, HAProxy, load generators die with it).
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.thread_block().context("blocking SIGINT/SIGTERM")?;
+    // Ctrl-C tears the testbed down (agents, HAProxy, load generators die
+    // with it); blocked here, before any thread starts.
+    let signals = mesh_e2e::SignalTeardown::block()?;
 
     if let Some(path) = &cli.from_json {
         let run = report::read_json(path)?;
@@ -199,16 +195,7 @@ fn run(cli: Cli) -> Result<()> {
     let mut tb = Testbed::new("bench")?;
     // Debug logging per connection would be what the benchmark measures.
     tb.set_agent_log_filter("warn");
-    let cleanup = tb.cleanup_handle();
-    std::thread::spawn(move || {
-        if let Ok(sig) = signals.wait() {
-            eprintln!("\n{sig:?} received: tearing the testbed down");
-            if let Err(e) = cleanup.cleanup() {
-                eprintln!("cleanup incomplete: {e:#}");
-            }
-            std::process::exit(130);
-        }
-    });
+    signals.arm(&tb);
     let client = tb.add_pod(PodSpec::new("bench-client", NAMESPACE, "node-a", CLIENT_IP).service_account("bench-client"))?;
     let server = tb.add_pod(PodSpec::new("bench-server", NAMESPACE, "node-b", SERVER_IP).service_account("bench-server"))?;
     for pod in [&client, &server] {
