@@ -49,6 +49,13 @@ pub enum Error {
     Signals(std::io::Error),
     #[error(transparent)]
     Host(#[from] crate::host::Error),
+    #[error(transparent)]
+    Lifecycle(#[from] crate::lifecycle::Error),
+    #[error(
+        "another agent for node {node} is running (pid {pid}); it keeps serving: stop it first, or start this one \
+         with the same --run-dir once it hands over"
+    )]
+    NodeBusy { node: String, pid: String },
     #[error("cannot read {what} {path}: {source}")]
     CaFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("the CA client cannot be set up: {0}")]
@@ -124,6 +131,7 @@ impl AdminSource for Admin {
                 "acceleratedSockets": e.accelerated_sockets(),
             },
             "repairs": e.repairs,
+            "notReady": e.not_ready().into_iter().map(|(pod, why)| serde_json::json!({"pod": pod, "reason": why})).collect::<Vec<_>>(),
             "openConnections": self.proxy.open_connections(),
             "tunnelConnections": { "open": tunnels_open, "opened": tunnels_opened },
             "tls": self.proxy.tls_stats().view(),
@@ -138,9 +146,17 @@ impl AdminSource for Admin {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT. `on_ready` gets the admin address
-/// once the data path serves the initial state.
-pub fn run(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Error> {
+/// What the agent tells its supervisor (stdout lines in `main`).
+pub enum Event {
+    /// The admin listener serves (`/status` tells what is not ready yet).
+    Admin(SocketAddr),
+    /// Every local pod the state puts in the mesh is redirected, captured
+    /// and holds its workload certificate: `/ready` answers 200.
+    Ready(SocketAddr),
+}
+
+/// Runs the agent until SIGTERM or SIGINT, reporting [`Event`]s.
+pub fn run(cfg: Config, on_event: impl FnMut(Event)) -> Result<(), Error> {
     cfg.validate()?;
     tracing::info!(?cfg, "starting");
     let data_rt = tokio::runtime::Builder::new_multi_thread()
@@ -153,17 +169,28 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Error> 
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    let result = control_rt.block_on(control(cfg, data_rt.handle().clone(), on_ready));
+    let result = control_rt.block_on(control(cfg, data_rt.handle().clone(), on_event));
     data_rt.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
-async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Error> {
+async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl FnMut(Event)) -> Result<(), Error> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
     let (state, reloads, watcher, kube) = source(&cfg).await?;
-    let mut datapath = Datapath::load(ebpf::Options { accelerate: cfg.accelerate })?;
+    // One agent owns a node's pinned state at a time.
+    let Some(node_lock) = crate::lifecycle::NodeLock::try_acquire(&cfg.run_dir, &cfg.node)? else {
+        return Err(Error::NodeBusy {
+            node: cfg.node.clone(),
+            pid: crate::lifecycle::NodeLock::holder(&cfg.run_dir, &cfg.node),
+        });
+    };
+    let mut datapath = Datapath::load(ebpf::Options {
+        accelerate: cfg.accelerate,
+        bpffs: cfg.bpffs.clone(),
+        node: cfg.node.clone(),
+    })?;
     ebpf::spawn_logger(datapath.ebpf_mut());
     if cfg.accelerate {
         let (own, is_root) = crate::host::own_cgroup()?;
@@ -196,8 +223,13 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
         datapath,
         proxy.clone(),
         Ports::default().outbound,
+        cfg.fail_open,
     )));
-    enrollment.lock().expect("poisoned").reconcile(&state.borrow().clone());
+    let complete = {
+        let kube = kube.clone();
+        move || kube.as_ref().is_none_or(|k| k.view().built)
+    };
+    enrollment.lock().expect("poisoned").reconcile(&state.borrow().clone(), complete());
 
     let listener = admin::bind(cfg.admin_addr)
         .await
@@ -226,21 +258,33 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
         }
         None => None,
     };
-    let admin_task = tokio::spawn(admin::serve(listener, admin, admin::Scope::Admin));
+    let admin_task = tokio::spawn(admin::serve(listener, admin.clone(), admin::Scope::Admin));
     let watch_task = tokio::spawn(watcher);
-    let reconcile_task = tokio::spawn(reconcile_loop(enrollment.clone(), state, cfg.reconcile_interval));
-    tracing::info!(%admin_addr, node = %cfg.node, "agent ready");
-    on_ready(admin_addr);
+    let reconcile_task = tokio::spawn(reconcile_loop(enrollment.clone(), state, cfg.reconcile_interval, complete));
+    tracing::info!(%admin_addr, node = %cfg.node, "admin listener serving");
+    on_event(Event::Admin(admin_addr));
 
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
-        _ = sigint.recv() => tracing::info!("SIGINT: draining"),
+    let mut ready_check = tokio::time::interval(Duration::from_millis(50));
+    let mut reported_ready = false;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break }
+            _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break }
+            _ = ready_check.tick(), if !reported_ready => {
+                if admin.ready() {
+                    reported_ready = true;
+                    tracing::info!(%admin_addr, node = %cfg.node, "agent ready");
+                    on_event(Event::Ready(admin_addr));
+                }
+            }
+        }
     }
-    // New connections go direct from here on; the ones in flight finish on
-    // the agent until the deadline.
+    // The listeners close; the pinned kernel state stays, so the pods fail
+    // closed (or, with failure policy open, go direct) until the next agent
+    // serves them. The connections in flight finish until the deadline.
     reconcile_task.abort();
     watch_task.abort();
-    enrollment.lock().expect("poisoned").release_all();
+    enrollment.lock().expect("poisoned").stop_listeners();
     let deadline = cfg.drain_timeout;
     let p = proxy.clone();
     let left = data
@@ -260,6 +304,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, on_ready: impl FnOnc
     if let Some(t) = metrics_task {
         t.abort();
     }
+    drop(node_lock);
     Ok(())
 }
 
@@ -292,7 +337,12 @@ async fn source(cfg: &Config) -> Result<Source, Error> {
     Ok((state, reloads, Box::pin(watcher), Some(stats)))
 }
 
-async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Receiver<Snapshot>, every: Duration) {
+async fn reconcile_loop(
+    enrollment: Arc<Mutex<Enrollment>>,
+    mut state: watch::Receiver<Snapshot>,
+    every: Duration,
+    complete: impl Fn() -> bool,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let wake = enrollment.lock().expect("poisoned").wake.clone();
@@ -303,6 +353,6 @@ async fn reconcile_loop(enrollment: Arc<Mutex<Enrollment>>, mut state: watch::Re
             _ = wake.notified() => {}
         }
         let snapshot = state.borrow_and_update().clone();
-        enrollment.lock().expect("poisoned").reconcile(&snapshot);
+        enrollment.lock().expect("poisoned").reconcile(&snapshot, complete());
     }
 }

@@ -21,6 +21,13 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "20s";
 pub const DEFAULT_CONFIG_POLL: &str = "500ms";
 pub const DEFAULT_RECONCILE_INTERVAL: &str = "5s";
+pub const ENV_BPFFS: &str = "MESH_BPFFS";
+pub const ENV_RUN_DIR: &str = "MESH_RUN_DIR";
+pub const ENV_FAILURE_POLICY: &str = "MESH_FAILURE_POLICY";
+/// Where programs, links and maps are pinned (under `nodemesh/<node>/`).
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+/// The node lock and the handoff socket (under `<node>/`).
+pub const DEFAULT_RUN_DIR: &str = "/run/nodemesh";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,6 +72,13 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Where access logs go.
     pub access_log: crate::access_log::Target,
+    /// The bpf filesystem the node's kernel state is pinned in.
+    pub bpffs: PathBuf,
+    /// The node lock and handoff socket live under `<run_dir>/<node>/`.
+    pub run_dir: PathBuf,
+    /// Mesh-wide failure policy `open` (`--failure-policy open`); a
+    /// namespace's `nodemesh.io/failure-policy` label overrides it.
+    pub fail_open: bool,
 }
 
 /// The Kubernetes source (`--source kube`): the API server is the one of the
@@ -162,6 +176,9 @@ mod tests {
             metrics_addr: None,
             trace: crate::telemetry::trace::TraceConfig::new(None, 0.01),
             access_log: crate::access_log::Target::Off,
+            bpffs: DEFAULT_BPFFS.into(),
+            run_dir: DEFAULT_RUN_DIR.into(),
+            fail_open: false,
         }
     }
 

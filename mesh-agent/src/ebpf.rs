@@ -2,34 +2,45 @@
 //! cgroups, keep the enrollment map in sync, read the counters, and answer
 //! "where was this connection going?". The only module that imports aya.
 //!
-//! Links are owned by this process and not pinned: when the agent exits, for
-//! any reason, the kernel detaches the programs and pods' connections go
-//! straight to their destinations again (fail open). See the README.
+//! Everything a pod's protection depends on is pinned in the node's bpffs
+//! directory ([`PinDir`]): the maps, and one BPF link per hook per pod. So
+//! when the agent exits, for any reason, redirection and capture stay in
+//! place and the pod fails closed (its connections are refused: nobody
+//! listens where they are sent) until an agent serves it again. A starting
+//! agent adopts what is pinned: the same maps (original destinations,
+//! counters and enrollment survive), and each pinned link switched to the
+//! agent's own freshly loaded program with `BPF_LINK_UPDATE`, atomically.
+//! Only leaving the mesh (or `mesh-agent uninstall`) removes a pod's state.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeMap, HashMap as StdHashMap},
     fs::File,
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd,
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues, SockHash},
+    maps::{HashMap, MapData, MapInfo, PerCpuHashMap, PerCpuValues, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps},
 };
 use mesh_common::{
-    ACCELERATE_GLOBAL, ENROLLED_MAP, INBOUND_LISTENERS_MAP, LOCAL_SOCKS_MAP, ORIG_DST_MAP,
-    POD_COUNTERS_MAP, POD_FLAG_IPV6, PodCounters, PodEntry, SockAddr, SockPair,
+    ACCELERATE_GLOBAL, CAPTURED_MAP, ENROLLED_MAP, INBOUND_LISTENERS_MAP, LOCAL_SOCKS_MAP, ORIG_DST_MAP,
+    PINNED_MAPS, POD_COUNTERS_MAP, POD_FLAG_FAIL_OPEN, POD_FLAG_IPV6, PodCounters, PodEntry, SockAddr, SockPair,
 };
 
 mod addr;
+pub mod link;
 mod logger;
 mod query;
 
 use addr::{from_sock_addr, to_sock_addr};
+pub use link::{PinDir, PinError};
 pub use logger::spawn_logger;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -39,6 +50,15 @@ const CONNECT6: &str = "connect6";
 const SOCK_OPS: &str = "sock_ops";
 const SK_MSG: &str = "accelerate";
 const SK_LOOKUP: &str = "inbound_capture";
+
+/// The hooks on a pod's cgroup and on its network namespace: program name
+/// (also the pin's file name) and attach type.
+const CGROUP_HOOKS: [(&str, u32); 3] = [
+    (CONNECT4, query::BPF_CGROUP_INET4_CONNECT),
+    (CONNECT6, query::BPF_CGROUP_INET6_CONNECT),
+    (SOCK_OPS, query::BPF_CGROUP_SOCK_OPS),
+];
+const NETNS_HOOKS: [(&str, u32); 1] = [(SK_LOOKUP, query::BPF_SK_LOOKUP)];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,27 +87,29 @@ pub enum Error {
     },
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: std::io::Error },
-    #[error("attaching {program} to cgroup {path} failed: {source}")]
+    #[error("attaching {program} to {path} failed: {source}")]
     Attach {
         program: &'static str,
         path: PathBuf,
         #[source]
-        source: aya::programs::ProgramError,
+        source: std::io::Error,
     },
-    #[error("detaching {program} from cgroup {path} failed: {source}")]
-    Detach {
+    #[error("attaching {program} to cgroup {path} failed: {source}")]
+    AttachAgent {
         program: &'static str,
         path: PathBuf,
         #[source]
         source: aya::programs::ProgramError,
     },
-}
-
-#[derive(Default)]
-struct CgroupLinks {
-    connect4: Option<aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId>,
-    connect6: Option<aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId>,
-    sock_ops: Option<aya::programs::sock_ops::SockOpsLinkId>,
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    #[error("pinning {path} failed: {source}")]
+    Pin { path: PathBuf, source: std::io::Error },
+    #[error(
+        "the pinned map {path} was made by an incompatible agent version ({found}; this agent needs {wanted}): \
+         the pods it protects stay as they are (fail closed); run `mesh-agent uninstall` on this node to start afresh"
+    )]
+    Incompatible { path: PathBuf, found: String, wanted: String },
 }
 
 /// Kernel IDs of our loaded programs, to recognise them in `BPF_PROG_QUERY`.
@@ -98,26 +120,63 @@ struct ProgIds {
     sk_lookup: u32,
 }
 
+impl ProgIds {
+    fn of(&self, program: &str) -> u32 {
+        match program {
+            CONNECT4 => self.connect4,
+            CONNECT6 => self.connect6,
+            SOCK_OPS => self.sock_ops,
+            _ => self.sk_lookup,
+        }
+    }
+}
+
 /// Options fixed at load time.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Socket-to-socket acceleration (sockhash + sk_msg) for in-pod hops.
     pub accelerate: bool,
+    /// The bpf filesystem to pin under (`--bpffs`).
+    pub bpffs: PathBuf,
+    /// This node's name: its directory under `bpffs`.
+    pub node: String,
 }
+
+/// One pod target's pinned links (a cgroup's three, a netns' one), by program.
+type TargetLinks = BTreeMap<&'static str, OwnedFd>;
 
 /// The loaded programs and the maps the control side writes.
 pub struct Datapath {
     ebpf: Ebpf,
+    pins: PinDir,
     enrolled: HashMap<MapData, u64, PodEntry>,
     counters: PerCpuHashMap<MapData, u64, PodCounters>,
     orig_dst: OrigDst,
     inbound_listeners: SockHash<MapData, SockAddr>,
+    captured: HashMap<MapData, SockAddr, u32>,
     local_socks: SockHash<MapData, SockPair>,
-    cgroups: StdHashMap<PathBuf, CgroupLinks>,
-    netns: StdHashMap<u64, aya::programs::sk_lookup::SkLookupLinkId>,
+    /// Pinned links by their directory (`cgroup-<inode>`, `netns-<cookie>`).
+    links: BTreeMap<String, TargetLinks>,
+    /// Link directory of each cgroup path attached by this agent (a cgroup
+    /// that is gone can no longer be asked its inode).
+    cgroup_dirs: StdHashMap<PathBuf, String>,
+    /// `sock_ops` on the agent's own cgroup (acceleration): not pinned, it
+    /// belongs to this process.
+    agent_sock_ops: Option<aya::programs::sock_ops::SockOpsLinkId>,
     ids: ProgIds,
     accelerate: bool,
     nr_cpus: usize,
+    /// Pinned links found at start and switched to this agent's programs.
+    pub adopted: usize,
+}
+
+/// What [`Datapath::retain`] keeps: the state of the pods the agent manages.
+#[derive(Debug, Default)]
+pub struct Keep {
+    /// Link directories (`cgroup-<inode>`, `netns-<cookie>`).
+    pub link_dirs: std::collections::BTreeSet<String>,
+    pub cookies: std::collections::BTreeSet<u64>,
+    pub ips: Vec<IpAddr>,
 }
 
 /// Lookup of redirected connections' original destinations, shared with the
@@ -138,11 +197,11 @@ impl OrigDst {
 }
 
 /// What the hooks need about an enrolled pod.
-pub fn pod_entry(ips: &[IpAddr], outbound_port: u16) -> PodEntry {
+pub fn pod_entry(ips: &[IpAddr], outbound_port: u16, fail_open: bool) -> PodEntry {
     let mut e = PodEntry {
         ip4: 0,
         ip6: [0; 4],
-        flags: 0,
+        flags: if fail_open { POD_FLAG_FAIL_OPEN } else { 0 },
         outbound_port,
         _pad: [0; 6],
     };
@@ -173,17 +232,59 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error
     ebpf.take_map(name).ok_or(Error::MissingMap { map: name })
 }
 
+/// Refuses pinned maps whose shape differs from what this object declares:
+/// reusing them would feed the programs misread entries. Such pins are
+/// left alone (and so are the links using them: the pods stay protected by
+/// the old programs) until the operator uninstalls.
+fn check_pinned_maps(pins: &PinDir) -> Result<(), Error> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| Error::Object(aya::EbpfError::ParseError(e)))?;
+    for name in PINNED_MAPS {
+        let path = pins.maps().join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(want) = obj.maps.get(name) else { continue };
+        let wanted = format!(
+            "type {}, key {} B, value {} B, {} entries",
+            want.map_type(),
+            want.key_size(),
+            want.value_size(),
+            want.max_entries()
+        );
+        let found = match MapInfo::from_pin(&path) {
+            Ok(i) => format!(
+                "type {}, key {} B, value {} B, {} entries",
+                i.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+                i.key_size(),
+                i.value_size(),
+                i.max_entries()
+            ),
+            Err(e) => format!("unreadable: {e}"),
+        };
+        if found != wanted {
+            return Err(Error::Incompatible { path, found, wanted });
+        }
+    }
+    Ok(())
+}
+
 impl Datapath {
-    /// Loads the embedded programs into the kernel (not attached anywhere yet).
+    /// Loads the embedded programs into the kernel, reusing the node's
+    /// pinned maps, and switches every pinned link to the new programs.
     pub fn load(opts: Options) -> Result<Self, Error> {
         if OBJECT.is_empty() {
             return Err(Error::NotEmbedded);
         }
+        let pins = PinDir::new(&opts.bpffs, &opts.node, true)?;
+        check_pinned_maps(&pins)?;
         let accelerate = u8::from(opts.accelerate);
-        let mut ebpf = EbpfLoader::new()
-            .override_global(ACCELERATE_GLOBAL, &accelerate, true)
-            .load(OBJECT)
-            .map_err(Error::Object)?;
+        let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pins.maps().join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        loader.override_global(ACCELERATE_GLOBAL, &accelerate, true);
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(Error::Object)?;
         let id = |name: &'static str, info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>| {
             info.map(|i| i.id()).map_err(|source| Error::Load { program: name, source })
         };
@@ -204,6 +305,7 @@ impl Datapath {
         let orig_dst = HashMap::try_from(take_map(&mut ebpf, ORIG_DST_MAP)?).map_err(map_err(ORIG_DST_MAP))?;
         let inbound_listeners =
             SockHash::try_from(take_map(&mut ebpf, INBOUND_LISTENERS_MAP)?).map_err(map_err(INBOUND_LISTENERS_MAP))?;
+        let captured = HashMap::try_from(take_map(&mut ebpf, CAPTURED_MAP)?).map_err(map_err(CAPTURED_MAP))?;
         let local_socks: SockHash<MapData, SockPair> =
             SockHash::try_from(take_map(&mut ebpf, LOCAL_SOCKS_MAP)?).map_err(map_err(LOCAL_SOCKS_MAP))?;
 
@@ -221,23 +323,78 @@ impl Datapath {
             }
         }
         let nr_cpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1);
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
+            pins,
             enrolled,
             counters,
             orig_dst: OrigDst(Arc::new(Mutex::new(orig_dst))),
             inbound_listeners,
+            captured,
             local_socks,
-            cgroups: StdHashMap::new(),
-            netns: StdHashMap::new(),
+            links: BTreeMap::new(),
+            cgroup_dirs: StdHashMap::new(),
+            agent_sock_ops: None,
             ids,
             accelerate: accelerating,
             nr_cpus,
-        })
+            adopted: 0,
+        };
+        dp.adopt_links();
+        Ok(dp)
+    }
+
+    /// Switches every pinned link to this agent's programs (an upgrade
+    /// replaces the code in place; a restart swaps in the same code). A link
+    /// that cannot be updated (its cgroup or netns is gone) is removed.
+    fn adopt_links(&mut self) {
+        for dir in self.pins.link_dirs() {
+            let hooks: &[(&'static str, u32)] = if dir.starts_with("cgroup-") {
+                &CGROUP_HOOKS
+            } else if dir.starts_with("netns-") {
+                &NETNS_HOOKS
+            } else {
+                tracing::warn!(dir = %dir, "unknown pinned link directory left alone");
+                continue;
+            };
+            let mut target = TargetLinks::new();
+            for (name, _) in hooks {
+                let path = self.pins.links().join(&dir).join(name);
+                let Ok(fd) = link::open_pinned(&path) else { continue };
+                let updated = self
+                    .ebpf
+                    .program(name)
+                    .and_then(|p| p.fd().ok())
+                    .ok_or_else(|| std::io::Error::other("program not loaded"))
+                    .and_then(|prog| link::update(fd.as_fd(), prog.as_fd()));
+                match updated {
+                    Ok(()) => {
+                        target.insert(name, fd);
+                        self.adopted += 1;
+                    }
+                    Err(e) => {
+                        tracing::info!(link = %path.display(), error = %e, "pinned link no longer usable (its pod is gone): removed");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+            if target.is_empty() {
+                let _ = self.pins.remove_links(&dir);
+            } else {
+                self.links.insert(dir, target);
+            }
+        }
+        if self.adopted > 0 {
+            tracing::info!(links = self.adopted, dir = %self.pins.root().display(), "adopted pinned links: switched to this agent's programs");
+        }
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    pub fn pin_dir(&self) -> &PinDir {
+        &self.pins
     }
 
     pub fn orig_dst(&self) -> OrigDst {
@@ -248,42 +405,63 @@ impl Datapath {
         self.accelerate
     }
 
-    /// Makes sure our programs are attached to a pod's cgroup, as the kernel
-    /// sees it; returns how many had to be (re)attached. Scoping attachments
-    /// to the pod's own cgroup means a bug in a hook can only affect pods the
-    /// agent manages, never the node's own traffic.
-    ///
-    /// aya attaches with a BPF link (kernel >= 5.7), which the kernel always
-    /// treats as one of several programs on the cgroup and which refuses any
-    /// attach flag: hence `Single` below, which means "no flags".
+    /// Makes sure our programs are attached to a pod's cgroup through pinned
+    /// links, as the kernel sees it; returns how many had to be (re)attached.
+    /// Scoping attachments to the pod's own cgroup means a bug in a hook can
+    /// only affect pods the agent manages, never the node's own traffic.
     pub fn attach(&mut self, cgroup: &Path) -> Result<u32, Error> {
+        let dir = Self::cgroup_dir(cgroup)?;
+        self.cgroup_dirs.insert(cgroup.to_owned(), dir.clone());
         let fd = File::open(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?;
-        let links = self.cgroups.entry(cgroup.to_owned()).or_default();
-        let present = |attach_type, id| {
-            query::attached_program_ids(&fd, attach_type).map(|ids| ids.contains(&id)).unwrap_or(false)
-        };
-        let attach_err = |program: &'static str| move |source| Error::Attach { program, path: cgroup.to_owned(), source };
+        self.ensure_links(&dir, fd.as_fd(), &CGROUP_HOOKS, cgroup)
+    }
+
+    /// The link directory of a cgroup (by inode: stable while it exists).
+    pub fn cgroup_dir(cgroup: &Path) -> Result<String, Error> {
+        let ino = std::fs::metadata(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?.ino();
+        Ok(format!("cgroup-{ino}"))
+    }
+
+    pub fn netns_dir(cookie: u64) -> String {
+        format!("netns-{cookie}")
+    }
+
+    /// For each hook: if the kernel does not report our program attached to
+    /// `target`, a new pinned link replaces the stale one (new first, then
+    /// the old detached: two programs for a moment, never none).
+    fn ensure_links(
+        &mut self,
+        dir: &str,
+        target: std::os::fd::BorrowedFd<'_>,
+        hooks: &[(&'static str, u32)],
+        path: &Path,
+    ) -> Result<u32, Error> {
+        let link_dir = self.pins.links().join(dir);
+        std::fs::create_dir_all(&link_dir).map_err(|source| Error::Pin { path: link_dir.clone(), source })?;
         let mut attached = 0;
-        for (name, slot, attach_type, id) in [
-            (CONNECT4, &mut links.connect4, query::BPF_CGROUP_INET4_CONNECT, self.ids.connect4),
-            (CONNECT6, &mut links.connect6, query::BPF_CGROUP_INET6_CONNECT, self.ids.connect6),
-        ] {
-            if slot.is_some() && present(attach_type, id) {
+        for &(name, attach_type) in hooks {
+            let ours = self.ids.of(name);
+            let present = query::attached_program_ids(&target, attach_type).is_ok_and(|ids| ids.contains(&ours));
+            let have = self.links.get(dir).is_some_and(|l| l.contains_key(name));
+            if present && have {
                 continue;
             }
-            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
-            if let Some(stale) = slot.take() {
-                let _ = prog.detach(stale);
+            let prog = self
+                .ebpf
+                .program(name)
+                .ok_or(Error::MissingProgram { program: name })?
+                .fd()
+                .map_err(|source| Error::Load { program: name, source })?;
+            let new = link::create(prog.as_fd(), target, attach_type)
+                .map_err(|source| Error::Attach { program: name, path: path.to_owned(), source })?;
+            let pin = link_dir.join(name);
+            let stale = self.links.entry(dir.to_owned()).or_default().remove(name);
+            let _ = std::fs::remove_file(&pin);
+            link::pin(new.as_fd(), &pin).map_err(|source| Error::Pin { path: pin.clone(), source })?;
+            if let Some(old) = stale {
+                let _ = link::detach(old.as_fd());
             }
-            *slot = Some(prog.attach(&fd, CgroupAttachMode::Single).map_err(attach_err(name))?);
-            attached += 1;
-        }
-        if links.sock_ops.is_none() || !present(query::BPF_CGROUP_SOCK_OPS, self.ids.sock_ops) {
-            let prog = program::<SockOps>(&mut self.ebpf, SOCK_OPS)?;
-            if let Some(stale) = links.sock_ops.take() {
-                let _ = prog.detach(stale);
-            }
-            links.sock_ops = Some(prog.attach(&fd, CgroupAttachMode::Single).map_err(attach_err(SOCK_OPS))?);
+            self.links.entry(dir.to_owned()).or_default().insert(name, new);
             attached += 1;
         }
         Ok(attached)
@@ -292,38 +470,30 @@ impl Datapath {
     /// Whether all our cgroup programs are attached to `cgroup`, per the kernel.
     pub fn is_attached(&self, cgroup: &Path) -> bool {
         let Ok(fd) = File::open(cgroup) else { return false };
-        [
-            (query::BPF_CGROUP_INET4_CONNECT, self.ids.connect4),
-            (query::BPF_CGROUP_INET6_CONNECT, self.ids.connect6),
-            (query::BPF_CGROUP_SOCK_OPS, self.ids.sock_ops),
-        ]
-        .into_iter()
-        .all(|(t, id)| query::attached_program_ids(&fd, t).is_ok_and(|ids| ids.contains(&id)))
+        CGROUP_HOOKS
+            .into_iter()
+            .all(|(name, t)| query::attached_program_ids(&fd, t).is_ok_and(|ids| ids.contains(&self.ids.of(name))))
     }
 
-    /// Detaches the programs from a pod's cgroup. A cgroup that is already
-    /// gone has lost its programs with it; that is not an error.
+    /// Detaches the programs from a pod's cgroup and unpins their links. A
+    /// cgroup that is already gone has lost its programs with it.
     pub fn detach(&mut self, cgroup: &Path) -> Result<(), Error> {
-        let Some(links) = self.cgroups.remove(cgroup) else {
+        let Some(dir) = self.cgroup_dirs.remove(cgroup) else {
             return Ok(());
         };
-        let cgroup_gone = !cgroup.exists();
-        let gone = |e: &aya::programs::ProgramError| cgroup_gone || matches!(e, aya::programs::ProgramError::NotAttached);
-        for (name, id) in [(CONNECT4, links.connect4), (CONNECT6, links.connect6)] {
-            if let Some(id) = id
-                && let Err(source) = program::<CgroupSockAddr>(&mut self.ebpf, name)?.detach(id)
-                && !gone(&source)
-            {
-                return Err(Error::Detach { program: name, path: cgroup.to_owned(), source });
+        self.remove_target(&dir);
+        Ok(())
+    }
+
+    fn remove_target(&mut self, dir: &str) {
+        if let Some(links) = self.links.remove(dir) {
+            for fd in links.values() {
+                let _ = link::detach(fd.as_fd());
             }
         }
-        if let Some(id) = links.sock_ops
-            && let Err(source) = program::<SockOps>(&mut self.ebpf, SOCK_OPS)?.detach(id)
-            && !gone(&source)
-        {
-            return Err(Error::Detach { program: SOCK_OPS, path: cgroup.to_owned(), source });
+        if let Err(e) = self.pins.remove_links(dir) {
+            tracing::warn!(dir = %dir, error = %e, "removing pinned links failed");
         }
-        Ok(())
     }
 
     /// Attaches `sock_ops` to the agent's own cgroup, so the agent's ends of
@@ -340,40 +510,21 @@ impl Datapath {
             self.accelerate = false;
             return Ok(false);
         }
-        self.attach_sock_ops_only(cgroup)?;
-        Ok(true)
-    }
-
-    fn attach_sock_ops_only(&mut self, cgroup: &Path) -> Result<(), Error> {
         let fd = File::open(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?;
-        let links = self.cgroups.entry(cgroup.to_owned()).or_default();
-        if links.sock_ops.is_none() {
-            links.sock_ops = Some(
+        if self.agent_sock_ops.is_none() {
+            self.agent_sock_ops = Some(
                 program::<SockOps>(&mut self.ebpf, SOCK_OPS)?
                     .attach(&fd, CgroupAttachMode::Single)
-                    .map_err(|source| Error::Attach { program: SOCK_OPS, path: cgroup.to_owned(), source })?,
+                    .map_err(|source| Error::AttachAgent { program: SOCK_OPS, path: cgroup.to_owned(), source })?,
             );
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Makes sure inbound capture (`sk_lookup`) is attached to a pod's network
     /// namespace; returns whether it had to be (re)attached.
     pub fn attach_netns(&mut self, cookie: u64, netns: &File, path: &Path) -> Result<bool, Error> {
-        let present = query::attached_program_ids(netns, query::BPF_SK_LOOKUP)
-            .is_ok_and(|ids| ids.contains(&self.ids.sk_lookup));
-        if self.netns.contains_key(&cookie) && present {
-            return Ok(false);
-        }
-        let prog = program::<SkLookup>(&mut self.ebpf, SK_LOOKUP)?;
-        if let Some(stale) = self.netns.remove(&cookie) {
-            let _ = prog.detach(stale);
-        }
-        let id = prog
-            .attach(netns)
-            .map_err(|source| Error::Attach { program: SK_LOOKUP, path: path.to_owned(), source })?;
-        self.netns.insert(cookie, id);
-        Ok(true)
+        Ok(self.ensure_links(&Self::netns_dir(cookie), netns.as_fd(), &NETNS_HOOKS, path)? > 0)
     }
 
     pub fn is_netns_attached(&self, netns: &File) -> bool {
@@ -381,11 +532,74 @@ impl Datapath {
     }
 
     pub fn detach_netns(&mut self, cookie: u64) {
-        if let Some(id) = self.netns.remove(&cookie)
-            && let Ok(prog) = program::<SkLookup>(&mut self.ebpf, SK_LOOKUP)
-        {
-            let _ = prog.detach(id);
+        self.remove_target(&Self::netns_dir(cookie));
+    }
+
+    /// Removes pinned state that belongs to no pod in `keep`: links of other
+    /// cgroups and namespaces, enrollment, counters and capture entries of
+    /// other namespaces and addresses. Run once the agent knows every local
+    /// pod (a pod that left the mesh while no agent ran).
+    pub fn retain(&mut self, keep: &Keep) -> usize {
+        let mut removed = 0;
+        let stale: Vec<String> = self
+            .links
+            .keys()
+            .cloned()
+            .chain(self.pins.link_dirs())
+            .filter(|d| !keep.link_dirs.contains(d))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for d in stale {
+            tracing::info!(dir = %d, "pinned links of a pod no longer in the mesh on this node: removed");
+            self.remove_target(&d);
+            removed += 1;
         }
+        let cookies: Vec<u64> = self.enrolled.keys().filter_map(Result::ok).filter(|c| !keep.cookies.contains(c)).collect();
+        for c in cookies {
+            let _ = self.enrolled.remove(&c);
+            removed += 1;
+        }
+        let cookies: Vec<u64> = self.counters.keys().filter_map(Result::ok).filter(|c| !keep.cookies.contains(c)).collect();
+        for c in cookies {
+            let _ = self.counters.remove(&c);
+        }
+        let keep_addrs: Vec<SockAddr> = keep.ips.iter().map(|ip| to_sock_addr(SocketAddr::new(*ip, 0))).collect();
+        let addrs: Vec<SockAddr> = self.captured.keys().filter_map(Result::ok).filter(|a| !keep_addrs.contains(a)).collect();
+        for a in addrs {
+            let _ = self.captured.remove(&a);
+            removed += 1;
+        }
+        let addrs: Vec<SockAddr> =
+            self.inbound_listeners.keys().filter_map(Result::ok).filter(|a| !keep_addrs.contains(a)).collect();
+        for a in addrs {
+            let _ = self.inbound_listeners.remove(&a);
+        }
+        removed
+    }
+
+    /// The cookies of every namespace with an enrollment entry.
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Marks `ip` as captured: with no agent listener, `sk_lookup` refuses
+    /// its inbound connections (unless `fail_open`).
+    pub fn set_captured(&mut self, ip: IpAddr, fail_open: bool) -> Result<(), Error> {
+        let key = to_sock_addr(SocketAddr::new(ip, 0));
+        let flags = if fail_open { POD_FLAG_FAIL_OPEN } else { 0 };
+        if self.captured.get(&key, 0).ok() == Some(flags) {
+            return Ok(());
+        }
+        self.captured.insert(key, flags, 0).map_err(|source| Error::Map { map: CAPTURED_MAP, source })
+    }
+
+    pub fn is_captured(&self, ip: IpAddr) -> bool {
+        self.captured.get(&to_sock_addr(SocketAddr::new(ip, 0)), 0).is_ok()
+    }
+
+    pub fn remove_captured(&mut self, ip: IpAddr) {
+        let _ = self.captured.remove(&to_sock_addr(SocketAddr::new(ip, 0)));
     }
 
     /// Points inbound capture for `ip` at the agent's plaintext listener.
@@ -469,10 +683,35 @@ mod tests {
         );
     }
 
+    /// A private bpf filesystem for one test, unmounted on drop.
+    struct TestBpffs(PathBuf);
+
+    impl TestBpffs {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("mesh-bpffs-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            nix::mount::mount(Some("bpf"), &dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+                .expect("mounting a bpf filesystem (root needed)");
+            TestBpffs(dir)
+        }
+    }
+
+    impl Drop for TestBpffs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    fn options(fs: &TestBpffs, accelerate: bool) -> Options {
+        Options { accelerate, bpffs: fs.0.clone(), node: "node-t".into() }
+    }
+
     #[test]
     fn programs_load_on_this_kernel() {
         require_root();
-        let dp = Datapath::load(Options { accelerate: true }).unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
+        let fs = TestBpffs::new("load");
+        let dp = Datapath::load(options(&fs, true)).unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
         assert!(dp.accelerating(), "sk_msg acceleration loads on this kernel");
         assert_eq!(dp.accelerated_sockets(), 0);
     }
@@ -496,6 +735,57 @@ mod tests {
     }
 
     #[test]
+    fn maps_are_pinned_and_reused_by_the_next_agent() {
+        require_root();
+        let fs = TestBpffs::new("reuse");
+        let entry = pod_entry(&["198.51.100.7".parse().unwrap()], 15001, false);
+        {
+            let mut dp = Datapath::load(options(&fs, false)).unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
+            dp.enroll(42, entry).unwrap();
+            dp.set_captured("198.51.100.7".parse().unwrap(), false).unwrap();
+        }
+        for m in PINNED_MAPS {
+            assert!(fs.0.join("nodemesh/node-t/maps").join(m).exists(), "{m} pinned");
+        }
+        // A second agent (the first one gone) sees the same entries.
+        let mut dp = Datapath::load(options(&fs, false)).unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
+        assert_eq!(dp.enrollment(42), Some(entry));
+        assert!(dp.is_captured("198.51.100.7".parse().unwrap()));
+        // Nothing of it belongs to a pod the agent knows: retain removes it.
+        assert_eq!(dp.retain(&Keep::default()), 2);
+        assert_eq!(dp.enrollment(42), None);
+        drop(dp);
+        let pins = PinDir::new(&fs.0, "node-t", false).unwrap();
+        pins.remove_all().unwrap();
+        assert!(!fs.0.join("nodemesh/node-t").exists(), "uninstall leaves nothing");
+    }
+
+    #[test]
+    fn an_incompatible_pinned_map_is_refused_with_its_shape() {
+        require_root();
+        let fs = TestBpffs::new("incompat");
+        let pins = PinDir::new(&fs.0, "node-t", true).unwrap();
+        // Pin a per-CPU map where ENROLLED (a hash of 32-byte entries) goes.
+        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("object");
+        let counters = ebpf.take_map(POD_COUNTERS_MAP).expect("map");
+        match &counters {
+            aya::maps::Map::PerCpuHashMap(m) => m.pin(pins.maps().join(ENROLLED_MAP)).expect("pin"),
+            _ => panic!("POD_COUNTERS is a per-CPU hash"),
+        }
+        let err = Datapath::load(options(&fs, false)).err().expect("an incompatible pin is refused");
+        let msg = crate::error_chain(&err);
+        assert!(msg.contains("incompatible agent version") && msg.contains("ENROLLED") && msg.contains("mesh-agent uninstall"), "{msg}");
+    }
+
+    #[test]
+    fn a_plain_directory_is_not_a_bpffs() {
+        let dir = std::env::temp_dir();
+        let err = PinDir::new(&dir, "node-t", true).err().expect("refused");
+        assert!(err.to_string().contains("is not a bpf filesystem"), "{err}");
+        assert!(PinDir::new(&dir, "../x", true).is_err());
+    }
+
+    #[test]
     fn addresses_round_trip_through_map_form() {
         for a in ["198.51.100.7:15001", "[2001:db8::7]:80"] {
             let a: SocketAddr = a.parse().unwrap();
@@ -507,7 +797,7 @@ mod tests {
 
     #[test]
     fn pod_entry_holds_network_order_addresses() {
-        let e = pod_entry(&["198.51.100.7".parse().unwrap(), "2001:db8::7".parse().unwrap()], 15001);
+        let e = pod_entry(&["198.51.100.7".parse().unwrap(), "2001:db8::7".parse().unwrap()], 15001, false);
         assert_eq!(e.ip4.to_ne_bytes(), [198, 51, 100, 7]);
         assert_eq!(e.flags, POD_FLAG_IPV6);
         assert_eq!(e.outbound_port, 15001);

@@ -6,6 +6,14 @@
 //! first and the listeners close a little later, so a connect redirected just
 //! before the change still finds its listener. Connections already relayed are
 //! never touched by enrollment changes.
+//!
+//! Kernel state outlives the agent (it is pinned, see [`crate::ebpf`]):
+//! stopping the agent closes its listeners and nothing else, so an enrolled
+//! pod fails closed until the next agent serves it (or, with failure policy
+//! `open`, goes direct). A pod is enrolled (redirected and captured) as soon
+//! as its listeners are open, before its certificate arrives: meanwhile its
+//! connections to mesh destinations fail (no identity to present), never go
+//! around the mesh, and the agent is not ready.
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +43,12 @@ struct ManagedPod {
     netns: Option<Arc<Netns>>,
     listeners: Option<PodListeners>,
     enrolled: bool,
+    /// Enrolled but without a workload certificate yet.
+    cert_pending: bool,
+    /// The state wants the pod in the mesh (its namespace is labelled).
+    wanted: bool,
+    /// Its failure policy is `open`.
+    fail_open: bool,
     stats: Arc<PodStats>,
     error: Option<String>,
     /// The kernel side was set up once; anything found missing later is drift.
@@ -53,19 +67,13 @@ impl ManagedPod {
     }
 }
 
-/// When a forgotten pod's listeners close: after the grace period during
-/// normal operation, at once on shutdown (the drain takes over).
-enum Listeners {
-    CloseAfterGrace,
-    CloseNow,
-}
-
 /// What `ensure` needs besides the datapath and the pod.
 #[derive(Clone, Copy)]
 struct EnsureCtx<'a> {
     proxy: &'a Arc<Proxy>,
     outbound_port: u16,
     wake: &'a Arc<tokio::sync::Notify>,
+    fail_open: bool,
 }
 
 /// What one reconcile pass did to one pod.
@@ -90,6 +98,11 @@ pub struct Enrollment {
     datapath: Datapath,
     proxy: Arc<Proxy>,
     outbound_port: u16,
+    /// The mesh-wide failure policy (`--failure-policy`); a namespace label
+    /// overrides it.
+    fail_open: bool,
+    /// Pinned state of pods this agent does not manage was removed once.
+    pruned: bool,
     pods: BTreeMap<PodKey, ManagedPod>,
     /// Reconcile passes that had to change something.
     pub changes: u64,
@@ -107,6 +120,8 @@ pub struct PodStatus {
     namespace: String,
     ip: Option<IpAddr>,
     enrolled: bool,
+    certificate_pending: bool,
+    failure_policy: &'static str,
     attached: bool,
     inbound_capture: bool,
     listeners: Vec<String>,
@@ -125,12 +140,14 @@ struct EbpfCounters {
 }
 
 impl Enrollment {
-    pub fn new(node: String, datapath: Datapath, proxy: Arc<Proxy>, outbound_port: u16) -> Self {
+    pub fn new(node: String, datapath: Datapath, proxy: Arc<Proxy>, outbound_port: u16, fail_open: bool) -> Self {
         Self {
             node,
             datapath,
             proxy,
             outbound_port,
+            fail_open,
+            pruned: false,
             pods: BTreeMap::new(),
             changes: 0,
             repairs: 0,
@@ -139,24 +156,26 @@ impl Enrollment {
     }
 
     /// Brings this node's pods in line with `state`. Failures are per pod:
-    /// recorded, logged, and retried on the next pass.
-    pub fn reconcile(&mut self, state: &Snapshot) {
+    /// recorded, logged, and retried on the next pass. `complete`: the state
+    /// lists every pod of the node (not a Kubernetes source still syncing),
+    /// so pinned state of any other pod can go.
+    pub fn reconcile(&mut self, state: &Snapshot, complete: bool) {
         let node = self.node.clone();
         let wanted: BTreeMap<&PodKey, _> = state
             .pods_on_node(&node)
-            .map(|p| (&p.key, (p, state.is_enrolled(p))))
+            .map(|p| (&p.key, (p, state.is_enrolled(p), state.fails_open(p, self.fail_open))))
             .collect();
 
         let gone: Vec<PodKey> = self.pods.keys().filter(|k| !wanted.contains_key(k)).cloned().collect();
         for key in gone {
             if let Some(mp) = self.pods.remove(&key) {
                 tracing::info!(pod = %key, "pod left this node");
-                self.forget_pod(&key, mp, Listeners::CloseAfterGrace);
+                self.forget_pod(&key, mp);
                 self.changes += 1;
             }
         }
 
-        for (key, (pod, enrolled)) in wanted {
+        for (key, (pod, enrolled, fail_open)) in wanted {
             let id = SpiffeId::new(&state.trust_domain, &pod.key.namespace, &pod.service_account)
                 .map_err(|e| format!("pod {key} has no valid workload identity: {e}"));
             // A pod whose sandbox changed is a new pod to the kernel.
@@ -165,7 +184,7 @@ impl Enrollment {
                 .get(key)
                 .is_some_and(|mp| mp.netns_path != pod.netns || mp.cgroup != pod.cgroup || mp.ips != pod.ips);
             if sandbox_changed && let Some(old) = self.pods.remove(key) {
-                self.forget_pod(key, old, Listeners::CloseAfterGrace);
+                self.forget_pod(key, old);
             }
             self.pods.entry(key.clone()).or_insert_with(|| ManagedPod {
                 netns_path: pod.netns.clone(),
@@ -174,6 +193,9 @@ impl Enrollment {
                 netns: None,
                 listeners: None,
                 enrolled: false,
+                cert_pending: false,
+                wanted: false,
+                fail_open: false,
                 stats: Arc::new(PodStats::default()),
                 error: None,
                 set_up: false,
@@ -181,7 +203,9 @@ impl Enrollment {
                 cert_watcher: None,
             });
             let mp = self.pods.get_mut(key).expect("inserted above");
-            let ctx = EnsureCtx { proxy: &self.proxy, outbound_port: self.outbound_port, wake: &self.wake };
+            let ctx = EnsureCtx { proxy: &self.proxy, outbound_port: self.outbound_port, wake: &self.wake, fail_open };
+            mp.wanted = enrolled;
+            mp.fail_open = fail_open;
             let result = id.and_then(|id| Self::ensure(&mut self.datapath, &ctx, key, mp, enrolled, id));
             match result {
                 Ok(ch) => {
@@ -202,6 +226,31 @@ impl Enrollment {
                 }
             }
         }
+        if complete {
+            self.prune();
+        }
+    }
+
+    /// Removes pinned state of pods this agent does not manage (they left
+    /// the mesh or the node while no agent ran), once every local pod is
+    /// known to the kernel side: a pod whose namespace could not be opened
+    /// yet might own some of it.
+    fn prune(&mut self) {
+        let mut keep = ebpf::Keep::default();
+        for mp in self.pods.values() {
+            let (Some(ns), Ok(cg)) = (&mp.netns, Datapath::cgroup_dir(&mp.cgroup)) else {
+                return;
+            };
+            keep.link_dirs.insert(cg);
+            keep.link_dirs.insert(Datapath::netns_dir(ns.cookie()));
+            keep.cookies.insert(ns.cookie());
+            keep.ips.extend(mp.ips.iter().copied());
+        }
+        let removed = self.datapath.retain(&keep);
+        if removed > 0 || !self.pruned {
+            tracing::info!(removed, "pinned state checked against this node's pods");
+        }
+        self.pruned = true;
     }
 
     /// Makes one pod's kernel and listener state match `enrolled`. Returns
@@ -215,7 +264,7 @@ impl Enrollment {
         enrolled: bool,
         id: SpiffeId,
     ) -> Result<Changes, String> {
-        let EnsureCtx { proxy, outbound_port, wake } = *ctx;
+        let EnsureCtx { proxy, outbound_port, wake, fail_open } = *ctx;
         let mut ch = Changes::default();
         if mp.netns.is_none() {
             mp.netns = Some(Arc::new(Netns::open(&mp.netns_path).map_err(|e| e.to_string())?));
@@ -278,23 +327,20 @@ impl Enrollment {
                         .map_err(|e| e.to_string())?;
                     ch.note(mp.enrolled, format!("inbound capture entry for {ip} set"));
                 }
-            }
-            if !has_cert {
-                // Without a certificate the agent could not tunnel the
-                // pod's connections: until one arrives (or while the CA is
-                // down past expiry) they go direct, as when the agent is down.
-                if datapath.enrollment(cookie).is_some() {
-                    datapath.unenroll(cookie).map_err(|e| e.to_string())?;
-                    tracing::warn!(pod = %key, "no workload certificate: the pod's new connections go direct until one arrives");
-                    ch.changed += 1;
-                } else if !mp.enrolled {
-                    tracing::info!(pod = %key, "waiting for the pod's workload certificate before enrolling it");
+                if !datapath.is_captured(*ip) {
+                    ch.note(mp.enrolled, format!("capture mark for {ip} set"));
                 }
-                mp.enrolled = false;
-                mp.set_up = true;
-                return Ok(ch);
+                datapath.set_captured(*ip, fail_open).map_err(|e| e.to_string())?;
             }
-            let entry = ebpf::pod_entry(&mp.ips, outbound_port);
+            // Enrolled with or without a certificate: without one (until it
+            // arrives, or while the CA is down past expiry) the pod's
+            // connections to mesh destinations fail rather than go around
+            // the mesh; the agent reports not ready meanwhile.
+            if !has_cert && !mp.cert_pending {
+                tracing::warn!(pod = %key, "no workload certificate yet: the pod's connections to the mesh fail until one arrives (fail closed)");
+            }
+            mp.cert_pending = !has_cert;
+            let entry = ebpf::pod_entry(&mp.ips, outbound_port, fail_open);
             if datapath.enrollment(cookie) != Some(entry) {
                 datapath.enroll(cookie, entry).map_err(|e| e.to_string())?;
                 if !mp.enrolled {
@@ -310,9 +356,11 @@ impl Enrollment {
                 ch.changed += 1;
             }
             for ip in &mp.ips {
+                datapath.remove_captured(*ip);
                 datapath.remove_inbound_listener(*ip);
             }
             mp.enrolled = false;
+            mp.cert_pending = false;
             if let Some(l) = mp.listeners.take() {
                 close_later(l);
             }
@@ -328,7 +376,7 @@ impl Enrollment {
     /// Undoes everything the agent set up for a pod it no longer manages:
     /// enrollment and capture entries first (new connections go direct),
     /// then programs, counters, certificate and listeners.
-    fn forget_pod(&mut self, key: &PodKey, mut mp: ManagedPod, listeners: Listeners) {
+    fn forget_pod(&mut self, key: &PodKey, mut mp: ManagedPod) {
         if let Some(ns) = &mp.netns {
             if let Err(e) = self.datapath.unenroll(ns.cookie()) {
                 tracing::warn!(pod = %key, error = %e, "removing enrollment failed");
@@ -337,16 +385,14 @@ impl Enrollment {
             self.datapath.untrack(ns.cookie());
         }
         for ip in &mp.ips {
+            self.datapath.remove_captured(*ip);
             self.datapath.remove_inbound_listener(*ip);
         }
         if let Err(e) = self.datapath.detach(&mp.cgroup) {
             tracing::warn!(pod = %key, error = %e, "detach failed");
         }
         if let Some(l) = mp.listeners.take() {
-            match listeners {
-                Listeners::CloseAfterGrace => close_later(l),
-                Listeners::CloseNow => l.close(),
-            }
+            close_later(l);
         }
         if mp.id.take().is_some() {
             self.proxy.certs().forget(key);
@@ -354,11 +400,15 @@ impl Enrollment {
         mp.stop_cert_watch();
     }
 
-    /// For shutdown: every pod's new connections go direct from now on
-    /// (programs detached, entries removed), and the listeners close.
-    pub fn release_all(&mut self) {
-        for (key, mp) in std::mem::take(&mut self.pods) {
-            self.forget_pod(&key, mp, Listeners::CloseNow);
+    /// For shutdown: the listeners stop accepting; the kernel state stays,
+    /// so the pods fail closed (or, with failure policy `open`, go direct)
+    /// until the next agent serves them.
+    pub fn stop_listeners(&mut self) {
+        for mp in self.pods.values_mut() {
+            mp.stop_cert_watch();
+            if let Some(l) = mp.listeners.take() {
+                l.close();
+            }
         }
     }
 
@@ -370,14 +420,30 @@ impl Enrollment {
         self.datapath.accelerated_sockets()
     }
 
-    /// Ready when every local pod is set up and every enrolled one has a
-    /// workload certificate to serve with.
+    /// Ready when every local pod is set up and every pod the state puts in
+    /// the mesh is enrolled (redirected, captured) and holds a workload
+    /// certificate to serve with.
     pub fn ready(&self) -> bool {
-        let certs = self.proxy.certs();
-        self.pods.iter().all(|(key, p)| {
-            p.error.is_none()
-                && (!p.enrolled || certs.watch(key).is_some_and(|w| w.borrow().is_some()))
-        })
+        self.pods.values().all(|p| p.error.is_none() && p.wanted == p.enrolled && !p.cert_pending)
+    }
+
+    /// Pods that keep the agent from being ready, with why.
+    pub fn not_ready(&self) -> Vec<(String, &'static str)> {
+        self.pods
+            .iter()
+            .filter_map(|(k, p)| {
+                let why = if p.error.is_some() {
+                    "error"
+                } else if p.wanted && !p.enrolled {
+                    "not enrolled"
+                } else if p.cert_pending {
+                    "certificate pending"
+                } else {
+                    return None;
+                };
+                Some((k.to_string(), why))
+            })
+            .collect()
     }
 
     pub fn status(&self) -> Vec<PodStatus> {
@@ -396,6 +462,8 @@ impl Enrollment {
                     namespace: key.namespace.clone(),
                     ip: mp.ips.first().copied(),
                     enrolled: mp.enrolled,
+                    certificate_pending: mp.cert_pending,
+                    failure_policy: if mp.fail_open { "open" } else { "closed" },
                     attached: self.datapath.is_attached(&mp.cgroup),
                     inbound_capture: mp.netns.as_ref().is_some_and(|ns| self.datapath.is_netns_attached(ns.file()))
                         && mp.ips.iter().all(|ip| self.datapath.has_inbound_listener(*ip)),

@@ -15,6 +15,7 @@
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
 //! | [`route`] | HTTP routing: route schema, validation, pure route selection |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
+//! | [`lifecycle`] | the node lock, `mesh-agent uninstall` |
 //! | [`access_log`] | one JSON line per request and connection, never blocking |
 //! | [`logging`] | the agent's log filter, changeable at run time |
 //! | [`metrics`] | Prometheus metrics (Istio's names), health collector |
@@ -31,6 +32,7 @@ pub mod enroll;
 pub mod host;
 pub mod identity;
 pub mod k8s;
+pub mod lifecycle;
 pub mod localfile;
 pub mod logging;
 pub mod metrics;

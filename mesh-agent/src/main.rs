@@ -86,6 +86,24 @@ enum Command {
         /// `stdout`, `stderr`, a file path, or `off`.
         #[arg(long, env = config::ENV_ACCESS_LOG, default_value = "stdout", value_parser = mesh_agent::access_log::parse_target)]
         access_log: mesh_agent::access_log::Target,
+        #[command(flatten)]
+        node_state: NodeStateArgs,
+        /// What an enrolled pod's connections do while no agent serves it
+        /// (restart, crash): `closed` refuses them (never plaintext, never
+        /// unpoliced), `open` lets them go direct. A namespace's
+        /// `nodemesh.io/failure-policy` label overrides it.
+        #[arg(long, env = config::ENV_FAILURE_POLICY, default_value = "closed", value_parser = ["closed", "open"])]
+        failure_policy: String,
+    },
+    /// Remove the mesh from this node: detach every pod's programs and
+    /// remove the pinned state, so pods talk directly again. Refused while
+    /// an agent runs for the node.
+    Uninstall {
+        /// This node's name.
+        #[arg(long, env = config::ENV_NODE_NAME)]
+        node: String,
+        #[command(flatten)]
+        node_state: NodeStateArgs,
     },
     /// Run the mesh's certificate authority (gRPC over TLS).
     Ca(mesh_agent::identity::server::CaArgs),
@@ -111,6 +129,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where a node's state outlives the agent.
+#[derive(clap::Args)]
+struct NodeStateArgs {
+    /// The bpf filesystem where the node's programs, links and maps are
+    /// pinned (under `nodemesh/<node>/`).
+    #[arg(long, env = config::ENV_BPFFS, default_value = config::DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// Directory of the node lock and the handoff socket (under `<node>/`).
+    #[arg(long, env = config::ENV_RUN_DIR, default_value = config::DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -143,6 +173,8 @@ fn main() -> ExitCode {
             metrics,
             trace,
             access_log,
+            node_state,
+            failure_policy,
         } => {
             let cfg = Config {
                 node,
@@ -158,22 +190,45 @@ fn main() -> ExitCode {
                 metrics_addr: metrics,
                 trace: trace.into_config(),
                 access_log,
+                bpffs: node_state.bpffs,
+                run_dir: node_state.run_dir,
+                fail_open: failure_policy == "open",
             };
-            mesh_agent::app::run(cfg, |addr| {
-                // One machine-readable line on stdout for supervisors and tests.
+            mesh_agent::app::run(cfg, |event| {
+                // Machine-readable lines on stdout for supervisors and tests.
+                let line = match event {
+                    mesh_agent::app::Event::Admin(addr) => serde_json::json!({"event": "admin", "admin": addr.to_string()}),
+                    mesh_agent::app::Event::Ready(addr) => serde_json::json!({"event": "ready", "admin": addr.to_string()}),
+                };
                 let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{}", serde_json::json!({"event": "ready", "admin": addr.to_string()}));
+                let _ = writeln!(out, "{line}");
                 let _ = out.flush();
-                // Start-up (aya parsing the kernel's BTF: ~150,000
-                // allocations) leaves freed memory behind; give it back now
-                // rather than keep it resident for the agent's life.
-                // SAFETY: mimalloc's collection entry point, no arguments
-                // beyond the flag.
-                unsafe { libmimalloc_sys::mi_collect(true) };
+                drop(out);
+                if matches!(event, mesh_agent::app::Event::Ready(_)) {
+                    // Start-up (aya parsing the kernel's BTF: ~150,000
+                    // allocations) leaves freed memory behind; give it back
+                    // now rather than keep it resident for the agent's life.
+                    // SAFETY: mimalloc's collection entry point, no
+                    // arguments beyond the flag.
+                    unsafe { libmimalloc_sys::mi_collect(true) };
+                }
             })
             .map_err(anyhow::Error::from)
         }
         Command::Status { admin, json } => status(admin, json),
+        Command::Uninstall { node, node_state } => {
+            mesh_agent::lifecycle::uninstall(&node_state.bpffs, &node_state.run_dir, &node).map_err(anyhow::Error::from).map(|u| {
+                if u.existed {
+                    println!(
+                        "node {node}: detached the programs of {} pod cgroups and namespaces, removed {}; pods connect directly again",
+                        u.targets,
+                        u.pin_dir.display()
+                    );
+                } else {
+                    println!("node {node}: nothing pinned at {}", u.pin_dir.display());
+                }
+            })
+        }
         Command::ConfigDump { admin } => admin_call(admin, http::Method::GET, "/config_dump".into()),
         Command::LogLevel { admin, level } => match level {
             None => admin_call(admin, http::Method::GET, "/logging".into()),
@@ -230,6 +285,9 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
             println!("  pod {pod} not located: {}", why.as_str().unwrap_or_default());
         }
     }
+    for p in v["notReady"].as_array().into_iter().flatten() {
+        println!("not ready: {} ({})", p["pod"].as_str().unwrap_or("?"), p["reason"].as_str().unwrap_or("?"));
+    }
     println!(
         "eBPF: acceleration {}, {} accelerated sockets; reconcile repairs {}",
         if v["ebpf"]["accelerating"] == true { "on" } else { "off" },
@@ -247,7 +305,7 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
             "{:<32} {:<16} {:<8} {:<8} {:<7} {:>10} {:>7} {:>8} {:>7}  {}",
             format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")),
             p["ip"].as_str().unwrap_or("-"),
-            p["enrolled"],
+            if p["certificatePending"] == true { "cert-wait".to_owned() } else { p["enrolled"].to_string() },
             p["attached"],
             p["inboundCapture"],
             p["ebpf"]["redirected"],

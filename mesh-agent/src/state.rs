@@ -20,6 +20,12 @@ pub const DATAPLANE_MODE_LABEL: &str = "nodemesh.io/dataplane-mode";
 pub const DATAPLANE_MODE_ENABLED: &str = "enabled";
 pub const DATAPLANE_MODE_DISABLED: &str = "disabled";
 
+/// Namespace label that sets its pods' failure policy, overriding the
+/// agent's `--failure-policy`: what happens to an enrolled pod's connections
+/// while no agent serves it (restart, crash). `closed` (the default): they
+/// are refused; `open`: they go direct, unauthenticated and unpoliced.
+pub const FAILURE_POLICY_LABEL: &str = "nodemesh.io/failure-policy";
+
 pub type Labels = BTreeMap<String, String>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -349,6 +355,16 @@ impl MeshState {
             .get(DATAPLANE_MODE_LABEL)
             .is_some_and(|v| v == DATAPLANE_MODE_DISABLED);
         ns_enabled && !pod_opt_out
+    }
+
+    /// Whether `pod`'s failure policy is `open`: its namespace's
+    /// [`FAILURE_POLICY_LABEL`] (`open` / `closed`), else `default_open`. Any
+    /// other value means closed: a typo must not open the mesh.
+    pub fn fails_open(&self, pod: &Pod, default_open: bool) -> bool {
+        match self.namespaces.get(&pod.key.namespace).and_then(|ns| ns.labels.get(FAILURE_POLICY_LABEL)) {
+            Some(v) => v == "open",
+            None => default_open,
+        }
     }
 
     pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {

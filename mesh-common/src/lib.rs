@@ -48,6 +48,14 @@ pub const ORIG_DST_MAX: u32 = 65536;
 pub const INBOUND_LISTENERS_MAP: &str = "INBOUND_LISTENERS";
 pub const INBOUND_LISTENERS_MAX: u32 = 4096;
 
+/// Pods whose inbound connections are captured, keyed by the pod's address
+/// (`SockAddr` with port 0), value: `POD_FLAG_*` flags (`POD_FLAG_FAIL_OPEN`).
+/// Outlives the agent (pinned) like `INBOUND_LISTENERS`' keys do not: a
+/// listener's entry vanishes with its socket, this one says the address is
+/// still the mesh's, so `sk_lookup` refuses what no agent can take.
+pub const CAPTURED_MAP: &str = "CAPTURED";
+pub const CAPTURED_MAX: u32 = 4096;
+
 /// Established TCP sockets whose two ends are both in the same enrolled pod
 /// (the app and the agent's in-pod listener), keyed by [`SockPair`]. `sk_msg`
 /// moves bytes from one to the other without the TCP/IP stack.
@@ -62,6 +70,24 @@ pub const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUN
 
 /// `PodEntry::flags`: the pod has an IPv6 address (`ip6` is valid).
 pub const POD_FLAG_IPV6: u32 = 1;
+/// `PodEntry::flags` and `CAPTURED` values: the pod's failure policy is
+/// `open`: while no agent listens for it, its connections go direct (outbound)
+/// and reach the app unpoliced (inbound). Without it (the default) they are
+/// refused.
+pub const POD_FLAG_FAIL_OPEN: u32 = 2;
+
+/// The maps pinned in the node's bpffs directory, so they outlive the agent:
+/// a restarted agent finds the same enrollment, original destinations,
+/// capture entries and counters. `LOCAL_SOCKS` is not among them: it only
+/// holds sockets of the agent that made it.
+pub const PINNED_MAPS: [&str; 6] = [
+    ENROLLED_MAP,
+    POD_COUNTERS_MAP,
+    PENDING_MAP,
+    ORIG_DST_MAP,
+    INBOUND_LISTENERS_MAP,
+    CAPTURED_MAP,
+];
 
 /// What the connect hooks need to know about an enrolled pod.
 #[repr(C)]

@@ -18,7 +18,7 @@ use aya_ebpf::{
         BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
@@ -26,9 +26,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    AGENT_PORTS, AGENT_SOCKET_MARK, AF_INET, AF_INET6, ENROLLED_MAX, INBOUND_LISTENERS_MAX,
-    LOCAL_SOCKS_MAX, ORIG_DST_MAX, PENDING_MAX, POD_COUNTERS_MAX, POD_FLAG_IPV6, PodCounters,
-    PodEntry, SockAddr, SockPair, ctx_remote_port,
+    AGENT_PORTS, AGENT_SOCKET_MARK, AF_INET, AF_INET6, CAPTURED_MAX, ENROLLED_MAX,
+    INBOUND_LISTENERS_MAX, LOCAL_SOCKS_MAX, ORIG_DST_MAX, PENDING_MAX, POD_COUNTERS_MAX,
+    POD_FLAG_FAIL_OPEN, POD_FLAG_IPV6, PodCounters, PodEntry, SockAddr, SockPair, ctx_remote_port,
 };
 
 /// cgroup/connect*: 1 lets the connect() proceed (with our rewrite, if any).
@@ -51,6 +51,9 @@ static ORIG_DST: LruHashMap<SockAddr, SockAddr> = LruHashMap::with_max_entries(O
 #[map(name = "INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockHash<SockAddr> = SockHash::with_max_entries(INBOUND_LISTENERS_MAX, 0);
 
+#[map(name = "CAPTURED")]
+static CAPTURED: HashMap<SockAddr, u32> = HashMap::with_max_entries(CAPTURED_MAX, 0);
+
 #[map(name = "LOCAL_SOCKS")]
 static LOCAL_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(LOCAL_SOCKS_MAX, 0);
 
@@ -59,6 +62,44 @@ static LOCAL_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(LOCAL_SOCKS_
 static ACCELERATE: Global<u8> = Global::new(1);
 
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+/// `BPF_F_CURRENT_NETNS` (-1): look sockets up in the calling socket's netns.
+const CURRENT_NETNS: u64 = u64::MAX;
+
+/// `struct bpf_sock_tuple`'s IPv4 member, network byte order.
+#[repr(C)]
+struct Tuple4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+/// Whether an agent listens for this pod (its outbound listener exists in the
+/// pod's netns). Asked only for pods whose failure policy is `open`: with
+/// `closed` the connect is redirected whether or not anyone listens, and a
+/// missing agent means a refused connection, never a direct one.
+#[inline(always)]
+fn agent_listening(ctx: &SockAddrContext, pod: &PodEntry) -> bool {
+    let mut t = Tuple4 { saddr: 0, daddr: pod.ip4, sport: 0, dport: pod.outbound_port.to_be() };
+    // SAFETY: helper valid for cgroup sock_addr programs; the tuple is on
+    // the stack with the size of the IPv4 member; the socket it returns is
+    // released before we return.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            (&raw mut t).cast(),
+            core::mem::size_of::<Tuple4>() as u32,
+            CURRENT_NETNS,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
+}
 
 /// Reads a 4-word address out of a context one 32-bit load at a time: the
 /// verifier refuses wider loads and copies through a moved context pointer,
@@ -142,6 +183,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         count(netns, Verdict::Passed);
         return Ok(ALLOW);
     }
+    if pod.flags & POD_FLAG_FAIL_OPEN != 0 && !agent_listening(ctx, &pod) {
+        debug!(ctx, "connect4: no agent and failure policy open: pass to {:i}:{}", u32::from_be(dst_ip), dst_port);
+        count(netns, Verdict::Passed);
+        return Ok(ALLOW);
+    }
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = SockAddr::v4(dst_ip, dst_port);
@@ -202,6 +248,11 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     // address; a v4-mapped one goes to the pod's IPv4 in mapped form.
     if to_self || (orig.family == AF_INET6 && pod.flags & POD_FLAG_IPV6 == 0) {
         debug!(ctx, "connect6: local or unsupported destination, pass");
+        count(netns, Verdict::Passed);
+        return Ok(ALLOW);
+    }
+    if pod.flags & POD_FLAG_FAIL_OPEN != 0 && !agent_listening(ctx, &pod) {
+        debug!(ctx, "connect6: no agent and failure policy open: pass");
         count(netns, Verdict::Passed);
         return Ok(ALLOW);
     }
@@ -358,6 +409,9 @@ pub fn accelerate(ctx: SkMsgContext) -> u32 {
 /// agent delivering a connection to the app, and is never captured (that
 /// is what keeps the agent's own delivery from looping back into it).
 /// Loopback traffic never matches a pod address in the listener map.
+///
+/// While no agent listens (restart, crash), a captured address is refused
+/// in the kernel, unless the pod's failure policy is `open`.
 #[sk_lookup]
 pub fn inbound_capture(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
@@ -390,8 +444,20 @@ pub fn inbound_capture(ctx: SkLookupContext) -> u32 {
     }
     if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
         debug!(&ctx, "sk_lookup: inbound port {} captured by the agent", port);
+        return SK_PASS;
     }
-    SK_PASS
+    // No listener: the agent is gone (its socket left the map with it), or
+    // the address is not the mesh's. A captured address is refused unless
+    // its failure policy is open: plaintext never reaches a mesh app behind
+    // the policy's back.
+    // SAFETY: pointer from a successful lookup of a u32 value.
+    match CAPTURED.get_ptr(&key).map(|f| unsafe { *f }) {
+        Some(flags) if flags & POD_FLAG_FAIL_OPEN == 0 => {
+            debug!(&ctx, "sk_lookup: inbound port {} refused: no agent listener (failure policy closed)", port);
+            SK_DROP
+        }
+        _ => SK_PASS,
+    }
 }
 
 /// Never attached and never loaded by the agent: a program the verifier must

@@ -100,6 +100,22 @@ impl Agent {
         log_filter: &str,
         extra_args: &[&str],
     ) -> Result<Agent> {
+        Agent::start_until(bin, config, node, log_dir, cgroup, log_filter, extra_args, "ready")
+    }
+
+    /// Like [`Agent::start_in`], returning once the agent prints `event`
+    /// (`admin`: its admin listener serves, before it is ready).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn start_until(
+        bin: &Path,
+        config: &Path,
+        node: &str,
+        log_dir: &Path,
+        cgroup: Option<&Path>,
+        log_filter: &str,
+        extra_args: &[&str],
+        event: &str,
+    ) -> Result<Agent> {
         let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
         let log_path = log_dir.join(format!("agent-{node}-{n}.log"));
         let log = File::create(&log_path)
@@ -119,8 +135,8 @@ impl Agent {
         let pid = child.id();
         let (stdout, _reader) = Captured::drain(child.stdout.take().expect("piped"));
         let proc_ = Arc::new(AgentProc::new(child));
-        let ready = stdout.wait_line(READY_TIMEOUT, "ready line", |l| parse_ready(l).is_some());
-        let admin = match ready.map(|l| parse_ready(&l).expect("matched")) {
+        let ready = stdout.wait_line(READY_TIMEOUT, "ready line", |l| parse_event(l, event).is_some());
+        let admin = match ready.map(|l| parse_event(&l, event).expect("matched")) {
             Ok(addr) => addr,
             Err(e) => {
                 let status = proc_.kill();
@@ -274,6 +290,17 @@ impl Agent {
         &self.log_path
     }
 
+    /// Waits for the ready line (an agent started with
+    /// [`crate::Testbed::start_agent_unready`]).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        self.stdout.wait_line(timeout, "ready line", |l| parse_ready(l).is_some()).map(drop)
+    }
+
+    /// Whether the agent has printed its ready line.
+    pub fn printed_ready(&self) -> bool {
+        self.stdout.text().lines().any(|l| parse_ready(l).is_some())
+    }
+
     /// Everything the agent printed on stdout (the ready line, at least).
     pub fn stdout(&self) -> String {
         self.stdout.text()
@@ -291,8 +318,13 @@ impl Drop for Agent {
 }
 
 fn parse_ready(line: &str) -> Option<SocketAddr> {
+    parse_event(line, "ready")
+}
+
+/// The admin address of `{"event":EVENT,"admin":...}`.
+fn parse_event(line: &str, event: &str) -> Option<SocketAddr> {
     let v: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
-    if v.get("event")?.as_str()? != "ready" {
+    if v.get("event")?.as_str()? != event {
         return None;
     }
     v.get("admin")?.as_str()?.parse().ok()

@@ -151,6 +151,8 @@ struct Resources {
     cgroups: Vec<PathBuf>,
     agents: Vec<Weak<AgentProc>>,
     dir: PathBuf,
+    /// The testbed's own bpf filesystem (agents pin their state there).
+    bpffs: Option<PathBuf>,
     done: bool,
 }
 
@@ -215,6 +217,14 @@ impl CleanupHandle {
             if let Err(e) = netns::del(ns) {
                 errors.push(format!("{e:#}"));
             }
+        }
+        // Unmounting the testbed's bpffs drops every pin in it: the links
+        // detach and the maps go with the last reference.
+        if let Some(fs) = r.bpffs.take()
+            && let Err(e) = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH)
+            && e != nix::errno::Errno::EINVAL
+        {
+            errors.push(format!("unmounting {}: {e}", fs.display()));
         }
         for cg in r.cgroups.iter().rev() {
             if let Err(e) = cgroup::remove_tree(cg, CGROUP_REMOVE_TIMEOUT) {
@@ -281,6 +291,7 @@ impl Testbed {
             cgroups: Vec::new(),
             agents: Vec::new(),
             dir: dir.clone(),
+            bpffs: None,
             done: false,
         })));
         // From here on, an early return drops `tb`, which undoes what was made.
@@ -297,12 +308,38 @@ impl Testbed {
             cleanup,
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let fs = tb.bpffs();
+        std::fs::create_dir_all(&fs).with_context(|| format!("creating {}", fs.display()))?;
+        tb.cleanup.0.lock().unwrap().bpffs = Some(fs.clone());
+        nix::mount::mount(Some("bpf"), &fs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting a bpf filesystem at {}", fs.display()))?;
         tb.cleanup.track_cgroup(&cgroup);
         cgroup::create(&cgroup)?;
         tb.cleanup.track_netns(&name);
         netns::add(&name).context("creating the fabric netns")?;
         netns::add_bridge(&name).context("creating the fabric bridge")?;
         Ok(tb)
+    }
+
+    /// The testbed's bpf filesystem: agents pin their node state under it.
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpffs")
+    }
+
+    /// The testbed's run directory (node locks, handoff sockets).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    /// `--bpffs` and `--run-dir` for `mesh-agent run` / `uninstall` on this
+    /// testbed: its nodes' state stays inside it.
+    pub fn node_state_args(&self) -> Vec<String> {
+        vec![
+            "--bpffs".into(),
+            self.bpffs().display().to_string(),
+            "--run-dir".into(),
+            self.run_dir().display().to_string(),
+        ]
     }
 
     /// Unique name, `mt-NAME-PID-N`; also the fabric netns' name.
@@ -508,6 +545,9 @@ impl Testbed {
         {
             all = ca.agent_args(node)?;
         }
+        if !args.contains(&"--bpffs") {
+            all.extend(self.node_state_args());
+        }
         all.extend(args.iter().map(|a| a.to_string()));
         Ok(all)
     }
@@ -535,6 +575,21 @@ impl Testbed {
         cgroup::create(&cg)?;
         self.cleanup.track_cgroup(&cg);
         let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_log_filter, &args)?;
+        self.adopt_agent(&agent);
+        Ok(agent)
+    }
+
+    /// Like [`Self::start_agent_args`], returning once its admin listener
+    /// serves, before it is ready (a pod it cannot enrol, a CA that is down).
+    pub fn start_agent_unready(&self, node: &str, args: &[&str]) -> Result<Agent> {
+        let args = self.agent_args_for(node, args)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let cg = self.cgroup.join(format!("agent-{node}-{n}"));
+        cgroup::create(&cg)?;
+        self.cleanup.track_cgroup(&cg);
+        let agent =
+            Agent::start_until(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_log_filter, &args, "admin")?;
         self.adopt_agent(&agent);
         Ok(agent)
     }
@@ -651,6 +706,18 @@ fn sweep_leftovers(cg_root: &Path) {
         .chain(cg_names.iter())
         .filter_map(|n| is_stale(n).map(|(tb, _)| tb))
         .collect();
+    // bpf filesystems of dead testbeds (their agents' pins).
+    let e2e_tmp = std::env::temp_dir().join("mesh-e2e");
+    for line in std::fs::read_to_string("/proc/mounts").unwrap_or_default().lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_), Some(mnt), Some("bpf")) = (f.next(), f.next(), f.next()) else { continue };
+        let mnt = Path::new(mnt);
+        let Ok(rest) = mnt.strip_prefix(&e2e_tmp) else { continue };
+        let Some(tb) = rest.components().next().and_then(|c| c.as_os_str().to_str()) else { continue };
+        if is_stale(tb).is_some() {
+            let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
     for tb in &stale {
         let _ = cgroup::remove_tree(&cg_parent.join(tb), Duration::from_secs(2));
         for ns in all_ns

@@ -346,9 +346,13 @@ fn drop_removes_netns_cgroups_and_processes() {
     for ns in &made.netns {
         assert!(ns.exists());
     }
+    let bpffs = tb.bpffs().display().to_string();
+    let mounted = || std::fs::read_to_string("/proc/mounts").unwrap().lines().any(|l| l.split_whitespace().nth(1) == Some(&bpffs));
+    assert!(mounted(), "the testbed mounts its own bpffs");
     drop(tb);
     assert_gone(&made);
     assert!(!dir.exists());
+    assert!(!mounted(), "the testbed's bpffs is unmounted");
 }
 
 #[test]
@@ -428,12 +432,14 @@ fn config_describes_pods_services_and_enrolment() {
             .iter()
             .all(|n| n.labels.contains_key(mesh_e2e::ENROLL_LABEL))
     );
-    let leftovers: Vec<_> = std::fs::read_dir(tb.dir())
+    let mut leftovers: Vec<_> = std::fs::read_dir(tb.dir())
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name())
         .collect();
-    assert_eq!(leftovers, [std::ffi::OsString::from("mesh.yaml")]);
+    leftovers.sort();
+    // The testbed's own bpf filesystem, where its agents pin their state.
+    assert_eq!(leftovers, [std::ffi::OsString::from("bpffs"), std::ffi::OsString::from("mesh.yaml")]);
 }
 
 #[test]
