@@ -91,7 +91,6 @@ struct Mesh {
     metrics: Arc<Metrics>,
     _state: tokio::sync::watch::Sender<crate::state::Snapshot>,
     _dir: testing::TempDir,
-    #[allow(dead_code)]
     log: std::path::PathBuf,
 }
 
@@ -421,4 +420,24 @@ async fn outbound_bad_chunk_is_not_an_upstream_failure() {
     assert!(endpoints.values().all(|e| serde_json::to_value(e).unwrap()["failures"] == 0), "{:?}", serde_json::to_value(&endpoints).unwrap());
     let services = serde_json::to_value(m.proxy.services()).unwrap();
     assert_eq!(services["legacy/legacy"]["retries"], 0, "{services}");
+}
+
+/// A plaintext client is `unknown` as a principal in metrics and access
+/// logs, even from a mesh pod's address (the workload there is known).
+#[tokio::test]
+async fn plaintext_client_principal_is_unknown_in_metrics_and_access_log() {
+    let m = mesh(|_| {});
+    let (app, _seen) = app(AppHttp::Http1).await;
+    let at = m.inbound(app, AppHttp::Http1, "198.51.100.12:40000".parse().unwrap(), None).await;
+    assert_eq!(once(at, b"GET /x HTTP/1.1\r\nHost: ok.shop\r\n\r\n").await.status, 200);
+    let text = m.metrics.encode();
+    let line = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap_or_else(|| panic!("{text}"));
+    for label in ["source_principal=\"unknown\"", "source_workload=\"cart\"", "source_workload_namespace=\"shop\"", "connection_security_policy=\"none\""] {
+        assert!(line.contains(label), "{label} in {line}");
+    }
+    m.proxy.telemetry().access_log.flush_and_stop(Duration::from_secs(10));
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(log.lines().next().expect("one access log line")).unwrap();
+    assert_eq!(entry["sourcePrincipal"], "unknown", "{entry}");
+    assert_eq!(entry["sourceWorkload"], "cart", "{entry}");
 }
