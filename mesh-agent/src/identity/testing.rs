@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rcgen::{BasicConstraints, IsCa, KeyPair, SanType};
+use rcgen::{BasicConstraints, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 
@@ -65,10 +65,20 @@ pub enum Defect {
     UntrustedRoot,
     /// A URI SAN that is not a SPIFFE ID.
     NotSpiffe,
+    /// A non-CA leaf whose keyUsage includes keyCertSign.
+    KeyCertSign,
+    /// A non-CA leaf whose keyUsage includes cRLSign.
+    CrlSign,
+    /// keyUsage without digitalSignature (keyEncipherment only).
+    NoDigitalSignature,
+    /// No keyUsage extension at all.
+    NoKeyUsage,
+    /// extendedKeyUsage codeSigning only: neither serverAuth nor clientAuth.
+    WrongExtendedKeyUsage,
 }
 
 impl Defect {
-    pub const ALL: [Defect; 8] = [
+    pub const ALL: [Defect; 13] = [
         Defect::Expired,
         Defect::NotYetValid,
         Defect::WrongTrustDomain,
@@ -77,6 +87,11 @@ impl Defect {
         Defect::LeafIsCa,
         Defect::UntrustedRoot,
         Defect::NotSpiffe,
+        Defect::KeyCertSign,
+        Defect::CrlSign,
+        Defect::NoDigitalSignature,
+        Defect::NoKeyUsage,
+        Defect::WrongExtendedKeyUsage,
     ];
 }
 
@@ -120,6 +135,11 @@ pub fn mint_defective(ca: &Authority, id: &SpiffeId, defect: Defect) -> Workload
             signer = &other;
         }
         Defect::NotSpiffe => params.subject_alt_names = vec![uri("https://shop.example/web")],
+        Defect::KeyCertSign => params.key_usages.push(KeyUsagePurpose::KeyCertSign),
+        Defect::CrlSign => params.key_usages.push(KeyUsagePurpose::CrlSign),
+        Defect::NoDigitalSignature => params.key_usages = vec![KeyUsagePurpose::KeyEncipherment],
+        Defect::NoKeyUsage => params.key_usages = vec![],
+        Defect::WrongExtendedKeyUsage => params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning],
     }
     let der = signer.sign_params(&params, &key).expect("signing");
     let info = x509::inspect(&der).expect("parses");

@@ -6,17 +6,19 @@
 //! - The request target is normalized first (`policy::normalize_path`); a
 //!   target that cannot be normalized safely gets 400, and the request the
 //!   app receives carries exactly the normalized target that was checked.
-//! - A `Host` header that disagrees with the HTTP/2 `:authority` gets 400:
-//!   policies must see what the app sees.
-//! - Malformed requests (bad syntax, header blocks over 64 KiB) are refused
-//!   by hyper (400 / 431) before any of this runs, counted (`httpRejected`)
-//!   and never forwarded. A request with both `Content-Length` and
-//!   `Transfer-Encoding` is framed as chunked by hyper (RFC 9112: the length
-//!   is dropped and the connection closed after the response), so the app
-//!   never receives conflicting framing.
-//! - Headers that claim an identity are stripped from the client's request;
-//!   the verified peer identity goes to the app in `x-mesh-peer-identity`
-//!   (absent for plaintext clients).
+//! - Before that, the front door ([`validate`]) refuses with 400 what RFC
+//!   9112 / 9110 / 9113 say a server must not guess at: two `Host` lines,
+//!   no `Host` (HTTP/1.1), `Host` and `:authority` that disagree,
+//!   `Content-Length` with `Transfer-Encoding`, a `#fragment`. Policies must
+//!   see what the app sees. Malformed syntax and header blocks over 64 KiB
+//!   are refused by hyper itself (400 / 431). All are counted
+//!   (`httpRejected`) and never forwarded; a request body with broken
+//!   framing is answered 400 too, not blamed on the app.
+//! - Headers that claim an identity ([`validate::IDENTITY_HEADERS`]) are
+//!   stripped from the client's request and its trailers; the verified peer
+//!   identity goes to the app in `x-mesh-peer-identity` (absent for
+//!   plaintext clients), before authorization, so a policy's `when` on the
+//!   header sees what the app will.
 //! - A denied request gets 403 with a short body naming the policy; it is
 //!   logged and counted (`inboundDenied`), and the app never sees it.
 
@@ -39,10 +41,11 @@ use crate::{
 
 use super::http_outbound::REPLY_HEADER;
 
+pub(super) mod validate;
+use validate::{BodyFault, ClientBody, FrontDoor, Violation};
+
 /// The header carrying the verified client identity to the application.
 pub const PEER_IDENTITY_HEADER: &str = "x-mesh-peer-identity";
-/// Client-sent headers that claim an identity; never passed through.
-const IDENTITY_HEADERS: [&str; 3] = [PEER_IDENTITY_HEADER, "x-forwarded-client-cert", "x-client-spiffe-id"];
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -95,8 +98,8 @@ pub(super) struct AppConnections {
     h1: std::sync::Mutex<HashMap<AppKey, Vec<(H1Sender, Instant)>>>,
 }
 
-type H1Sender = hyper::client::conn::http1::SendRequest<Incoming>;
-type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
+type H1Sender = hyper::client::conn::http1::SendRequest<ClientBody>;
+type H2Sender = hyper::client::conn::http2::SendRequest<ClientBody>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct AppKey {
@@ -146,6 +149,7 @@ struct Conn {
     /// same: requests skip the agent-wide policy cache.
     policy: std::sync::Mutex<Option<(Snapshot, Arc<WorkloadPolicy>)>>,
     series: super::observe::SeriesCache,
+    door: FrontDoor,
 }
 
 impl Conn {
@@ -177,6 +181,8 @@ impl Proxy {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let stats = pod.stats.clone();
+        let door = FrontDoor::default();
+        let io = door.inspect(io);
         let conn = Arc::new(Conn {
             app,
             client,
@@ -189,6 +195,7 @@ impl Proxy {
             target,
             policy: std::sync::Mutex::new(None),
             series: super::observe::SeriesCache::default(),
+            door,
         });
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -261,35 +268,27 @@ impl Proxy {
     /// The response, and the policy decision when one was made.
     async fn authorize_and_forward(&self, conn: &Conn, mut req: Request<Incoming>) -> (Response<Body>, Option<(&'static str, Option<String>)>) {
         let pod = &conn.pod;
-        // Both framings at once is the classic smuggling vector. hyper's
-        // HTTP/1 parser already resolves it per RFC 9112 (chunked wins, the
-        // Content-Length is dropped, the connection closes after the
-        // response), so the request we forward is unambiguous; should both
-        // headers still reach us (another parser), refuse rather than guess.
-        if req.headers().contains_key(header::CONTENT_LENGTH) && req.headers().contains_key(header::TRANSFER_ENCODING) {
-            pod.stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(pod = %pod.key, "request refused: both Content-Length and Transfer-Encoding");
-            let mut r = local(StatusCode::BAD_REQUEST, "conflicting Content-Length and Transfer-Encoding".into());
-            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return (r, None);
+        if let Err(v) = conn.door.check(&req) {
+            return (validate::refuse(&v, req.version(), &pod.stats, "inbound"), None);
+        }
+        // What the app will see of who the client is, before the policy
+        // looks: only the verified peer speaks for it.
+        validate::strip_identity(req.headers_mut());
+        if let Some(v) = &conn.peer_header {
+            req.headers_mut().insert(PEER_IDENTITY_HEADER, v.clone());
         }
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let path = match policy::normalize_path(target) {
             Ok(p) => p,
             Err(e) => {
-                pod.stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(pod = %pod.key, %target, error = %e, "request refused: unsafe request target");
-                return (local(StatusCode::BAD_REQUEST, format!("bad request target: {e}")), None);
+                return (validate::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None);
             }
         };
         let rewritten = path.as_str() != target;
+        // The front door made sure Host and :authority agree.
         let host_header = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
         let authority = req.uri().authority().map(http::uri::Authority::as_str);
-        if let (Some(h), Some(a)) = (host_header, authority)
-            && !h.eq_ignore_ascii_case(a)
-        {
-            return (local(StatusCode::BAD_REQUEST, format!("Host {h:?} disagrees with :authority {a:?}")), None);
-        }
         let host = authority.or(host_header).unwrap_or_default();
         let snapshot = self.state.borrow().clone();
         let wp = conn.policy(self, &snapshot);
@@ -315,16 +314,13 @@ impl Proxy {
                         *req.uri_mut() = uri;
                     }
                 }
-                Err(e) => return (local(StatusCode::BAD_REQUEST, format!("bad request target: {e}")), None),
+                Err(e) => return (validate::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None),
             }
         }
-        for h in IDENTITY_HEADERS {
-            req.headers_mut().remove(h);
-        }
-        if let Some(v) = &conn.peer_header {
-            req.headers_mut().insert(PEER_IDENTITY_HEADER, v.clone());
-        }
         let downstream = super::http_outbound::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let version = req.version();
+        let fault = BodyFault::default();
+        let req = req.map(|b| ClientBody::new(b, fault.clone(), true));
         let res = match self.forward(conn, req).await {
             Ok(mut res) => {
                 if let Some(down) = downstream
@@ -335,15 +331,20 @@ impl Proxy {
                 }
                 res.map(|b| b.boxed())
             }
-            Err(e) => {
-                tracing::info!(pod = %pod.key, target = %conn.target, error = %e, "the application did not answer");
-                local(StatusCode::SERVICE_UNAVAILABLE, format!("upstream {} unavailable: {e}", conn.target))
-            }
+            // The client's body broke (bad chunk syntax, or it went away):
+            // the app is not to blame.
+            Err(e) => match fault.get() {
+                Some(v) => validate::refuse(&v, version, &pod.stats, "inbound"),
+                None => {
+                    tracing::info!(pod = %pod.key, target = %conn.target, error = %e, "the application did not answer");
+                    local(StatusCode::SERVICE_UNAVAILABLE, format!("upstream {} unavailable: {e}", conn.target))
+                }
+            },
         };
         (res, allowed)
     }
 
-    async fn forward(&self, conn: &Conn, mut req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+    async fn forward(&self, conn: &Conn, mut req: Request<ClientBody>) -> Result<Response<Incoming>, String> {
         let h2 = conn.app == AppHttp::Http2;
         if !h2 {
             // To HTTP/1.1: origin-form target and a Host header.
@@ -411,3 +412,6 @@ impl Proxy {
         Ok(res)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,6 +2,9 @@
 //! terminated by the **source** node's agent, which routes, balances,
 //! retries and bounds each request (the model is in [`crate::route`]):
 //!
+//! 0. the front door ([`super::http_inbound::validate`]) refuses ambiguous
+//!    requests (two `Host`s, no `Host`, `Host` against `:authority`,
+//!    `Content-Length` with `Transfer-Encoding`, `#fragment`) with 400;
 //! 1. the request's target is normalized for matching (a target that cannot
 //!    be normalized gets 400; the request itself is forwarded as sent: the
 //!    destination agent normalizes what it authorizes and forwards);
@@ -19,8 +22,10 @@
 //! 6. the rule's timeout bounds all of it until the response head: 504.
 //!
 //! Local answers carry `x-mesh-reply` (`overflow`, `timeout`,
-//! `no-endpoint`, `connect-failure`, `reset`) so a client or an operator
-//! can tell them from the application's.
+//! `no-endpoint`, `connect-failure`, `reset`, `bad-request`) so a client or
+//! an operator can tell them from the application's. A request body that
+//! breaks its framing is the client's fault: 400, never a retry, an
+//! ejection or a 5xx of the endpoint.
 
 use std::{
     convert::Infallible,
@@ -40,6 +45,7 @@ use super::{
     PodHandle, Proxy,
     balance::Outcome,
     http_client::{ReqBody, TryError},
+    http_inbound::validate::{self, BodyFault, ClientBody, FrontDoor, Violation},
     services::{self, ServiceState},
 };
 use crate::{
@@ -114,12 +120,15 @@ struct Conn {
     /// What the application behind the service speaks.
     version: AppHttp,
     series: super::observe::SeriesCache,
+    door: FrontDoor,
 }
 
 impl Proxy {
     pub(super) async fn serve_http_outbound(self: Arc<Self>, app: TcpStream, pod: Arc<PodHandle>, orig: SocketAddr, version: AppHttp) {
         let stats = pod.stats.clone();
-        let conn = Arc::new(Conn { pod, orig, version, series: super::observe::SeriesCache::default() });
+        let door = FrontDoor::default();
+        let app = door.inspect(app);
+        let conn = Arc::new(Conn { pod, orig, version, series: super::observe::SeriesCache::default(), door });
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
@@ -197,6 +206,9 @@ impl Proxy {
     /// Routes, balances and sends one request; also says which endpoint
     /// answered last, if any.
     async fn route_request(&self, conn: &Conn, req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
+        if let Err(v) = conn.door.check(&req) {
+            return (validate::refuse(&v, req.version(), &conn.pod.stats, "outbound"), None);
+        }
         let snapshot = self.state.borrow().clone();
         let routes = self.routes.get(&snapshot);
         let Some(target) = snapshot.service_target(conn.orig) else {
@@ -206,10 +218,7 @@ impl Proxy {
         let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let path = match policy::normalize_path(raw) {
             Ok(p) => p,
-            Err(e) => {
-                conn.pod.stats.http_rejected.fetch_add(1, Ordering::Relaxed);
-                return (local(StatusCode::BAD_REQUEST, "bad-request", format!("bad request target: {e}")), None);
-            }
+            Err(e) => return (validate::refuse(&Violation::Target(e.to_string()), req.version(), &conn.pod.stats, "outbound"), None),
         };
         let view = RequestView { method: req.method(), path: path.path(), headers: req.headers() };
         let selected = routes.select(ns, name, &view, (self.balancer.random() % 100) as u32);
@@ -258,19 +267,21 @@ impl Proxy {
 
     async fn send_with_retries(&self, job: &Job<'_>, req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
         let (mut parts, body) = req.into_parts();
+        let client_version = parts.version;
         prepare(&mut parts, job.conn);
         // Keep the body for retries when it is small and the method may be
         // retried at all; otherwise stream it through once.
         let len = body.size_hint().upper();
         let keep = job.retry.allows_method(&parts.method) && len.is_some_and(|l| l <= MAX_RETRY_BODY);
         let mut streamed = None;
+        let fault = BodyFault::default();
         let kept = if keep {
             match body.collect().await {
                 Ok(b) => Some(b.to_bytes()),
-                Err(e) => return (local(StatusCode::BAD_REQUEST, "bad-request", format!("reading the request body: {e}")), None),
+                Err(e) => return (validate::refuse(&Violation::Body(crate::error_chain(&e)), client_version, &job.conn.pod.stats, "outbound"), None),
             }
         } else {
-            streamed = Some(body);
+            streamed = Some(ClientBody::new(body, fault.clone(), false));
             None
         };
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -296,6 +307,13 @@ impl Proxy {
                 Some(t) => tokio::time::timeout(t.0, attempt).await.unwrap_or_else(|_| Err(TryError::Reset(format!("no response within the per-try timeout {t}")))),
                 None => attempt.await,
             };
+            // The client's body broke under way: its fault, not the
+            // endpoint's (no ejection, no retry, no 5xx).
+            if result.is_err()
+                && let Some(v) = fault.get()
+            {
+                return (validate::refuse(&v, client_version, &job.conn.pod.stats, "outbound"), Some(dest));
+            }
             let (outcome, cause, reply) = match result {
                 Ok(res) => {
                     let outcome = if res.status().is_server_error() { Outcome::ServerError } else { Outcome::Success };

@@ -205,11 +205,15 @@ impl Parties<'_> {
             connection_security_policy: if self.mtls { "mutual_tls" } else { "none" },
             ..Labels::default()
         };
-        let src = self
-            .src_pod
-            .and_then(|k| self.state.pods.get(k))
-            .or_else(|| self.src_ip.and_then(|ip| self.state.pod_by_ip(ip)));
+        let local = self.src_pod.and_then(|k| self.state.pods.get(k));
+        let src = local.or_else(|| self.src_ip.and_then(|ip| self.state.pod_by_ip(ip)));
         (l.source_workload, l.source_app, l.source_workload_namespace, l.source_principal) = party(self.state, src);
+        if local.is_none() {
+            // An address says where a client is, never who: a principal
+            // comes from a verified certificate (or from being the local
+            // pod), else it is `unknown`, as Istio reports plaintext peers.
+            l.source_principal = "unknown".to_owned();
+        }
         if let Some(id) = self.src_id {
             // The verified identity wins over what the address suggests.
             l.source_principal = id.to_string();
@@ -403,5 +407,44 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::testing;
+
+    fn source(src_ip: &str, src_id: Option<&SpiffeId>, state: &MeshState) -> (String, String, String) {
+        let l = Parties {
+            state,
+            reporter: "destination",
+            src_pod: None,
+            src_ip: Some(src_ip.parse().unwrap()),
+            src_id,
+            dst_pod: Some(&testing::pod("shop", "db")),
+            dst_addr: None,
+            service: None,
+            mtls: src_id.is_some(),
+        }
+        .labels("http");
+        (l.source_principal, l.source_workload, l.source_workload_namespace)
+    }
+
+    #[test]
+    fn a_plaintext_client_has_no_principal_whatever_its_address() {
+        let state = testing::mesh_state();
+        let unknown = || "unknown".to_owned();
+        // From a mesh pod's address but without a certificate: the mesh
+        // knows the workload there, not who is speaking.
+        assert_eq!(source("198.51.100.11", None, &state), (unknown(), "web".to_owned(), "shop".to_owned()));
+        // From outside the mesh: nothing known.
+        assert_eq!(source("203.0.113.9", None, &state), (unknown(), unknown(), unknown()));
+        // A verified peer is its certificate's principal.
+        let web = testing::id("shop", "web");
+        assert_eq!(source("198.51.100.11", Some(&web), &state).0, web.to_string());
+        // The source agent reports its own pod's principal.
+        let l = Parties { state: &state, reporter: "source", src_pod: Some(&testing::pod("shop", "web")), src_ip: None, src_id: None, dst_pod: None, dst_addr: None, service: None, mtls: false }.labels("http");
+        assert_eq!(l.source_principal, web.to_string());
     }
 }

@@ -75,6 +75,9 @@ fn expected_reason(defect: Defect) -> Reason {
         Defect::LeafIsCa => Reason::LeafIsCa,
         Defect::UntrustedRoot => Reason::UntrustedRoot,
         Defect::NotSpiffe => Reason::NotSpiffe,
+        Defect::KeyCertSign | Defect::CrlSign => Reason::LeafSignsCertificates,
+        Defect::NoDigitalSignature | Defect::NoKeyUsage => Reason::NoDigitalSignature,
+        Defect::WrongExtendedKeyUsage => Reason::WrongExtendedKeyUsage,
     }
 }
 
@@ -95,6 +98,9 @@ async fn client_rejects_each_bad_server_certificate_with_its_reason() {
         };
         assert_eq!(v.reason(), expected_reason(defect), "{defect:?}: {v}");
         only(&client_stats, expected_reason(defect));
+        // The log line is a sentence, not a Rust value.
+        let text = v.to_string();
+        assert!(!text.contains(" { ") && !text.contains("Context"), "{defect:?}: {text}");
         assert!(hs.server.is_err(), "{defect:?}: the server saw the handshake fail");
         println!("{defect:?}: {err}");
     }

@@ -31,21 +31,33 @@ pub enum Reason {
     NoUriSan,
     MultipleUriSans,
     LeafIsCa,
+    /// keyCertSign or cRLSign on a leaf: a workload key must not be able to
+    /// sign certificates or revocation lists (SPIFFE X.509-SVID §4.3).
+    LeafSignsCertificates,
+    /// No keyUsage, or one without digitalSignature (SPIFFE X.509-SVID
+    /// §4.3: a leaf SVID must have it, TLS 1.3 signs with it).
+    NoDigitalSignature,
+    /// An extendedKeyUsage without the purpose this end needs (serverAuth
+    /// for a server, clientAuth for a client).
+    WrongExtendedKeyUsage,
     UntrustedRoot,
     NotSpiffe,
     UnexpectedIdentity,
-    /// Anything else webpki refuses (bad encoding, wrong key usage, ...).
+    /// Anything else webpki refuses (bad encoding, unsupported algorithm...).
     Malformed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Expired,
         Reason::NotYetValid,
         Reason::WrongTrustDomain,
         Reason::NoUriSan,
         Reason::MultipleUriSans,
         Reason::LeafIsCa,
+        Reason::LeafSignsCertificates,
+        Reason::NoDigitalSignature,
+        Reason::WrongExtendedKeyUsage,
         Reason::UntrustedRoot,
         Reason::NotSpiffe,
         Reason::UnexpectedIdentity,
@@ -61,6 +73,9 @@ impl Reason {
             Reason::NoUriSan => "no_uri_san",
             Reason::MultipleUriSans => "multiple_uri_sans",
             Reason::LeafIsCa => "leaf_is_ca",
+            Reason::LeafSignsCertificates => "leaf_signs_certificates",
+            Reason::NoDigitalSignature => "no_digital_signature",
+            Reason::WrongExtendedKeyUsage => "wrong_extended_key_usage",
             Reason::UntrustedRoot => "untrusted_root",
             Reason::NotSpiffe => "not_spiffe",
             Reason::UnexpectedIdentity => "unexpected_identity",
@@ -84,6 +99,12 @@ pub enum VerifyError {
     MultipleUriSans { sans: Vec<String> },
     #[error("the leaf certificate is a CA (basicConstraints CA:true)")]
     LeafIsCa,
+    #[error("the leaf certificate's keyUsage allows {usages}: a workload certificate must not sign certificates or CRLs")]
+    LeafSignsCertificates { usages: String },
+    #[error("the leaf certificate {detail}: a workload certificate needs digitalSignature")]
+    NoDigitalSignature { detail: String },
+    #[error("the certificate's extendedKeyUsage does not allow {purpose}")]
+    WrongExtendedKeyUsage { purpose: &'static str },
     #[error("the certificate does not chain to the mesh trust bundle ({detail})")]
     UntrustedRoot { detail: String },
     #[error("the URI SAN {uri:?} is not a workload SPIFFE ID: {reason}")]
@@ -103,6 +124,9 @@ impl VerifyError {
             Self::NoUriSan => Reason::NoUriSan,
             Self::MultipleUriSans { .. } => Reason::MultipleUriSans,
             Self::LeafIsCa => Reason::LeafIsCa,
+            Self::LeafSignsCertificates { .. } => Reason::LeafSignsCertificates,
+            Self::NoDigitalSignature { .. } => Reason::NoDigitalSignature,
+            Self::WrongExtendedKeyUsage { .. } => Reason::WrongExtendedKeyUsage,
             Self::UntrustedRoot { .. } => Reason::UntrustedRoot,
             Self::NotSpiffe { .. } => Reason::NotSpiffe,
             Self::UnexpectedIdentity { .. } => Reason::UnexpectedIdentity,
@@ -224,6 +248,7 @@ impl Trust {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: KeyUsage,
+        purpose: &'static str,
         expected: &ExpectedPeer,
     ) -> Result<SpiffeId, VerifyError> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| VerifyError::Malformed { detail: e.to_string() })?;
@@ -236,11 +261,12 @@ impl Trust {
             None,
             None,
         )
-        .map_err(from_webpki)?;
+        .map_err(|e| from_webpki(e, purpose))?;
         let leaf = x509::inspect(end_entity).map_err(|detail| VerifyError::Malformed { detail })?;
         if leaf.is_ca {
             return Err(VerifyError::LeafIsCa);
         }
+        check_key_usage(end_entity)?;
         let uri = match leaf.uri_sans.as_slice() {
             [] => return Err(VerifyError::NoUriSan),
             [uri] => uri,
@@ -269,7 +295,50 @@ impl Trust {
     }
 }
 
-fn from_webpki(e: webpki::Error) -> VerifyError {
+/// SPIFFE X.509-SVID §4.3 for a leaf: keyUsage present, digitalSignature
+/// set, neither keyCertSign nor cRLSign. (webpki ignores keyUsage on end
+/// entities; the extendedKeyUsage it does check.)
+fn check_key_usage(der: &[u8]) -> Result<(), VerifyError> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| VerifyError::Malformed { detail: format!("not a DER X.509 certificate: {e}") })?;
+    let ku = cert
+        .key_usage()
+        .map_err(|e| VerifyError::Malformed { detail: format!("invalid keyUsage extension: {e}") })?;
+    let Some(ku) = ku else {
+        return Err(VerifyError::NoDigitalSignature { detail: "has no keyUsage extension".into() });
+    };
+    let signs: Vec<&str> = [(ku.value.key_cert_sign(), "keyCertSign"), (ku.value.crl_sign(), "cRLSign")]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+    if !signs.is_empty() {
+        return Err(VerifyError::LeafSignsCertificates { usages: signs.join(" and ") });
+    }
+    if !ku.value.digital_signature() {
+        return Err(VerifyError::NoDigitalSignature { detail: format!("has keyUsage {} without digitalSignature", ku.value) });
+    }
+    Ok(())
+}
+
+/// A webpki error in words: its variant's name split into lower-case words
+/// (`UnsupportedCriticalExtension` -> "unsupported critical extension"),
+/// for errors that have no better sentence; webpki's own Display is its
+/// Debug.
+fn webpki_words(e: &webpki::Error) -> String {
+    let debug = format!("{e:?}");
+    let name: String = debug.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+    let mut words = String::new();
+    for c in name.chars() {
+        if c.is_ascii_uppercase() && !words.is_empty() {
+            words.push(' ');
+        }
+        words.push(c.to_ascii_lowercase());
+    }
+    words
+}
+
+fn from_webpki(e: webpki::Error, purpose: &'static str) -> VerifyError {
     match e {
         webpki::Error::CertExpired { time, not_after } => VerifyError::Expired {
             not_after: unix_text(not_after),
@@ -288,9 +357,9 @@ fn from_webpki(e: webpki::Error) -> VerifyError {
         webpki::Error::InvalidSignatureForPublicKey => VerifyError::UntrustedRoot {
             detail: "its signature does not verify with the trusted root of that name".into(),
         },
-        other => VerifyError::Malformed {
-            detail: format!("{other:?}"),
-        },
+        #[allow(deprecated)]
+        webpki::Error::RequiredEkuNotFound | webpki::Error::RequiredEkuNotFoundContext(_) => VerifyError::WrongExtendedKeyUsage { purpose },
+        other => VerifyError::Malformed { detail: webpki_words(&other) },
     }
 }
 
@@ -336,7 +405,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let result = self
             .trust
-            .verify(end_entity, intermediates, now, KeyUsage::server_auth(), &self.expected);
+            .verify(end_entity, intermediates, now, KeyUsage::server_auth(), "serverAuth", &self.expected);
         self.stats.record("server", &result);
         result.map(|_| ServerCertVerified::assertion()).map_err(VerifyError::into_rustls)
     }
@@ -428,6 +497,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                 intermediates,
                 now,
                 KeyUsage::client_auth(),
+                "clientAuth",
                 &ExpectedPeer::AnyInTrustDomain,
             )
         });
@@ -455,5 +525,22 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webpki_errors_read_as_words_not_debug_values() {
+        assert_eq!(webpki_words(&webpki::Error::UnsupportedCriticalExtension), "unsupported critical extension");
+        assert_eq!(webpki_words(&webpki::Error::BadDer), "bad der");
+        let e = from_webpki(webpki::Error::UnsupportedCriticalExtension, "serverAuth");
+        assert_eq!(e.to_string(), "the certificate is invalid: unsupported critical extension");
+        #[allow(deprecated)]
+        let eku = from_webpki(webpki::Error::RequiredEkuNotFound, "clientAuth");
+        assert_eq!(eku.reason(), Reason::WrongExtendedKeyUsage);
+        assert_eq!(eku.to_string(), "the certificate's extendedKeyUsage does not allow clientAuth");
     }
 }
