@@ -15,6 +15,8 @@ use std::{
 
 use crate::ebpf::{PinDir, PinError};
 
+pub mod handoff;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot use the run directory {path}: {source}")]

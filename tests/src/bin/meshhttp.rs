@@ -1,9 +1,11 @@
 //! HTTP and gRPC clients and a gRPC server for the end-to-end tests, run
 //! inside pods. Each command prints one JSON line with its result.
 //!
-//! - `load --url URL --requests N [--header K:V]...`: N sequential GETs on
-//!   one keep-alive HTTP/1.1 connection; counts answers by status and by the
-//!   `x-backend` response header.
+//! - `load --url URL --requests N [--header K:V]... [--interval-ms MS]
+//!   [--fresh-every K]`: N sequential GETs on one keep-alive HTTP/1.1
+//!   connection (a new one every K requests, and whenever the server closed
+//!   it, as a client library does); counts answers by status and by the
+//!   `x-backend` response header, and requests that failed.
 //! - `multiplex --url URL --streams N`: N concurrent requests on ONE HTTP/2
 //!   (h2c, prior knowledge) connection; reports each status.
 //! - `grpc-serve --port P --name NAME`: a gRPC server (the standard health
@@ -36,6 +38,12 @@ enum Cmd {
         /// `name:value`, repeatable.
         #[arg(long)]
         header: Vec<String>,
+        /// Pause between requests.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        /// Open a new connection every K requests (0: only when closed).
+        #[arg(long, default_value_t = 0)]
+        fresh_every: usize,
     },
     Multiplex {
         #[arg(long)]
@@ -60,7 +68,9 @@ enum Cmd {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     match Args::parse().cmd {
-        Cmd::Load { url, requests, header } => load(&url, requests, &header).await,
+        Cmd::Load { url, requests, header, interval_ms, fresh_every } => {
+            load(&url, requests, &header, std::time::Duration::from_millis(interval_ms), fresh_every).await
+        }
         Cmd::Multiplex { url, streams } => multiplex(&url, streams).await,
         Cmd::GrpcServe { port, name } => grpc_serve(port, name).await,
         Cmd::GrpcCall { addr, service } => grpc_call(addr, service).await,
@@ -74,24 +84,46 @@ fn target(url: &str) -> Result<(http::Uri, SocketAddr)> {
     Ok((uri, addr))
 }
 
-async fn load(url: &str, requests: usize, headers: &[String]) -> Result<()> {
-    let (uri, addr) = target(url)?;
+async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
     let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn load(url: &str, requests: usize, headers: &[String], interval: std::time::Duration, fresh_every: usize) -> Result<()> {
+    let (uri, addr) = target(url)?;
+    let mut sender = Some(connect(addr).await?);
     let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
     let mut replies: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: Vec<String> = Vec::new();
     let mut reconnects = 0u64;
-    for _ in 0..requests {
-        if sender.is_closed() {
-            // The server closed after an error answer: a new connection.
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::spawn(conn);
-            sender = s;
-            reconnects += 1;
+    for i in 0..requests {
+        if i > 0 && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
         }
+        // A connection the server closed (after `Connection: close`, or an
+        // error answer) is replaced before the request is sent, as client
+        // libraries do: that is not a failed request.
+        let usable = match sender.as_mut() {
+            Some(s) if !s.is_closed() && !(fresh_every > 0 && i > 0 && i % fresh_every == 0) => s.ready().await.is_ok(),
+            _ => false,
+        };
+        if !usable {
+            match connect(addr).await {
+                Ok(s) => sender = Some(s),
+                Err(e) => {
+                    errors.push(format!("request {i}: {e:#}"));
+                    sender = None;
+                    continue;
+                }
+            }
+            if i > 0 {
+                reconnects += 1;
+            }
+        }
+        let s = sender.as_mut().expect("connected above");
         let mut req = http::Request::builder()
             .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
             .header(http::header::HOST, addr.to_string());
@@ -99,8 +131,14 @@ async fn load(url: &str, requests: usize, headers: &[String]) -> Result<()> {
             let (k, v) = h.split_once(':').with_context(|| format!("header {h:?} is not name:value"))?;
             req = req.header(k.trim(), v.trim());
         }
-        sender.ready().await?;
-        let res = sender.send_request(req.body(Empty::<Bytes>::new())?).await?;
+        let res = match s.send_request(req.body(Empty::<Bytes>::new())?).await {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(format!("request {i}: {e}"));
+                sender = None;
+                continue;
+            }
+        };
         *by_status.entry(res.status().as_u16().to_string()).or_default() += 1;
         let header = |n: &str| res.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
         if let Some(b) = header("x-backend") {
@@ -109,9 +147,16 @@ async fn load(url: &str, requests: usize, headers: &[String]) -> Result<()> {
         if let Some(r) = header("x-mesh-reply") {
             *replies.entry(r).or_default() += 1;
         }
-        res.into_body().collect().await?;
+        if let Err(e) = res.into_body().collect().await {
+            errors.push(format!("request {i} body: {e}"));
+            sender = None;
+        }
     }
-    println!("{}", json!({"ok": true, "status": by_status, "backend": by_backend, "meshReply": replies, "reconnects": reconnects}));
+    println!(
+        "{}",
+        json!({"ok": errors.is_empty(), "status": by_status, "backend": by_backend, "meshReply": replies,
+               "reconnects": reconnects, "failed": errors.len(), "errors": errors})
+    );
     Ok(())
 }
 
