@@ -106,8 +106,9 @@ async fn load(url: &str, requests: usize, headers: &[String], interval: std::tim
         // A connection the server closed (after `Connection: close`, or an
         // error answer) is replaced before the request is sent, as client
         // libraries do: that is not a failed request.
+        let fresh = fresh_every > 0 && i > 0 && i % fresh_every == 0;
         let usable = match sender.as_mut() {
-            Some(s) if !s.is_closed() && !(fresh_every > 0 && i > 0 && i % fresh_every == 0) => s.ready().await.is_ok(),
+            Some(s) if !fresh && !s.is_closed() => s.ready().await.is_ok(),
             _ => false,
         };
         if !usable {
