@@ -51,11 +51,6 @@ pub enum Error {
     Host(#[from] crate::host::Error),
     #[error(transparent)]
     Lifecycle(#[from] crate::lifecycle::Error),
-    #[error(
-        "another agent for node {node} is running (pid {pid}); it keeps serving: stop it first, or start this one \
-         with the same --run-dir once it hands over"
-    )]
-    NodeBusy { node: String, pid: String },
     #[error("{0}")]
     Handoff(String),
     #[error("cannot read {what} {path}: {source}")]
@@ -160,7 +155,21 @@ pub enum Event {
 /// Runs the agent until SIGTERM or SIGINT, reporting [`Event`]s.
 pub fn run(cfg: Config, on_event: impl FnMut(Event)) -> Result<(), Error> {
     cfg.validate()?;
-    tracing::info!(?cfg, "starting");
+    tracing::info!(
+        node = %cfg.node,
+        source = if cfg.kube.is_some() { "kube" } else { "file" },
+        config = %cfg.config_file.display(),
+        admin = %cfg.admin_addr,
+        metrics = ?cfg.metrics_addr,
+        ca = %cfg.ca.endpoint,
+        drain_timeout = ?cfg.drain_timeout,
+        failure_policy = if cfg.fail_open { "open" } else { "closed" },
+        accelerate = cfg.accelerate,
+        data_threads = cfg.data_threads,
+        bpffs = %cfg.bpffs.display(),
+        run_dir = %cfg.run_dir.display(),
+        "starting"
+    );
     let data_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.data_threads)
         .thread_name("data")
@@ -181,6 +190,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
     let (state, reloads, watcher, kube) = source(&cfg).await?;
+    crate::host::check_privileges()?;
     // One agent owns a node's pinned state at a time: take the node's lock,
     // or, if an agent holds it, take over from it (a restart or a
     // DaemonSet surge: same command line, no flag).
@@ -433,6 +443,7 @@ type Source = (
 async fn source(cfg: &Config) -> Result<Source, Error> {
     let Some(kube_cfg) = &cfg.kube else {
         let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
+        localfile::check_node(&cfg.config_file, &state.borrow(), &cfg.node)?;
         return Ok((state, reloads, Box::pin(watcher), None));
     };
     let client = crate::k8s::client_from(kube_cfg.kubeconfig.as_deref()).await?;

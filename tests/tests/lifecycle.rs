@@ -233,15 +233,20 @@ fn restart_under_load(test: &str, node: &str) -> Result<()> {
     let _app = serve_http_app(&mut m, IDENTITY_APP)?;
     m.tb.write_config(&m.tb.config_path(), &["shop"])?;
     wait_until(SETTLE, || Ok(m.a.status()?["config"]["generation"] == 2 && m.b.status()?["config"]["generation"] == 2))?;
+    // Keep-alive HTTP/1.1 and h2c to the service address, new HTTP/1.1
+    // connections every third request to the pod address.
+    let pod_url = format!("http://{}:8080/", m.shop_server.ip());
     let loads = [
-        ("http://198.51.100.100:80/", "0"),
-        (&*format!("http://{}:8080/", m.shop_server.ip()), "3"),
+        ("http://198.51.100.100:80/", "0", false),
+        ("http://198.51.100.100:80/", "0", true),
+        (pod_url.as_str(), "3", false),
     ]
-    .map(|(url, fresh)| {
-        m.shop_client.spawn(
-            "meshhttp",
-            ["load", "--url", url, "--requests", "150", "--interval-ms", "20", "--fresh-every", fresh],
-        )
+    .map(|(url, fresh, h2)| {
+        let mut args = vec!["load", "--url", url, "--requests", "150", "--interval-ms", "20", "--fresh-every", fresh];
+        if h2 {
+            args.push("--http2");
+        }
+        m.shop_client.spawn("meshhttp", args)
     });
     let hold = Hold::start(&m.shop_client, &server(&m.shop_server), m.tb.dir(), "restart")?;
     std::thread::sleep(Duration::from_millis(700));
@@ -261,6 +266,10 @@ fn restart_under_load(test: &str, node: &str) -> Result<()> {
         let v = parse_ok(&m.shop_client, &out).with_context(|| format!("load {i}"))?;
         ensure!(v["status"]["200"] == 150, "load {i}: {v}");
         ensure!(v["backend"][&identity] == 150, "load {i}: requests at the app without the verified identity: {v}");
+        if i == 1 && node == "node-a" {
+            // The old agent's GOAWAY moved the h2 client to a new connection.
+            ensure!(v["reconnects"].as_u64() >= Some(1), "load {i}: no GOAWAY seen: {v}");
+        }
     }
     // The new agent serves the same admin address and the node.
     ensure!(new.admin() == old.admin(), "admin listener not handed over");

@@ -347,12 +347,111 @@ pub fn lock_or_offer(
             Err(e) => tracing::warn!(error = %e, "handoff failed; retrying"),
         }
         if Instant::now() >= until {
-            return Err(super::Error::Running {
+            return Err(super::Error::NoHandoff {
                 node: node.to_owned(),
                 pid: super::NodeLock::holder(run_dir, node),
                 path: path.clone(),
+                waited: timeout,
             });
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Recorder {
+        events: Mutex<Vec<&'static str>>,
+        listener: Mutex<Option<std::net::TcpListener>>,
+    }
+
+    impl Source for Recorder {
+        fn pause_and_offer(&self) -> Offer {
+            self.events.lock().unwrap().push("paused");
+            let l = self.listener.lock().unwrap();
+            let l = l.as_ref().expect("listener");
+            let dup = || OwnedFd::from(l.try_clone().unwrap());
+            Offer {
+                admin: Some((l.local_addr().unwrap(), dup())),
+                metrics: None,
+                pods: vec![PodOffer {
+                    pod: PodKey { namespace: "shop".into(), name: "web-0".into() },
+                    netns_cookie: 7,
+                    listeners: [dup(), dup(), dup()],
+                    identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+                    cert: None,
+                }],
+            }
+        }
+        fn resume(&self) {
+            self.events.lock().unwrap().push("resumed");
+        }
+        fn taken(&self) {
+            self.events.lock().unwrap().push("taken");
+        }
+    }
+
+    fn setup(name: &str) -> (PathBuf, Arc<Recorder>, std::net::SocketAddr) {
+        let dir = std::env::temp_dir().join(format!("mesh-handoff-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rec = Arc::new(Recorder::default());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        *rec.listener.lock().unwrap() = Some(l);
+        (dir.join("handoff.sock"), rec, addr)
+    }
+
+    fn wait_for(rec: &Recorder, event: &str) {
+        for _ in 0..200 {
+            if rec.events.lock().unwrap().contains(&event) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no {event}: {:?}", rec.events.lock().unwrap());
+    }
+
+    #[test]
+    fn the_same_sockets_reach_the_successor() {
+        let (path, rec, addr) = setup("ok");
+        let server = serve(&path, rec.clone()).unwrap();
+        let (offer, taking) = request(&path).unwrap().expect("someone serves");
+        let (admin_addr, admin) = offer.admin.expect("admin listener");
+        assert_eq!(admin_addr, addr);
+        // The very socket: a connection to it is accepted through our copy.
+        let admin = std::net::TcpListener::from(admin);
+        let _c = std::net::TcpStream::connect(addr).unwrap();
+        assert!(admin.accept().is_ok());
+        assert_eq!(offer.pods.len(), 1);
+        assert_eq!(offer.pods[0].pod.name, "web-0");
+        assert_eq!(offer.pods[0].netns_cookie, 7);
+        taking.confirm().unwrap();
+        server.join().unwrap();
+        assert_eq!(*rec.events.lock().unwrap(), ["paused", "taken"]);
+    }
+
+    #[test]
+    fn a_successor_that_goes_away_leaves_the_agent_serving() {
+        let (path, rec, _) = setup("gone");
+        let _server = serve(&path, rec.clone()).unwrap();
+        let (offer, taking) = request(&path).unwrap().expect("someone serves");
+        drop(offer);
+        drop(taking);
+        wait_for(&rec, "resumed");
+        assert!(!rec.events.lock().unwrap().contains(&"taken"));
+        // And it serves the next one.
+        let (_, taking) = request(&path).unwrap().expect("still serving handoffs");
+        taking.confirm().unwrap();
+        wait_for(&rec, "taken");
+    }
+
+    #[test]
+    fn nobody_there_is_no_offer() {
+        let dir = std::env::temp_dir().join(format!("mesh-handoff-none-{}", std::process::id()));
+        assert!(request(&dir.join("handoff.sock")).unwrap().is_none());
     }
 }

@@ -44,6 +44,10 @@ enum Cmd {
         /// Open a new connection every K requests (0: only when closed).
         #[arg(long, default_value_t = 0)]
         fresh_every: usize,
+        /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1; a GOAWAY
+        /// makes the next request use a new connection.
+        #[arg(long)]
+        http2: bool,
     },
     Multiplex {
         #[arg(long)]
@@ -68,8 +72,8 @@ enum Cmd {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     match Args::parse().cmd {
-        Cmd::Load { url, requests, header, interval_ms, fresh_every } => {
-            load(&url, requests, &header, std::time::Duration::from_millis(interval_ms), fresh_every).await
+        Cmd::Load { url, requests, header, interval_ms, fresh_every, http2 } => {
+            load(&url, requests, &header, std::time::Duration::from_millis(interval_ms), fresh_every, http2).await
         }
         Cmd::Multiplex { url, streams } => multiplex(&url, streams).await,
         Cmd::GrpcServe { port, name } => grpc_serve(port, name).await,
@@ -84,16 +88,57 @@ fn target(url: &str) -> Result<(http::Uri, SocketAddr)> {
     Ok((uri, addr))
 }
 
-async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    Ok(sender)
+/// One client connection, HTTP/1.1 or h2c.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
 }
 
-async fn load(url: &str, requests: usize, headers: &[String], interval: std::time::Duration, fresh_every: usize) -> Result<()> {
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn ready(&mut self) -> bool {
+        match self {
+            Sender::H1(s) => s.ready().await.is_ok(),
+            Sender::H2(s) => s.ready().await.is_ok(),
+        }
+    }
+
+    async fn send(&mut self, req: http::Request<Empty<Bytes>>) -> hyper::Result<http::Response<hyper::body::Incoming>> {
+        match self {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, http2: bool) -> Result<Sender> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    if http2 {
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        return Ok(Sender::H2(sender));
+    }
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(Sender::H1(sender))
+}
+
+async fn load(
+    url: &str,
+    requests: usize,
+    headers: &[String],
+    interval: std::time::Duration,
+    fresh_every: usize,
+    http2: bool,
+) -> Result<()> {
     let (uri, addr) = target(url)?;
-    let mut sender = Some(connect(addr).await?);
+    let mut sender = Some(connect(addr, http2).await?);
     let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
     let mut replies: BTreeMap<String, u64> = BTreeMap::new();
@@ -108,11 +153,11 @@ async fn load(url: &str, requests: usize, headers: &[String], interval: std::tim
         // libraries do: that is not a failed request.
         let fresh = fresh_every > 0 && i > 0 && i % fresh_every == 0;
         let usable = match sender.as_mut() {
-            Some(s) if !fresh && !s.is_closed() => s.ready().await.is_ok(),
+            Some(s) if !fresh && !s.is_closed() => s.ready().await,
             _ => false,
         };
         if !usable {
-            match connect(addr).await {
+            match connect(addr, http2).await {
                 Ok(s) => sender = Some(s),
                 Err(e) => {
                     errors.push(format!("request {i}: {e:#}"));
@@ -125,14 +170,18 @@ async fn load(url: &str, requests: usize, headers: &[String], interval: std::tim
             }
         }
         let s = sender.as_mut().expect("connected above");
-        let mut req = http::Request::builder()
-            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
-            .header(http::header::HOST, addr.to_string());
+        let mut req = if http2 {
+            http::Request::builder().uri(uri.clone())
+        } else {
+            http::Request::builder()
+                .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+                .header(http::header::HOST, addr.to_string())
+        };
         for h in headers {
             let (k, v) = h.split_once(':').with_context(|| format!("header {h:?} is not name:value"))?;
             req = req.header(k.trim(), v.trim());
         }
-        let res = match s.send_request(req.body(Empty::<Bytes>::new())?).await {
+        let res = match s.send(req.body(Empty::<Bytes>::new())?).await {
             Ok(r) => r,
             Err(e) => {
                 errors.push(format!("request {i}: {e}"));
