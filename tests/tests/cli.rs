@@ -100,3 +100,23 @@ fn run_without_privileges_names_what_is_missing() -> Result<()> {
     ensure!(err.contains("CAP_NET_ADMIN") && err.contains("CAP_SYS_ADMIN"), "{err}");
     Ok(())
 }
+
+/// A `--bpffs` that is not a bpf filesystem: the agent refuses to start and
+/// says how to mount one (it pins the state that must outlive it there).
+#[test]
+fn run_without_a_bpffs_says_how_to_mount_one() -> Result<()> {
+    let good = temp("run-nobpffs.yaml", GOOD)?;
+    let dir = std::env::temp_dir().join(format!("mesh-cli-{}", std::process::id()));
+    let plain = dir.join("not-bpffs");
+    std::fs::create_dir_all(&plain)?;
+    let run_dir = dir.join("run");
+    let (code, out, err) = run(&[
+        "run", "--config", good.to_str().expect("utf-8"), "--node", "node-a", "--admin", "127.0.0.1:0",
+        "--ca-endpoint", "https://127.0.0.1:1", "--ca-roots", "/nonexistent", "--ca-token-file", "/nonexistent",
+        "--bpffs", plain.to_str().expect("utf-8"), "--run-dir", run_dir.to_str().expect("utf-8"),
+    ])?;
+    ensure!(code != 0, "started without a bpffs: {out}");
+    ensure!(err.contains("is not a bpf filesystem") && err.contains("mount -t bpf bpf"), "{err}");
+    ensure!(!out.contains("\"event\""), "{out}");
+    Ok(())
+}
