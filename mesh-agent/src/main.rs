@@ -122,18 +122,24 @@ enum Command {
     Crds,
     /// Print a running agent's config dump (the state it enforces, JSON).
     ConfigDump {
+        /// The agent's admin address.
         #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
         admin: SocketAddr,
     },
     /// Show or change a running agent's log filter (e.g. `debug`, or
     /// `info,mesh_agent::proxy=debug`).
     LogLevel {
+        /// The agent's admin address.
         #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
         admin: SocketAddr,
+        /// The new filter, in `RUST_LOG` syntax (`debug`,
+        /// `info,mesh_agent::proxy=debug`); without it, the current one is
+        /// printed.
         level: Option<String>,
     },
     /// Show a running agent's pods, enrollment and counters.
     Status {
+        /// The agent's admin address.
         #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
         admin: SocketAddr,
         /// Print the raw JSON.

@@ -120,3 +120,23 @@ fn run_without_a_bpffs_says_how_to_mount_one() -> Result<()> {
     ensure!(!out.contains("\"event\""), "{out}");
     Ok(())
 }
+
+/// `mesh-agent ca` checks its tokens file and config before it writes
+/// anything: a bad one leaves no root key behind.
+#[test]
+fn ca_validates_its_inputs_before_writing_a_root_key() -> Result<()> {
+    let good = temp("ca-good.yaml", GOOD)?;
+    let bad_tokens = temp("ca-bad-tokens.yaml", "nodes: [node-a]\n")?;
+    let state = std::env::temp_dir().join(format!("mesh-cli-{}", std::process::id())).join("ca-state");
+    let _ = std::fs::remove_dir_all(&state);
+    let (code, _, err) = run(&[
+        "ca", "--config", good.to_str().expect("utf-8"), "--state-dir", state.to_str().expect("utf-8"),
+        "--tokens", bad_tokens.to_str().expect("utf-8"), "--listen", "127.0.0.1:0",
+    ])?;
+    ensure!(code != 0, "the CA started on a bad tokens file");
+    ensure!(err.contains("ca-bad-tokens.yaml"), "the error does not name the file: {err}");
+    ensure!(!state.join("root-key.pem").exists(), "a root key was written before the inputs were checked");
+    let (_, help, _) = run(&["ca", "--help"])?;
+    ensure!(help.matches("Required with `--source file`").count() == 2, "{help}");
+    Ok(())
+}

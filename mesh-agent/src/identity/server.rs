@@ -45,7 +45,8 @@ pub struct CaArgs {
     /// the Kubernetes API with TokenReview of the agents' projected tokens.
     #[arg(long, default_value = "file", value_parser = ["file", "kube"])]
     pub source: String,
-    /// The mesh config (the agents' local YAML), watched: it says which pod is on which node (`--source file`).
+    /// The mesh config (the agents' local YAML), watched: it says which pod
+    /// is on which node. Required with `--source file`.
     #[arg(long, required_if_eq("source", "file"))]
     pub config: Option<PathBuf>,
     /// Where the root key and trust bundle live (created on first run).
@@ -54,7 +55,8 @@ pub struct CaArgs {
     /// gRPC + TLS listener.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Node credentials: YAML `nodes: {node-a: <token>, ...}` (`--source file`).
+    /// Node credentials: YAML `nodes: {node-a: <token>, ...}`. Required with
+    /// `--source file`.
     #[arg(long, required_if_eq("source", "file"))]
     pub tokens: Option<PathBuf>,
     /// `--source kube`: the audience the agents' projected tokens are minted for.
@@ -435,6 +437,16 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
         .build()
         .map_err(ServerError::Runtime)?;
     rt.block_on(async move {
+        // Every input is checked before anything is written: a bad tokens
+        // file or config must not leave a fresh root key behind.
+        let file_inputs = match (&args.config, &args.tokens) {
+            (Some(config), Some(tokens_file)) if args.source != "kube" => {
+                let tokens = NodeTokens::load(tokens_file)?;
+                localfile::load(config)?;
+                Some((config.clone(), tokens_file.clone(), tokens))
+            }
+            _ => None,
+        };
         let authority = Arc::new(Authority::load_or_create(&args.state_dir)?.with_ttl(args.ttl));
         let (state, authn, source) = if args.source == "kube" {
             let client = crate::k8s::client().await?;
@@ -459,10 +471,10 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
                 .map_err(ServerError::Publish)?;
             (state, Authn::Kube(Arc::new(reviewer)), format!("kubernetes (audience {})", args.audience))
         } else {
-            let (Some(config), Some(tokens_file)) = (&args.config, &args.tokens) else {
+            let Some((config, tokens_file, tokens)) = file_inputs else {
                 return Err(ServerError::FileModeArgs);
             };
-            let tokens = Arc::new(NodeTokens::load(tokens_file)?);
+            let tokens = Arc::new(tokens);
             if tokens.is_empty() {
                 tracing::warn!(file = %tokens_file.display(), "no node tokens: every request will be refused");
             }
