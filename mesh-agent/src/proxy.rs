@@ -48,6 +48,7 @@ mod inbound;
 mod outbound;
 mod observe;
 mod pool;
+mod prune;
 mod relay;
 mod services;
 mod sniff;
@@ -55,6 +56,7 @@ mod tunnel;
 
 pub use observe::Telemetry;
 pub use outbound::OrigDstLookup;
+pub use prune::TableSizes;
 
 /// How long the agent waits for a client's first bytes to tell whether it
 /// speaks HTTP (only where policy makes it matter: see [`authz`]).
@@ -265,6 +267,7 @@ impl Proxy {
                 p.pool.reap(pool::IDLE_TIMEOUT);
                 p.http_clients.reap();
                 p.app_connections.reap();
+                p.prune();
             }
         });
         proxy
