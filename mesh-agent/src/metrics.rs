@@ -68,6 +68,15 @@ pub struct Labels {
 
 type Hist = Family<Labels, Histogram, fn() -> Histogram>;
 
+/// Labels of `nodemesh_accept_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptLabels {
+    /// `outbound`, `tunnel`, `plaintext`.
+    pub listener: &'static str,
+    /// [`crate::fdlimit::accept_error_reason`].
+    pub reason: &'static str,
+}
+
 /// Istio's duration buckets (milliseconds).
 fn duration_histogram() -> Histogram {
     Histogram::new([0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0])
@@ -88,6 +97,7 @@ pub struct Metrics {
     tcp_closed: Family<Labels, Counter>,
     tcp_sent: Family<Labels, Counter>,
     tcp_received: Family<Labels, Counter>,
+    accept_errors: Family<AcceptLabels, Counter>,
     /// Every label set with a series, and when its count last moved: what
     /// [`Metrics::prune`] walks (the families cannot be iterated).
     series: std::sync::Mutex<std::collections::HashMap<Labels, Moved>>,
@@ -119,6 +129,7 @@ impl Default for Metrics {
         let tcp_closed = Family::<Labels, Counter>::default();
         let tcp_sent = Family::<Labels, Counter>::default();
         let tcp_received = Family::<Labels, Counter>::default();
+        let accept_errors = Family::<AcceptLabels, Counter>::default();
         // prometheus-client appends `_total` to counters.
         registry.register("istio_requests", "Requests, by response code", requests.clone());
         registry.register("istio_request_duration_milliseconds", "Request duration", duration.clone());
@@ -128,6 +139,7 @@ impl Default for Metrics {
         registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the client (response direction)", tcp_sent.clone());
         registry.register("istio_tcp_received_bytes", "Bytes received from the client (request direction)", tcp_received.clone());
+        registry.register("nodemesh_accept_errors", "Failed accepts on the in-pod listeners, by listener and reason", accept_errors.clone());
         Self {
             registry: std::sync::Mutex::new(registry),
             requests,
@@ -138,6 +150,7 @@ impl Default for Metrics {
             tcp_closed,
             tcp_sent,
             tcp_received,
+            accept_errors,
             series: Default::default(),
             generation: Default::default(),
         }
@@ -193,6 +206,19 @@ impl Metrics {
         self.tcp_closed.get_or_create(labels).inc();
         self.tcp_sent.get_or_create(labels).inc_by(sent);
         self.tcp_received.get_or_create(labels).inc_by(received);
+    }
+
+    /// A failed accept on an in-pod listener.
+    pub fn accept_error(&self, listener: &'static str, reason: &'static str) {
+        self.accept_errors.get_or_create(&AcceptLabels { listener, reason }).inc();
+    }
+
+    /// Failed accepts so far, of every listener and reason.
+    pub fn accept_errors(&self, reason: &'static str) -> u64 {
+        ["outbound", "tunnel", "plaintext"]
+            .into_iter()
+            .map(|listener| self.accept_errors.get(&AcceptLabels { listener, reason }).map_or(0, |c| c.get()))
+            .sum()
     }
 
     fn track(&self, labels: &Labels) {

@@ -39,6 +39,7 @@ use crate::{
     tls::TlsStats,
 };
 
+mod accept;
 mod authz;
 pub mod balance;
 mod http_client;
@@ -331,9 +332,9 @@ impl Proxy {
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(pod = %pod.key, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // EMFILE and friends: counted, logged at a bounded
+                        // rate, backed off instead of spinning.
+                        self.accept_failed(&pod, kind.name(), &e).await;
                         continue;
                     }
                 },

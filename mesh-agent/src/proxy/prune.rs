@@ -118,4 +118,4 @@ impl Proxy {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -60,7 +60,7 @@ impl OrigDstLookup for NoOrigDst {
     }
 }
 
-fn proxy(initial: Snapshot) -> (Arc<Proxy>, tokio::sync::watch::Sender<Snapshot>, tempdir::Dir) {
+pub(crate) fn proxy(initial: Snapshot) -> (Arc<Proxy>, tokio::sync::watch::Sender<Snapshot>, tempdir::Dir) {
     let (tx, rx) = tokio::sync::watch::channel(initial);
     let ca = Arc::new(Authority::in_memory().unwrap());
     let certs = CertManager::new(Arc::new(LocalCaClient::new(ca, "node-a", rx.clone())), ManagerConfig::default());
@@ -71,7 +71,7 @@ fn proxy(initial: Snapshot) -> (Arc<Proxy>, tokio::sync::watch::Sender<Snapshot>
     (p, tx, dir)
 }
 
-mod tempdir {
+pub(crate) mod tempdir {
     pub struct Dir(pub std::path::PathBuf);
     impl Dir {
         pub fn new() -> Self {
@@ -84,6 +84,22 @@ mod tempdir {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+}
+
+/// A local pod handle (the test's own network namespace: run as root).
+pub(crate) fn pod_handle() -> super::super::PodHandle {
+    let ca = Authority::in_memory().unwrap();
+    let id = crate::identity::testing::id("churn", "web");
+    let (tx, cert) = crate::identity::testing::cert_watch(ca.mint(&id, Duration::from_secs(3600)).unwrap());
+    std::mem::forget(tx);
+    super::super::PodHandle {
+        key: PodKey { namespace: "churn".into(), name: "web".into() },
+        id,
+        ips: vec![pod_ip(0)],
+        netns: Arc::new(crate::netns::Netns::open(std::path::Path::new("/proc/self/ns/net")).expect("our own network namespace (run as root)")),
+        stats: Arc::default(),
+        cert,
     }
 }
 
