@@ -30,6 +30,9 @@ pub mod app;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod fdlimit;
 pub mod host;
 pub mod identity;

@@ -42,6 +42,9 @@ use crate::{
 mod accept;
 mod authz;
 pub mod balance;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz_hooks;
 mod http_client;
 mod http_inbound;
 mod http_outbound;
