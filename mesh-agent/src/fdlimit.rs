@@ -29,7 +29,7 @@ pub fn raise_nofile() -> std::io::Result<NoFile> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let before = lim.rlim_cur as u64;
+    let before = lim.rlim_cur;
     if lim.rlim_cur < lim.rlim_max {
         let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
         // SAFETY: setrlimit reads the struct we pass.
@@ -37,7 +37,7 @@ pub fn raise_nofile() -> std::io::Result<NoFile> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok(NoFile { before, after: lim.rlim_max as u64, hard: lim.rlim_max as u64 })
+    Ok(NoFile { before, after: lim.rlim_max, hard: lim.rlim_max })
 }
 
 /// Why an accept failed, as `nodemesh_accept_errors_total{reason}` says.
