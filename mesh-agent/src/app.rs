@@ -51,11 +51,8 @@ pub enum Error {
     Host(#[from] crate::host::Error),
     #[error(transparent)]
     Lifecycle(#[from] crate::lifecycle::Error),
-    #[error(
-        "another agent for node {node} is running (pid {pid}); it keeps serving: stop it first, or start this one \
-         with the same --run-dir once it hands over"
-    )]
-    NodeBusy { node: String, pid: String },
+    #[error("{0}")]
+    Handoff(String),
     #[error("cannot read {what} {path}: {source}")]
     CaFile { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("the CA client cannot be set up: {0}")]
@@ -158,7 +155,21 @@ pub enum Event {
 /// Runs the agent until SIGTERM or SIGINT, reporting [`Event`]s.
 pub fn run(cfg: Config, on_event: impl FnMut(Event)) -> Result<(), Error> {
     cfg.validate()?;
-    tracing::info!(?cfg, "starting");
+    tracing::info!(
+        node = %cfg.node,
+        source = if cfg.kube.is_some() { "kube" } else { "file" },
+        config = %cfg.config_file.display(),
+        admin = %cfg.admin_addr,
+        metrics = ?cfg.metrics_addr,
+        ca = %cfg.ca.endpoint,
+        drain_timeout = ?cfg.drain_timeout,
+        failure_policy = if cfg.fail_open { "open" } else { "closed" },
+        accelerate = cfg.accelerate,
+        data_threads = cfg.data_threads,
+        bpffs = %cfg.bpffs.display(),
+        run_dir = %cfg.run_dir.display(),
+        "starting"
+    );
     let data_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.data_threads)
         .thread_name("data")
@@ -179,12 +190,20 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
     let (state, reloads, watcher, kube) = source(&cfg).await?;
-    // One agent owns a node's pinned state at a time.
-    let Some(node_lock) = crate::lifecycle::NodeLock::try_acquire(&cfg.run_dir, &cfg.node)? else {
-        return Err(Error::NodeBusy {
-            node: cfg.node.clone(),
-            pid: crate::lifecycle::NodeLock::holder(&cfg.run_dir, &cfg.node),
-        });
+    crate::host::check_privileges()?;
+    // One agent owns a node's pinned state at a time: take the node's lock,
+    // or, if an agent holds it, take over from it (a restart or a
+    // DaemonSet surge: same command line, no flag).
+    let (run_dir, node) = (cfg.run_dir.clone(), cfg.node.clone());
+    let claim = tokio::task::spawn_blocking(move || handoff::lock_or_offer(&run_dir, &node, HANDOFF_WAIT))
+        .await
+        .map_err(|e| Error::Runtime(std::io::Error::other(e)))??;
+    let (mut node_lock, mut taking) = match claim {
+        Ok(lock) => (Some(lock), None),
+        Err((offer, taking)) => {
+            tracing::info!(pods = offer.pods.len(), "taking over from the running agent");
+            (None, Some((offer, taking)))
+        }
     };
     let mut datapath = Datapath::load(ebpf::Options {
         accelerate: cfg.accelerate,
@@ -229,11 +248,47 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
         let kube = kube.clone();
         move || kube.as_ref().is_none_or(|k| k.view().built)
     };
+    let mut inherited_admin = None;
+    let mut inherited_metrics = None;
+    if let Some((offer, _)) = taking.as_mut() {
+        for p in &mut offer.pods {
+            let (Some(id), Some(cert)) = (p.identity.as_deref(), p.cert.take()) else { continue };
+            match id.parse().map_err(|e: crate::identity::SpiffeIdError| e.to_string()).and_then(|id| cert.into_cert(id)) {
+                Ok(cert) => proxy.certs().adopt(&p.pod, cert),
+                Err(e) => tracing::warn!(pod = %p.pod, error = %e, "handed-over certificate unusable; fetching a new one"),
+            }
+        }
+        enrollment.lock().expect("poisoned").inherit(std::mem::take(&mut offer.pods));
+        // The listeners of the same command line (a port 0 admin means
+        // "whatever the previous agent had").
+        let same = |want: SocketAddr, had: SocketAddr| want == had || (want.port() == 0 && want.ip() == had.ip());
+        inherited_admin = offer.admin.take().filter(|(a, _)| same(cfg.admin_addr, *a));
+        inherited_metrics = offer.metrics.take().filter(|(a, _)| cfg.metrics_addr.is_some_and(|m| same(m, *a)));
+    }
     enrollment.lock().expect("poisoned").reconcile(&state.borrow().clone(), complete());
+    if let Some((_, taking)) = taking.take() {
+        let pending = enrollment.lock().expect("poisoned").inherited_pending();
+        if pending > 0 {
+            tracing::warn!(pods = pending, "handed-over listeners of pods no longer on this node closed");
+        }
+        // The previous agent stops accepting and drains; its lock is ours.
+        taking.confirm().map_err(|e| Error::Handoff(e.to_string()))?;
+        let (run_dir, node) = (cfg.run_dir.clone(), cfg.node.clone());
+        node_lock = tokio::task::spawn_blocking(move || crate::lifecycle::NodeLock::acquire(&run_dir, &node, HANDOFF_WAIT))
+            .await
+            .map_err(|e| Error::Runtime(std::io::Error::other(e)))??;
+        if node_lock.is_none() {
+            tracing::warn!("the previous agent still holds the node lock after handing over; serving anyway");
+        }
+    }
 
-    let listener = admin::bind(cfg.admin_addr)
-        .await
-        .map_err(|source| Error::Admin { addr: cfg.admin_addr, source })?;
+    let listener = match inherited_admin {
+        Some((addr, fd)) => inherit_listener(fd).map_err(|source| Error::Admin { addr, source })?,
+        None => admin::bind(cfg.admin_addr)
+            .await
+            .map_err(|source| Error::Admin { addr: cfg.admin_addr, source })?,
+    };
+    let admin_fd = dup_listener(&listener).map_err(|source| Error::Admin { addr: cfg.admin_addr, source })?;
     let admin_addr = listener
         .local_addr()
         .map_err(|source| Error::Admin { addr: cfg.admin_addr, source })?;
@@ -250,9 +305,14 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
     metrics.register_health(HealthCollector {
         status: Arc::new(move || weak.upgrade().map_or(serde_json::Value::Null, |a| a.status())),
     });
+    let mut metrics_fd = None;
     let metrics_task = match cfg.metrics_addr {
         Some(addr) => {
-            let l = admin::bind(addr).await.map_err(|source| Error::Admin { addr, source })?;
+            let l = match inherited_metrics {
+                Some((_, fd)) => inherit_listener(fd).map_err(|source| Error::Admin { addr, source })?,
+                None => admin::bind(addr).await.map_err(|source| Error::Admin { addr, source })?,
+            };
+            metrics_fd = Some((addr, dup_listener(&l).map_err(|source| Error::Admin { addr, source })?));
             tracing::info!(%addr, "metrics listener (/metrics, /healthz, /ready)");
             Some(tokio::spawn(admin::serve(l, admin.clone(), admin::Scope::Public)))
         }
@@ -264,12 +324,26 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
     tracing::info!(%admin_addr, node = %cfg.node, "admin listener serving");
     on_event(Event::Admin(admin_addr));
 
+    // Serve handoffs to the next agent (once this one owns the node).
+    let (taken_tx, mut taken_rx) = tokio::sync::mpsc::unbounded_channel();
+    if node_lock.is_some() {
+        let source = Arc::new(HandoffSource {
+            enrollment: enrollment.clone(),
+            admin: (admin_addr, admin_fd),
+            metrics: metrics_fd,
+            taken: taken_tx,
+        });
+        handoff::serve(&handoff::socket_path(&cfg.run_dir, &cfg.node), source).map_err(|e| Error::Handoff(e.to_string()))?;
+    }
+
     let mut ready_check = tokio::time::interval(Duration::from_millis(50));
     let mut reported_ready = false;
+    let mut handed_over = false;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break }
+            Some(()) = taken_rx.recv() => { handed_over = true; break }
             _ = ready_check.tick(), if !reported_ready => {
                 if admin.ready() {
                     reported_ready = true;
@@ -285,6 +359,15 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
     reconcile_task.abort();
     watch_task.abort();
     enrollment.lock().expect("poisoned").stop_listeners();
+    if handed_over {
+        // The successor serves the admin and metrics listeners and owns
+        // the node from here on; this agent only finishes its connections.
+        admin_task.abort();
+        if let Some(t) = &metrics_task {
+            t.abort();
+        }
+        drop(node_lock.take());
+    }
     let deadline = cfg.drain_timeout;
     let p = proxy.clone();
     let left = data
@@ -308,6 +391,47 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
     Ok(())
 }
 
+/// How long a starting agent waits for the node lock or a handoff.
+const HANDOFF_WAIT: Duration = Duration::from_secs(30);
+
+use crate::lifecycle::handoff;
+
+/// A listening socket handed over by the previous agent, for tokio.
+fn inherit_listener(fd: std::os::fd::OwnedFd) -> std::io::Result<tokio::net::TcpListener> {
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}
+
+fn dup_listener(l: &tokio::net::TcpListener) -> std::io::Result<std::os::fd::OwnedFd> {
+    socket2::SockRef::from(l).try_clone().map(std::os::fd::OwnedFd::from)
+}
+
+/// This agent's side of a handoff to its successor.
+struct HandoffSource {
+    enrollment: Arc<Mutex<Enrollment>>,
+    admin: (SocketAddr, std::os::fd::OwnedFd),
+    metrics: Option<(SocketAddr, std::os::fd::OwnedFd)>,
+    taken: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl handoff::Source for HandoffSource {
+    fn pause_and_offer(&self) -> handoff::Offer {
+        let mut e = self.enrollment.lock().expect("poisoned");
+        e.paused = true;
+        let dup = |(a, fd): &(SocketAddr, std::os::fd::OwnedFd)| fd.try_clone().ok().map(|fd| (*a, fd));
+        handoff::Offer { admin: dup(&self.admin), metrics: self.metrics.as_ref().and_then(dup), pods: e.offer() }
+    }
+
+    fn resume(&self) {
+        self.enrollment.lock().expect("poisoned").paused = false;
+    }
+
+    fn taken(&self) {
+        let _ = self.taken.send(());
+    }
+}
+
 type Source = (
     watch::Receiver<Snapshot>,
     Arc<ReloadStats>,
@@ -319,6 +443,7 @@ type Source = (
 async fn source(cfg: &Config) -> Result<Source, Error> {
     let Some(kube_cfg) = &cfg.kube else {
         let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
+        localfile::check_node(&cfg.config_file, &state.borrow(), &cfg.node)?;
         return Ok((state, reloads, Box::pin(watcher), None));
     };
     let client = crate::k8s::client_from(kube_cfg.kubeconfig.as_deref()).await?;

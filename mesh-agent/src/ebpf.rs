@@ -780,7 +780,7 @@ mod tests {
     #[test]
     fn a_plain_directory_is_not_a_bpffs() {
         let dir = std::env::temp_dir();
-        let err = PinDir::new(&dir, "node-t", true).err().expect("refused");
+        let err = PinDir::new(&dir, "node-t", true).expect_err("refused");
         assert!(err.to_string().contains("is not a bpf filesystem"), "{err}");
         assert!(PinDir::new(&dir, "../x", true).is_err());
     }

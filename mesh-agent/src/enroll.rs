@@ -68,12 +68,13 @@ impl ManagedPod {
 }
 
 /// What `ensure` needs besides the datapath and the pod.
-#[derive(Clone, Copy)]
 struct EnsureCtx<'a> {
     proxy: &'a Arc<Proxy>,
     outbound_port: u16,
     wake: &'a Arc<tokio::sync::Notify>,
     fail_open: bool,
+    /// The pod's listeners from the previous agent, if it handed them over.
+    inherited: Option<(u64, [std::os::fd::OwnedFd; 3])>,
 }
 
 /// What one reconcile pass did to one pod.
@@ -103,6 +104,11 @@ pub struct Enrollment {
     fail_open: bool,
     /// Pinned state of pods this agent does not manage was removed once.
     pruned: bool,
+    /// Listening sockets handed over by the agent this one replaces, by
+    /// pod, with the netns cookie they belong to; used once.
+    inherited: BTreeMap<PodKey, (u64, [std::os::fd::OwnedFd; 3])>,
+    /// A successor is taking over: this agent no longer touches the kernel.
+    pub paused: bool,
     pods: BTreeMap<PodKey, ManagedPod>,
     /// Reconcile passes that had to change something.
     pub changes: u64,
@@ -148,6 +154,8 @@ impl Enrollment {
             outbound_port,
             fail_open,
             pruned: false,
+            inherited: BTreeMap::new(),
+            paused: false,
             pods: BTreeMap::new(),
             changes: 0,
             repairs: 0,
@@ -160,6 +168,9 @@ impl Enrollment {
     /// lists every pod of the node (not a Kubernetes source still syncing),
     /// so pinned state of any other pod can go.
     pub fn reconcile(&mut self, state: &Snapshot, complete: bool) {
+        if self.paused {
+            return;
+        }
         let node = self.node.clone();
         let wanted: BTreeMap<&PodKey, _> = state
             .pods_on_node(&node)
@@ -203,10 +214,11 @@ impl Enrollment {
                 cert_watcher: None,
             });
             let mp = self.pods.get_mut(key).expect("inserted above");
-            let ctx = EnsureCtx { proxy: &self.proxy, outbound_port: self.outbound_port, wake: &self.wake, fail_open };
+            let inherited = self.inherited.remove(key);
+            let ctx = EnsureCtx { proxy: &self.proxy, outbound_port: self.outbound_port, wake: &self.wake, fail_open, inherited };
             mp.wanted = enrolled;
             mp.fail_open = fail_open;
-            let result = id.and_then(|id| Self::ensure(&mut self.datapath, &ctx, key, mp, enrolled, id));
+            let result = id.and_then(|id| Self::ensure(&mut self.datapath, ctx, key, mp, enrolled, id));
             match result {
                 Ok(ch) => {
                     if ch.changed > 0 {
@@ -258,13 +270,13 @@ impl Enrollment {
     /// up and found gone) are repairs.
     fn ensure(
         datapath: &mut Datapath,
-        ctx: &EnsureCtx<'_>,
+        ctx: EnsureCtx<'_>,
         key: &PodKey,
         mp: &mut ManagedPod,
         enrolled: bool,
         id: SpiffeId,
     ) -> Result<Changes, String> {
-        let EnsureCtx { proxy, outbound_port, wake, fail_open } = *ctx;
+        let EnsureCtx { proxy, outbound_port, wake, fail_open, inherited } = ctx;
         let mut ch = Changes::default();
         if mp.netns.is_none() {
             mp.netns = Some(Arc::new(Netns::open(&mp.netns_path).map_err(|e| e.to_string())?));
@@ -316,7 +328,19 @@ impl Enrollment {
                     stats: mp.stats.clone(),
                     cert,
                 };
-                mp.listeners = Some(proxy.serve_pod(&handle).map_err(|e| e.to_string())?);
+                let inherited = match inherited {
+                    Some((c, fds)) if c == cookie && mp.listeners.is_none() => Some(fds),
+                    Some(_) => {
+                        tracing::warn!(pod = %key, "handed-over listeners belong to another network namespace; opening new ones");
+                        None
+                    }
+                    None => None,
+                };
+                let took_over = inherited.is_some();
+                mp.listeners = Some(proxy.serve_pod(&handle, inherited).map_err(|e| e.to_string())?);
+                if took_over {
+                    tracing::info!(pod = %key, "serving the listeners handed over by the previous agent");
+                }
                 ch.note(mp.enrolled, "in-pod listeners opened".into());
             }
             let listeners = mp.listeners.as_ref().expect("opened above");
@@ -398,6 +422,46 @@ impl Enrollment {
             self.proxy.certs().forget(key);
         }
         mp.stop_cert_watch();
+    }
+
+    /// Listening sockets handed over by the previous agent, served by
+    /// [`Self::reconcile`] instead of new ones.
+    pub fn inherit(&mut self, pods: Vec<crate::lifecycle::handoff::PodOffer>) {
+        for p in pods {
+            self.inherited.insert(p.pod, (p.netns_cookie, p.listeners));
+        }
+    }
+
+    /// Pods whose handed-over listeners are not served yet.
+    pub fn inherited_pending(&self) -> usize {
+        self.inherited.len()
+    }
+
+    /// What a successor needs to take over every served pod: its
+    /// listening sockets (duplicates) and its certificate.
+    pub fn offer(&self) -> Vec<crate::lifecycle::handoff::PodOffer> {
+        let certs = self.proxy.certs();
+        self.pods
+            .iter()
+            .filter_map(|(key, mp)| {
+                let (l, ns) = (mp.listeners.as_ref()?, mp.netns.as_ref()?);
+                let listeners = match l.dup() {
+                    Ok(fds) => fds,
+                    Err(e) => {
+                        tracing::warn!(pod = %key, error = %e, "cannot hand over the pod's listeners");
+                        return None;
+                    }
+                };
+                let cert = certs.watch(key).and_then(|w| w.borrow().as_ref().map(|c| crate::lifecycle::handoff::CertPem::of(c)));
+                Some(crate::lifecycle::handoff::PodOffer {
+                    pod: key.clone(),
+                    netns_cookie: ns.cookie(),
+                    listeners,
+                    identity: mp.id.as_ref().map(ToString::to_string),
+                    cert,
+                })
+            })
+            .collect()
     }
 
     /// For shutdown: the listeners stop accepting; the kernel state stays,

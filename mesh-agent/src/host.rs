@@ -2,6 +2,39 @@
 
 use std::path::{Path, PathBuf};
 
+/// Capabilities `mesh-agent run` needs (bit, name, what for).
+const NEEDED_CAPS: [(u32, &str, &str); 3] = [
+    (39, "CAP_BPF", "load eBPF programs and maps"),
+    (12, "CAP_NET_ADMIN", "attach cgroup and sk_lookup programs"),
+    (21, "CAP_SYS_ADMIN", "enter pods' network namespaces"),
+];
+
+/// The capabilities of [`NEEDED_CAPS`] this process lacks (none for root
+/// with a full set), from `/proc/self/status` `CapEff`.
+pub fn missing_capabilities() -> Vec<&'static str> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    NEEDED_CAPS.iter().filter(|(bit, _, _)| eff & (1 << bit) == 0).map(|(_, name, _)| *name).collect()
+}
+
+/// Says which privilege is missing, before anything fails with a bare EPERM.
+pub fn check_privileges() -> Result<(), Error> {
+    let missing = missing_capabilities();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let why: Vec<String> = NEEDED_CAPS
+        .iter()
+        .filter(|(_, n, _)| missing.contains(n))
+        .map(|(_, n, what)| format!("{n} ({what})"))
+        .collect();
+    Err(Error::Privileges(why.join(", ")))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read {path}: {source}")]
@@ -10,6 +43,8 @@ pub enum Error {
     NoCgroup2,
     #[error("this process has no cgroup v2 membership (no `0::` line in /proc/self/cgroup)")]
     NoMembership,
+    #[error("the agent must run as root or with the capabilities it lacks: {0}")]
+    Privileges(String),
 }
 
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup` on a unified host,

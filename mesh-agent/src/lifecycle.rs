@@ -15,6 +15,8 @@ use std::{
 
 use crate::ebpf::{PinDir, PinError};
 
+pub mod handoff;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot use the run directory {path}: {source}")]
@@ -24,6 +26,11 @@ pub enum Error {
          (in a cluster: delete the DaemonSet, or its pod on this node)"
     )]
     Running { node: String, pid: String, path: PathBuf },
+    #[error(
+        "an agent for node {node} is running (pid {pid}) and did not hand over within {waited:?} \
+         (its handoff socket {path}): it keeps serving the node"
+    )]
+    NoHandoff { node: String, pid: String, path: PathBuf, waited: std::time::Duration },
     #[error(transparent)]
     Pins(#[from] PinError),
     #[error("removing the pinned state in {path} failed: {source}")]

@@ -29,6 +29,8 @@ pub enum Error {
     Parse { file: PathBuf, message: String },
     #[error("{file}: {field}: {reason}")]
     Invalid { file: PathBuf, field: String, reason: String },
+    #[error("{file} {message}")]
+    Node { file: PathBuf, message: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,6 +374,22 @@ fn check_dns_label(_field: &str, name: &str) -> Result<(), String> {
             "{name:?} is not a valid name (lower-case letters, digits and '-', at most 63 characters)"
         ))
     }
+}
+
+/// An agent for `node` has something to serve: the file declares nodes and
+/// `node` among them (a typo in `--node` or an empty file would otherwise
+/// start an agent that manages nothing, silently).
+pub fn check_node(path: &Path, state: &MeshState, node: &str) -> Result<(), Error> {
+    if state.nodes.is_empty() {
+        return Err(Error::Node { file: path.to_owned(), message: "declares no nodes: there is nothing for an agent to serve".into() });
+    }
+    if !state.nodes.iter().any(|n| n == node) {
+        return Err(Error::Node {
+            file: path.to_owned(),
+            message: format!("has no node {node:?} (--node); its nodes: {}", state.nodes.join(", ")),
+        });
+    }
+    Ok(())
 }
 
 /// Loads the file once and publishes it; then the returned future watches it.

@@ -21,7 +21,9 @@ pub fn init() {
     let spec = std::env::var("RUST_LOG").ok().filter(|s| EnvFilter::try_new(s).is_ok()).unwrap_or_else(|| "info".into());
     let (filter, handle) = reload::Layer::new(EnvFilter::new(&spec));
     let json = std::env::var("MESH_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, never in files or a pod's log.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
     let installed = if json { registry.with(fmt.json()).try_init() } else { registry.with(fmt).try_init() };
     if installed.is_ok() {

@@ -349,6 +349,14 @@ impl Collector for HealthCollector {
         out.gauge("nodemesh_enrolled_pods", "Pods of this node in the mesh", &[(Vec::new(), enrolled as f64)])?;
         let ready = if s["ready"] == true { 1.0 } else { 0.0 };
         out.gauge("nodemesh_ready", "1 when every local pod is enrolled, attached and certified", &[(Vec::new(), ready)])?;
+        // Pods keeping the agent from being ready, by why (never silently
+        // direct: a pod waiting for its certificate is counted here).
+        let not_ready = |reason: &str| s["notReady"].as_array().map_or(0, |v| v.iter().filter(|p| p["reason"] == reason).count());
+        let rows: Vec<_> = ["error", "not enrolled", "certificate pending"]
+            .into_iter()
+            .map(|r| (pairs([("reason", r)]), not_ready(r) as f64))
+            .collect();
+        out.gauge("nodemesh_pods_not_ready", "Local pods not (yet) served as the state wants, by reason", &rows)?;
         let rows: Vec<_> = pods.iter().map(|p| (pod_labels(p), u(&p["ebpf"]["redirected"]))).collect();
         out.counter("nodemesh_ebpf_redirected_connections", "Connections the connect hooks redirected to the agent", &rows)?;
         let rows: Vec<_> = pods.iter().map(|p| (pod_labels(p), u(&p["ebpf"]["passedThrough"]))).collect();
@@ -437,6 +445,7 @@ mod tests {
         m.register_health(HealthCollector {
             status: Arc::new(|| {
                 serde_json::json!({"ready": true, "config": {"accepted": 3, "rejected": 1},
+                    "notReady": [{"pod": "shop/b", "reason": "certificate pending"}],
                     "pods": [{"namespace": "shop", "name": "a", "enrolled": true, "ebpf": {"redirected": 4, "passedThrough": 1},
                               "certificate": {"notAfterUnix": 1_900_000_000u64, "errors": 2},
                               "proxy": {"inboundDenied": {"shop/deny": 5}, "httpRejected": 1}}],
@@ -452,6 +461,8 @@ mod tests {
             "istio_response_bytes_sum{",
             "istio_tcp_sent_bytes_total{",
             "nodemesh_enrolled_pods 1.0",
+            "nodemesh_pods_not_ready{reason=\"certificate pending\"} 1.0",
+            "nodemesh_pods_not_ready{reason=\"error\"} 0.0",
             "nodemesh_ebpf_redirected_connections_total{namespace=\"shop\",pod=\"a\"} 4",
             "nodemesh_certificate_expiry_timestamp_seconds{namespace=\"shop\",pod=\"a\"} 1900000000.0",
             "nodemesh_config_reloads_total{result=\"rejected\"} 1",

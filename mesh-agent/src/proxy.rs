@@ -200,6 +200,10 @@ pub struct Proxy {
     telemetry: Arc<observe::Telemetry>,
     /// Every connection task, so shutdown can wait for them to finish.
     connections: TaskTracker,
+    /// Cancelled when the agent drains: HTTP connections finish gracefully
+    /// (HTTP/1.1 `Connection: close` on the response in flight, HTTP/2
+    /// GOAWAY) so that clients move to the agent that serves next.
+    draining: CancellationToken,
     runtime: tokio::runtime::Handle,
 }
 
@@ -220,6 +224,9 @@ pub struct PodListeners {
     /// The plaintext capture listener, for the `sk_lookup` map (a duplicate
     /// descriptor of the socket the accept loop owns).
     pub plaintext: OwnedFd,
+    /// Duplicates of the outbound and tunnel listeners, for a handoff.
+    outbound: OwnedFd,
+    tunnel: OwnedFd,
     cancel: CancellationToken,
 }
 
@@ -231,6 +238,12 @@ impl PodListeners {
 
     pub fn is_serving(&self) -> bool {
         !self.cancel.is_cancelled()
+    }
+
+    /// Duplicates of the three listening sockets (outbound, tunnel,
+    /// plaintext) for the agent that takes over.
+    pub fn dup(&self) -> std::io::Result<[OwnedFd; 3]> {
+        Ok([self.outbound.try_clone()?, self.tunnel.try_clone()?, self.plaintext.try_clone()?])
     }
 }
 
@@ -260,6 +273,7 @@ impl Proxy {
             ports,
             telemetry,
             connections: TaskTracker::new(),
+            draining: CancellationToken::new(),
             runtime,
         });
         let weak = Arc::downgrade(&proxy);
@@ -279,19 +293,33 @@ impl Proxy {
 
     /// Opens the pod's listeners in its namespace and starts serving them on
     /// the data-plane runtime.
-    pub fn serve_pod(self: &Arc<Self>, pod: &PodHandle) -> Result<PodListeners, Error> {
+    /// `inherited`: the pod's listening sockets (outbound, tunnel,
+    /// plaintext) handed over by the agent this one replaces, served as they
+    /// are instead of opening new ones.
+    pub fn serve_pod(self: &Arc<Self>, pod: &PodHandle, inherited: Option<[OwnedFd; 3]>) -> Result<PodListeners, Error> {
         let cancel = CancellationToken::new();
-        let outbound = self.listen(pod, self.ports.outbound)?;
-        let tunnel = self.listen(pod, self.ports.tunnel)?;
-        let plaintext = self.listen(pod, self.ports.plaintext)?;
-        let plaintext_fd = socket2::SockRef::from(&plaintext)
-            .try_clone()
-            .map(OwnedFd::from)
-            .map_err(|source| Error::Listen {
+        let (outbound, tunnel, plaintext) = match inherited {
+            Some([o, t, p]) => (
+                self.adopt_listener(pod, self.ports.outbound, o)?,
+                self.adopt_listener(pod, self.ports.tunnel, t)?,
+                self.adopt_listener(pod, self.ports.plaintext, p)?,
+            ),
+            None => (
+                self.listen(pod, self.ports.outbound)?,
+                self.listen(pod, self.ports.tunnel)?,
+                self.listen(pod, self.ports.plaintext)?,
+            ),
+        };
+        let dup = |l: &TcpListener, port: u16| {
+            socket2::SockRef::from(l).try_clone().map(OwnedFd::from).map_err(|source| Error::Listen {
                 pod: pod.key.clone(),
-                addr: SocketAddr::from(([0, 0, 0, 0], self.ports.plaintext)),
+                addr: SocketAddr::from(([0, 0, 0, 0], port)),
                 source,
-            })?;
+            })
+        };
+        let plaintext_fd = dup(&plaintext, self.ports.plaintext)?;
+        let outbound_fd = dup(&outbound, self.ports.outbound)?;
+        let tunnel_fd = dup(&tunnel, self.ports.tunnel)?;
         let addrs = [&outbound, &tunnel, &plaintext]
             .into_iter()
             .filter_map(|l| l.local_addr().ok())
@@ -310,7 +338,22 @@ impl Proxy {
         self.runtime.spawn(this.clone().accept_loop(outbound, pod.clone(), cancel.clone(), Kind::Outbound));
         self.runtime.spawn(this.clone().accept_loop(tunnel, pod.clone(), cancel.clone(), Kind::Tunnel(server_tls)));
         self.runtime.spawn(this.accept_loop(plaintext, pod, cancel.clone(), Kind::Plaintext));
-        Ok(PodListeners { addrs, plaintext: plaintext_fd, cancel })
+        Ok(PodListeners { addrs, plaintext: plaintext_fd, outbound: outbound_fd, tunnel: tunnel_fd, cancel })
+    }
+
+    /// A listening socket handed over by the previous agent, checked to be
+    /// the one expected.
+    fn adopt_listener(&self, pod: &PodHandle, port: u16, fd: OwnedFd) -> Result<TcpListener, Error> {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let listen_err = |source| Error::Listen { pod: pod.key.clone(), addr, source };
+        let std_listener = std::net::TcpListener::from(fd);
+        let local = std_listener.local_addr().map_err(listen_err)?;
+        if local.port() != port {
+            return Err(listen_err(std::io::Error::other(format!("handed-over socket listens on {local}, not port {port}"))));
+        }
+        std_listener.set_nonblocking(true).map_err(listen_err)?;
+        let _rt = self.runtime.enter();
+        TcpListener::from_std(std_listener).map_err(listen_err)
     }
 
     fn listen(&self, pod: &PodHandle, port: u16) -> Result<TcpListener, Error> {
@@ -364,6 +407,7 @@ impl Proxy {
     /// Stops tracking new connections and waits up to `deadline` for the open
     /// ones to finish; returns how many were still open.
     pub async fn drain(&self, deadline: Duration) -> usize {
+        self.draining.cancel();
         self.connections.close();
         if tokio::time::timeout(deadline, self.connections.wait()).await.is_err() {
             return self.connections.len();
@@ -405,6 +449,22 @@ impl Proxy {
     pub fn certs(&self) -> &CertManager {
         &self.certs
     }
+}
+
+/// Serves an HTTP connection to its end; once the agent drains, asks it to
+/// finish gracefully first (`graceful`: hyper's `graceful_shutdown`).
+async fn until_drained<C: std::future::Future>(
+    conn: C,
+    draining: &CancellationToken,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output {
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = draining.cancelled() => {}
+    }
+    graceful(conn.as_mut());
+    conn.await
 }
 
 #[derive(Clone)]

@@ -204,3 +204,85 @@ fn ready_waits_for_the_certificate() -> Result<()> {
     send(&m.shop_client, &server(&m.shop_server), 1024)?;
     Ok(())
 }
+
+/// An HTTP app that reports the identity the mesh vouched for
+/// (`x-mesh-peer-identity`, or `none`) in `x-backend`.
+const IDENTITY_APP: &str = r#"
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        who = self.headers.get('x-mesh-peer-identity', 'none')
+        self.send_response(200)
+        self.send_header('x-backend', who)
+        self.send_header('content-length', '2')
+        self.end_headers()
+        self.wfile.write(b'ok')
+    def log_message(self, *a): pass
+print("listening", flush=True)
+ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()
+"#;
+
+/// Steady HTTP load during a restart of one node's agent (the new agent
+/// started beside the old one, as a DaemonSet surge does): keep-alive to the
+/// service address and new connections to the pod address; 0 failed
+/// requests and every request at the app with the verified identity; a raw
+/// TCP connection opened before keeps flowing and closes cleanly.
+fn restart_under_load(test: &str, node: &str) -> Result<()> {
+    let mut m = mesh(test, false, &["shop"])?;
+    let _app = serve_http_app(&mut m, IDENTITY_APP)?;
+    m.tb.write_config(&m.tb.config_path(), &["shop"])?;
+    wait_until(SETTLE, || Ok(m.a.status()?["config"]["generation"] == 2 && m.b.status()?["config"]["generation"] == 2))?;
+    // Keep-alive HTTP/1.1 and h2c to the service address, new HTTP/1.1
+    // connections every third request to the pod address.
+    let pod_url = format!("http://{}:8080/", m.shop_server.ip());
+    let loads = [
+        ("http://198.51.100.100:80/", "0", false),
+        ("http://198.51.100.100:80/", "0", true),
+        (pod_url.as_str(), "3", false),
+    ]
+    .map(|(url, fresh, h2)| {
+        let mut args = vec!["load", "--url", url, "--requests", "150", "--interval-ms", "20", "--fresh-every", fresh];
+        if h2 {
+            args.push("--http2");
+        }
+        m.shop_client.spawn("meshhttp", args)
+    });
+    let hold = Hold::start(&m.shop_client, &server(&m.shop_server), m.tb.dir(), "restart")?;
+    std::thread::sleep(Duration::from_millis(700));
+    let old = if node == "node-a" { &m.a } else { &m.b };
+    let started = Instant::now();
+    let new = m.tb.start_agent_args(node, &agent_args(false))?;
+    eprintln!("{node}: the new agent took over and was ready {:?} after it started", started.elapsed());
+    ensure!(new.log().contains("taking over from the running agent"), "no handoff: {}", new.log());
+    hold.wait_roundtrips(20).context("long-lived connection across the handoff")?;
+    ensure!(hold.finish()? >= 30);
+    // The old agent drains and exits by itself.
+    wait_until(SETTLE, || Ok(old.try_wait()?.is_some())).context("the old agent did not exit after handing over")?;
+    ensure!(old.log().contains("handoff: the new agent took over"), "{}", old.log());
+    let identity = spiffe("shop", "default");
+    for (i, l) in loads.into_iter().enumerate() {
+        let out = l?.wait_output(Duration::from_secs(60))?;
+        let v = parse_ok(&m.shop_client, &out).with_context(|| format!("load {i}"))?;
+        ensure!(v["status"]["200"] == 150, "load {i}: {v}");
+        ensure!(v["backend"][&identity] == 150, "load {i}: requests at the app without the verified identity: {v}");
+        if i == 1 && node == "node-a" {
+            // The old agent's GOAWAY moved the h2 client to a new connection.
+            ensure!(v["reconnects"].as_u64() >= Some(1), "load {i}: no GOAWAY seen: {v}");
+        }
+    }
+    // The new agent serves the same admin address and the node.
+    ensure!(new.admin() == old.admin(), "admin listener not handed over");
+    send(&m.shop_client, &server(&m.shop_server), 1024)?;
+    Ok(())
+}
+
+#[test]
+fn source_agent_restart_under_load_drops_nothing() -> Result<()> {
+    restart_under_load("rstsrc", "node-a")
+}
+
+#[test]
+fn destination_agent_restart_under_load_drops_nothing() -> Result<()> {
+    restart_under_load("rstdst", "node-b")
+}

@@ -146,6 +146,23 @@ impl CertManager {
         rx
     }
 
+    /// Starts managing `pod` with a certificate handed over by the agent
+    /// this one replaces: served at once, renewed at half its remaining
+    /// life as usual.
+    pub fn adopt(&self, pod: &PodKey, cert: WorkloadCert) {
+        let mut workloads = self.inner.workloads.lock().expect("poisoned");
+        if workloads.contains_key(pod) {
+            return;
+        }
+        let id = cert.id.clone();
+        let stats = Arc::new(WorkloadCertStats::default());
+        stats.not_after.store(unix(cert.not_after), Ordering::Relaxed);
+        let (tx, _) = watch::channel(Some(Arc::new(cert)));
+        let tx = Arc::new(tx);
+        let task = self.spawn(pod.clone(), id.clone(), tx.clone(), stats.clone());
+        workloads.insert(pod.clone(), Workload { id, tx, stats, task });
+    }
+
     /// The channel of a workload already being managed.
     pub fn watch(&self, pod: &PodKey) -> Option<CertWatch> {
         self.inner.workloads.lock().expect("poisoned").get(pod).map(|w| w.tx.subscribe())
@@ -215,6 +232,13 @@ async fn keep_fresh(
     stats: Arc<WorkloadCertStats>,
 ) {
     let mut backoff = config.initial_backoff;
+    // An adopted certificate: renew at half of what is left.
+    let adopted = tx.borrow().as_ref().map(|c| c.not_after);
+    if let Some(not_after) = adopted {
+        let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        tracing::info!(not_after = %humantime(not_after), "workload certificate adopted from the previous agent");
+        tokio::time::sleep(left / 2).await;
+    }
     loop {
         match super::client::fetch(ca.as_ref(), &pod, &id, config.ttl).await {
             Ok(cert) => {

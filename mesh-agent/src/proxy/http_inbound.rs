@@ -208,7 +208,11 @@ impl Proxy {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(this.http_request(&conn, req).await) }
         });
-        let result = http_server().serve_connection_with_upgrades(TokioIo::new(io), svc).await;
+        let server = http_server();
+        let conn = server.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        // Draining: `Connection: close` on the response in flight (HTTP/1.1)
+        // or GOAWAY (HTTP/2); the client's next request finds the new agent.
+        let result = super::until_drained(conn, &self.draining, |c| c.graceful_shutdown()).await;
         count_http_end(result, &stats, target, "inbound");
     }
 

@@ -135,7 +135,10 @@ impl Proxy {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(this.outbound_request(&conn, req).await) }
         });
-        let result = super::http_inbound::http_server().serve_connection_with_upgrades(TokioIo::new(app), svc).await;
+        let server = super::http_inbound::http_server();
+        let conn = server.serve_connection_with_upgrades(TokioIo::new(app), svc);
+        // Draining: `Connection: close` / GOAWAY, as on the inbound side.
+        let result = super::until_drained(conn, &self.draining, |c| c.graceful_shutdown()).await;
         super::http_inbound::count_http_end(result, &stats, orig, "outbound");
     }
 

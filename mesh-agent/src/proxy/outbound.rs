@@ -219,27 +219,35 @@ impl Proxy {
         target: SocketAddr,
     ) -> std::io::Result<(hyper::upgrade::Upgraded, StreamSlot)> {
         let key = PoolKey { src: pod.key.clone(), dst: dst_id.clone(), tunnel };
-        let (mut sender, slot) = match self.pool.checkout(&key) {
-            Some(c) => c,
-            None => {
-                let lock = self.pool.connect_lock(&key);
-                let _connecting = lock.lock().await;
-                // Someone else may have connected while we waited.
-                match self.pool.checkout(&key) {
-                    Some(c) => c,
-                    None => {
-                        let sender = self.connect_tunnel(pod, tunnel, &dst_id).await?;
-                        self.pool.add(key, sender)
-                    }
+        let req = || {
+            http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(target.to_string())
+                .body(Empty::<Bytes>::new())
+                .map_err(std::io::Error::other)
+        };
+        // A pooled connection the destination agent is draining (GOAWAY, or
+        // gone) fails the stream before it is processed: open it again on a
+        // new connection, which reaches the agent serving now.
+        let pooled = self.pool.checkout(&key);
+        let (sender, slot, res) = match pooled {
+            Some((mut sender, slot)) => match sender.send_request(req()?).await {
+                Ok(res) => (sender, slot, res),
+                Err(e) => {
+                    tracing::debug!(%tunnel, error = %e, "pooled tunnel connection refused the stream; opening a new one");
+                    drop(slot);
+                    let (mut sender, slot) = self.new_tunnel(pod, &key, tunnel, &dst_id, true).await?;
+                    let res = sender.send_request(req()?).await.map_err(std::io::Error::other)?;
+                    (sender, slot, res)
                 }
+            },
+            None => {
+                let (mut sender, slot) = self.checkout_or_connect(pod, &key, tunnel, &dst_id).await?;
+                let res = sender.send_request(req()?).await.map_err(std::io::Error::other)?;
+                (sender, slot, res)
             }
         };
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(target.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(std::io::Error::other)?;
-        let res = sender.send_request(req).await.map_err(std::io::Error::other)?;
+        drop(sender);
         if res.status() != http::StatusCode::OK {
             let reason = res
                 .headers()
@@ -254,6 +262,40 @@ impl Proxy {
         }
         let upgraded = hyper::upgrade::on(res).await.map_err(std::io::Error::other)?;
         Ok((upgraded, slot))
+    }
+
+    /// A pooled connection with room, or a new one (one connect at a time
+    /// per key).
+    async fn checkout_or_connect(
+        &self,
+        pod: &PodHandle,
+        key: &PoolKey,
+        tunnel: SocketAddr,
+        dst_id: &SpiffeId,
+    ) -> std::io::Result<(hyper::client::conn::http2::SendRequest<Empty<Bytes>>, StreamSlot)> {
+        if let Some(c) = self.pool.checkout(key) {
+            return Ok(c);
+        }
+        self.new_tunnel(pod, key, tunnel, dst_id, false).await
+    }
+
+    async fn new_tunnel(
+        &self,
+        pod: &PodHandle,
+        key: &PoolKey,
+        tunnel: SocketAddr,
+        dst_id: &SpiffeId,
+        fresh: bool,
+    ) -> std::io::Result<(hyper::client::conn::http2::SendRequest<Empty<Bytes>>, StreamSlot)> {
+        let lock = self.pool.connect_lock(key);
+        let _connecting = lock.lock().await;
+        // Someone else may have connected while we waited (not after a
+        // pooled connection failed: that one may still look usable).
+        if !fresh && let Some(c) = self.pool.checkout(key) {
+            return Ok(c);
+        }
+        let sender = self.connect_tunnel(pod, tunnel, dst_id).await?;
+        Ok(self.pool.add(key.clone(), sender))
     }
 
     async fn connect_tunnel(

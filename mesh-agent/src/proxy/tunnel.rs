@@ -46,12 +46,14 @@ impl Proxy {
             let client_id = client_id.clone();
             async move { Ok::<_, std::convert::Infallible>(this.connect_stream(req, peer, pod, &client_id).await) }
         });
-        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(FRAME_SIZE)
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
+            .serve_connection(TokioIo::new(stream), service);
+        // Draining: GOAWAY, so the source agent opens its next streams to
+        // the agent that serves next; open streams carry on.
+        let result = super::until_drained(conn, &self.draining, |c| c.graceful_shutdown()).await;
         if let Err(e) = result {
             // Not HTTP/2 inside the TLS session.
             pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);

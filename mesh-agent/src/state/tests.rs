@@ -53,6 +53,18 @@ fn enrollment_follows_namespace_label_and_pod_opt_out() {
 }
 
 #[test]
+fn failure_policy_is_the_namespace_label_else_the_mesh_default() {
+    let mut s = state();
+    let a = s.pods.values().find(|p| p.key.name == "a").unwrap().clone();
+    assert!(!s.fails_open(&a, false));
+    assert!(s.fails_open(&a, true), "no label: the mesh-wide default");
+    for (value, open) in [("open", true), ("closed", false), ("Open", false), ("", false)] {
+        s.namespaces.get_mut("shop").unwrap().labels.insert(FAILURE_POLICY_LABEL.into(), value.into());
+        assert_eq!(s.fails_open(&a, true), open, "label {value:?} (anything but `open` is closed)");
+    }
+}
+
+#[test]
 fn resolve_pods_and_services() {
     let s = state();
     let d = s.resolve("198.51.100.12:9000".parse().unwrap(), |_| 0);

@@ -1,9 +1,11 @@
 //! HTTP and gRPC clients and a gRPC server for the end-to-end tests, run
 //! inside pods. Each command prints one JSON line with its result.
 //!
-//! - `load --url URL --requests N [--header K:V]...`: N sequential GETs on
-//!   one keep-alive HTTP/1.1 connection; counts answers by status and by the
-//!   `x-backend` response header.
+//! - `load --url URL --requests N [--header K:V]... [--interval-ms MS]
+//!   [--fresh-every K]`: N sequential GETs on one keep-alive HTTP/1.1
+//!   connection (a new one every K requests, and whenever the server closed
+//!   it, as a client library does); counts answers by status and by the
+//!   `x-backend` response header, and requests that failed.
 //! - `multiplex --url URL --streams N`: N concurrent requests on ONE HTTP/2
 //!   (h2c, prior knowledge) connection; reports each status.
 //! - `grpc-serve --port P --name NAME`: a gRPC server (the standard health
@@ -36,6 +38,16 @@ enum Cmd {
         /// `name:value`, repeatable.
         #[arg(long)]
         header: Vec<String>,
+        /// Pause between requests.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        /// Open a new connection every K requests (0: only when closed).
+        #[arg(long, default_value_t = 0)]
+        fresh_every: usize,
+        /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1; a GOAWAY
+        /// makes the next request use a new connection.
+        #[arg(long)]
+        http2: bool,
     },
     Multiplex {
         #[arg(long)]
@@ -60,7 +72,9 @@ enum Cmd {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     match Args::parse().cmd {
-        Cmd::Load { url, requests, header } => load(&url, requests, &header).await,
+        Cmd::Load { url, requests, header, interval_ms, fresh_every, http2 } => {
+            load(&url, requests, &header, std::time::Duration::from_millis(interval_ms), fresh_every, http2).await
+        }
         Cmd::Multiplex { url, streams } => multiplex(&url, streams).await,
         Cmd::GrpcServe { port, name } => grpc_serve(port, name).await,
         Cmd::GrpcCall { addr, service } => grpc_call(addr, service).await,
@@ -74,33 +88,107 @@ fn target(url: &str) -> Result<(http::Uri, SocketAddr)> {
     Ok((uri, addr))
 }
 
-async fn load(url: &str, requests: usize, headers: &[String]) -> Result<()> {
-    let (uri, addr) = target(url)?;
+/// One client connection, HTTP/1.1 or h2c.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn ready(&mut self) -> bool {
+        match self {
+            Sender::H1(s) => s.ready().await.is_ok(),
+            Sender::H2(s) => s.ready().await.is_ok(),
+        }
+    }
+
+    async fn send(&mut self, req: http::Request<Empty<Bytes>>) -> hyper::Result<http::Response<hyper::body::Incoming>> {
+        match self {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, http2: bool) -> Result<Sender> {
     let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    if http2 {
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        return Ok(Sender::H2(sender));
+    }
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
+    Ok(Sender::H1(sender))
+}
+
+async fn load(
+    url: &str,
+    requests: usize,
+    headers: &[String],
+    interval: std::time::Duration,
+    fresh_every: usize,
+    http2: bool,
+) -> Result<()> {
+    let (uri, addr) = target(url)?;
+    let mut sender = Some(connect(addr, http2).await?);
     let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
     let mut replies: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: Vec<String> = Vec::new();
     let mut reconnects = 0u64;
-    for _ in 0..requests {
-        if sender.is_closed() {
-            // The server closed after an error answer: a new connection.
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::spawn(conn);
-            sender = s;
-            reconnects += 1;
+    for i in 0..requests {
+        if i > 0 && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
         }
-        let mut req = http::Request::builder()
-            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
-            .header(http::header::HOST, addr.to_string());
+        // A connection the server closed (after `Connection: close`, or an
+        // error answer) is replaced before the request is sent, as client
+        // libraries do: that is not a failed request.
+        let fresh = fresh_every > 0 && i > 0 && i % fresh_every == 0;
+        let usable = match sender.as_mut() {
+            Some(s) if !fresh && !s.is_closed() => s.ready().await,
+            _ => false,
+        };
+        if !usable {
+            match connect(addr, http2).await {
+                Ok(s) => sender = Some(s),
+                Err(e) => {
+                    errors.push(format!("request {i}: {e:#}"));
+                    sender = None;
+                    continue;
+                }
+            }
+            if i > 0 {
+                reconnects += 1;
+            }
+        }
+        let s = sender.as_mut().expect("connected above");
+        let mut req = if http2 {
+            http::Request::builder().uri(uri.clone())
+        } else {
+            http::Request::builder()
+                .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+                .header(http::header::HOST, addr.to_string())
+        };
         for h in headers {
             let (k, v) = h.split_once(':').with_context(|| format!("header {h:?} is not name:value"))?;
             req = req.header(k.trim(), v.trim());
         }
-        sender.ready().await?;
-        let res = sender.send_request(req.body(Empty::<Bytes>::new())?).await?;
+        let res = match s.send(req.body(Empty::<Bytes>::new())?).await {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(format!("request {i}: {e}"));
+                sender = None;
+                continue;
+            }
+        };
         *by_status.entry(res.status().as_u16().to_string()).or_default() += 1;
         let header = |n: &str| res.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
         if let Some(b) = header("x-backend") {
@@ -109,9 +197,16 @@ async fn load(url: &str, requests: usize, headers: &[String]) -> Result<()> {
         if let Some(r) = header("x-mesh-reply") {
             *replies.entry(r).or_default() += 1;
         }
-        res.into_body().collect().await?;
+        if let Err(e) = res.into_body().collect().await {
+            errors.push(format!("request {i} body: {e}"));
+            sender = None;
+        }
     }
-    println!("{}", json!({"ok": true, "status": by_status, "backend": by_backend, "meshReply": replies, "reconnects": reconnects}));
+    println!(
+        "{}",
+        json!({"ok": errors.is_empty(), "status": by_status, "backend": by_backend, "meshReply": replies,
+               "reconnects": reconnects, "failed": errors.len(), "errors": errors})
+    );
     Ok(())
 }
 

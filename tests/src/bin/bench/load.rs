@@ -68,6 +68,10 @@ pub struct Profile {
     pub open_conns: u32,
     pub open_conns_secs: u64,
     pub bulk_bytes: u64,
+    /// The restart scenario's load (agent variants): the node-a agent is
+    /// replaced a quarter in, the node-b agent half-way.
+    #[serde(default)]
+    pub restart_secs: u64,
     /// Idle time after the proxies are up, before the idle RSS reading.
     pub settle_ms: u64,
     /// Only these scenarios (names in [`SCENARIOS`]); empty: all. For
@@ -77,7 +81,7 @@ pub struct Profile {
 }
 
 /// Scenario names, for `--scenarios`.
-pub const SCENARIOS: [&str; 5] = ["latency", "open-conns", "saturation", "connrate", "bulk"];
+pub const SCENARIOS: [&str; 6] = ["latency", "open-conns", "saturation", "connrate", "bulk", "restart"];
 
 impl Profile {
     pub fn for_mode(mode: Mode) -> Profile {
@@ -90,6 +94,7 @@ impl Profile {
                 open_conns: 1000,
                 open_conns_secs: 5,
                 bulk_bytes: 1 << 30,
+                restart_secs: 12,
                 settle_ms: 1000,
                 only: Vec::new(),
             },
@@ -101,6 +106,7 @@ impl Profile {
                 open_conns: 1000,
                 open_conns_secs: 3,
                 bulk_bytes: 256 << 20,
+                restart_secs: 6,
                 settle_ms: 500,
                 only: Vec::new(),
             },
@@ -112,13 +118,14 @@ impl Profile {
                 open_conns: 100,
                 open_conns_secs: 1,
                 bulk_bytes: 16 << 20,
+                restart_secs: 4,
                 settle_ms: 200,
                 only: Vec::new(),
             },
         }
     }
 
-    fn wants(&self, scenario: &str) -> bool {
+    pub fn wants(&self, scenario: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|s| s == scenario)
     }
 
@@ -160,7 +167,7 @@ impl Target {
 pub struct Metrics(pub BTreeMap<String, f64>);
 
 impl Metrics {
-    fn set(&mut self, key: &str, v: f64) {
+    pub fn set(&mut self, key: &str, v: f64) {
         self.0.insert(key.to_string(), v);
     }
 
@@ -285,6 +292,31 @@ fn oha(client: &Pod, target: &Target, args: &[&str], secs: u64) -> Result<Value>
         v["errorDistribution"]
     );
     Ok(v)
+}
+
+/// oha at the latency scenario's rate for `secs`, started in the background
+/// (the restart scenario replaces agents meanwhile).
+pub fn oha_spawn(client: &Pod, target: &Target, secs: u64) -> Result<mesh_e2e::PodProcess> {
+    let duration = format!("{secs}s");
+    let (rate, conns) = (RATE.to_string(), CONNECTIONS.to_string());
+    let url = target.url(PATH);
+    let all = ["--no-tui", "--output-format", "json", "--latency-correction", "-z", &duration, "-q", &rate, "-c", &conns, &url];
+    client.spawn("oha", all)
+}
+
+/// The restart scenario's numbers from its oha run: requests, failed
+/// requests (what matters: any is a dropped request), p99 during it.
+pub fn restart_numbers(run: mesh_e2e::PodProcess, secs: u64, m: &mut Metrics) -> Result<()> {
+    let out = run.wait_output(Duration::from_secs(secs + 60))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "oha (restart) failed ({}): {stdout} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(&stdout).with_context(|| format!("oha printed no JSON: {stdout}"))?;
+    let ok = v["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
+    m.set("restart_requests", (ok + errors(&v)) as f64);
+    m.set("restart_errors", errors(&v) as f64);
+    let p99 = v["latencyPercentiles"]["p99"].as_f64().with_context(|| format!("oha: no p99 in {v}"))?;
+    m.set("restart_p99_ms", p99 * 1e3);
+    Ok(())
 }
 
 /// Responses other than 200 plus transport errors. oha counts requests cut

@@ -309,14 +309,69 @@ fn run_variant(
         let proxy_out: String = proxies.iter().map(|p| p.stderr()).collect::<Vec<_>>().join("\n");
         format!("no request went through {}: {why}\n{logs}{proxy_out}", variant.name())
     })?;
-    let metrics = load::scenarios(client, &target, &pids, profile)?;
+    let mut metrics = load::scenarios(client, &target, &pids, profile)?;
+    if variant.is_agent() && profile.wants("restart") {
+        restart(tb, server, &target, &mut agents, &agent_variant_args(variant, agent_args), profile, &mut metrics, client)?;
+    }
     for agent in &agents {
         // Stopped, not killed: a crash or a hang at shutdown is worth seeing.
         let status = agent.stop()?;
         ensure!(status.success(), "agent for {} exited with {status}: {}", agent.node(), agent.log());
     }
+    if variant.is_agent() {
+        // The pinned state outlives the agents: remove the mesh from the
+        // nodes, so the next variant's pods talk directly.
+        for node in ["node-a", "node-b"] {
+            let mut args = vec!["uninstall".to_owned(), "--node".into(), node.into()];
+            args.extend(tb.node_state_args());
+            let out = Agent::run_once(&mesh_e2e::agent_bin()?, &args)?;
+            ensure!(out.status.success(), "uninstall {node}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
     drop(proxies);
     Ok(metrics)
+}
+
+/// The agent flags of a variant.
+fn agent_variant_args(variant: Variant, extra: &[String]) -> Vec<String> {
+    let accelerate = matches!(variant, Variant::AgentMtls { accelerate: true } | Variant::AgentL7 { accelerate: true });
+    let mut args: Vec<String> =
+        ["--accelerate", if accelerate { "on" } else { "off" }, "--drain-timeout", "1s"].map(String::from).to_vec();
+    args.extend(extra.iter().cloned());
+    args
+}
+
+/// The restart scenario: steady load while node-a's agent, then node-b's,
+/// is replaced the way a DaemonSet rollout does it (the new agent started
+/// beside the old one takes its listeners over; the old one drains and
+/// exits). Failed requests and p99 during it; plaintext deliveries at the
+/// destination (requests at the app without a verified identity).
+#[allow(clippy::too_many_arguments)]
+fn restart(
+    tb: &Testbed,
+    server: &Pod,
+    target: &Target,
+    agents: &mut [Agent],
+    args: &[String],
+    profile: &Profile,
+    m: &mut Metrics,
+    client: &Pod,
+) -> Result<()> {
+    let secs = profile.restart_secs.max(2);
+    let run = load::oha_spawn(client, target, secs)?;
+    let quarter = Duration::from_millis(secs * 250);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    for (i, node) in ["node-a", "node-b"].into_iter().enumerate() {
+        std::thread::sleep(quarter);
+        let new = tb.start_agent_args(node, &args)?;
+        wait_until(READY_TIMEOUT, || Ok(agents[i].try_wait()?.is_some()))
+            .with_context(|| format!("the old {node} agent did not exit after handing over: {}", agents[i].log()))?;
+        agents[i] = new;
+    }
+    load::restart_numbers(run, secs, m)?;
+    let plaintext = agents[1].pod_status(server.namespace(), server.name())?.map_or(0, |p| p.proxy.inbound_plaintext);
+    m.set("restart_plaintext", plaintext as f64);
+    Ok(())
 }
 
 /// The config each variant runs on: nothing enrolled (direct, HAProxy);

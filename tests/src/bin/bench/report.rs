@@ -91,6 +91,9 @@ impl Run {
             if v != Variant::Direct {
                 keys.extend(["cpu_a_vcpu", "cpu_b_vcpu", "rss_idle_a_mb", "rss_conns_b_mb"]);
             }
+            if v.name().starts_with("agent-") {
+                keys.push("restart_requests");
+            }
             for k in keys {
                 if !self.stat(v, k).is_some_and(|s| s.median > 0.0) {
                     missing.push(format!("{}:{k}", v.name()));
@@ -319,6 +322,38 @@ pub fn markdown(run: &Run) -> String {
     }
     let _ = writeln!(md, "\n\"added\": median over repetitions of (variant − direct) in the same repetition.");
     let _ = writeln!(md, "Plot: [latency.svg](latency.svg).\n");
+
+    if run.variants.iter().any(|v| run.stat(*v, "restart_requests").is_some()) {
+        let _ = writeln!(md, "## Restart: both agents replaced under load (DaemonSet-style handoff)\n");
+        let _ = writeln!(
+            md,
+            "{RATE} rps over {CONNECTIONS} keep-alive connections for {} s; node-a's agent replaced a quarter in, node-b's half-way.\n",
+            run.profile.restart_secs
+        );
+        let _ = writeln!(md, "| variant | requests | failed | plaintext at the app | p99 during restart (ms) | p99 steady (ms) | ×steady |");
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+        for &v in &run.variants {
+            if run.stat(v, "restart_requests").is_none() {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                v.name(),
+                cell(run.stat(v, "restart_requests"), 0),
+                cell(run.stat(v, "restart_errors"), 0),
+                cell(run.stat(v, "restart_plaintext"), 0),
+                cell(run.stat(v, "restart_p99_ms"), 3),
+                cell(run.stat(v, "p99_ms"), 3),
+                ratio_cell(
+                    run.stat(v, "restart_p99_ms")
+                        .zip(run.stat(v, "p99_ms"))
+                        .and_then(|(a, b)| (b.median > 0.0).then(|| a.median / b.median))
+                ),
+            );
+        }
+        let _ = writeln!(md);
+    }
 
     let _ = writeln!(md, "## Throughput\n");
     let _ = writeln!(md, "| variant | max req/s ({CONNECTIONS} conns) | ×direct | ×peer | bulk Gbit/s (1 stream) | ×direct | ×peer | new conn/s | ×direct | ×peer |");
