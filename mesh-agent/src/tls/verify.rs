@@ -528,23 +528,6 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn webpki_errors_read_as_words_not_debug_values() {
-        assert_eq!(webpki_words(&webpki::Error::UnsupportedCriticalExtension), "unsupported critical extension");
-        assert_eq!(webpki_words(&webpki::Error::BadDer), "bad der");
-        let e = from_webpki(webpki::Error::UnsupportedCriticalExtension, "serverAuth");
-        assert_eq!(e.to_string(), "the certificate is invalid: unsupported critical extension");
-        #[allow(deprecated)]
-        let eku = from_webpki(webpki::Error::RequiredEkuNotFound, "clientAuth");
-        assert_eq!(eku.reason(), Reason::WrongExtendedKeyUsage);
-        assert_eq!(eku.to_string(), "the certificate's extendedKeyUsage does not allow clientAuth");
-    }
-}
-
 /// `cargo fuzz` entry (`fuzz/`): a peer's leaf certificate (DER) checked
 /// as the server (`server`) or client end would, against the trust of
 /// `ours`; and the leaf checks after the chain (which a fuzzer cannot
@@ -562,4 +545,21 @@ pub fn fuzz_peer_certificate(ours: &WorkloadCert, der: &[u8], server: bool, now:
     let (usage, purpose) = if server { (KeyUsage::server_auth(), "serverAuth") } else { (KeyUsage::client_auth(), "clientAuth") };
     let cert = CertificateDer::from(der);
     trust.verify(&cert, &[], now, usage, purpose, &ExpectedPeer::AnyInTrustDomain).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webpki_errors_read_as_words_not_debug_values() {
+        assert_eq!(webpki_words(&webpki::Error::UnsupportedCriticalExtension), "unsupported critical extension");
+        assert_eq!(webpki_words(&webpki::Error::BadDer), "bad der");
+        let e = from_webpki(webpki::Error::UnsupportedCriticalExtension, "serverAuth");
+        assert_eq!(e.to_string(), "the certificate is invalid: unsupported critical extension");
+        #[allow(deprecated)]
+        let eku = from_webpki(webpki::Error::RequiredEkuNotFound, "clientAuth");
+        assert_eq!(eku.reason(), Reason::WrongExtendedKeyUsage);
+        assert_eq!(eku.to_string(), "the certificate's extendedKeyUsage does not allow clientAuth");
+    }
 }
