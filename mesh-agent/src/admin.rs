@@ -34,9 +34,31 @@ pub enum Scope {
     Public,
 }
 
+static ADMIN_ACCEPT_LOG: crate::fdlimit::RateLimited = crate::fdlimit::RateLimited::new(std::time::Duration::from_secs(5));
+
 pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, scope: Scope) {
+    // A spare descriptor, so the admin still answers when the data plane
+    // has used every descriptor the process may have.
+    let mut reserve = crate::fdlimit::Reserve::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                reserve.refill();
+                stream
+            }
+            Err(e) if crate::fdlimit::is_exhaustion(&e) && reserve.release() => {
+                // The spare's slot is free now: take the waiting connection.
+                continue;
+            }
+            Err(e) => {
+                if let Some(suppressed) = ADMIN_ACCEPT_LOG.hit(std::time::Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "admin listener: accept failed; backing off");
+                }
+                tokio::time::sleep(crate::fdlimit::EXHAUSTED_BACKOFF).await;
+                reserve.refill();
+                continue;
+            }
+        };
         let source = source.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
@@ -114,3 +136,6 @@ fn route(req: &Request<Incoming>, source: &dyn AdminSource) -> Response<Full<Byt
         _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /ready, /status, /metrics, /config_dump, /logging"),
     }
 }
+
+#[cfg(test)]
+mod tests;

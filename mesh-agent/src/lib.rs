@@ -10,6 +10,7 @@
 //! | [`tls`] | rustls configs for the tunnel, SPIFFE verifiers |
 //! | [`ebpf`] | load and attach programs, maps (the only aya user) |
 //! | [`host`] | facts discovered on the node (cgroup v2 mount, own cgroup) |
+//! | [`fdlimit`] | the open-files limit, running out of descriptors, the admin's spare |
 //! | [`netns`] | sockets inside pods' network namespaces |
 //! | [`proxy`] | in-pod listeners, tunnel, relays |
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
@@ -29,6 +30,10 @@ pub mod app;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod fdlimit;
 pub mod host;
 pub mod identity;
 pub mod k8s;

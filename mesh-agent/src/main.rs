@@ -211,6 +211,12 @@ fn main() -> ExitCode {
                 run_dir: node_state.run_dir,
                 fail_open: failure_policy == "open",
             };
+            // Two descriptors per proxied connection (more with a tunnel):
+            // the soft limit (often 1024) would cap the node's connections.
+            match mesh_agent::fdlimit::raise_nofile() {
+                Ok(n) => tracing::info!(before = n.before, soft = n.after, hard = n.hard, "open files limit (RLIMIT_NOFILE) raised to the hard limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit (RLIMIT_NOFILE); keeping the current one"),
+            }
             mesh_agent::app::run(cfg, |event| {
                 // Machine-readable lines on stdout for supervisors and tests.
                 let line = match event {

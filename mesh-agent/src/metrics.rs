@@ -68,6 +68,15 @@ pub struct Labels {
 
 type Hist = Family<Labels, Histogram, fn() -> Histogram>;
 
+/// Labels of `nodemesh_accept_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptLabels {
+    /// `outbound`, `tunnel`, `plaintext`.
+    pub listener: &'static str,
+    /// [`crate::fdlimit::accept_error_reason`].
+    pub reason: &'static str,
+}
+
 /// Istio's duration buckets (milliseconds).
 fn duration_histogram() -> Histogram {
     Histogram::new([0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0])
@@ -88,6 +97,19 @@ pub struct Metrics {
     tcp_closed: Family<Labels, Counter>,
     tcp_sent: Family<Labels, Counter>,
     tcp_received: Family<Labels, Counter>,
+    accept_errors: Family<AcceptLabels, Counter>,
+    /// Every label set with a series, and when its count last moved: what
+    /// [`Metrics::prune`] walks (the families cannot be iterated).
+    series: std::sync::Mutex<std::collections::HashMap<Labels, Moved>>,
+    /// Bumped whenever series are dropped, so handles cached elsewhere
+    /// ([`RequestSeries`]) are looked up again.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// A series' count at the last prune pass, and since when it is that.
+struct Moved {
+    count: u64,
+    since: std::time::Instant,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -107,6 +129,7 @@ impl Default for Metrics {
         let tcp_closed = Family::<Labels, Counter>::default();
         let tcp_sent = Family::<Labels, Counter>::default();
         let tcp_received = Family::<Labels, Counter>::default();
+        let accept_errors = Family::<AcceptLabels, Counter>::default();
         // prometheus-client appends `_total` to counters.
         registry.register("istio_requests", "Requests, by response code", requests.clone());
         registry.register("istio_request_duration_milliseconds", "Request duration", duration.clone());
@@ -116,7 +139,21 @@ impl Default for Metrics {
         registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the client (response direction)", tcp_sent.clone());
         registry.register("istio_tcp_received_bytes", "Bytes received from the client (request direction)", tcp_received.clone());
-        Self { registry: std::sync::Mutex::new(registry), requests, duration, request_bytes, response_bytes, tcp_opened, tcp_closed, tcp_sent, tcp_received }
+        registry.register("nodemesh_accept_errors", "Failed accepts on the in-pod listeners, by listener and reason", accept_errors.clone());
+        Self {
+            registry: std::sync::Mutex::new(registry),
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            accept_errors,
+            series: Default::default(),
+            generation: Default::default(),
+        }
     }
 }
 
@@ -142,9 +179,11 @@ impl RequestSeries {
 }
 
 impl Metrics {
-    /// The series of `labels` (created on first use; families never drop
-    /// a series, so the handles stay the exported ones).
+    /// The series of `labels`, created on first use. The handles stay the
+    /// exported ones until [`Metrics::prune`] drops the series (which bumps
+    /// [`Metrics::generation`] so cached handles are looked up again).
     pub fn request_series(&self, labels: Labels) -> RequestSeries {
+        self.track(&labels);
         RequestSeries {
             requests: self.requests.get_or_create(&labels).clone(),
             duration: self.duration.get_or_create(&labels).clone(),
@@ -155,6 +194,7 @@ impl Metrics {
     }
 
     pub fn tcp_opened(&self, labels: &Labels) {
+        self.track(labels);
         self.tcp_opened.get_or_create(labels).inc();
     }
 
@@ -162,9 +202,77 @@ impl Metrics {
     /// request direction) and `sent` bytes back to it (the response
     /// direction).
     pub fn tcp_closed(&self, labels: &Labels, sent: u64, received: u64) {
+        self.track(labels);
         self.tcp_closed.get_or_create(labels).inc();
         self.tcp_sent.get_or_create(labels).inc_by(sent);
         self.tcp_received.get_or_create(labels).inc_by(received);
+    }
+
+    /// A failed accept on an in-pod listener.
+    pub fn accept_error(&self, listener: &'static str, reason: &'static str) {
+        self.accept_errors.get_or_create(&AcceptLabels { listener, reason }).inc();
+    }
+
+    /// Failed accepts so far, of every listener and reason.
+    pub fn accept_errors(&self, reason: &'static str) -> u64 {
+        ["outbound", "tunnel", "plaintext"]
+            .into_iter()
+            .map(|listener| self.accept_errors.get(&AcceptLabels { listener, reason }).map_or(0, |c| c.get()))
+            .sum()
+    }
+
+    fn track(&self, labels: &Labels) {
+        let mut series = self.series.lock().expect("poisoned");
+        if !series.contains_key(labels) {
+            series.insert(labels.clone(), Moved { count: u64::MAX, since: std::time::Instant::now() });
+        }
+    }
+
+    /// Label sets with a series.
+    pub fn series_count(&self) -> usize {
+        self.series.lock().expect("poisoned").len()
+    }
+
+    /// Changes whenever [`Metrics::prune`] drops series.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Drops the series `keep` refuses (their workload or service has left
+    /// the mesh state, or they name a bare address) once their count has
+    /// not moved for `idle` (so a scrape has seen the last value). Returns
+    /// how many label sets were dropped.
+    pub fn prune(&self, keep: impl Fn(&Labels) -> bool, idle: Duration, now: std::time::Instant) -> usize {
+        let count = |l: &Labels| -> u64 {
+            let c = |f: &Family<Labels, Counter>| f.get(l).map_or(0, |c| c.get());
+            c(&self.requests) + c(&self.tcp_opened) + c(&self.tcp_closed)
+        };
+        let mut series = self.series.lock().expect("poisoned");
+        let before = series.len();
+        series.retain(|l, moved| {
+            let n = count(l);
+            if n != moved.count {
+                *moved = Moved { count: n, since: now };
+                return true;
+            }
+            if keep(l) || now.saturating_duration_since(moved.since) < idle {
+                return true;
+            }
+            self.requests.remove(l);
+            self.duration.remove(l);
+            self.request_bytes.remove(l);
+            self.response_bytes.remove(l);
+            self.tcp_opened.remove(l);
+            self.tcp_closed.remove(l);
+            self.tcp_sent.remove(l);
+            self.tcp_received.remove(l);
+            false
+        });
+        let dropped = before - series.len();
+        if dropped > 0 {
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        dropped
     }
 
     /// Adds the agent's health collector (called once, at start).

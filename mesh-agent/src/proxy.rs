@@ -39,8 +39,12 @@ use crate::{
     tls::TlsStats,
 };
 
+mod accept;
 mod authz;
 pub mod balance;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz_hooks;
 mod http_client;
 mod http_inbound;
 mod http_outbound;
@@ -48,6 +52,7 @@ mod inbound;
 mod outbound;
 mod observe;
 mod pool;
+mod prune;
 mod relay;
 mod services;
 mod sniff;
@@ -55,6 +60,7 @@ mod tunnel;
 
 pub use observe::Telemetry;
 pub use outbound::OrigDstLookup;
+pub use prune::TableSizes;
 
 /// How long the agent waits for a client's first bytes to tell whether it
 /// speaks HTTP (only where policy makes it matter: see [`authz`]).
@@ -279,6 +285,7 @@ impl Proxy {
                 p.pool.reap(pool::IDLE_TIMEOUT);
                 p.http_clients.reap();
                 p.app_connections.reap();
+                p.prune();
             }
         });
         proxy
@@ -371,9 +378,9 @@ impl Proxy {
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(pod = %pod.key, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // EMFILE and friends: counted, logged at a bounded
+                        // rate, backed off instead of spinning.
+                        self.accept_failed(&pod, kind.name(), &e).await;
                         continue;
                     }
                 },

@@ -7,6 +7,7 @@ mod build;
 mod cmd;
 mod crds;
 mod demo;
+mod fuzz;
 mod manifests;
 mod setup;
 mod test;
@@ -43,6 +44,9 @@ enum Command {
     /// Setup (with the load generators and HAProxy), release build, then the
     /// data-path benchmark side by side with HAProxy, and the policy benchmark.
     Bench(bench::Args),
+    /// Build the cargo-fuzz targets (fuzz/) and run each for a bounded time
+    /// on its seed corpus (`cargo xtask setup` installs cargo-fuzz).
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

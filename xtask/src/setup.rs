@@ -31,9 +31,15 @@ pub fn run() -> Result<()> {
     step("debian packages", packages::ensure)?;
     let nightly = step_with("nightly toolchain", toolchain::nightly)?;
     step("bpf-linker", || toolchain::bpf_linker(&nightly))?;
+    step("cargo-fuzz", toolchain::cargo_fuzz)?;
     step("bpffs", host::bpffs)?;
     step("python tools", python::ensure)?;
     Ok(())
+}
+
+/// cargo-fuzz alone (`cargo xtask fuzz` on a machine set up before it).
+pub fn cargo_fuzz() -> Result<()> {
+    step("cargo-fuzz", toolchain::cargo_fuzz)
 }
 
 /// The bench-only step: the peer proxy and the load generators (`cargo

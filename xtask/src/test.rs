@@ -5,13 +5,16 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use crate::{cmd, manifests, setup, workspace};
+use crate::{cmd, fuzz, manifests, setup, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Also run clippy (host crates, then the eBPF crate) with warnings denied.
     #[arg(long)]
     lint: bool,
+    /// Seconds each fuzz target runs as the last step (0: no fuzzing).
+    #[arg(long, default_value_t = 15)]
+    fuzz_seconds: u64,
     /// Passed to `cargo test` (after `--`); a second `--` reaches the test binaries.
     #[arg(last = true)]
     cargo_test_args: Vec<String>,
@@ -52,6 +55,11 @@ pub fn run(args: &Args) -> Result<()> {
             ]))
         })?;
         progress.step("clippy (eBPF)", clippy_ebpf)?;
+    }
+    // Every fuzz target, briefly: a regression in a parser at the edge
+    // shows here even when no unit test covers the input.
+    if args.fuzz_seconds > 0 {
+        progress.step("fuzz", || fuzz::fuzz(&fuzz::TARGETS, args.fuzz_seconds))?;
     }
     eprintln!(
         "xtask test: ok: {} in {}",

@@ -197,6 +197,21 @@ impl Balancer {
         Some(ejection)
     }
 
+    /// Forgets endpoints `keep` no longer names (gone from the mesh
+    /// state), except those a connection is using: they go once it ends.
+    /// Returns how many were forgotten.
+    pub fn retain(&self, keep: impl Fn(SocketAddr) -> bool) -> usize {
+        let mut eps = self.endpoints.lock().expect("poisoned");
+        let before = eps.len();
+        eps.retain(|a, e| e.active > 0 || keep(*a));
+        before - eps.len()
+    }
+
+    /// Endpoints with a record.
+    pub fn entries(&self) -> usize {
+        self.endpoints.lock().expect("poisoned").len()
+    }
+
     pub fn view(&self) -> std::collections::BTreeMap<String, EndpointView> {
         let now = Instant::now();
         self.endpoints

@@ -82,6 +82,19 @@ impl HttpClients {
         h1.retain(|_, l| !l.is_empty());
     }
 
+    /// Drops the pool's connections from pods or to endpoints gone from the
+    /// mesh state (requests on them finish; hyper closes an HTTP/2
+    /// connection once its last handle is gone).
+    pub fn retain(&self, keep: impl Fn(&PodKey, SocketAddr) -> bool) {
+        self.h2.lock().expect("poisoned").retain(|k, _| keep(&k.src, k.endpoint));
+        self.h1.lock().expect("poisoned").retain(|k, _| keep(&k.src, k.endpoint));
+    }
+
+    /// Keys with a pooled connection (HTTP/2, HTTP/1.1).
+    pub fn entries(&self) -> (usize, usize) {
+        (self.h2.lock().expect("poisoned").len(), self.h1.lock().expect("poisoned").len())
+    }
+
     fn idle_h1(&self, key: &Key) -> Option<http1::SendRequest<ReqBody>> {
         let mut h1 = self.h1.lock().expect("poisoned");
         let list = h1.get_mut(key)?;

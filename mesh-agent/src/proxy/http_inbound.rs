@@ -122,6 +122,11 @@ impl AppConnections {
         h1.retain(|_, l| !l.is_empty());
     }
 
+    /// Keys with a pooled connection (HTTP/2, HTTP/1.1).
+    pub fn entries(&self) -> (usize, usize) {
+        (self.h2.lock().expect("poisoned").len(), self.h1.lock().expect("poisoned").len())
+    }
+
     fn idle_h1(&self, key: &AppKey) -> Option<H1Sender> {
         let mut h1 = self.h1.lock().expect("poisoned");
         let list = h1.get_mut(key)?;

@@ -263,8 +263,8 @@ pub(super) type SeriesKey = (Option<SocketAddr>, &'static str, u16, &'static str
 #[derive(Default)]
 pub(super) struct SeriesCache(std::sync::Mutex<Option<CachedSeries>>);
 
-/// The series computed under one mesh state.
-type CachedSeries = (Snapshot, Vec<(SeriesKey, Arc<RequestSeries>)>);
+/// The series computed under one mesh state and metrics generation.
+type CachedSeries = (Snapshot, u64, Vec<(SeriesKey, Arc<RequestSeries>)>);
 
 impl SeriesCache {
     /// Distinct keys kept per connection (a few codes times a few endpoints).
@@ -274,10 +274,11 @@ impl SeriesCache {
     /// protocol, code and flags are set from the key).
     pub fn get(&self, metrics: &Metrics, snapshot: &Snapshot, key: SeriesKey, labels: impl FnOnce() -> Labels) -> Arc<RequestSeries> {
         let mut guard = self.0.lock().expect("poisoned");
-        if guard.as_ref().is_none_or(|(s, _)| !Arc::ptr_eq(s, snapshot)) {
-            *guard = Some((snapshot.clone(), Vec::new()));
+        let generation = metrics.generation();
+        if guard.as_ref().is_none_or(|(s, g, _)| !Arc::ptr_eq(s, snapshot) || *g != generation) {
+            *guard = Some((snapshot.clone(), generation, Vec::new()));
         }
-        let (_, cached) = guard.as_mut().expect("set above");
+        let (_, _, cached) = guard.as_mut().expect("set above");
         if let Some((_, s)) = cached.iter().find(|(k, _)| *k == key) {
             return s.clone();
         }

@@ -114,6 +114,11 @@ impl Pool {
         (sender, StreamSlot(usage))
     }
 
+    /// Keys with pooled connections, and keys with a connect lock.
+    pub fn entries(&self) -> (usize, usize) {
+        (self.conns.lock().expect("poisoned").len(), self.connecting.lock().expect("poisoned").len())
+    }
+
     /// Open pooled connections.
     pub fn open_connections(&self) -> usize {
         let mut conns = self.conns.lock().expect("poisoned");

@@ -77,6 +77,22 @@ impl Services {
         map.entry(key).or_default().clone()
     }
 
+    /// Forgets services `keep` no longer names (gone from the mesh state),
+    /// except those a request still holds. Returns how many were forgotten.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) -> usize {
+        let mut map = self.by_name.lock().expect("poisoned");
+        let before = map.len();
+        map.retain(|k, s| {
+            let (ns, name) = k.split_once('/').unwrap_or(("", k));
+            Arc::strong_count(s) > 1 || keep(ns, name)
+        });
+        before - map.len()
+    }
+
+    pub fn entries(&self) -> usize {
+        self.by_name.lock().expect("poisoned").len()
+    }
+
     pub fn view(&self) -> BTreeMap<ServiceName, ServiceView> {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let g = |c: &AtomicU32| c.load(Ordering::Relaxed);

@@ -84,7 +84,7 @@ impl Proxy {
         let Some(target) = req
             .uri()
             .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+            .and_then(|a| connect_target(a.as_str()))
         else {
             return refuse(StatusCode::BAD_REQUEST, format!("authority {:?} is not an IP:port", req.uri().authority().map(|a| a.as_str())));
         };
@@ -191,4 +191,10 @@ impl Proxy {
         });
         Response::new(Empty::new())
     }
+}
+
+/// The destination a CONNECT stream's `:authority` names: an IP:port,
+/// nothing else (no names, no userinfo).
+pub(super) fn connect_target(authority: &str) -> Option<SocketAddr> {
+    authority.parse::<SocketAddr>().ok()
 }

@@ -528,6 +528,25 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
+/// `cargo fuzz` entry (`fuzz/`): a peer's leaf certificate (DER) checked
+/// as the server (`server`) or client end would, against the trust of
+/// `ours`; and the leaf checks after the chain (which a fuzzer cannot
+/// reach through a signature) on their own. Returns the verified identity.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn fuzz_peer_certificate(ours: &WorkloadCert, der: &[u8], server: bool, now: UnixTime) -> Option<SpiffeId> {
+    if let Ok(leaf) = x509::inspect(der) {
+        let _ = check_key_usage(der);
+        for uri in &leaf.uri_sans {
+            let _ = uri.parse::<SpiffeId>();
+        }
+    }
+    let trust = Trust::from_cert(ours).ok()?;
+    let (usage, purpose) = if server { (KeyUsage::server_auth(), "serverAuth") } else { (KeyUsage::client_auth(), "clientAuth") };
+    let cert = CertificateDer::from(der);
+    trust.verify(&cert, &[], now, usage, purpose, &ExpectedPeer::AnyInTrustDomain).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

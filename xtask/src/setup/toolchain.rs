@@ -143,6 +143,19 @@ fn install_bpf_linker(nightly: &Nightly, root: Option<&Path>) -> Result<()> {
     })
 }
 
+/// cargo-fuzz (`cargo xtask fuzz`), installed with the nightly it runs
+/// under when `cargo fuzz` does not answer.
+pub fn cargo_fuzz() -> Result<Outcome> {
+    let version = || cmd::output(Command::new("rustup").args(["run", "nightly", "cargo", "fuzz", "--version"]).env("RUSTUP_AUTO_INSTALL", "0"));
+    if let Ok(v) = version() {
+        return Ok(Outcome::Ok(v.trim().to_owned()));
+    }
+    cmd::run(Command::new("rustup").args(["run", "nightly", "cargo", "install", "cargo-fuzz", "--locked"]))
+        .context("installing cargo-fuzz needs crates.io")?;
+    let v = version().context("cargo-fuzz was installed, but `cargo fuzz --version` does not run")?;
+    Ok(Outcome::Ok(format!("installed {}", v.trim())))
+}
+
 /// `rustup run nightly rustc`, never installing the nightly as a side effect:
 /// when it is missing, `nightly()` installs it explicitly with a minimal profile.
 fn nightly_rustc() -> Command {

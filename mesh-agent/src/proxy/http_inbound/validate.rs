@@ -495,6 +495,45 @@ impl Body for ClientBody {
     }
 }
 
+/// `cargo fuzz` entry (`fuzz/`): the bytes of a connection, read by the
+/// scanner in one piece and in pieces of `chunk` bytes (the notes must be
+/// the same), then the first head as hyper would frame it checked by the
+/// front door, its target normalized and given to `decide`.
+#[cfg(feature = "fuzzing")]
+pub(in crate::proxy) fn fuzz_front_door(data: &[u8], chunk: usize, decide: &dyn Fn(&Request<()>, &crate::policy::NormalizedPath<'_>)) {
+    let notes = |chunk: usize| {
+        let mut scan = Scanner::default();
+        let mut heads = Vec::new();
+        for piece in data.chunks(chunk.max(1)) {
+            scan.feed(piece, &mut |h| heads.push(h));
+        }
+        heads
+    };
+    let whole = notes(data.len());
+    let pieces = notes(chunk);
+    let text = |hs: &[Head]| hs.iter().map(|h| format!("{h:?}")).collect::<Vec<_>>();
+    assert_eq!(text(&whole), text(&pieces), "the scanner's notes depend on how the bytes arrived");
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(_)) = parsed.parse(data) else { return };
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else { return };
+    let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let mut builder = Request::builder().method(method).uri(target).version(version);
+    for h in parsed.headers.iter() {
+        builder = builder.header(h.name, h.value);
+    }
+    let Ok(req) = builder.body(()) else { return };
+    let door = FrontDoor::default();
+    door.heads.lock().expect("poisoned").extend(whole);
+    if door.check(&req).is_err() {
+        return;
+    }
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(path) = crate::policy::normalize_path(target) {
+        decide(&req, &path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
