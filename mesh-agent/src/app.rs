@@ -237,6 +237,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
         data.clone(),
         telemetry,
     );
+    proxy.set_limits(cfg.max_connections, cfg.max_app_connections);
     let enrollment = Arc::new(Mutex::new(Enrollment::new(
         cfg.node.clone(),
         datapath,

@@ -79,6 +79,9 @@ pub struct Config {
     /// Mesh-wide failure policy `open` (`--failure-policy open`); a
     /// namespace's `nodemesh.io/failure-policy` label overrides it.
     pub fail_open: bool,
+    /// Caps on concurrent connections: per agent, and to each pod's apps.
+    pub max_connections: usize,
+    pub max_app_connections: usize,
 }
 
 /// The Kubernetes source (`--source kube`): the API server is the one of the
@@ -179,6 +182,8 @@ mod tests {
             bpffs: DEFAULT_BPFFS.into(),
             run_dir: DEFAULT_RUN_DIR.into(),
             fail_open: false,
+            max_connections: 100_000,
+            max_app_connections: 16_384,
         }
     }
 

@@ -94,6 +94,16 @@ enum Command {
         /// `nodemesh.io/failure-policy` label overrides it.
         #[arg(long, env = config::ENV_FAILURE_POLICY, default_value = "closed", value_parser = ["closed", "open"])]
         failure_policy: String,
+        /// Connections the agent carries at once, all pods together; beyond
+        /// it new connections are reset and counted
+        /// (`nodemesh_connection_overflows_total{limit="agent"}`).
+        #[arg(long, default_value_t = mesh_agent::proxy::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Connections the agent keeps open to one pod's applications;
+        /// beyond it a delivery is refused (L4: reset; HTTP: 503) and
+        /// counted (`{limit="app"}`).
+        #[arg(long, default_value_t = mesh_agent::proxy::DEFAULT_MAX_APP_CONNECTIONS)]
+        max_app_connections: usize,
     },
     /// Remove the mesh from this node: detach every pod's programs and
     /// remove the pinned state, so pods talk directly again. Refused while
@@ -192,6 +202,8 @@ fn main() -> ExitCode {
             access_log,
             node_state,
             failure_policy,
+            max_connections,
+            max_app_connections,
         } => {
             let cfg = Config {
                 node,
@@ -210,6 +222,8 @@ fn main() -> ExitCode {
                 bpffs: node_state.bpffs,
                 run_dir: node_state.run_dir,
                 fail_open: failure_policy == "open",
+                max_connections,
+                max_app_connections,
             };
             // Two descriptors per proxied connection (more with a tunnel):
             // the soft limit (often 1024) would cap the node's connections.

@@ -77,6 +77,13 @@ pub struct AcceptLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `nodemesh_connection_overflows_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    /// `agent` or `app`.
+    pub limit: &'static str,
+}
+
 /// Istio's duration buckets (milliseconds).
 fn duration_histogram() -> Histogram {
     Histogram::new([0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0])
@@ -98,6 +105,7 @@ pub struct Metrics {
     tcp_sent: Family<Labels, Counter>,
     tcp_received: Family<Labels, Counter>,
     accept_errors: Family<AcceptLabels, Counter>,
+    overflows: Family<OverflowLabels, Counter>,
     /// Every label set with a series, and when its count last moved: what
     /// [`Metrics::prune`] walks (the families cannot be iterated).
     series: std::sync::Mutex<std::collections::HashMap<Labels, Moved>>,
@@ -130,6 +138,7 @@ impl Default for Metrics {
         let tcp_sent = Family::<Labels, Counter>::default();
         let tcp_received = Family::<Labels, Counter>::default();
         let accept_errors = Family::<AcceptLabels, Counter>::default();
+        let overflows = Family::<OverflowLabels, Counter>::default();
         // prometheus-client appends `_total` to counters.
         registry.register("istio_requests", "Requests, by response code", requests.clone());
         registry.register("istio_request_duration_milliseconds", "Request duration", duration.clone());
@@ -140,6 +149,11 @@ impl Default for Metrics {
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the client (response direction)", tcp_sent.clone());
         registry.register("istio_tcp_received_bytes", "Bytes received from the client (request direction)", tcp_received.clone());
         registry.register("nodemesh_accept_errors", "Failed accepts on the in-pod listeners, by listener and reason", accept_errors.clone());
+        registry.register(
+            "nodemesh_connection_overflows",
+            "Connections refused over a cap: agent (--max-connections) or app (--max-app-connections)",
+            overflows.clone(),
+        );
         Self {
             registry: std::sync::Mutex::new(registry),
             requests,
@@ -151,6 +165,7 @@ impl Default for Metrics {
             tcp_sent,
             tcp_received,
             accept_errors,
+            overflows,
             series: Default::default(),
             generation: Default::default(),
         }
@@ -211,6 +226,16 @@ impl Metrics {
     /// A failed accept on an in-pod listener.
     pub fn accept_error(&self, listener: &'static str, reason: &'static str) {
         self.accept_errors.get_or_create(&AcceptLabels { listener, reason }).inc();
+    }
+
+    /// A connection refused over a cap (`agent` or `app`).
+    pub fn connection_overflow(&self, limit: &'static str) {
+        self.overflows.get_or_create(&OverflowLabels { limit }).inc();
+    }
+
+    /// Connections refused over the `limit` cap so far.
+    pub fn connection_overflows(&self, limit: &'static str) -> u64 {
+        self.overflows.get(&OverflowLabels { limit }).map_or(0, |c| c.get())
     }
 
     /// Failed accepts so far, of every listener and reason.

@@ -110,6 +110,8 @@ pub struct PodStats {
     pub inbound_plaintext: AtomicU64,
     pub inbound_plaintext_refused: AtomicU64,
     pub inbound_failed: AtomicU64,
+    /// Connections open from the agent to the pod's applications.
+    pub app_connections: AtomicU64,
     /// HTTP requests refused before policy: unsafe request targets.
     pub http_rejected: AtomicU64,
     /// Inbound connections refused by authorization policy, by policy.
@@ -200,6 +202,9 @@ pub struct Proxy {
     telemetry: Arc<observe::Telemetry>,
     /// Every connection task, so shutdown can wait for them to finish.
     connections: TaskTracker,
+    /// Caps on concurrent connections (`--max-connections`,
+    /// `--max-app-connections`).
+    limits: Limits,
     /// Cancelled when the agent drains: HTTP connections finish gracefully
     /// (HTTP/1.1 `Connection: close` on the response in flight, HTTP/2
     /// GOAWAY) so that clients move to the agent that serves next.
@@ -274,6 +279,7 @@ impl Proxy {
             telemetry,
             connections: TaskTracker::new(),
             draining: CancellationToken::new(),
+            limits: Limits::default(),
             runtime,
         });
         let weak = Arc::downgrade(&proxy);
@@ -385,6 +391,14 @@ impl Proxy {
                     }
                 },
             };
+            // Over the agent's cap: refused with a reset at once, counted,
+            // rather than accepted into a queue nobody serves.
+            if self.connections.len() >= self.limits.max_connections.load(Ordering::Relaxed) {
+                self.telemetry.metrics.connection_overflow("agent");
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                drop(stream);
+                continue;
+            }
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let pod = pod.clone();
@@ -465,6 +479,106 @@ async fn until_drained<C: std::future::Future>(
     }
     graceful(conn.as_mut());
     conn.await
+}
+
+/// How an HTTP server connection drains. HTTP/2: GOAWAY at once (hyper's
+/// graceful shutdown): in-flight streams finish, the client opens its next
+/// ones elsewhere. HTTP/1.1: the next response carries `Connection: close`
+/// and the connection closes after it. Closing an idle keep-alive
+/// connection at once instead would race the client's next request (it may
+/// already be on the wire) and fail it; a connection that stays idle ends
+/// at the drain deadline.
+#[derive(Clone, Default)]
+pub(crate) struct DrainHttp(Arc<std::sync::atomic::AtomicBool>);
+
+impl DrainHttp {
+    /// Notes the request's version (HTTP/2 seen: the connection is h2).
+    pub(crate) fn saw<B>(&self, req: &http::Request<B>) -> http::Version {
+        if req.version() == http::Version::HTTP_2 {
+            self.0.store(true, Ordering::Relaxed);
+        }
+        req.version()
+    }
+
+    /// While draining, an HTTP/1.x response (not an upgrade) says the
+    /// connection closes after it.
+    pub(crate) fn mark<B>(&self, draining: &CancellationToken, version: http::Version, mut res: http::Response<B>) -> http::Response<B> {
+        if draining.is_cancelled() && version < http::Version::HTTP_2 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            res.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        res
+    }
+
+    /// Called once when draining starts.
+    pub(crate) fn shutdown<I, S, E>(&self, c: std::pin::Pin<&mut hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>>)
+    where
+        S: hyper::service::HttpService<hyper::body::Incoming>,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S::ResBody: 'static,
+        <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+    {
+        if self.0.load(Ordering::Relaxed) {
+            c.graceful_shutdown();
+        }
+    }
+}
+
+/// Caps on concurrent connections, changeable at run time.
+pub struct Limits {
+    /// Connections the agent carries at once (all pods); beyond it new
+    /// ones are reset.
+    pub max_connections: std::sync::atomic::AtomicUsize,
+    /// Connections the agent holds open to one pod's applications.
+    pub max_app_connections: std::sync::atomic::AtomicUsize,
+}
+
+/// Defaults: far above what a node's pods need, low enough that a flood
+/// exhausts neither the agent's descriptors nor an app's.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+pub const DEFAULT_MAX_APP_CONNECTIONS: usize = 16_384;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS.into(),
+            max_app_connections: DEFAULT_MAX_APP_CONNECTIONS.into(),
+        }
+    }
+}
+
+/// One open connection to a pod's application, counted while it lives.
+pub(crate) struct AppSlot(Arc<PodStats>);
+
+impl Drop for AppSlot {
+    fn drop(&mut self) {
+        self.0.app_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Proxy {
+    /// Sets the connection caps.
+    pub fn set_limits(&self, max_connections: usize, max_app_connections: usize) {
+        self.limits.max_connections.store(max_connections.max(1), Ordering::Relaxed);
+        self.limits.max_app_connections.store(max_app_connections.max(1), Ordering::Relaxed);
+    }
+
+    /// A connection to one of `pod`'s applications, within the pod's cap;
+    /// the slot must live as long as the connection.
+    pub(crate) async fn connect_app(&self, pod: &PodHandle, target: SocketAddr) -> std::io::Result<(tokio::net::TcpStream, AppSlot)> {
+        let max = self.limits.max_app_connections.load(Ordering::Relaxed) as u64;
+        if pod.stats.app_connections.fetch_add(1, Ordering::Relaxed) >= max {
+            pod.stats.app_connections.fetch_sub(1, Ordering::Relaxed);
+            self.telemetry.metrics.connection_overflow("app");
+            return Err(std::io::Error::other(format!(
+                "{max} connections to pod {}'s applications already open (--max-app-connections)",
+                pod.key
+            )));
+        }
+        let slot = AppSlot(pod.stats.clone());
+        Ok((connect_from(&pod.netns, target).await?, slot))
+    }
 }
 
 #[derive(Clone)]

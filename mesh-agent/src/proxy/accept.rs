@@ -49,4 +49,24 @@ mod tests {
         let text = m.encode();
         assert!(text.contains(r#"nodemesh_accept_errors_total{listener="outbound",reason="process_fd_limit"} 3"#), "{text}");
     }
+
+    /// Connections to one pod's applications are capped: over the cap a
+    /// delivery is refused and counted; a closed one frees its slot.
+    #[tokio::test]
+    async fn connections_to_an_app_are_capped_and_counted() {
+        let (p, _tx, _dir) = proxy(std::sync::Arc::new(crate::state::MeshState::default()));
+        let pod = pod_handle();
+        p.set_limits(10, 2);
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = app.local_addr().unwrap();
+        let first = p.connect_app(&pod, target).await.expect("first");
+        let _second = p.connect_app(&pod, target).await.expect("second");
+        let err = p.connect_app(&pod, target).await.err().expect("over the cap");
+        assert!(err.to_string().contains("--max-app-connections"), "{err}");
+        assert_eq!(p.telemetry.metrics.connection_overflows("app"), 1);
+        assert_eq!(pod.stats.app_connections.load(std::sync::atomic::Ordering::Relaxed), 2);
+        drop(first);
+        let _third = p.connect_app(&pod, target).await.expect("a slot freed by the closed connection");
+        assert!(p.telemetry.metrics.encode().contains(r#"nodemesh_connection_overflows_total{limit="app"} 1"#));
+    }
 }

@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{PodHandle, Proxy, connect_from};
+use super::{PodHandle, Proxy};
 use crate::{
     telemetry::trace::{SpanKind, attr},
     identity::SpiffeId,
@@ -203,16 +203,23 @@ impl Proxy {
             door,
         });
         let this = self.clone();
+        let drain = super::DrainHttp::default();
+        let svc_drain = drain.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(this.http_request(&conn, req).await) }
+            let drain = svc_drain.clone();
+            async move {
+                let version = drain.saw(&req);
+                let res = this.http_request(&conn, req).await;
+                Ok::<_, Infallible>(drain.mark(&this.draining, version, res))
+            }
         });
         let server = http_server();
         let conn = server.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        // Draining: `Connection: close` on the response in flight (HTTP/1.1)
-        // or GOAWAY (HTTP/2); the client's next request finds the new agent.
-        let result = super::until_drained(conn, &self.draining, |c| c.graceful_shutdown()).await;
+        // Draining: `Connection: close` on the next response (HTTP/1.1) or
+        // GOAWAY (HTTP/2); the client's next request finds the new agent.
+        let result = super::until_drained(conn, &self.draining, |c| drain.shutdown(c)).await;
         count_http_end(result, &stats, target, "inbound");
     }
 
@@ -379,11 +386,14 @@ impl Proxy {
             let mut s = match existing {
                 Some(s) => s,
                 None => {
-                    let tcp = connect_from(&conn.pod.netns, conn.target).await.map_err(|e| e.to_string())?;
+                    let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await.map_err(|e| e.to_string())?;
                     let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
                         .await
                         .map_err(|e| e.to_string())?;
-                    tokio::spawn(c);
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        let _ = c.await;
+                    });
                     apps.h2.lock().expect("poisoned").insert(key, s.clone());
                     s
                 }
@@ -403,9 +413,12 @@ impl Proxy {
         let mut s = match apps.idle_h1(&key) {
             Some(s) => s,
             None => {
-                let tcp = connect_from(&conn.pod.netns, conn.target).await.map_err(|e| e.to_string())?;
+                let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await.map_err(|e| e.to_string())?;
                 let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
-                tokio::spawn(c.with_upgrades());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let _ = c.with_upgrades().await;
+                });
                 s
             }
         };

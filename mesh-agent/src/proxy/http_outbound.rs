@@ -130,15 +130,22 @@ impl Proxy {
         let app = door.inspect(app);
         let conn = Arc::new(Conn { pod, orig, version, series: super::observe::SeriesCache::default(), door });
         let this = self.clone();
+        let drain = super::DrainHttp::default();
+        let svc_drain = drain.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(this.outbound_request(&conn, req).await) }
+            let drain = svc_drain.clone();
+            async move {
+                let version = drain.saw(&req);
+                let res = this.outbound_request(&conn, req).await;
+                Ok::<_, Infallible>(drain.mark(&this.draining, version, res))
+            }
         });
         let server = super::http_inbound::http_server();
         let conn = server.serve_connection_with_upgrades(TokioIo::new(app), svc);
         // Draining: `Connection: close` / GOAWAY, as on the inbound side.
-        let result = super::until_drained(conn, &self.draining, |c| c.graceful_shutdown()).await;
+        let result = super::until_drained(conn, &self.draining, |c| drain.shutdown(c)).await;
         super::http_inbound::count_http_end(result, &stats, orig, "outbound");
     }
 

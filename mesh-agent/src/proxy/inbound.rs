@@ -15,7 +15,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PodHandle, Proxy, authz::L4Verdict, connect_from};
+use super::{PodHandle, Proxy, authz::L4Verdict};
 use crate::state::PeerAuthMode;
 
 impl Proxy {
@@ -61,8 +61,8 @@ impl Proxy {
             }
         }
         pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-        match connect_from(&pod.netns, target).await {
-            Ok(mut app) => {
+        match self.connect_app(&pod, target).await {
+            Ok((mut app, _slot)) => {
                 tracing::debug!(%peer, %target, "plaintext inbound delivered");
                 if let Err(e) = super::relay::copy_bidirectional(&mut client, &mut app).await {
                     tracing::debug!(%peer, %target, error = %e, "plaintext inbound ended with an error");

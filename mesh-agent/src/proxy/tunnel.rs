@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::{CONNECTION_WINDOW, FRAME_SIZE, PodHandle, Proxy, STREAM_WINDOW, authz::L4Verdict, connect_from, count_peer};
+use super::{CONNECTION_WINDOW, FRAME_SIZE, PodHandle, Proxy, STREAM_WINDOW, authz::L4Verdict, count_peer};
 use crate::identity::SpiffeId;
 
 /// Response header saying why a CONNECT was refused, for the other agent's log.
@@ -144,7 +144,7 @@ impl Proxy {
             });
             return Response::new(Empty::new());
         }
-        let app = match connect_from(&pod.netns, target).await {
+        let (app, slot) = match self.connect_app(&pod, target).await {
             Ok(s) => s,
             Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("connect to {target} failed: {e}")),
         };
@@ -176,6 +176,7 @@ impl Proxy {
         }
         self.connections.spawn(async move {
             let mut app = app;
+            let _slot = slot;
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     let mut upgraded = super::observe::Counted::new(TokioIo::new(upgraded));
