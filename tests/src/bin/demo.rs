@@ -477,7 +477,7 @@ fn print_try_it(tb: &Testbed, agent_bin: &std::path::Path, agents: &BTreeMap<&st
     let client = &pods["shop-client"];
     println!("\nThe mesh keeps running; press Ctrl-C to tear it down. Try (as root):");
     println!("  # a request from shop-client through both agents (route, mTLS, policy)");
-    println!("  {}", in_pod(client, &format!("curl -s -H 'x-canary: 1' http://{web}/")));
+    println!("  {}", in_pod(client, &format!("curl -s -H \"x-canary: 1\" http://{web}/")));
     println!("  # denied by the DENY policy deny-admin");
     println!("  {}", in_pod(client, &format!("curl -s http://{web}/admin/users")));
     println!("  # from outside the mesh (legacy-client: its netns alone), plaintext, denied by default");
@@ -491,5 +491,8 @@ fn print_try_it(tb: &Testbed, agent_bin: &std::path::Path, agents: &BTreeMap<&st
         println!("  {} status --admin {}", agent_bin.display(), agent.admin());
         println!("  curl -s http://{}/metrics | grep istio_requests_total", agent.admin());
     }
-    println!("  # configs, agent logs: {}", tb.dir().display());
+    println!(
+        "  # configs, agent logs: {} (removed at Ctrl-C unless MESH_E2E_KEEP=1 is set)",
+        tb.dir().display()
+    );
 }
