@@ -274,14 +274,16 @@ impl Tour<'_> {
 
     fn routing(&self) -> Result<()> {
         println!("  route `web`: x-canary: 1 -> v2; GET /canary* -> v1 90%, v2 10%; everything else -> v1");
-        let canary = self.load("/canary/item", 200, &[])?;
-        println!("  canary: 200 requests to /canary/item: {}", fmt_backends(&canary));
+        const CANARY: usize = 1000;
+        let canary = self.load("/canary/item", CANARY, &[])?;
+        let share = backend(&canary, "web-v2") as f64 * 100.0 / CANARY as f64;
+        println!("  canary: {CANARY} requests to /canary/item: {} (v2 took {share:.1}%)", fmt_backends(&canary));
         let ab = self.load("/item", 50, &["x-canary: 1"])?;
         println!("  A/B: 50 requests with x-canary: 1: {}", fmt_backends(&ab));
         let plain = self.load("/item", 50, &[])?;
         println!("  A/B: 50 requests without the header: {}", fmt_backends(&plain));
         let (v1, v2) = (backend(&canary, "web-v1"), backend(&canary, "web-v2"));
-        ensure!(status(&canary, "200") == 200 && v1 > 0 && v2 > 0 && v1 > v2, "the canary split is off: {canary}");
+        ensure!(status(&canary, "200") == CANARY as u64 && v1 > 0 && v2 > 0 && v1 > v2, "the canary split is off: {canary}");
         ensure!(backend(&ab, "web-v2") == 50, "the header route missed: {ab}");
         ensure!(backend(&plain, "web-v1") == 50, "the default route missed: {plain}");
         Ok(())
