@@ -7,8 +7,8 @@
 //! agents' Istio metrics and one trace from an OTLP collector the demo runs.
 //! `--keep` leaves the mesh up, with commands to try, until Ctrl-C.
 
-#[path = "demo/l7.rs"]
-mod l7;
+#[path = "demo/tour.rs"]
+mod tour;
 #[path = "demo/observe.rs"]
 mod observe;
 
@@ -79,9 +79,9 @@ fn run(args: &Args) -> Result<bool> {
         println!("pod {:<22} on {node}  ip {}", pod.id(), pod.ip());
         pods.insert(name, pod);
     }
-    for pod in l7::add_to(&mut tb)? {
+    for pod in tour::add_to(&mut tb)? {
         println!("pod {:<22} on {}  ip {} ({})", pod.id(), pod.node(), pod.ip(), pod.spec().labels["version"]);
-        let name = l7::BACKENDS.iter().map(|b| b.0).find(|n| *n == pod.name()).expect("a backend");
+        let name = tour::BACKENDS.iter().map(|b| b.0).find(|n| *n == pod.name()).expect("a backend");
         pods.insert(name, pod);
     }
     for (name, ns) in [("shop-server", "shop"), ("legacy-server", "legacy")] {
@@ -92,12 +92,12 @@ fn run(args: &Args) -> Result<bool> {
         )?;
     }
     let config = tb.config_path();
-    l7::write_config(&tb)?;
+    tour::write_config(&tb)?;
     println!(
         "config {} (enrolled namespaces: shop; services web {} and limited {} on port 80, HTTP; policies and routes for the tour)",
         config.display(),
-        std::net::Ipv4Addr::from(l7::WEB_IP),
-        std::net::Ipv4Addr::from(l7::LIMITED_IP)
+        std::net::Ipv4Addr::from(tour::WEB_IP),
+        std::net::Ipv4Addr::from(tour::LIMITED_IP)
     );
     println!("otlp collector {} (in this process)", collector.endpoint);
 
@@ -136,8 +136,8 @@ fn run(args: &Args) -> Result<bool> {
         pods["shop-server"].start_echo(PORT)?,
         pods["legacy-server"].start_echo(PORT)?,
     ];
-    let backends: Vec<Pod> = l7::BACKENDS.iter().map(|b| pods[b.0].clone()).collect();
-    let _apps = l7::start_apps(tb.dir(), &backends, &pods["shop-client"])?;
+    let backends: Vec<Pod> = tour::BACKENDS.iter().map(|b| pods[b.0].clone()).collect();
+    let _apps = tour::start_apps(tb.dir(), &backends, &pods["shop-client"])?;
 
     let flows = [
         ("shop-client", "shop-server"),
@@ -195,9 +195,9 @@ fn run(args: &Args) -> Result<bool> {
         }
     }
 
-    all_ok &= l7::Tour { tb: &mut tb, agents: &agents, pods: &pods }.run();
-    all_ok &= l7::section("Metrics: Istio's names, from the agents", || observe::metrics(&agents));
-    all_ok &= l7::section("A trace: one request through both agents", || observe::trace(&collector, &pods["shop-client"]));
+    all_ok &= tour::Tour { tb: &mut tb, agents: &agents, pods: &pods }.run();
+    all_ok &= tour::section("Metrics: Istio's names, from the agents", || observe::metrics(&agents));
+    all_ok &= tour::section("A trace: one request through both agents", || observe::trace(&collector, &pods["shop-client"]));
     println!("\nthe tour took {:.1} s", started.elapsed().as_secs_f64());
 
     if args.keep {
@@ -473,7 +473,7 @@ fn print_try_it(tb: &Testbed, agent_bin: &std::path::Path, agents: &BTreeMap<&st
             pod.netns_name()
         )
     };
-    let web = std::net::Ipv4Addr::from(l7::WEB_IP);
+    let web = std::net::Ipv4Addr::from(tour::WEB_IP);
     let client = &pods["shop-client"];
     println!("\nThe mesh keeps running; press Ctrl-C to tear it down. Try (as root):");
     println!("  # a request from shop-client through both agents (route, mTLS, policy)");
@@ -484,7 +484,7 @@ fn print_try_it(tb: &Testbed, agent_bin: &std::path::Path, agents: &BTreeMap<&st
     println!(
         "  ip netns exec {} curl -s http://198.51.100.{}:8080/",
         pods["legacy-client"].netns_name(),
-        l7::BACKENDS[0].2
+        tour::BACKENDS[0].2
     );
     for (node, agent) in agents {
         println!("  # {node}'s agent");

@@ -10,7 +10,7 @@ use mesh_e2e::otlp::{ReceivedSpan, serve_otlp};
 use mesh_e2e::{Agent, Pod, wait_until};
 
 use crate::SETTLE;
-use crate::l7::{WEB_IP, curl};
+use crate::tour::{WEB_IP, curl};
 
 /// A real OTLP/gRPC receiver ([`serve_otlp`]) on loopback, in this process;
 /// the agents export to it.
