@@ -9,6 +9,9 @@ use crate::{cmd, setup, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Leave the mesh running after the tour, with commands to try, until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
     /// Passed to the demo binary (after `--`).
     #[arg(last = true)]
     demo_args: Vec<String>,
@@ -26,6 +29,7 @@ pub fn run(args: &Args) -> Result<()> {
     let agent = workspace::debug_bin("mesh-agent")?;
     cmd::run(
         Command::new(demo)
+            .args(args.keep.then_some("--keep"))
             .args(&args.demo_args)
             .current_dir(workspace::root())
             .env(workspace::MESH_AGENT_BIN, agent),

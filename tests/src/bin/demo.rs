@@ -1,7 +1,16 @@
-//! `cargo run -p mesh-e2e --bin demo` (as root): a CA, two nodes, four pods,
-//! two namespaces (`shop` enrolled, `legacy` not), four checksummed
-//! transfers, and what each agent says it did with them (and which verified
-//! identities it saw), in plain words.
+//! `cargo run -p mesh-e2e --bin demo [-- --keep]` (as root): a CA, two
+//! nodes, six pods, two namespaces (`shop` enrolled, `legacy` not). First four
+//! checksummed transfers and what each agent says it did with them (and which
+//! verified identities it saw); then the product's tour, each stop with the
+//! numbers measured right then: authorization policy, STRICT peer
+//! authentication, canary and A/B routing, retries, circuit breaking, the
+//! agents' Istio metrics and one trace from an OTLP collector the demo runs.
+//! `--keep` leaves the mesh up, with commands to try, until Ctrl-C.
+
+#[path = "demo/tour.rs"]
+mod tour;
+#[path = "demo/observe.rs"]
+mod observe;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -9,18 +18,30 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use clap::Parser;
 use mesh_e2e::{Agent, Pod, PodCounters, PodSpec, ServiceSpec, Status, Testbed, peers_since, wait_until};
 use serde_json::Value;
 
 const PORT: u16 = 9000;
 const BYTES: u64 = 1024 * 1024;
 const NODES: [&str; 2] = ["node-a", "node-b"];
+/// How long the demo waits for something the mesh should do at once.
+const SETTLE: Duration = Duration::from_secs(20);
+
+#[derive(Parser)]
+#[command(about = "A two-node mesh on this machine, shown in plain words (needs root)")]
+struct Args {
+    /// Leave the mesh running after the tour, with commands to try, until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
+}
 
 fn main() -> ExitCode {
-    match run() {
+    let args = Args::parse();
+    match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            eprintln!("demo: at least one transfer failed");
+            eprintln!("demo: at least one transfer or tour stop failed (see FAILED above)");
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -30,14 +51,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<bool> {
+fn run(args: &Args) -> Result<bool> {
+    let started = std::time::Instant::now();
     // Ctrl-C tears the testbed down (blocked here, before any thread starts).
     let signals = mesh_e2e::SignalTeardown::block()?;
 
     let agent_bin = mesh_e2e::agent_bin()?;
     mesh_e2e::meshtest_bin()?;
+    mesh_e2e::meshhttp_bin()?;
+    let collector = observe::Collector::start()?;
     let mut tb = Testbed::new("demo")?;
     signals.arm(&tb);
+    // Per-connection debug logs would slow the tour's ~800 requests down.
+    tb.set_agent_log_filter("info");
 
     let specs = [
         ("shop-client", "shop", "node-a", 11),
@@ -53,6 +79,11 @@ fn run() -> Result<bool> {
         println!("pod {:<22} on {node}  ip {}", pod.id(), pod.ip());
         pods.insert(name, pod);
     }
+    for pod in tour::add_to(&mut tb)? {
+        println!("pod {:<22} on {}  ip {} ({})", pod.id(), pod.node(), pod.ip(), pod.spec().labels["version"]);
+        let name = tour::BACKENDS.iter().map(|b| b.0).find(|n| *n == pod.name()).expect("a backend");
+        pods.insert(name, pod);
+    }
     for (name, ns) in [("shop-server", "shop"), ("legacy-server", "legacy")] {
         tb.add_service(
             ServiceSpec::new(name, ns)
@@ -61,8 +92,14 @@ fn run() -> Result<bool> {
         )?;
     }
     let config = tb.config_path();
-    tb.write_config(&config, &["shop"])?;
-    println!("config {} (enrolled namespaces: shop)", config.display());
+    tour::write_config(&tb)?;
+    println!(
+        "config {} (enrolled namespaces: shop; services web {} and limited {} on port 80, HTTP; policies and routes for the tour)",
+        config.display(),
+        std::net::Ipv4Addr::from(tour::WEB_IP),
+        std::net::Ipv4Addr::from(tour::LIMITED_IP)
+    );
+    println!("otlp collector {} (in this process)", collector.endpoint);
 
     let ca = tb.start_ca()?;
     println!(
@@ -74,8 +111,16 @@ fn run() -> Result<bool> {
     );
 
     let mut agents = BTreeMap::new();
+    let agent_args = [
+        "--otlp-endpoint",
+        collector.endpoint.as_str(),
+        "--trace-sampling",
+        "1.0",
+        "--config-poll",
+        "100ms",
+    ];
     for node in NODES {
-        let agent = tb.start_agent_with(&agent_bin, &config, node)?;
+        let agent = tb.start_agent_args(node, &agent_args)?;
         println!(
             "agent {node}: pid {}, admin http://{}, log {}",
             agent.pid(),
@@ -91,6 +136,8 @@ fn run() -> Result<bool> {
         pods["shop-server"].start_echo(PORT)?,
         pods["legacy-server"].start_echo(PORT)?,
     ];
+    let backends: Vec<Pod> = tour::BACKENDS.iter().map(|b| pods[b.0].clone()).collect();
+    let _apps = tour::start_apps(tb.dir(), &backends, &pods["shop-client"])?;
 
     let flows = [
         ("shop-client", "shop-server"),
@@ -145,6 +192,19 @@ fn run() -> Result<bool> {
                 server.node(),
                 fmt_delta(&d)
             );
+        }
+    }
+
+    all_ok &= tour::Tour { tb: &mut tb, agents: &agents, pods: &pods }.run();
+    all_ok &= tour::section("Metrics: Istio's names, from the agents", || observe::metrics(&agents));
+    all_ok &= tour::section("A trace: one request through both agents", || observe::trace(&collector, &pods["shop-client"]));
+    println!("\nthe tour took {:.1} s", started.elapsed().as_secs_f64());
+
+    if args.keep {
+        print_try_it(&tb, &agent_bin, &agents, &pods);
+        // The signal thread tears the testbed down and exits.
+        loop {
+            std::thread::park();
         }
     }
 
@@ -400,4 +460,39 @@ fn fmt_delta(d: &PodCounters) -> String {
         d.inbound_plaintext,
         d.inbound_plaintext_refused
     )
+}
+
+/// `--keep`: what to try against the running mesh.
+fn print_try_it(tb: &Testbed, agent_bin: &std::path::Path, agents: &BTreeMap<&str, Agent>, pods: &BTreeMap<&str, Pod>) {
+    // A pod is its netns *and* its cgroup: the connect hooks sit on the
+    // cgroup, so a process must join both to be redirected into the mesh.
+    let in_pod = |pod: &Pod, cmd: &str| {
+        format!(
+            "sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} {cmd}'",
+            pod.cgroup_path().display(),
+            pod.netns_name()
+        )
+    };
+    let web = std::net::Ipv4Addr::from(tour::WEB_IP);
+    let client = &pods["shop-client"];
+    println!("\nThe mesh keeps running; press Ctrl-C to tear it down. Try (as root):");
+    println!("  # a request from shop-client through both agents (route, mTLS, policy)");
+    println!("  {}", in_pod(client, &format!("curl -s -H \"x-canary: 1\" http://{web}/")));
+    println!("  # denied by the DENY policy deny-admin");
+    println!("  {}", in_pod(client, &format!("curl -s http://{web}/admin/users")));
+    println!("  # from outside the mesh (legacy-client: its netns alone), plaintext, denied by default");
+    println!(
+        "  ip netns exec {} curl -s http://198.51.100.{}:8080/",
+        pods["legacy-client"].netns_name(),
+        tour::BACKENDS[0].2
+    );
+    for (node, agent) in agents {
+        println!("  # {node}'s agent");
+        println!("  {} status --admin {}", agent_bin.display(), agent.admin());
+        println!("  curl -s http://{}/metrics | grep istio_requests_total", agent.admin());
+    }
+    println!(
+        "  # configs, agent logs: {} (removed at Ctrl-C unless MESH_E2E_KEEP=1 is set)",
+        tb.dir().display()
+    );
 }
