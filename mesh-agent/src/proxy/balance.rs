@@ -73,10 +73,18 @@ impl Endpoint {
     }
 }
 
-#[derive(Default)]
 pub struct Balancer {
     endpoints: Mutex<HashMap<SocketAddr, Endpoint>>,
     rng: AtomicU64,
+}
+
+impl Default for Balancer {
+    /// Seeded from the OS: agents (and restarts of one) must not all draw
+    /// the same sequence, or their random picks and weighted splits would
+    /// move in lockstep across the cluster.
+    fn default() -> Self {
+        Balancer { endpoints: Mutex::default(), rng: AtomicU64::new(rand::random()) }
+    }
 }
 
 /// Held while a connection uses an endpoint.
@@ -237,6 +245,13 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_balancers_draw_different_sequences() {
+        let (a, b) = (Balancer::default(), Balancer::default());
+        let seq = |x: &Balancer| (0..8).map(|_| x.random()).collect::<Vec<_>>();
+        assert_ne!(seq(&a), seq(&b), "every agent would make the same random choices");
+    }
 
     fn d(port: u16) -> Destination {
         Destination::Passthrough(SocketAddr::from(([198, 51, 100, 1], port)))
