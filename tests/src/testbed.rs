@@ -568,20 +568,17 @@ impl Testbed {
     /// DaemonSet pod would be), with extra `mesh-agent run` arguments (e.g.
     /// `--cert-ttl 4s`). With a CA, its flags for `node` come first.
     pub fn start_agent_args(&self, node: &str, args: &[&str]) -> Result<Agent> {
-        let args = self.agent_args_for(node, args)?;
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let cg = self.cgroup.join(format!("agent-{node}-{n}"));
-        cgroup::create(&cg)?;
-        self.cleanup.track_cgroup(&cg);
-        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_log_filter, &args)?;
-        self.adopt_agent(&agent);
-        Ok(agent)
+        self.start_agent_until(node, args, "ready")
     }
 
     /// Like [`Self::start_agent_args`], returning once its admin listener
     /// serves, before it is ready (a pod it cannot enrol, a CA that is down).
     pub fn start_agent_unready(&self, node: &str, args: &[&str]) -> Result<Agent> {
+        self.start_agent_until(node, args, "admin")
+    }
+
+    /// In a cgroup of its own, until the agent prints `event`.
+    fn start_agent_until(&self, node: &str, args: &[&str], event: &str) -> Result<Agent> {
         let args = self.agent_args_for(node, args)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -589,7 +586,7 @@ impl Testbed {
         cgroup::create(&cg)?;
         self.cleanup.track_cgroup(&cg);
         let agent =
-            Agent::start_until(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_log_filter, &args, "admin")?;
+            Agent::start_until(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_log_filter, &args, event)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }
