@@ -410,16 +410,17 @@ impl Datapath {
     /// Scoping attachments to the pod's own cgroup means a bug in a hook can
     /// only affect pods the agent manages, never the node's own traffic.
     pub fn attach(&mut self, cgroup: &Path) -> Result<u32, Error> {
-        let dir = Self::cgroup_dir(cgroup)?;
+        let cgroup_err = |source| Error::Cgroup { path: cgroup.to_owned(), source };
+        let fd = File::open(cgroup).map_err(cgroup_err)?;
+        // By inode: stable while the cgroup exists.
+        let dir = format!("cgroup-{}", fd.metadata().map_err(cgroup_err)?.ino());
         self.cgroup_dirs.insert(cgroup.to_owned(), dir.clone());
-        let fd = File::open(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?;
         self.ensure_links(&dir, fd.as_fd(), &CGROUP_HOOKS, cgroup)
     }
 
-    /// The link directory of a cgroup (by inode: stable while it exists).
-    pub fn cgroup_dir(cgroup: &Path) -> Result<String, Error> {
-        let ino = std::fs::metadata(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?.ino();
-        Ok(format!("cgroup-{ino}"))
+    /// The link directory of a cgroup this agent attached to.
+    pub fn cgroup_dir(&self, cgroup: &Path) -> Option<&str> {
+        self.cgroup_dirs.get(cgroup).map(String::as_str)
     }
 
     pub fn netns_dir(cookie: u64) -> String {
@@ -584,14 +585,16 @@ impl Datapath {
     }
 
     /// Marks `ip` as captured: with no agent listener, `sk_lookup` refuses
-    /// its inbound connections (unless `fail_open`).
-    pub fn set_captured(&mut self, ip: IpAddr, fail_open: bool) -> Result<(), Error> {
+    /// its inbound connections (unless `fail_open`). Returns whether the
+    /// address was captured before (with whatever policy).
+    pub fn set_captured(&mut self, ip: IpAddr, fail_open: bool) -> Result<bool, Error> {
         let key = to_sock_addr(SocketAddr::new(ip, 0));
         let flags = if fail_open { POD_FLAG_FAIL_OPEN } else { 0 };
-        if self.captured.get(&key, 0).ok() == Some(flags) {
-            return Ok(());
+        let before = self.captured.get(&key, 0).ok();
+        if before != Some(flags) {
+            self.captured.insert(key, flags, 0).map_err(|source| Error::Map { map: CAPTURED_MAP, source })?;
         }
-        self.captured.insert(key, flags, 0).map_err(|source| Error::Map { map: CAPTURED_MAP, source })
+        Ok(before.is_some())
     }
 
     pub fn is_captured(&self, ip: IpAddr) -> bool {

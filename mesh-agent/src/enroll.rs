@@ -250,10 +250,10 @@ impl Enrollment {
     fn prune(&mut self) {
         let mut keep = ebpf::Keep::default();
         for mp in self.pods.values() {
-            let (Some(ns), Ok(cg)) = (&mp.netns, Datapath::cgroup_dir(&mp.cgroup)) else {
+            let (Some(ns), Some(cg)) = (&mp.netns, self.datapath.cgroup_dir(&mp.cgroup)) else {
                 return;
             };
-            keep.link_dirs.insert(cg);
+            keep.link_dirs.insert(cg.to_owned());
             keep.link_dirs.insert(Datapath::netns_dir(ns.cookie()));
             keep.cookies.insert(ns.cookie());
             keep.ips.extend(mp.ips.iter().copied());
@@ -351,10 +351,9 @@ impl Enrollment {
                         .map_err(|e| e.to_string())?;
                     ch.note(mp.enrolled, format!("inbound capture entry for {ip} set"));
                 }
-                if !datapath.is_captured(*ip) {
+                if !datapath.set_captured(*ip, fail_open).map_err(|e| e.to_string())? {
                     ch.note(mp.enrolled, format!("capture mark for {ip} set"));
                 }
-                datapath.set_captured(*ip, fail_open).map_err(|e| e.to_string())?;
             }
             // Enrolled with or without a certificate: without one (until it
             // arrives, or while the CA is down past expiry) the pod's

@@ -509,19 +509,10 @@ impl DrainHttp {
         res
     }
 
-    /// Called once when draining starts.
-    pub(crate) fn shutdown<I, S, E>(&self, c: std::pin::Pin<&mut hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>>)
-    where
-        S: hyper::service::HttpService<hyper::body::Incoming>,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        S::ResBody: 'static,
-        <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
-    {
-        if self.0.load(Ordering::Relaxed) {
-            c.graceful_shutdown();
-        }
+    /// Whether the connection speaks HTTP/2: it gets GOAWAY when draining
+    /// starts (an HTTP/1.1 one waits for its next response instead).
+    pub(crate) fn is_h2(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 

@@ -219,7 +219,12 @@ impl Proxy {
         let conn = server.serve_connection_with_upgrades(TokioIo::new(io), svc);
         // Draining: `Connection: close` on the next response (HTTP/1.1) or
         // GOAWAY (HTTP/2); the client's next request finds the new agent.
-        let result = super::until_drained(conn, &self.draining, |c| drain.shutdown(c)).await;
+        let result = super::until_drained(conn, &self.draining, |c| {
+            if drain.is_h2() {
+                c.graceful_shutdown();
+            }
+        })
+        .await;
         count_http_end(result, &stats, target, "inbound");
     }
 

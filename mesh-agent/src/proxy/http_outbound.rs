@@ -145,7 +145,12 @@ impl Proxy {
         let server = super::http_inbound::http_server();
         let conn = server.serve_connection_with_upgrades(TokioIo::new(app), svc);
         // Draining: `Connection: close` / GOAWAY, as on the inbound side.
-        let result = super::until_drained(conn, &self.draining, |c| drain.shutdown(c)).await;
+        let result = super::until_drained(conn, &self.draining, |c| {
+            if drain.is_h2() {
+                c.graceful_shutdown();
+            }
+        })
+        .await;
         super::http_inbound::count_http_end(result, &stats, orig, "outbound");
     }
 
