@@ -173,10 +173,17 @@ pub fn run(cfg: Config, on_event: impl FnMut(Event)) -> Result<(), Error> {
     let data_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.data_threads)
         .thread_name("data")
+        // Idle after a connection storm: return the freed memory.
+        .on_thread_park(|| {
+            crate::memory::on_park();
+        })
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
     let control_rt = tokio::runtime::Builder::new_current_thread()
+        .on_thread_park(|| {
+            crate::memory::on_park();
+        })
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
@@ -322,6 +329,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
     let admin_task = tokio::spawn(admin::serve(listener, admin.clone(), admin::Scope::Admin));
     let watch_task = tokio::spawn(watcher);
     let reconcile_task = tokio::spawn(reconcile_loop(enrollment.clone(), state, cfg.reconcile_interval, complete));
+    let trim_task = tokio::spawn(crate::memory::trim_after_storms());
     tracing::info!(%admin_addr, node = %cfg.node, "admin listener serving");
     on_event(Event::Admin(admin_addr));
 
@@ -358,6 +366,7 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
     // closed (or, with failure policy open, go direct) until the next agent
     // serves them. The connections in flight finish until the deadline.
     reconcile_task.abort();
+    trim_task.abort();
     watch_task.abort();
     enrollment.lock().expect("poisoned").stop_listeners();
     if handed_over {

@@ -11,6 +11,7 @@
 //! | [`ebpf`] | load and attach programs, maps (the only aya user) |
 //! | [`host`] | facts discovered on the node (cgroup v2 mount, own cgroup) |
 //! | [`fdlimit`] | the open-files limit, running out of descriptors, the admin's spare |
+//! | [`memory`] | freed memory returned to the kernel after a connection storm |
 //! | [`netns`] | sockets inside pods' network namespaces |
 //! | [`proxy`] | in-pod listeners, tunnel, relays |
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
@@ -40,6 +41,7 @@ pub mod k8s;
 pub mod lifecycle;
 pub mod localfile;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

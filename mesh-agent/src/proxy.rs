@@ -378,6 +378,7 @@ impl Proxy {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, pod: Arc<PodHandle>, cancel: CancellationToken, kind: Kind) {
         let local = listener.local_addr().ok();
+        accept::hold_spare();
         loop {
             let (stream, peer) = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -386,7 +387,7 @@ impl Proxy {
                     Err(e) => {
                         // EMFILE and friends: counted, logged at a bounded
                         // rate, backed off instead of spinning.
-                        self.accept_failed(&pod, kind.name(), &e).await;
+                        self.accept_failed(&pod, kind.name(), &e, &listener).await;
                         continue;
                     }
                 },

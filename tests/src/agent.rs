@@ -29,6 +29,22 @@ const RUN_ONCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// How the agent process is started, beyond its arguments.
+#[derive(Clone, Debug)]
+pub struct AgentEnv {
+    /// `RUST_LOG`.
+    pub log_filter: String,
+    /// `RLIMIT_NOFILE` (soft, hard) the agent starts with instead of the
+    /// test's own (what a node's container runtime would give it).
+    pub nofile: Option<(u64, u64)>,
+}
+
+impl Default for AgentEnv {
+    fn default() -> Self {
+        AgentEnv { log_filter: DEFAULT_LOG_FILTER.into(), nofile: None }
+    }
+}
+
 /// The child process (an agent or a CA), shared (weakly) with the testbed's
 /// cleanup.
 pub(crate) struct AgentProc {
@@ -85,22 +101,22 @@ impl Agent {
         node: &str,
         log_dir: &Path,
     ) -> Result<Agent> {
-        Agent::start_in(bin, config, node, log_dir, None, DEFAULT_LOG_FILTER, &[])
+        Agent::start_in(bin, config, node, log_dir, None, &AgentEnv::default(), &[])
     }
 
     /// Like [`Agent::start`], in the cgroup `cgroup` (as a DaemonSet pod's
     /// agent is in its own; socket acceleration needs that) and with extra
-    /// `run` arguments and `RUST_LOG=log_filter`.
+    /// `run` arguments, as `env` says.
     pub(crate) fn start_in(
         bin: &Path,
         config: &Path,
         node: &str,
         log_dir: &Path,
         cgroup: Option<&Path>,
-        log_filter: &str,
+        env: &AgentEnv,
         extra_args: &[&str],
     ) -> Result<Agent> {
-        Agent::start_until(bin, config, node, log_dir, cgroup, log_filter, extra_args, "ready")
+        Agent::start_until(bin, config, node, log_dir, cgroup, env, extra_args, "ready")
     }
 
     /// Like [`Agent::start_in`], returning once the agent prints `event`
@@ -112,7 +128,7 @@ impl Agent {
         node: &str,
         log_dir: &Path,
         cgroup: Option<&Path>,
-        log_filter: &str,
+        env: &AgentEnv,
         extra_args: &[&str],
         event: &str,
     ) -> Result<Agent> {
@@ -126,10 +142,22 @@ impl Agent {
             .arg(config)
             .args(["--node", node, "--admin", "127.0.0.1:0"])
             .args(extra_args)
-            .env("RUST_LOG", log_filter)
+            .env("RUST_LOG", &env.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);
+        if let Some((soft, hard)) = env.nofile {
+            let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            // SAFETY: one async-signal-safe syscall on a struct copied in.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
         let mut child = process::spawn_supervised(&mut cmd, cgroup)
             .with_context(|| format!("starting agent {} for {node}", bin.display()))?;
         let pid = child.id();

@@ -267,7 +267,7 @@ pub struct Testbed {
     peer_authentications: Vec<PeerAuthenticationEntry>,
     nodes: BTreeSet<String>,
     ca: Option<Ca>,
-    agent_log_filter: String,
+    agent_env: agent::AgentEnv,
     cleanup: CleanupHandle,
 }
 
@@ -304,7 +304,7 @@ impl Testbed {
             peer_authentications: Vec::new(),
             nodes: BTreeSet::new(),
             ca: None,
-            agent_log_filter: agent::DEFAULT_LOG_FILTER.to_string(),
+            agent_env: agent::AgentEnv::default(),
             cleanup,
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -369,7 +369,13 @@ impl Testbed {
     /// tests want; a benchmark wants `warn`: debug logging per connection
     /// would be what it measures).
     pub fn set_agent_log_filter(&mut self, filter: impl Into<String>) {
-        self.agent_log_filter = filter.into();
+        self.agent_env.log_filter = filter.into();
+    }
+
+    /// `RLIMIT_NOFILE` (soft, hard) of the agents started from now on
+    /// (None, the default: the test's own).
+    pub fn set_agent_nofile(&mut self, nofile: Option<(u64, u64)>) {
+        self.agent_env.nofile = nofile;
     }
 
     /// Declares a node with no pods (nodes of pods are declared implicitly).
@@ -586,7 +592,7 @@ impl Testbed {
         cgroup::create(&cg)?;
         self.cleanup.track_cgroup(&cg);
         let agent =
-            Agent::start_until(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_log_filter, &args, event)?;
+            Agent::start_until(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_env, &args, event)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }
@@ -596,7 +602,7 @@ impl Testbed {
     pub fn start_agent_in(&self, cgroup: &Path, node: &str, args: &[&str]) -> Result<Agent> {
         let args = self.agent_args_for(node, args)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(cgroup), &self.agent_log_filter, &args)?;
+        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(cgroup), &self.agent_env, &args)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }
@@ -606,7 +612,7 @@ impl Testbed {
     pub fn start_agent_with(&self, bin: &Path, config: &Path, node: &str) -> Result<Agent> {
         let args = self.agent_args_for(node, &[])?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start_in(bin, config, node, &self.dir, None, &self.agent_log_filter, &args)?;
+        let agent = Agent::start_in(bin, config, node, &self.dir, None, &self.agent_env, &args)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }

@@ -37,21 +37,6 @@ const GET_ONLY_HTTP: &str = r#"        to: [{methods: [GET], ports: [8080]}]
         to: [{ports: [9000]}]
 "#;
 
-/// The value of the one series of `name` whose labels include all `labels`
-/// (0 when there is none; an error when several match).
-fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-    let (code, body) = agent.get("/metrics")?;
-    ensure!(code == 200, "/metrics answered {code}");
-    let text = String::from_utf8(body)?;
-    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    let rows: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && wanted.iter().all(|w| l.contains(w.as_str())))
-        .collect();
-    ensure!(rows.len() <= 1, "several series of {name} match {labels:?}: {rows:?}");
-    Ok(rows.first().and_then(|l| l.rsplit(' ').next()).map(str::parse).transpose()?.unwrap_or(0.0))
-}
-
 #[test]
 fn metrics_count_requests_and_bytes_on_both_agents() -> Result<()> {
     // A public metrics port on each agent (a free port, picked here).

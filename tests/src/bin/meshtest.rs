@@ -6,6 +6,8 @@
 // Beside this file, not in a folder of its own: the binary is `meshtest.rs`.
 #[path = "meshtest/http_serve.rs"]
 mod http_serve;
+#[path = "meshtest/idle.rs"]
+mod idle;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -130,6 +132,10 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// N concurrent HTTP/1.1 keep-alive connections, one `GET /` each, held
+    /// idle until FILE exists or SIGTERM, then one more `GET /` each and
+    /// closed; see `meshtest/idle.rs`.
+    Idle(idle::Args),
 }
 
 #[derive(clap::Args)]
@@ -185,6 +191,7 @@ fn main() -> ExitCode {
             secs(io_timeout),
         ),
         Cmd::HttpServe { listen, body_bytes, threads } => http_serve::run(listen, body_bytes, threads),
+        Cmd::Idle(args) => idle::run(args),
     }
 }
 
@@ -701,6 +708,15 @@ extern "C" fn on_sigterm(_: libc::c_int) {
     TERMINATED.store(true, Ordering::SeqCst);
 }
 
+/// SIGTERM sets [`TERMINATED`] instead of killing: the holding commands
+/// report what they held before they exit.
+fn on_sigterm_set_flag() -> nix::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(SigHandler::Handler(on_sigterm), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only stores to an atomic.
+    unsafe { sigaction(Signal::SIGTERM, &action) }.map(drop)
+}
+
 fn hold(
     to: SocketAddr,
     interval: Duration,
@@ -708,14 +724,7 @@ fn hold(
     connect_timeout: Duration,
     io_timeout: Duration,
 ) -> ExitCode {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action = SigAction::new(
-        SigHandler::Handler(on_sigterm),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    // SAFETY: the handler only stores to an atomic.
-    if let Err(e) = unsafe { sigaction(Signal::SIGTERM, &action) } {
+    if let Err(e) = on_sigterm_set_flag() {
         return fail(json!({"reason": format!("sigaction: {e}")}));
     }
     let mut stream = match TcpStream::connect_timeout(&to, connect_timeout) {

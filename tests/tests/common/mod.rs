@@ -59,6 +59,8 @@ pub struct MeshOpts<'a> {
     pub peer_authentications: Vec<PeerAuthenticationEntry>,
     /// More flags for one node's agent only: (node, flags).
     pub node_args: &'a [(&'a str, &'a [&'a str])],
+    /// `RLIMIT_NOFILE` (soft, hard) one node's agent starts with.
+    pub nofile: &'a [(&'a str, (u64, u64))],
 }
 
 pub fn mesh_with(test: &str, o: &MeshOpts) -> Result<Mesh> {
@@ -88,8 +90,12 @@ pub fn mesh_with(test: &str, o: &MeshOpts) -> Result<Mesh> {
         }
         v
     };
+    let nofile = |node: &str| o.nofile.iter().find(|(n, _)| *n == node).map(|(_, l)| *l);
+    tb.set_agent_nofile(nofile("node-a"));
     let a = tb.start_agent_args("node-a", &for_node("node-a"))?;
+    tb.set_agent_nofile(nofile("node-b"));
     let b = tb.start_agent_args("node-b", &for_node("node-b"))?;
+    tb.set_agent_nofile(None);
     let m = Mesh { ca, a, b, shop_client, shop_server, legacy_client, legacy_server, echoes, tb };
     for ns in o.enrolled {
         for (agent, pod) in [(&m.a, format!("{ns}-client")), (&m.b, format!("{ns}-server"))] {
@@ -115,6 +121,21 @@ pub fn serve_http_app(m: &mut Mesh, app: &str) -> Result<PodProcess> {
     let proc_ = m.shop_server.spawn("python3", [script.to_str().context("utf-8 path")?])?;
     proc_.wait_for_stdout(SETTLE, |l| l.contains("listening"))?;
     Ok(proc_)
+}
+
+/// The value of the one series of `name` whose labels include all `labels`
+/// (0 when there is none; an error when several match).
+pub fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    let (code, body) = agent.get("/metrics")?;
+    ensure!(code == 200, "/metrics answered {code}");
+    let text = String::from_utf8(body)?;
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && wanted.iter().all(|w| l.contains(w.as_str())))
+        .collect();
+    ensure!(rows.len() <= 1, "several series of {name} match {labels:?}: {rows:?}");
+    Ok(rows.first().and_then(|l| l.rsplit(' ').next()).map(str::parse).transpose()?.unwrap_or(0.0))
 }
 
 /// The pod's entry in the agent's /status.

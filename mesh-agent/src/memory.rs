@@ -1,0 +1,165 @@
+//! Giving memory back after a connection storm.
+//!
+//! The agent allocates with mimalloc (`main.rs`), which keeps freed pages
+//! in the heap of the thread that owns them and returns them to the kernel
+//! only when that thread next works in the allocator. A data thread that
+//! goes idle after 10,000 connections closed never does, so the agent's
+//! resident memory stayed at about twice its idle level although nothing
+//! held it.
+//!
+//! So the agent watches how many descriptors it holds (every connection it
+//! carries costs at least one: accepted from a pod, to an app, to a peer; a
+//! count of its own connection table would miss the tunnel streams a
+//! destination agent carries over one accepted connection). When that fell
+//! by at least [`STORM`] from its last high point and settled, it starts a collection
+//! round ([`collect_now`]): each runtime thread collects its own heap the
+//! next time it parks ([`on_park`], installed on the runtimes in `app.rs`),
+//! that is when it has nothing else to do. Cheap: a directory read every
+//! [`CHECK_EVERY`], an atomic load per park, a collection per thread only
+//! after many connections ended.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How often the descriptor count is looked at.
+pub const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Descriptors (connections) that must have closed since the high point
+/// before collecting.
+pub const STORM: usize = 1_000;
+
+/// Collection rounds started so far; a thread that has not collected in
+/// the current round does so when it parks.
+static ROUND: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static COLLECTED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// When to collect, apart from the allocator (so it is tested on its own).
+#[derive(Debug, Default)]
+pub struct Trimmer {
+    high: usize,
+    last: usize,
+}
+
+impl Trimmer {
+    /// `open` descriptors now: true when a collection is due: the count
+    /// fell by [`STORM`] or more from the highest count seen since the last
+    /// collection, and has settled (moved by less than a tenth of that
+    /// since the last look). Collected mid-fall, the memory of the
+    /// connections still closing would be freed after the collection and
+    /// stay with idle threads.
+    pub fn observe(&mut self, open: usize) -> bool {
+        let settled = open.abs_diff(self.last) < STORM / 10;
+        self.last = open;
+        self.high = self.high.max(open);
+        if self.high - open >= STORM && settled {
+            self.high = open;
+            return true;
+        }
+        false
+    }
+}
+
+/// Runs until dropped: a collection round after each storm of connections.
+pub async fn trim_after_storms() {
+    let mut trimmer = Trimmer::default();
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(now) = open_descriptors() else { continue };
+        if trimmer.observe(now) {
+            tracing::debug!(open_descriptors = now, rss_kib = resident_kib(), "connections closed: threads return free memory when idle");
+            collect_now();
+        }
+    }
+}
+
+/// Starts a collection round and collects the calling thread's heap.
+pub fn collect_now() {
+    ROUND.fetch_add(1, Ordering::Relaxed);
+    on_park();
+}
+
+/// A runtime thread parks (it is idle): collects its heap if a round
+/// started since it last did. Returns whether it collected.
+pub fn on_park() -> bool {
+    let round = ROUND.load(Ordering::Relaxed);
+    if COLLECTED.get() == round {
+        return false;
+    }
+    COLLECTED.set(round);
+    // SAFETY: mimalloc's collection entry point; it works on the calling
+    // thread's heap (and abandoned ones). A no-op when mimalloc is linked
+    // but not the global allocator (the library's tests).
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    true
+}
+
+/// Descriptors this process holds (None if `/proc` cannot be read, e.g.
+/// out of descriptors itself: the next look will tell).
+fn open_descriptors() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
+}
+
+/// Resident memory (KiB) from `/proc/self/statm`, for the log line.
+fn resident_kib() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
+    pages * page / 1024
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collects_once_per_storm_once_settled() {
+        let mut t = Trimmer::default();
+        // Rising and small dips: nothing to give back.
+        for open in [0, 10, 500, 480, 1_200, 900, 1_500, 1_500] {
+            assert!(!t.observe(open), "at {open}");
+        }
+        // Falling: not yet, connections are still closing.
+        assert!(!t.observe(800));
+        assert!(!t.observe(450));
+        // 1,000 fewer than the high point and settled: collect, once.
+        assert!(t.observe(420));
+        assert!(!t.observe(400));
+        // A new storm measured from the new high point.
+        assert!(!t.observe(3_000));
+        assert!(!t.observe(0));
+        assert!(t.observe(0));
+        assert!(!t.observe(0));
+    }
+
+    #[test]
+    fn each_thread_collects_once_per_round() {
+        std::thread::spawn(|| {
+            collect_now();
+            // Collected already in this round: parking does nothing more.
+            assert!(!on_park());
+            // Another thread's round: this thread collects at its next park.
+            std::thread::spawn(|| ROUND.fetch_add(1, Ordering::Relaxed)).join().unwrap();
+            assert!(on_park());
+            assert!(!on_park());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn resident_memory_and_descriptors_are_read() {
+        assert!(resident_kib() > 0);
+        let before = open_descriptors().unwrap();
+        let files: Vec<_> = (0..10).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        assert!(open_descriptors().unwrap() >= before + files.len() - 2, "other tests' files come and go");
+    }
+}
