@@ -41,6 +41,7 @@ use crate::{
 
 mod accept;
 mod authz;
+mod connect;
 pub mod balance;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -54,6 +55,7 @@ mod observe;
 mod pool;
 mod prune;
 mod relay;
+mod reply;
 mod services;
 mod sniff;
 mod tunnel;
@@ -90,6 +92,8 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("pod {pod}: the socket handed over for port {port} listens on {local}")]
+    HandedOver { pod: PodKey, port: u16, local: SocketAddr },
     #[error("pod {pod}: {source}")]
     Tls {
         pod: PodKey,
@@ -355,7 +359,7 @@ impl Proxy {
         let std_listener = std::net::TcpListener::from(fd);
         let local = std_listener.local_addr().map_err(listen_err)?;
         if local.port() != port {
-            return Err(listen_err(std::io::Error::other(format!("handed-over socket listens on {local}, not port {port}"))));
+            return Err(Error::HandedOver { pod: pod.key.clone(), port, local });
         }
         std_listener.set_nonblocking(true).map_err(listen_err)?;
         let _rt = self.runtime.enter();
@@ -539,36 +543,11 @@ impl Default for Limits {
     }
 }
 
-/// One open connection to a pod's application, counted while it lives.
-pub(crate) struct AppSlot(Arc<PodStats>);
-
-impl Drop for AppSlot {
-    fn drop(&mut self) {
-        self.0.app_connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl Proxy {
     /// Sets the connection caps.
     pub fn set_limits(&self, max_connections: usize, max_app_connections: usize) {
         self.limits.max_connections.store(max_connections.max(1), Ordering::Relaxed);
         self.limits.max_app_connections.store(max_app_connections.max(1), Ordering::Relaxed);
-    }
-
-    /// A connection to one of `pod`'s applications, within the pod's cap;
-    /// the slot must live as long as the connection.
-    pub(crate) async fn connect_app(&self, pod: &PodHandle, target: SocketAddr) -> std::io::Result<(tokio::net::TcpStream, AppSlot)> {
-        let max = self.limits.max_app_connections.load(Ordering::Relaxed) as u64;
-        if pod.stats.app_connections.fetch_add(1, Ordering::Relaxed) >= max {
-            pod.stats.app_connections.fetch_sub(1, Ordering::Relaxed);
-            self.telemetry.metrics.connection_overflow("app");
-            return Err(std::io::Error::other(format!(
-                "{max} connections to pod {}'s applications already open (--max-app-connections)",
-                pod.key
-            )));
-        }
-        let slot = AppSlot(pod.stats.clone());
-        Ok((connect_from(&pod.netns, target).await?, slot))
     }
 }
 
@@ -588,16 +567,4 @@ impl Kind {
             Kind::Plaintext => "plaintext",
         }
     }
-}
-
-/// A TCP connect from inside a pod's namespace, with the agent's mark.
-async fn connect_from(netns: &Netns, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
-    let sock = netns.socket_async(domain).await.map_err(std::io::Error::other)?;
-    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }

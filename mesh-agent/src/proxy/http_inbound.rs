@@ -21,25 +21,29 @@
 //!   header sees what the app will.
 //! - A denied request gets 403 with a short body naming the policy; it is
 //!   logged and counted (`inboundDenied`), and the app never sees it.
+//! - An `x-mesh-reply` the app sends (header or trailer) is removed: only
+//!   the agent's own answers ([`super::reply`]) carry one.
 
 use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http_body_util::{BodyExt as _, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{PodHandle, Proxy};
+use super::{
+    PodHandle, Proxy,
+    connect::AppError,
+    reply::{self, LocalReply},
+};
 use crate::{
     telemetry::trace::{SpanKind, attr},
     identity::SpiffeId,
     policy::{self, Connection, Peer, WorkloadPolicy},
     state::{AppHttp, Snapshot},
 };
-
-use super::http_outbound::REPLY_HEADER;
 
 pub(super) mod validate;
 use validate::{BodyFault, ClientBody, FrontDoor, Violation};
@@ -75,13 +79,6 @@ pub(super) fn count_http_end(result: Result<(), Box<dyn std::error::Error + Send
     } else {
         tracing::debug!(%at, error = %e, side, "HTTP connection ended");
     }
-}
-
-fn local(status: StatusCode, text: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(text + "\n")).map_err(|never| match never {}).boxed());
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
 }
 
 /// Connections from the agent to the apps of this node's pods, shared by
@@ -246,11 +243,7 @@ impl Proxy {
         info.decision = decision;
         let snapshot = self.state.borrow().clone();
         let code = res.status().as_u16();
-        let flags = match res.headers().get(REPLY_HEADER).map(HeaderValue::as_bytes) {
-            Some(b"denied") => "RBAC",
-            Some(_) => "DPE",
-            None => "-",
-        };
+        let flags = reply::flags(&res);
         let series = conn.series.get(&self.telemetry.metrics, &snapshot, (None, protocol, code, flags), || {
             super::observe::Parties {
                 state: &snapshot,
@@ -320,8 +313,7 @@ impl Proxy {
             *pod.stats.inbound_denied.lock().expect("poisoned").entry(name.clone()).or_default() += 1;
             let who = conn.peer.as_ref().map(|(id, _)| id.to_string()).unwrap_or_else(|| "plaintext client".into());
             tracing::info!(pod = %pod.key, peer = %who, method = %req.method(), path = path.as_str(), policy = %name, "request denied by authorization policy");
-            let mut r = local(StatusCode::FORBIDDEN, format!("RBAC: access denied ({d})"));
-            r.headers_mut().insert(REPLY_HEADER, HeaderValue::from_static("denied"));
+            let r = reply::respond(&LocalReply::Denied { decision: d.to_string() }, req.version());
             return (r, Some(("deny", Some(name))));
         }
         let allowed = Some(("allow", d.policy.map(str::to_owned)));
@@ -350,22 +342,22 @@ impl Proxy {
                     let up = hyper::upgrade::on(&mut res);
                     self.connections.spawn(super::http_outbound::join_upgraded(down, up));
                 }
-                res.map(|b| b.boxed())
+                reply::from_app(res).map(|b| b.boxed())
             }
             // The client's body broke (bad chunk syntax, or it went away):
             // the app is not to blame.
-            Err(e) => match fault.get() {
+            Err(source) => match fault.get() {
                 Some(v) => validate::refuse(&v, version, &pod.stats, "inbound"),
                 None => {
-                    tracing::info!(pod = %pod.key, target = %conn.target, error = %e, "the application did not answer");
-                    local(StatusCode::SERVICE_UNAVAILABLE, format!("upstream {} unavailable: {e}", conn.target))
+                    tracing::info!(pod = %pod.key, target = %conn.target, error = %source, "the application did not answer");
+                    reply::respond(&LocalReply::AppUnavailable { target: conn.target, source }, version)
                 }
             },
         };
         (res, allowed)
     }
 
-    async fn forward(&self, conn: &Conn, mut req: Request<ClientBody>) -> Result<Response<Incoming>, String> {
+    async fn forward(&self, conn: &Conn, mut req: Request<ClientBody>) -> Result<Response<Incoming>, AppError> {
         let h2 = conn.app == AppHttp::Http2;
         if !h2 {
             // To HTTP/1.1: origin-form target and a Host header.
@@ -391,10 +383,8 @@ impl Proxy {
             let mut s = match existing {
                 Some(s) => s,
                 None => {
-                    let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await.map_err(|e| e.to_string())?;
-                    let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await?;
+                    let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
                     tokio::spawn(async move {
                         let _slot = slot;
                         let _ = c.await;
@@ -412,14 +402,14 @@ impl Proxy {
                     *req.uri_mut() = uri;
                 }
             }
-            s.ready().await.map_err(|e| e.to_string())?;
-            return s.send_request(req).await.map_err(|e| e.to_string());
+            s.ready().await?;
+            return Ok(s.send_request(req).await?);
         }
         let mut s = match apps.idle_h1(&key) {
             Some(s) => s,
             None => {
-                let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await.map_err(|e| e.to_string())?;
-                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+                let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await?;
+                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
                 tokio::spawn(async move {
                     let _slot = slot;
                     let _ = c.with_upgrades().await;
@@ -427,7 +417,7 @@ impl Proxy {
                 s
             }
         };
-        let res = s.send_request(req).await.map_err(|e| e.to_string())?;
+        let res = s.send_request(req).await?;
         // Back to the idle list once the response has been read (an
         // upgraded connection never is: it belongs to its client).
         let this = self.self_arc();

@@ -110,7 +110,7 @@ impl Proxy {
                 L4Verdict::Deny(reason) => {
                     let mut res = Response::new(Empty::new());
                     *res.status_mut() = StatusCode::FORBIDDEN;
-                    if let Ok(v) = http::HeaderValue::from_str(&reason) {
+                    if let Ok(v) = http::HeaderValue::from_str(&reason.to_string()) {
                         res.headers_mut().insert(REASON_HEADER, v);
                     }
                     return res;
