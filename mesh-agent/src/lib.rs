@@ -6,7 +6,9 @@
 //! | [`state`] | the in-memory mesh state (pure) |
 //! | [`localfile`] | the YAML source that writes `state` |
 //! | [`k8s`] | the Kubernetes source that writes `state`: CRDs, watchers (the only kube user) |
-//! | [`identity`] | SPIFFE IDs, the CA (`mesh-agent ca`), workload certificates |
+//! | [`spiffe`] | SPIFFE IDs: `spiffe://<td>/ns/<ns>/sa/<sa>`, strictly parsed |
+//! | [`identity`] | certificates: the CA's rules, CA clients, workload certificates |
+//! | [`ca`] | the CA process, `mesh-agent ca` (gRPC + TLS, node tokens) |
 //! | [`tls`] | rustls configs for the tunnel, SPIFFE verifiers |
 //! | [`ebpf`] | load and attach programs, maps (the only aya user) |
 //! | [`host`] | facts discovered on the node (cgroup v2 mount, own cgroup) |
@@ -27,6 +29,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;
@@ -45,6 +48,7 @@ pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod route;
+pub mod spiffe;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

@@ -17,6 +17,12 @@
 //! source address is the client pod's. Anything else is connected directly.
 //! This module never sees Kubernetes or eBPF types, only the mesh state and
 //! the original-destination lookup.
+//!
+//! Naming: `peer` is always an identity, the verified SPIFFE ID of the
+//! other end of a tunnel (or the policy's view of it, [`crate::policy::Peer`]);
+//! an address is never a peer: the other end's socket address is the
+//! `client` (of an accepted connection), and where a connection goes is its
+//! `target`, `orig` or `dest`.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -383,7 +389,7 @@ impl Proxy {
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, pod: Arc<PodHandle>, cancel: CancellationToken, kind: Kind) {
         let local = listener.local_addr().ok();
         loop {
-            let (stream, peer) = tokio::select! {
+            let (stream, client) = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = listener.accept() => match r {
                     Ok(c) => c,
@@ -406,14 +412,14 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let pod = pod.clone();
-            let span = tracing::debug_span!("conn", pod = %pod.key, %peer, kind = kind.name());
+            let span = tracing::debug_span!("conn", pod = %pod.key, %client, kind = kind.name());
             let kind = kind.clone();
             self.connections.spawn(tracing::Instrument::instrument(
                 async move {
                     match kind {
-                        Kind::Outbound => this.outbound(stream, peer, pod).await,
-                        Kind::Tunnel(tls) => this.tunnel_inbound(stream, peer, pod, tls).await,
-                        Kind::Plaintext => this.plaintext_inbound(stream, peer, pod).await,
+                        Kind::Outbound => this.outbound(stream, client, pod).await,
+                        Kind::Tunnel(tls) => this.tunnel_inbound(stream, client, pod, tls).await,
+                        Kind::Plaintext => this.plaintext_inbound(stream, client, pod).await,
                     }
                 },
                 span,

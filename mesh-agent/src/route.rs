@@ -124,7 +124,7 @@ use std::{fmt, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::Labels;
+use crate::state::{Labels, Selector};
 
 mod table;
 mod validate;
@@ -239,9 +239,7 @@ pub struct Backend {
 impl Backend {
     /// Whether a pod of the service (by its labels) belongs to this backend.
     pub fn selects(&self, pod_labels: &Labels) -> bool {
-        self.subset
-            .as_ref()
-            .is_none_or(|s| s.iter().all(|(k, v)| pod_labels.get(k) == Some(v)))
+        self.subset.as_ref().is_none_or(|s| Selector(s).matches(pod_labels))
     }
 }
 

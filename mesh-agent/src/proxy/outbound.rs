@@ -24,12 +24,12 @@ pub trait OrigDstLookup: Send + Sync {
 }
 
 impl Proxy {
-    pub(super) async fn outbound(self: Arc<Self>, mut app: TcpStream, peer: SocketAddr, pod: Arc<PodHandle>) {
+    pub(super) async fn outbound(self: Arc<Self>, mut app: TcpStream, client: SocketAddr, pod: Arc<PodHandle>) {
         let stats = &pod.stats;
-        let Some(orig) = self.orig_dst.take(peer) else {
+        let Some(orig) = self.orig_dst.take(client) else {
             // Someone connected to the listener directly: there is nowhere
             // to send it.
-            tracing::warn!(%peer, "connection on the outbound port was not redirected by the mesh; closing it");
+            tracing::warn!(%client, "connection on the outbound port was not redirected by the mesh; closing it");
             stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
             return;
         };
