@@ -22,7 +22,7 @@ pub mod manager;
 /// TODO: drop once `main.rs` uses `mesh_agent::ca` (`main.rs` is being
 /// edited on another branch).
 pub mod server {
-    pub use crate::ca::{CaArgs, run};
+    pub use crate::ca::*;
 }
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -3,7 +3,7 @@
 //! | module | job |
 //! | --- | --- |
 //! | [`config`] | the agent's own settings, validated |
-//! | [`state`] | the in-memory mesh state (pure) |
+//! | [`state`] | the in-memory mesh state (pure), with the route and authorization schemas: the bottom layer |
 //! | [`localfile`] | the YAML source that writes `state` |
 //! | [`k8s`] | the Kubernetes source that writes `state`: CRDs, watchers (the only kube user) |
 //! | [`spiffe`] | SPIFFE IDs: `spiffe://<td>/ns/<ns>/sa/<sa>`, strictly parsed |
@@ -16,7 +16,7 @@
 //! | [`netns`] | sockets inside pods' network namespaces |
 //! | [`proxy`] | in-pod listeners, tunnel, relays |
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
-//! | [`route`] | HTTP routing: route schema, validation, pure route selection |
+//! | [`route`] | HTTP routing: validation, pure route selection (the schema is [`state::route`]) |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
 //! | [`lifecycle`] | the node lock, `mesh-agent uninstall` |
 //! | [`access_log`] | one JSON line per request and connection, never blocking |
@@ -52,6 +52,9 @@ pub mod spiffe;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+
+#[cfg(test)]
+mod layering;
 
 /// An error and its sources on one line, for logs and status.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -52,6 +52,7 @@ pub mod balance;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz_hooks;
+mod http;
 mod http_client;
 mod http_inbound;
 mod http_outbound;
@@ -489,41 +490,6 @@ async fn until_drained<C: std::future::Future>(
     }
     graceful(conn.as_mut());
     conn.await
-}
-
-/// How an HTTP server connection drains. HTTP/2: GOAWAY at once (hyper's
-/// graceful shutdown): in-flight streams finish, the client opens its next
-/// ones elsewhere. HTTP/1.1: the next response carries `Connection: close`
-/// and the connection closes after it. Closing an idle keep-alive
-/// connection at once instead would race the client's next request (it may
-/// already be on the wire) and fail it; a connection that stays idle ends
-/// at the drain deadline.
-#[derive(Clone, Default)]
-pub(crate) struct DrainHttp(Arc<std::sync::atomic::AtomicBool>);
-
-impl DrainHttp {
-    /// Notes the request's version (HTTP/2 seen: the connection is h2).
-    pub(crate) fn saw<B>(&self, req: &http::Request<B>) -> http::Version {
-        if req.version() == http::Version::HTTP_2 {
-            self.0.store(true, Ordering::Relaxed);
-        }
-        req.version()
-    }
-
-    /// While draining, an HTTP/1.x response (not an upgrade) says the
-    /// connection closes after it.
-    pub(crate) fn mark<B>(&self, draining: &CancellationToken, version: http::Version, mut res: http::Response<B>) -> http::Response<B> {
-        if draining.is_cancelled() && version < http::Version::HTTP_2 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            res.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-        }
-        res
-    }
-
-    /// Whether the connection speaks HTTP/2: it gets GOAWAY when draining
-    /// starts (an HTTP/1.1 one waits for its next response instead).
-    pub(crate) fn is_h2(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
 }
 
 /// Caps on concurrent connections, changeable at run time.

@@ -14,6 +14,8 @@ use std::{
 
 use serde::Serialize;
 
+pub mod route;
+
 /// Namespace label that puts a namespace's pods in the mesh, and (on a pod)
 /// takes one pod out with the value [`DATAPLANE_MODE_DISABLED`].
 pub const DATAPLANE_MODE_LABEL: &str = "nodemesh.io/dataplane-mode";
@@ -273,7 +275,7 @@ pub struct MeshState {
     /// In config order, which is also the order decisions report matches in.
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// HTTP routes, in config order; semantics in [`crate::route`].
-    pub routes: Vec<crate::route::HttpRoute>,
+    pub routes: Vec<route::HttpRoute>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, PodKey>,
 }
@@ -322,7 +324,7 @@ impl MeshState {
         self
     }
 
-    pub fn with_routes(mut self, routes: Vec<crate::route::HttpRoute>) -> Self {
+    pub fn with_routes(mut self, routes: Vec<route::HttpRoute>) -> Self {
         self.routes = routes;
         self
     }

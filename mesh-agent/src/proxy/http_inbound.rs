@@ -14,7 +14,7 @@
 //!   are refused by hyper itself (400 / 431). All are counted
 //!   (`httpRejected`) and never forwarded; a request body with broken
 //!   framing is answered 400 too, not blamed on the app.
-//! - Headers that claim an identity ([`validate::IDENTITY_HEADERS`]) are
+//! - Headers that claim an identity ([`super::http::validate::IDENTITY_HEADERS`]) are
 //!   stripped from the client's request and its trailers; the verified peer
 //!   identity goes to the app in `x-mesh-peer-identity` (absent for
 //!   plaintext clients), before authorization, so a policy's `when` on the
@@ -45,41 +45,12 @@ use crate::{
     state::{AppHttp, Snapshot},
 };
 
-pub(super) mod validate;
-use validate::{BodyFault, ClientBody, FrontDoor, Violation};
-
-/// The header carrying the verified client identity to the application.
-pub const PEER_IDENTITY_HEADER: &str = "x-mesh-peer-identity";
+use super::http::{
+    PEER_IDENTITY_HEADER, count_http_end, http_server, is_upgrade, join_upgraded,
+    validate::{self, BodyFault, ClientBody, FrontDoor, Violation},
+};
 
 type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Largest request header block accepted.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-
-/// The server side of the agent's HTTP layers: HTTP/1.1 or h2c (prior
-/// knowledge), header blocks above 64 KiB refused (431), as Envoy's default.
-pub(super) fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_HEADER_BYTES);
-    builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
-    builder
-}
-
-/// How a served HTTP connection ended: hyper has already answered a
-/// malformed request with 400 (431 for oversized headers) and closed; count
-/// it.
-pub(super) fn count_http_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>, stats: &super::PodStats, at: SocketAddr, side: &str) {
-    let Err(e) = result else { return };
-    let malformed = e
-        .downcast_ref::<hyper::Error>()
-        .is_some_and(|h| h.is_parse() || h.is_parse_too_large());
-    if malformed {
-        stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(%at, error = %e, side, "malformed HTTP request refused");
-    } else {
-        tracing::debug!(%at, error = %e, side, "HTTP connection ended");
-    }
-}
 
 /// Connections from the agent to the apps of this node's pods, shared by
 /// every downstream connection (an app sees a few keep-alive connections
@@ -200,7 +171,7 @@ impl Proxy {
             door,
         });
         let this = self.clone();
-        let drain = super::DrainHttp::default();
+        let drain = super::http::DrainHttp::default();
         let svc_drain = drain.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
@@ -283,7 +254,7 @@ impl Proxy {
     async fn authorize_and_forward(&self, conn: &Conn, mut req: Request<Incoming>) -> (Response<Body>, Option<(&'static str, Option<String>)>) {
         let pod = &conn.pod;
         if let Err(v) = conn.door.check(&req) {
-            return (validate::refuse(&v, req.version(), &pod.stats, "inbound"), None);
+            return (reply::refuse(&v, req.version(), &pod.stats, "inbound"), None);
         }
         // What the app will see of who the client is, before the policy
         // looks: only the verified peer speaks for it.
@@ -296,7 +267,7 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => {
                 tracing::info!(pod = %pod.key, %target, error = %e, "request refused: unsafe request target");
-                return (validate::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None);
+                return (reply::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None);
             }
         };
         let rewritten = path.as_str() != target;
@@ -327,10 +298,10 @@ impl Proxy {
                         *req.uri_mut() = uri;
                     }
                 }
-                Err(e) => return (validate::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None),
+                Err(e) => return (reply::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None),
             }
         }
-        let downstream = super::http_outbound::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let downstream = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let version = req.version();
         let fault = BodyFault::default();
         let req = req.map(|b| ClientBody::new(b, fault.clone(), true));
@@ -340,14 +311,14 @@ impl Proxy {
                     && res.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
                     let up = hyper::upgrade::on(&mut res);
-                    self.connections.spawn(super::http_outbound::join_upgraded(down, up));
+                    self.connections.spawn(join_upgraded(down, up));
                 }
                 reply::from_app(res).map(|b| b.boxed())
             }
             // The client's body broke (bad chunk syntax, or it went away):
             // the app is not to blame.
             Err(source) => match fault.get() {
-                Some(v) => validate::refuse(&v, version, &pod.stats, "inbound"),
+                Some(v) => reply::refuse(&v, version, &pod.stats, "inbound"),
                 None => {
                     tracing::info!(pod = %pod.key, target = %conn.target, error = %source, "the application did not answer");
                     reply::respond(&LocalReply::AppUnavailable { target: conn.target, source }, version)

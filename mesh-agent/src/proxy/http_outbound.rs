@@ -2,7 +2,7 @@
 //! terminated by the **source** node's agent, which routes, balances,
 //! retries and bounds each request (the model is in [`crate::route`]):
 //!
-//! 0. the front door ([`super::http_inbound::validate`]) refuses ambiguous
+//! 0. the front door ([`super::http::validate`]) refuses ambiguous
 //!    requests (two `Host`s, no `Host`, `Host` against `:authority`,
 //!    `Content-Length` with `Transfer-Encoding`, `#fragment`) with 400;
 //! 1. the request's target is normalized for matching (a target that cannot
@@ -37,7 +37,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
@@ -47,7 +47,10 @@ use super::{
     PodHandle, Proxy,
     balance::Outcome,
     http_client::{ReqBody, TryError},
-    http_inbound::validate::{self, BodyFault, ClientBody, FrontDoor, Violation},
+    http::{
+        DrainHttp, count_http_end, http_server, is_upgrade, join_upgraded, strip_hop_by_hop,
+        validate::{BodyFault, ClientBody, FrontDoor, Violation},
+    },
     reply::{self, LocalReply, ResetCause},
     services::{self, ServiceState},
 };
@@ -63,9 +66,6 @@ type RespBody = BoxBody<Bytes, hyper::Error>;
 /// Request bodies up to this size are kept so the request can be retried;
 /// a larger (or unknown-length, streamed) body is sent once.
 pub const MAX_RETRY_BODY: u64 = 64 * 1024;
-
-/// Headers that belong to one hop (RFC 9110 7.6.1) and are not forwarded.
-const HOP_BY_HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "proxy-authorization"];
 
 /// The compiled routes of the current snapshot.
 #[derive(Default)]
@@ -101,24 +101,6 @@ fn upstream_response(res: Response<Incoming>, dest: &Destination) -> Response<Re
     reply::from_upstream(res, from_peer_agent).map(|b| b.boxed())
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for h in listed.iter().map(String::as_str).chain(HOP_BY_HOP) {
-        // `TE: trailers` is how gRPC asks for trailers; keep exactly that.
-        if h == "te" && headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
-            continue;
-        }
-        headers.remove(h);
-    }
-}
-
 /// What every request on one downstream connection shares.
 struct Conn {
     pod: Arc<PodHandle>,
@@ -137,7 +119,7 @@ impl Proxy {
         let app = door.inspect(app);
         let conn = Arc::new(Conn { pod, orig, version, series: super::observe::SeriesCache::default(), door });
         let this = self.clone();
-        let drain = super::DrainHttp::default();
+        let drain = DrainHttp::default();
         let svc_drain = drain.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
@@ -149,7 +131,7 @@ impl Proxy {
                 Ok::<_, Infallible>(drain.mark(&this.draining, version, res))
             }
         });
-        let server = super::http_inbound::http_server();
+        let server = http_server();
         let conn = server.serve_connection_with_upgrades(TokioIo::new(app), svc);
         // Draining: `Connection: close` / GOAWAY, as on the inbound side.
         let result = super::until_drained(conn, &self.draining, |c| {
@@ -158,7 +140,7 @@ impl Proxy {
             }
         })
         .await;
-        super::http_inbound::count_http_end(result, &stats, orig, "outbound");
+        count_http_end(result, &stats, orig, "outbound");
     }
 
     async fn outbound_request(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
@@ -221,7 +203,7 @@ impl Proxy {
     /// answered last, if any.
     async fn route_request(&self, conn: &Conn, req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
         if let Err(v) = conn.door.check(&req) {
-            return (validate::refuse(&v, req.version(), &conn.pod.stats, "outbound"), None);
+            return (reply::refuse(&v, req.version(), &conn.pod.stats, "outbound"), None);
         }
         let snapshot = self.state.borrow().clone();
         let routes = self.routes.get(&snapshot);
@@ -232,7 +214,7 @@ impl Proxy {
         let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let path = match policy::normalize_path(raw) {
             Ok(p) => p,
-            Err(e) => return (validate::refuse(&Violation::Target(e.to_string()), req.version(), &conn.pod.stats, "outbound"), None),
+            Err(e) => return (reply::refuse(&Violation::Target(e.to_string()), req.version(), &conn.pod.stats, "outbound"), None),
         };
         let view = RequestView { method: req.method(), path: path.path(), headers: req.headers() };
         let selected = routes.select(ns, name, &view, (self.balancer.random() % 100) as u32);
@@ -292,7 +274,7 @@ impl Proxy {
         let kept = if keep {
             match body.collect().await {
                 Ok(b) => Some(b.to_bytes()),
-                Err(e) => return (validate::refuse(&Violation::Body(crate::error_chain(&e)), client_version, &job.conn.pod.stats, "outbound"), None),
+                Err(e) => return (reply::refuse(&Violation::Body(crate::error_chain(&e)), client_version, &job.conn.pod.stats, "outbound"), None),
             }
         } else {
             streamed = Some(ClientBody::new(body, fault.clone(), false));
@@ -326,7 +308,7 @@ impl Proxy {
             if result.is_err()
                 && let Some(v) = fault.get()
             {
-                return (validate::refuse(&v, client_version, &job.conn.pod.stats, "outbound"), Some(dest));
+                return (reply::refuse(&v, client_version, &job.conn.pod.stats, "outbound"), Some(dest));
             }
             let (outcome, cause, reply) = match result {
                 Ok(res) => {
@@ -415,31 +397,6 @@ impl Proxy {
     }
 }
 
-/// Whether a request asks to switch protocols (HTTP/1.1 `Upgrade`).
-pub(super) fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() <= http::Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
-}
-
-/// Carries bytes between the two sides of an upgraded exchange.
-pub(super) async fn join_upgraded(a: hyper::upgrade::OnUpgrade, b: hyper::upgrade::OnUpgrade) {
-    match tokio::try_join!(a, b) {
-        Ok((a, b)) => {
-            let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-            if let Err(e) = super::relay::copy_bidirectional(&mut a, &mut b).await {
-                tracing::debug!(error = %e, "upgraded connection ended with an error");
-            }
-        }
-        Err(e) => tracing::info!(error = %e, "upgrade did not complete"),
-    }
-}
-
 struct Job<'a> {
     conn: &'a Conn,
     svc: &'a Arc<ServiceState>,
@@ -481,27 +438,5 @@ fn prepare(parts: &mut http::request::Parts, conn: &Conn) {
             parts.headers.remove(header::HOST);
             parts.version = http::Version::HTTP_2;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped_but_te_trailers_kept() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert("traceparent", HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
-        strip_hop_by_hop(&mut h);
-        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        names.sort_unstable();
-        assert_eq!(names, ["te", "traceparent"]);
-        h.insert(header::TE, HeaderValue::from_static("gzip"));
-        strip_hop_by_hop(&mut h);
-        assert!(!h.contains_key(header::TE));
     }
 }

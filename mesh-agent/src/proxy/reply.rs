@@ -32,7 +32,7 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::{
     connect::{AppError, ConnectError},
-    http_inbound::validate::Violation,
+    http::validate::Violation,
 };
 use crate::route::RouteDuration;
 
@@ -228,6 +228,14 @@ pub(super) fn respond(reply: &LocalReply, version: Version) -> Response<ReplyBod
     }
     r.extensions_mut().insert(MeshReply::Own(kind));
     r
+}
+
+/// The 400 for `v` (`Connection: close` on HTTP/1 when the framing is in
+/// doubt), counted in `stats` and logged.
+pub(in crate::proxy) fn refuse(v: &Violation, version: Version, stats: &super::PodStats, side: &str) -> Response<ReplyBody> {
+    stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(side, reason = %v, "request refused: malformed or ambiguous");
+    respond(&LocalReply::BadRequest(v.clone()), version)
 }
 
 /// An application's response on its way to the client: whatever

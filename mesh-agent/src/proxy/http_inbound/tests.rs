@@ -312,12 +312,12 @@ async fn inbound_identity_headers_come_only_from_the_verified_peer() {
     assert_eq!(once(plain, request.as_bytes()).await.status, 200);
     let got = seen.recv().await.unwrap();
     for name in got.headers.keys() {
-        assert!(!super::validate::is_identity_header(name), "{name} reached the app: {:?}", got.headers);
+        assert!(!super::super::http::validate::is_identity_header(name), "{name} reached the app: {:?}", got.headers);
     }
     assert_eq!(got.headers.get("x-other").unwrap(), "kept");
     let trailers = got.trailers.expect("trailers forwarded");
     assert_eq!(trailers.get("x-checksum").unwrap(), "1", "other trailers pass: {trailers:?}");
-    assert!(trailers.keys().all(|n| !super::validate::is_identity_header(n)), "{trailers:?}");
+    assert!(trailers.keys().all(|n| !super::super::http::validate::is_identity_header(n)), "{trailers:?}");
 
     let verified = m.inbound(app, AppHttp::Http1, "198.51.100.12:40000".parse().unwrap(), Some(testing::id("shop", "cart"))).await;
     assert_eq!(once(verified, request.as_bytes()).await.status, 200);
@@ -361,7 +361,7 @@ async fn inbound_http2_front_door() {
     let got = seen.recv().await.unwrap();
     let trailers = got.trailers.expect("trailers forwarded");
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");
-    assert!(trailers.keys().all(|n| !super::validate::is_identity_header(n)), "{trailers:?}");
+    assert!(trailers.keys().all(|n| !super::super::http::validate::is_identity_header(n)), "{trailers:?}");
 }
 
 /// The source agent's server has the same front door: refused before

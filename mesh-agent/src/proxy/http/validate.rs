@@ -42,11 +42,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Request, Response, Version, header};
+use http::{HeaderMap, HeaderName, Request, Version, header};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-use super::super::reply::{self, LocalReply, ReplyBody};
 
 /// Headers that claim who the client is. A client never gets to say that:
 /// they are removed from every request (headers and trailers) the
@@ -97,14 +95,6 @@ impl Violation {
     pub(in crate::proxy) fn closes(&self) -> bool {
         matches!(self, Self::ContentLengthAndTransferEncoding | Self::Unverified | Self::Body(_))
     }
-}
-
-/// The 400 for `v` (`Connection: close` on HTTP/1 when the framing is in
-/// doubt), counted in `stats` and logged.
-pub(in crate::proxy) fn refuse(v: &Violation, version: Version, stats: &super::super::PodStats, side: &str) -> Response<ReplyBody> {
-    stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(side, reason = %v, "request refused: malformed or ambiguous");
-    reply::respond(&LocalReply::BadRequest(v.clone()), version)
 }
 
 /// The front door of one connection: the notes [`Inspected`] took on its
