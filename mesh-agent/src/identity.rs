@@ -1,11 +1,10 @@
-//! Workload identity: SPIFFE IDs, the certificate authority, and the agent's
-//! certificates.
+//! Workload identity: the certificate authority's rules, and the agent's
+//! certificates. SPIFFE IDs themselves are [`crate::spiffe`] (re-exported
+//! here); the CA process, `mesh-agent ca`, is [`crate::ca`].
 //!
 //! | module | job |
 //! | --- | --- |
-//! | [`spiffe`] | `spiffe://<td>/ns/<ns>/sa/<sa>`, strictly parsed |
 //! | [`authority`] | the CA's root store and issuance rules; also the in-process file CA |
-//! | [`server`] | `mesh-agent ca`: the rules served over gRPC + TLS, node tokens |
 //! | [`client`] | asking a CA for a certificate (gRPC or in-process); key + CSR made here |
 //! | [`manager`] | one certificate per local workload, rotated at half-life, in a `watch` |
 //!
@@ -19,8 +18,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 pub mod authority;
 pub mod client;
 pub mod manager;
-pub mod server;
-pub mod spiffe;
+/// `mesh-agent ca` moved to [`crate::ca`]; `main.rs` still names it here.
+/// TODO: drop once `main.rs` uses `mesh_agent::ca` (`main.rs` is being
+/// edited on another branch).
+pub mod server {
+    pub use crate::ca::*;
+}
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub(crate) mod x509;
@@ -28,7 +31,7 @@ pub(crate) mod x509;
 pub use authority::{Authority, CaStats, IssueError};
 pub use client::{CaClient, FetchError, GrpcCaClient, LocalCaClient};
 pub use manager::{CertManager, CertWatch, ManagerConfig};
-pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};
+pub use crate::spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};
 
 /// The CA's gRPC API, generated from `proto/ca.proto`.
 pub mod proto {

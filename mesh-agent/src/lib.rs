@@ -3,10 +3,12 @@
 //! | module | job |
 //! | --- | --- |
 //! | [`config`] | the agent's own settings, validated |
-//! | [`state`] | the in-memory mesh state (pure) |
+//! | [`state`] | the in-memory mesh state (pure), with the route and authorization schemas: the bottom layer |
 //! | [`localfile`] | the YAML source that writes `state` |
 //! | [`k8s`] | the Kubernetes source that writes `state`: CRDs, watchers (the only kube user) |
-//! | [`identity`] | SPIFFE IDs, the CA (`mesh-agent ca`), workload certificates |
+//! | [`spiffe`] | SPIFFE IDs: `spiffe://<td>/ns/<ns>/sa/<sa>`, strictly parsed |
+//! | [`identity`] | certificates: the CA's rules, CA clients, workload certificates |
+//! | [`ca`] | the CA process, `mesh-agent ca` (gRPC + TLS, node tokens) |
 //! | [`tls`] | rustls configs for the tunnel, SPIFFE verifiers |
 //! | [`ebpf`] | load and attach programs, maps (the only aya user) |
 //! | [`host`] | facts discovered on the node (cgroup v2 mount, own cgroup) |
@@ -15,7 +17,7 @@
 //! | [`netns`] | sockets inside pods' network namespaces |
 //! | [`proxy`] | in-pod listeners, tunnel, relays |
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
-//! | [`route`] | HTTP routing: route schema, validation, pure route selection |
+//! | [`route`] | HTTP routing: validation, pure route selection (the schema is [`state::route`]) |
 //! | [`enroll`] | keeps kernel and listeners in line with `state` |
 //! | [`lifecycle`] | the node lock, `mesh-agent uninstall` |
 //! | [`access_log`] | one JSON line per request and connection, never blocking |
@@ -28,6 +30,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod config;
 pub mod ebpf;
 pub mod enroll;
@@ -47,9 +50,13 @@ pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod route;
+pub mod spiffe;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+
+#[cfg(test)]
+mod layering;
 
 /// An error and its sources on one line, for logs and status.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

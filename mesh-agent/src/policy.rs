@@ -132,8 +132,8 @@ use std::{borrow::Cow, collections::HashMap, fmt, sync::Arc};
 use http::HeaderMap;
 
 use crate::{
-    identity::SpiffeId,
-    state::{AuthorizationPolicy, AuthzAction, Labels, MeshState},
+    spiffe::SpiffeId,
+    state::{AuthorizationPolicy, AuthzAction, Labels, MeshState, Selector},
 };
 
 mod index;
@@ -295,11 +295,7 @@ impl Authorizer {
             .get(namespace)
             .into_iter()
             .flatten()
-            .filter(|p| {
-                p.selector
-                    .as_ref()
-                    .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
-            })
+            .filter(|p| p.selector.as_ref().is_none_or(|s| Selector(s).matches(labels)))
             .cloned()
             .collect();
         WorkloadPolicy::new(policies)

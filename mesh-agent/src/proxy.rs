@@ -17,6 +17,12 @@
 //! source address is the client pod's. Anything else is connected directly.
 //! This module never sees Kubernetes or eBPF types, only the mesh state and
 //! the original-destination lookup.
+//!
+//! Naming: `peer` is always an identity, the verified SPIFFE ID of the
+//! other end of a tunnel (or the policy's view of it, [`crate::policy::Peer`]);
+//! an address is never a peer: the other end's socket address is the
+//! `client` (of an accepted connection), and where a connection goes is its
+//! `target`, `orig` or `dest`.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -41,10 +47,12 @@ use crate::{
 
 mod accept;
 mod authz;
+mod connect;
 pub mod balance;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz_hooks;
+mod http;
 mod http_client;
 mod http_inbound;
 mod http_outbound;
@@ -54,6 +62,7 @@ mod observe;
 mod pool;
 mod prune;
 mod relay;
+mod reply;
 mod services;
 mod sniff;
 mod tunnel;
@@ -90,6 +99,8 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("pod {pod}: the socket handed over for port {port} listens on {local}")]
+    HandedOver { pod: PodKey, port: u16, local: SocketAddr },
     #[error("pod {pod}: {source}")]
     Tls {
         pod: PodKey,
@@ -355,7 +366,7 @@ impl Proxy {
         let std_listener = std::net::TcpListener::from(fd);
         let local = std_listener.local_addr().map_err(listen_err)?;
         if local.port() != port {
-            return Err(listen_err(std::io::Error::other(format!("handed-over socket listens on {local}, not port {port}"))));
+            return Err(Error::HandedOver { pod: pod.key.clone(), port, local });
         }
         std_listener.set_nonblocking(true).map_err(listen_err)?;
         let _rt = self.runtime.enter();
@@ -380,7 +391,7 @@ impl Proxy {
         let local = listener.local_addr().ok();
         accept::hold_spare();
         loop {
-            let (stream, peer) = tokio::select! {
+            let (stream, client) = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = listener.accept() => match r {
                     Ok(c) => c,
@@ -403,14 +414,14 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let pod = pod.clone();
-            let span = tracing::debug_span!("conn", pod = %pod.key, %peer, kind = kind.name());
+            let span = tracing::debug_span!("conn", pod = %pod.key, %client, kind = kind.name());
             let kind = kind.clone();
             self.connections.spawn(tracing::Instrument::instrument(
                 async move {
                     match kind {
-                        Kind::Outbound => this.outbound(stream, peer, pod).await,
-                        Kind::Tunnel(tls) => this.tunnel_inbound(stream, peer, pod, tls).await,
-                        Kind::Plaintext => this.plaintext_inbound(stream, peer, pod).await,
+                        Kind::Outbound => this.outbound(stream, client, pod).await,
+                        Kind::Tunnel(tls) => this.tunnel_inbound(stream, client, pod, tls).await,
+                        Kind::Plaintext => this.plaintext_inbound(stream, client, pod).await,
                     }
                 },
                 span,
@@ -482,41 +493,6 @@ async fn until_drained<C: std::future::Future>(
     conn.await
 }
 
-/// How an HTTP server connection drains. HTTP/2: GOAWAY at once (hyper's
-/// graceful shutdown): in-flight streams finish, the client opens its next
-/// ones elsewhere. HTTP/1.1: the next response carries `Connection: close`
-/// and the connection closes after it. Closing an idle keep-alive
-/// connection at once instead would race the client's next request (it may
-/// already be on the wire) and fail it; a connection that stays idle ends
-/// at the drain deadline.
-#[derive(Clone, Default)]
-pub(crate) struct DrainHttp(Arc<std::sync::atomic::AtomicBool>);
-
-impl DrainHttp {
-    /// Notes the request's version (HTTP/2 seen: the connection is h2).
-    pub(crate) fn saw<B>(&self, req: &http::Request<B>) -> http::Version {
-        if req.version() == http::Version::HTTP_2 {
-            self.0.store(true, Ordering::Relaxed);
-        }
-        req.version()
-    }
-
-    /// While draining, an HTTP/1.x response (not an upgrade) says the
-    /// connection closes after it.
-    pub(crate) fn mark<B>(&self, draining: &CancellationToken, version: http::Version, mut res: http::Response<B>) -> http::Response<B> {
-        if draining.is_cancelled() && version < http::Version::HTTP_2 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            res.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-        }
-        res
-    }
-
-    /// Whether the connection speaks HTTP/2: it gets GOAWAY when draining
-    /// starts (an HTTP/1.1 one waits for its next response instead).
-    pub(crate) fn is_h2(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// Caps on concurrent connections, changeable at run time.
 pub struct Limits {
     /// Connections the agent carries at once (all pods); beyond it new
@@ -540,36 +516,11 @@ impl Default for Limits {
     }
 }
 
-/// One open connection to a pod's application, counted while it lives.
-pub(crate) struct AppSlot(Arc<PodStats>);
-
-impl Drop for AppSlot {
-    fn drop(&mut self) {
-        self.0.app_connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl Proxy {
     /// Sets the connection caps.
     pub fn set_limits(&self, max_connections: usize, max_app_connections: usize) {
         self.limits.max_connections.store(max_connections.max(1), Ordering::Relaxed);
         self.limits.max_app_connections.store(max_app_connections.max(1), Ordering::Relaxed);
-    }
-
-    /// A connection to one of `pod`'s applications, within the pod's cap;
-    /// the slot must live as long as the connection.
-    pub(crate) async fn connect_app(&self, pod: &PodHandle, target: SocketAddr) -> std::io::Result<(tokio::net::TcpStream, AppSlot)> {
-        let max = self.limits.max_app_connections.load(Ordering::Relaxed) as u64;
-        if pod.stats.app_connections.fetch_add(1, Ordering::Relaxed) >= max {
-            pod.stats.app_connections.fetch_sub(1, Ordering::Relaxed);
-            self.telemetry.metrics.connection_overflow("app");
-            return Err(std::io::Error::other(format!(
-                "{max} connections to pod {}'s applications already open (--max-app-connections)",
-                pod.key
-            )));
-        }
-        let slot = AppSlot(pod.stats.clone());
-        Ok((connect_from(&pod.netns, target).await?, slot))
     }
 }
 
@@ -589,16 +540,4 @@ impl Kind {
             Kind::Plaintext => "plaintext",
         }
     }
-}
-
-/// A TCP connect from inside a pod's namespace, with the agent's mark.
-async fn connect_from(netns: &Netns, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
-    let sock = netns.socket_async(domain).await.map_err(std::io::Error::other)?;
-    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }

@@ -14,6 +14,8 @@ use std::{
 
 use serde::Serialize;
 
+pub mod route;
+
 /// Namespace label that puts a namespace's pods in the mesh, and (on a pod)
 /// takes one pod out with the value [`DATAPLANE_MODE_DISABLED`].
 pub const DATAPLANE_MODE_LABEL: &str = "nodemesh.io/dataplane-mode";
@@ -27,6 +29,20 @@ pub const DATAPLANE_MODE_DISABLED: &str = "disabled";
 pub const FAILURE_POLICY_LABEL: &str = "nodemesh.io/failure-policy";
 
 pub type Labels = BTreeMap<String, String>;
+
+/// A label selector: it matches labels that carry every one of its pairs,
+/// so the empty selector matches everything (where "no selector" means
+/// something else, as for a [`Service`], the caller says so). The one
+/// place in the agent where labels are matched: services, peer
+/// authentication, authorization policies, route subsets, metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct Selector<'a>(pub &'a Labels);
+
+impl Selector<'_> {
+    pub fn matches(self, labels: &Labels) -> bool {
+        self.0.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct PodKey {
@@ -116,6 +132,15 @@ pub struct Service {
     /// local file): every pod the selector matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_ips: Option<Vec<IpAddr>>,
+}
+
+impl Service {
+    /// Whether the service selects `pod`: a pod of its namespace that its
+    /// selector matches. A service without a selector selects no pod (in
+    /// Kubernetes its endpoints are managed by hand).
+    pub fn selects(&self, pod: &Pod) -> bool {
+        pod.key.namespace == self.namespace && !self.selector.is_empty() && Selector(&self.selector).matches(&pod.labels)
+    }
 }
 
 /// How a workload accepts inbound connections that do not come through the
@@ -250,7 +275,7 @@ pub struct MeshState {
     /// In config order, which is also the order decisions report matches in.
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// HTTP routes, in config order; semantics in [`crate::route`].
-    pub routes: Vec<crate::route::HttpRoute>,
+    pub routes: Vec<route::HttpRoute>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, PodKey>,
 }
@@ -299,7 +324,7 @@ impl MeshState {
         self
     }
 
-    pub fn with_routes(mut self, routes: Vec<crate::route::HttpRoute>) -> Self {
+    pub fn with_routes(mut self, routes: Vec<route::HttpRoute>) -> Self {
         self.routes = routes;
         self
     }
@@ -310,11 +335,7 @@ impl MeshState {
         let p = self.pods.get(pod)?;
         self.services
             .iter()
-            .filter(|svc| {
-                svc.namespace == p.key.namespace
-                    && !svc.selector.is_empty()
-                    && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-            })
+            .filter(|svc| svc.selects(p))
             .flat_map(|svc| svc.ports.iter())
             .find(|sp| sp.target_port == port && sp.is_http())
             .and_then(ServicePort::http_version)
@@ -330,7 +351,7 @@ impl MeshState {
         let mut namespace_wide = None;
         for a in in_ns {
             match &a.selector {
-                Some(sel) if sel.iter().all(|(k, v)| p.labels.get(k) == Some(v)) => return a.mode,
+                Some(sel) if Selector(sel).matches(&p.labels) => return a.mode,
                 Some(_) => {}
                 None => namespace_wide = namespace_wide.or(Some(a.mode)),
             }
@@ -374,9 +395,7 @@ impl MeshState {
     /// Pods selected by a service, in a stable order.
     pub fn endpoints<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Pod> + 'a {
         self.pods.values().filter(move |p| {
-            p.key.namespace == svc.namespace
-                && !svc.selector.is_empty()
-                && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            svc.selects(p)
                 && svc.endpoint_ips.as_ref().is_none_or(|eps| p.ips.iter().any(|ip| eps.contains(ip)))
         })
     }

@@ -377,10 +377,9 @@ async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
 }
 
 mod ca {
-    use mesh_agent::identity::{
-        Authority, GrpcCaClient, SpiffeId,
-        client::fetch,
-        server::{Authn, start_with},
+    use mesh_agent::{
+        ca::{Authn, start_with},
+        identity::{Authority, GrpcCaClient, SpiffeId, client::fetch},
     };
     use mesh_agent::k8s::tokenreview::TokenReviewer;
 

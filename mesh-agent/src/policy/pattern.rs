@@ -4,7 +4,7 @@
 
 use http::HeaderName;
 
-use crate::identity::SpiffeId;
+use crate::spiffe::SpiffeId;
 
 use super::path::normalize_path;
 

@@ -57,11 +57,19 @@ impl Cache {
     }
 }
 
+/// A connection refused by authorization policy: the decision, as
+/// [`crate::policy::Decision`] words it (for the refusal's header and logs).
+#[derive(Debug, thiserror::Error)]
+#[error("{decision}")]
+pub(super) struct Denied {
+    decision: String,
+}
+
 /// The connection-time verdict for a port that is not declared HTTP.
 pub(super) enum L4Verdict {
     Allow,
     /// Refused (already counted and logged), with the reason.
-    Deny(String),
+    Deny(Denied),
     /// Refused as a whole connection, but HTTP requests on it might be
     /// allowed one by one: detect the protocol first.
     DependsOnHttp,
@@ -83,9 +91,9 @@ impl Proxy {
         }
     }
 
-    /// `Err(reason)` when policy refuses a connection from `peer` (None:
+    /// `Err` when policy refuses a connection from `peer` (None:
     /// plaintext) to `port` of `pod`; counted and logged with the policy.
-    pub(super) fn authorize_connection(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> Result<(), String> {
+    pub(super) fn authorize_connection(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> Result<(), Denied> {
         let snapshot = self.state.borrow().clone();
         let wp = self.authz.workload(&snapshot, &pod.key);
         let decision = wp.check_connection(&Connection { peer, port });
@@ -96,6 +104,6 @@ impl Proxy {
         *pod.stats.inbound_denied.lock().expect("poisoned").entry(policy.clone()).or_default() += 1;
         let who = peer.map(|p| p.principal().to_owned()).unwrap_or_else(|| "plaintext client".into());
         tracing::info!(pod = %pod.key, peer = %who, port, %policy, "connection denied by authorization policy: {decision}");
-        Err(decision.to_string())
+        Err(Denied { decision: decision.to_string() })
     }
 }

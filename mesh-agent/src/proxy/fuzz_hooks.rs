@@ -2,9 +2,9 @@
 
 use std::net::SocketAddr;
 
-/// See [`super::http_inbound::validate::fuzz_front_door`].
+/// See [`super::http::validate::fuzz_front_door`].
 pub fn front_door(data: &[u8], chunk: usize, decide: &dyn Fn(&http::Request<()>, &crate::policy::NormalizedPath<'_>)) {
-    super::http_inbound::validate::fuzz_front_door(data, chunk, decide);
+    super::http::validate::fuzz_front_door(data, chunk, decide);
 }
 
 /// The CONNECT `:authority` as h2 hands it over, then the tunnel's parser.

@@ -30,7 +30,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{
     PodHandle, Proxy,
+    connect::{ConnectError, Upstream},
     pool::IDLE_TIMEOUT,
+    reply::ResetCause,
     services::{self, ServiceState},
 };
 use crate::{
@@ -59,14 +61,21 @@ pub struct HttpClients {
 }
 
 /// Why a try got no response.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum TryError {
     /// No connection to the endpoint could be made.
-    Connect(String),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
     /// The connection or stream failed before the response head.
-    Reset(String),
+    #[error("{0}")]
+    Reset(#[from] ResetCause),
     /// The circuit breaker's pending-request limit.
+    #[error("too many pending requests")]
     Overflow,
+}
+
+fn reset(e: hyper::Error) -> TryError {
+    TryError::Reset(ResetCause::Http(e))
 }
 
 impl HttpClients {
@@ -144,15 +153,15 @@ impl Proxy {
                         s
                     }
                 };
-                sender.ready().await.map_err(|e| TryError::Reset(e.to_string()))?;
-                sender.send_request(req).await.map_err(|e| TryError::Reset(e.to_string()))
+                sender.ready().await.map_err(reset)?;
+                sender.send_request(req).await.map_err(reset)
             }
             AppHttp::Http1 => {
                 let mut sender = match self.http_clients.idle_h1(&key) {
                     Some(s) => s,
                     None => self.connect_h1(pod, dest, svc, limits, &key).await?,
                 };
-                let res = sender.send_request(req).await.map_err(|e| TryError::Reset(e.to_string()))?;
+                let res = sender.send_request(req).await.map_err(reset)?;
                 // Back to the idle list once the response has been read.
                 let clients = self.self_arc();
                 let svc = svc.clone();
@@ -192,7 +201,7 @@ impl Proxy {
             }
             if let Some(slot) = self.connection_slot(svc, limits) {
                 let io = self.upstream_io(pod, dest).await?;
-                let (sender, conn) = http1::handshake(io).await.map_err(|e| TryError::Connect(e.to_string()))?;
+                let (sender, conn) = http1::handshake(io).await.map_err(ConnectError::Handshake)?;
                 tokio::spawn(async move {
                     let _slot = slot;
                     if let Err(e) = conn.await {
@@ -227,7 +236,7 @@ impl Proxy {
             .max_frame_size(super::FRAME_SIZE)
             .handshake(io)
             .await
-            .map_err(|e| TryError::Connect(e.to_string()))?;
+            .map_err(ConnectError::Handshake)?;
         tokio::spawn(async move {
             let _slot = slot;
             if let Err(e) = conn.await {
@@ -245,12 +254,9 @@ impl Proxy {
         Some(ConnectionSlot(svc.clone()))
     }
 
-    pub(super) async fn upstream_io(&self, pod: &PodHandle, dest: &Destination) -> Result<TokioIo<super::outbound::Upstream>, TryError> {
+    pub(super) async fn upstream_io(&self, pod: &PodHandle, dest: &Destination) -> Result<TokioIo<Upstream>, ConnectError> {
         let trust_domain = self.state.borrow().trust_domain.clone();
-        self.establish(pod, dest, &trust_domain)
-            .await
-            .map(TokioIo::new)
-            .map_err(|e| TryError::Connect(e.to_string()))
+        self.establish(pod, dest, &trust_domain).await.map(TokioIo::new)
     }
 }
 

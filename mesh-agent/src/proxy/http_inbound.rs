@@ -14,24 +14,30 @@
 //!   are refused by hyper itself (400 / 431). All are counted
 //!   (`httpRejected`) and never forwarded; a request body with broken
 //!   framing is answered 400 too, not blamed on the app.
-//! - Headers that claim an identity ([`validate::IDENTITY_HEADERS`]) are
+//! - Headers that claim an identity ([`super::http::validate::IDENTITY_HEADERS`]) are
 //!   stripped from the client's request and its trailers; the verified peer
 //!   identity goes to the app in `x-mesh-peer-identity` (absent for
 //!   plaintext clients), before authorization, so a policy's `when` on the
 //!   header sees what the app will.
 //! - A denied request gets 403 with a short body naming the policy; it is
 //!   logged and counted (`inboundDenied`), and the app never sees it.
+//! - An `x-mesh-reply` the app sends (header or trailer) is removed: only
+//!   the agent's own answers ([`super::reply`]) carry one.
 
 use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http_body_util::{BodyExt as _, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{PodHandle, Proxy};
+use super::{
+    PodHandle, Proxy,
+    connect::AppError,
+    reply::{self, LocalReply},
+};
 use crate::{
     telemetry::trace::{SpanKind, attr},
     identity::SpiffeId,
@@ -39,50 +45,12 @@ use crate::{
     state::{AppHttp, Snapshot},
 };
 
-use super::http_outbound::REPLY_HEADER;
-
-pub(super) mod validate;
-use validate::{BodyFault, ClientBody, FrontDoor, Violation};
-
-/// The header carrying the verified client identity to the application.
-pub const PEER_IDENTITY_HEADER: &str = "x-mesh-peer-identity";
+use super::http::{
+    PEER_IDENTITY_HEADER, count_http_end, http_server, is_upgrade, join_upgraded,
+    validate::{self, BodyFault, ClientBody, FrontDoor, Violation},
+};
 
 type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Largest request header block accepted.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-
-/// The server side of the agent's HTTP layers: HTTP/1.1 or h2c (prior
-/// knowledge), header blocks above 64 KiB refused (431), as Envoy's default.
-pub(super) fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_HEADER_BYTES);
-    builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
-    builder
-}
-
-/// How a served HTTP connection ended: hyper has already answered a
-/// malformed request with 400 (431 for oversized headers) and closed; count
-/// it.
-pub(super) fn count_http_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>, stats: &super::PodStats, at: SocketAddr, side: &str) {
-    let Err(e) = result else { return };
-    let malformed = e
-        .downcast_ref::<hyper::Error>()
-        .is_some_and(|h| h.is_parse() || h.is_parse_too_large());
-    if malformed {
-        stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(%at, error = %e, side, "malformed HTTP request refused");
-    } else {
-        tracing::debug!(%at, error = %e, side, "HTTP connection ended");
-    }
-}
-
-fn local(status: StatusCode, text: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(text + "\n")).map_err(|never| match never {}).boxed());
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
-}
 
 /// Connections from the agent to the apps of this node's pods, shared by
 /// every downstream connection (an app sees a few keep-alive connections
@@ -203,7 +171,7 @@ impl Proxy {
             door,
         });
         let this = self.clone();
-        let drain = super::DrainHttp::default();
+        let drain = super::http::DrainHttp::default();
         let svc_drain = drain.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
@@ -246,11 +214,7 @@ impl Proxy {
         info.decision = decision;
         let snapshot = self.state.borrow().clone();
         let code = res.status().as_u16();
-        let flags = match res.headers().get(REPLY_HEADER).map(HeaderValue::as_bytes) {
-            Some(b"denied") => "RBAC",
-            Some(_) => "DPE",
-            None => "-",
-        };
+        let flags = reply::flags(&res);
         let series = conn.series.get(&self.telemetry.metrics, &snapshot, (None, protocol, code, flags), || {
             super::observe::Parties {
                 state: &snapshot,
@@ -290,7 +254,7 @@ impl Proxy {
     async fn authorize_and_forward(&self, conn: &Conn, mut req: Request<Incoming>) -> (Response<Body>, Option<(&'static str, Option<String>)>) {
         let pod = &conn.pod;
         if let Err(v) = conn.door.check(&req) {
-            return (validate::refuse(&v, req.version(), &pod.stats, "inbound"), None);
+            return (reply::refuse(&v, req.version(), &pod.stats, "inbound"), None);
         }
         // What the app will see of who the client is, before the policy
         // looks: only the verified peer speaks for it.
@@ -303,7 +267,7 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => {
                 tracing::info!(pod = %pod.key, %target, error = %e, "request refused: unsafe request target");
-                return (validate::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None);
+                return (reply::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None);
             }
         };
         let rewritten = path.as_str() != target;
@@ -320,8 +284,7 @@ impl Proxy {
             *pod.stats.inbound_denied.lock().expect("poisoned").entry(name.clone()).or_default() += 1;
             let who = conn.peer.as_ref().map(|(id, _)| id.to_string()).unwrap_or_else(|| "plaintext client".into());
             tracing::info!(pod = %pod.key, peer = %who, method = %req.method(), path = path.as_str(), policy = %name, "request denied by authorization policy");
-            let mut r = local(StatusCode::FORBIDDEN, format!("RBAC: access denied ({d})"));
-            r.headers_mut().insert(REPLY_HEADER, HeaderValue::from_static("denied"));
+            let r = reply::respond(&LocalReply::Denied { decision: d.to_string() }, req.version());
             return (r, Some(("deny", Some(name))));
         }
         let allowed = Some(("allow", d.policy.map(str::to_owned)));
@@ -335,10 +298,10 @@ impl Proxy {
                         *req.uri_mut() = uri;
                     }
                 }
-                Err(e) => return (validate::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None),
+                Err(e) => return (reply::refuse(&Violation::Target(e.to_string()), req.version(), &pod.stats, "inbound"), None),
             }
         }
-        let downstream = super::http_outbound::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let downstream = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let version = req.version();
         let fault = BodyFault::default();
         let req = req.map(|b| ClientBody::new(b, fault.clone(), true));
@@ -348,24 +311,24 @@ impl Proxy {
                     && res.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
                     let up = hyper::upgrade::on(&mut res);
-                    self.connections.spawn(super::http_outbound::join_upgraded(down, up));
+                    self.connections.spawn(join_upgraded(down, up));
                 }
-                res.map(|b| b.boxed())
+                reply::from_app(res).map(|b| b.boxed())
             }
             // The client's body broke (bad chunk syntax, or it went away):
             // the app is not to blame.
-            Err(e) => match fault.get() {
-                Some(v) => validate::refuse(&v, version, &pod.stats, "inbound"),
+            Err(source) => match fault.get() {
+                Some(v) => reply::refuse(&v, version, &pod.stats, "inbound"),
                 None => {
-                    tracing::info!(pod = %pod.key, target = %conn.target, error = %e, "the application did not answer");
-                    local(StatusCode::SERVICE_UNAVAILABLE, format!("upstream {} unavailable: {e}", conn.target))
+                    tracing::info!(pod = %pod.key, target = %conn.target, error = %source, "the application did not answer");
+                    reply::respond(&LocalReply::AppUnavailable { target: conn.target, source }, version)
                 }
             },
         };
         (res, allowed)
     }
 
-    async fn forward(&self, conn: &Conn, mut req: Request<ClientBody>) -> Result<Response<Incoming>, String> {
+    async fn forward(&self, conn: &Conn, mut req: Request<ClientBody>) -> Result<Response<Incoming>, AppError> {
         let h2 = conn.app == AppHttp::Http2;
         if !h2 {
             // To HTTP/1.1: origin-form target and a Host header.
@@ -391,10 +354,8 @@ impl Proxy {
             let mut s = match existing {
                 Some(s) => s,
                 None => {
-                    let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await.map_err(|e| e.to_string())?;
-                    let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await?;
+                    let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
                     tokio::spawn(async move {
                         let _slot = slot;
                         let _ = c.await;
@@ -412,14 +373,14 @@ impl Proxy {
                     *req.uri_mut() = uri;
                 }
             }
-            s.ready().await.map_err(|e| e.to_string())?;
-            return s.send_request(req).await.map_err(|e| e.to_string());
+            s.ready().await?;
+            return Ok(s.send_request(req).await?);
         }
         let mut s = match apps.idle_h1(&key) {
             Some(s) => s,
             None => {
-                let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await.map_err(|e| e.to_string())?;
-                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+                let (tcp, slot) = self.connect_app(&conn.pod, conn.target).await?;
+                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
                 tokio::spawn(async move {
                     let _slot = slot;
                     let _ = c.with_upgrades().await;
@@ -427,7 +388,7 @@ impl Proxy {
                 s
             }
         };
-        let res = s.send_request(req).await.map_err(|e| e.to_string())?;
+        let res = s.send_request(req).await?;
         // Back to the idle list once the response has been read (an
         // upgraded connection never is: it belongs to its client).
         let this = self.self_arc();

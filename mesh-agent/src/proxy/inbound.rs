@@ -19,39 +19,39 @@ use super::{PodHandle, Proxy, authz::L4Verdict};
 use crate::state::PeerAuthMode;
 
 impl Proxy {
-    pub(super) async fn plaintext_inbound(&self, mut client: TcpStream, peer: SocketAddr, pod: Arc<PodHandle>) {
-        let target = match client.local_addr() {
+    pub(super) async fn plaintext_inbound(&self, mut conn: TcpStream, client: SocketAddr, pod: Arc<PodHandle>) {
+        let target = match conn.local_addr() {
             Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
             Err(e) => {
-                tracing::info!(%peer, error = %e, "captured connection has no local address");
+                tracing::info!(%client, error = %e, "captured connection has no local address");
                 return;
             }
         };
         let mode = self.state.borrow().peer_auth_mode(&pod.key);
         if mode == PeerAuthMode::Strict {
             pod.stats.inbound_plaintext_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, %target, pod = %pod.key, "plaintext connection refused: the pod's peer authentication is STRICT");
-            let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            tracing::info!(%client, %target, pod = %pod.key, "plaintext connection refused: the pod's peer authentication is STRICT");
+            let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
             return;
         }
         let app_http = self.state.borrow().app_http(&pod.key, target.port());
         if let Some(app) = app_http {
             pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-            self.self_arc().serve_http_inbound(client, pod, peer, None, target, app).await;
+            self.self_arc().serve_http_inbound(conn, pod, client, None, target, app).await;
             return;
         }
         match self.check_l4(&pod, None, target.port()) {
             L4Verdict::Allow => {}
             L4Verdict::Deny(_) => {
-                let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+                let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
                 return;
             }
             L4Verdict::DependsOnHttp => {
-                let (http, io) = super::sniff::detect(client, super::DETECT_TIMEOUT).await;
+                let (http, io) = super::sniff::detect(conn, super::DETECT_TIMEOUT).await;
                 match http {
                     Some(app) => {
                         pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-                        self.self_arc().serve_http_inbound(io, pod, peer, None, target, app).await;
+                        self.self_arc().serve_http_inbound(io, pod, client, None, target, app).await;
                     }
                     None => {
                         let _ = self.authorize_connection(&pod, None, target.port());
@@ -63,17 +63,17 @@ impl Proxy {
         pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
         match self.connect_app(&pod, target).await {
             Ok((mut app, _slot)) => {
-                tracing::debug!(%peer, %target, "plaintext inbound delivered");
-                if let Err(e) = super::relay::copy_bidirectional(&mut client, &mut app).await {
-                    tracing::debug!(%peer, %target, error = %e, "plaintext inbound ended with an error");
+                tracing::debug!(%client, %target, "plaintext inbound delivered");
+                if let Err(e) = super::relay::copy_bidirectional(&mut conn, &mut app).await {
+                    tracing::debug!(%client, %target, error = %e, "plaintext inbound ended with an error");
                 }
             }
             Err(e) => {
                 pod.stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, %target, error = %e, "plaintext inbound: the application refused; resetting the client");
+                tracing::info!(%client, %target, error = %e, "plaintext inbound: the application refused; resetting the client");
                 // Nothing listens there: tell the client the way the kernel
                 // would have, with a reset rather than an accept-then-close.
-                let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+                let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
             }
         }
     }

@@ -231,7 +231,7 @@ impl Parties<'_> {
             self.state
                 .services
                 .iter()
-                .find(|s| s.namespace == p.key.namespace && !s.selector.is_empty() && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                .find(|s| s.selects(p))
                 .map(|s| (s.namespace.clone(), s.name.clone()))
         });
         match service {

@@ -21,7 +21,7 @@ impl Proxy {
     pub(super) async fn tunnel_inbound(
         self: Arc<Self>,
         stream: TcpStream,
-        peer: SocketAddr,
+        client: SocketAddr,
         pod: Arc<PodHandle>,
         tls: Arc<rustls::ServerConfig>,
     ) {
@@ -32,11 +32,11 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => {
                 pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, pod = %pod.key, error = %e, "tunnel connection refused: mTLS handshake failed");
+                tracing::info!(%client, pod = %pod.key, error = %e, "tunnel connection refused: mTLS handshake failed");
                 return;
             }
         };
-        tracing::debug!(%peer, client = %client_id, server = %pod.id, "mTLS tunnel connection accepted");
+        tracing::debug!(%client, peer = %client_id, server = %pod.id, "mTLS tunnel connection accepted");
         let client_id = Arc::new(client_id);
         let this = self.clone();
         let svc_pod = pod.clone();
@@ -44,7 +44,7 @@ impl Proxy {
             let this = this.clone();
             let pod = svc_pod.clone();
             let client_id = client_id.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.connect_stream(req, peer, pod, &client_id).await) }
+            async move { Ok::<_, std::convert::Infallible>(this.connect_stream(req, client, pod, &client_id).await) }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(STREAM_WINDOW)
@@ -57,20 +57,20 @@ impl Proxy {
         if let Err(e) = result {
             // Not HTTP/2 inside the TLS session.
             pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, error = %e, "tunnel connection rejected: not HTTP/2 CONNECT");
+            tracing::info!(%client, error = %e, "tunnel connection rejected: not HTTP/2 CONNECT");
         }
     }
 
     async fn connect_stream(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        client: SocketAddr,
         pod: Arc<PodHandle>,
         client_id: &SpiffeId,
     ) -> Response<Empty<Bytes>> {
         let refuse = |status: StatusCode, reason: String| {
             pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, pod = %pod.key, %status, %reason, "tunnel stream refused");
+            tracing::info!(%client, pod = %pod.key, %status, %reason, "tunnel stream refused");
             let mut res = Response::new(Empty::new());
             *res.status_mut() = status;
             if let Ok(v) = http::HeaderValue::from_str(&reason) {
@@ -100,17 +100,17 @@ impl Proxy {
             );
         }
         let app_http = self.state.borrow().app_http(&pod.key, target.port());
-        let peer_for_policy = crate::policy::Peer::new(client_id);
+        let peer = crate::policy::Peer::new(client_id);
         // HTTP ports are authorized per request instead (a DENY on a path
         // must not refuse the whole connection).
         let mut detect = false;
         if app_http.is_none() {
-            match self.check_l4(&pod, Some(&peer_for_policy), target.port()) {
+            match self.check_l4(&pod, Some(&peer), target.port()) {
                 L4Verdict::Allow => {}
                 L4Verdict::Deny(reason) => {
                     let mut res = Response::new(Empty::new());
                     *res.status_mut() = StatusCode::FORBIDDEN;
-                    if let Ok(v) = http::HeaderValue::from_str(&reason) {
+                    if let Ok(v) = http::HeaderValue::from_str(&reason.to_string()) {
                         res.headers_mut().insert(REASON_HEADER, v);
                     }
                     return res;
@@ -131,11 +131,11 @@ impl Proxy {
                     Err(e) => return tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
                 };
                 if let Some(app) = app_http {
-                    return this.serve_http_inbound(upgraded, pod, peer, Some(client_id), target, app).await;
+                    return this.serve_http_inbound(upgraded, pod, client, Some(client_id), target, app).await;
                 }
                 let (http, io) = super::sniff::detect(upgraded, super::DETECT_TIMEOUT).await;
                 match http {
-                    Some(app) => this.serve_http_inbound(io, pod, peer, Some(client_id), target, app).await,
+                    Some(app) => this.serve_http_inbound(io, pod, client, Some(client_id), target, app).await,
                     None => {
                         let peer = crate::policy::Peer::new(&client_id);
                         let _ = this.authorize_connection(&pod, Some(&peer), target.port());
@@ -150,14 +150,14 @@ impl Proxy {
         };
         pod.stats.inbound.fetch_add(1, Ordering::Relaxed);
         count_peer(&pod.stats.inbound_peers, client_id);
-        tracing::debug!(%peer, %target, client = %client_id, "tunnel stream delivered");
+        tracing::debug!(%client, %target, peer = %client_id, "tunnel stream delivered");
         let labels = {
             let snapshot = self.state.borrow().clone();
             super::observe::Parties {
                 state: &snapshot,
                 reporter: "destination",
                 src_pod: None,
-                src_ip: Some(peer.ip().to_canonical()),
+                src_ip: Some(client.ip().to_canonical()),
                 src_id: Some(client_id),
                 dst_pod: Some(&pod.key),
                 dst_addr: Some(target),

@@ -1,4 +1,4 @@
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use http::{HeaderMap, HeaderValue, Method};
 

@@ -8,9 +8,9 @@ use crate::identity::{
     Authority, GrpcCaClient, LocalCaClient,
     client::BoxFuture,
     proto,
-    server::{self, NodeTokens},
     testing::{id, mesh_snapshot, pod},
 };
+use crate::ca::{self as server, NodeTokens};
 
 /// Generous: these tests wait for real (short) certificate lifetimes.
 const DEADLINE: Duration = Duration::from_secs(60);

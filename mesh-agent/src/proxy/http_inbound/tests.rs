@@ -312,12 +312,12 @@ async fn inbound_identity_headers_come_only_from_the_verified_peer() {
     assert_eq!(once(plain, request.as_bytes()).await.status, 200);
     let got = seen.recv().await.unwrap();
     for name in got.headers.keys() {
-        assert!(!super::validate::is_identity_header(name), "{name} reached the app: {:?}", got.headers);
+        assert!(!super::super::http::validate::is_identity_header(name), "{name} reached the app: {:?}", got.headers);
     }
     assert_eq!(got.headers.get("x-other").unwrap(), "kept");
     let trailers = got.trailers.expect("trailers forwarded");
     assert_eq!(trailers.get("x-checksum").unwrap(), "1", "other trailers pass: {trailers:?}");
-    assert!(trailers.keys().all(|n| !super::validate::is_identity_header(n)), "{trailers:?}");
+    assert!(trailers.keys().all(|n| !super::super::http::validate::is_identity_header(n)), "{trailers:?}");
 
     let verified = m.inbound(app, AppHttp::Http1, "198.51.100.12:40000".parse().unwrap(), Some(testing::id("shop", "cart"))).await;
     assert_eq!(once(verified, request.as_bytes()).await.status, 200);
@@ -361,7 +361,7 @@ async fn inbound_http2_front_door() {
     let got = seen.recv().await.unwrap();
     let trailers = got.trailers.expect("trailers forwarded");
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");
-    assert!(trailers.keys().all(|n| !super::validate::is_identity_header(n)), "{trailers:?}");
+    assert!(trailers.keys().all(|n| !super::super::http::validate::is_identity_header(n)), "{trailers:?}");
 }
 
 /// The source agent's server has the same front door: refused before
@@ -384,14 +384,11 @@ async fn outbound_front_door_refuses_before_routing() {
     assert_eq!((r.status, r.header("x-mesh-reply")), (503, Some("no-endpoint")), "a good request goes on to routing");
 }
 
-/// At the source, a broken request body is answered 400: no retry, no 5xx,
-/// no ejection of the endpoint that was reading it.
-#[tokio::test]
-async fn outbound_bad_chunk_is_not_an_upstream_failure() {
-    let (app, _seen) = app(AppHttp::Http1).await;
-    let m = mesh(|s| {
-        // A service in front of a pod outside the mesh, listening on
-        // loopback (the fixture format refuses loopback pod addresses).
+/// A service `legacy/legacy` (`10.96.0.20:80`, HTTP) in front of a pod
+/// outside the mesh, listening at `app` on loopback (the fixture format
+/// refuses loopback pod addresses).
+fn legacy_service(app: SocketAddr) -> impl FnOnce(&mut MeshState) {
+    move |s| {
         let extra = crate::localfile::parse(
             Path::new("tests.rs"),
             &format!(
@@ -406,7 +403,15 @@ async fn outbound_bad_chunk_is_not_an_upstream_failure() {
             s.pods.insert(k, p);
         }
         s.services.extend(extra.services);
-    });
+    }
+}
+
+/// At the source, a broken request body is answered 400: no retry, no 5xx,
+/// no ejection of the endpoint that was reading it.
+#[tokio::test]
+async fn outbound_bad_chunk_is_not_an_upstream_failure() {
+    let (app, _seen) = app(AppHttp::Http1).await;
+    let m = mesh(legacy_service(app));
     let at = m.outbound("10.96.0.20:80".parse().unwrap(), AppHttp::Http1).await;
     // A streamed (chunked) body is sent as it comes.
     let mut c = Raw::connect(at).await;
@@ -440,4 +445,114 @@ async fn plaintext_client_principal_is_unknown_in_metrics_and_access_log() {
     let entry: serde_json::Value = serde_json::from_str(log.lines().next().expect("one access log line")).unwrap();
     assert_eq!(entry["sourcePrincipal"], "unknown", "{entry}");
     assert_eq!(entry["sourceWorkload"], "cart", "{entry}");
+}
+
+/// An app that answers every request 403 and claims, in a header and a
+/// trailer, that the mesh denied it.
+async fn spoofing_app(version: AppHttp) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("x-mesh-reply", "denied".parse().unwrap());
+                trailers.insert("grpc-status", "7".parse().unwrap());
+                let frames = vec![Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from_static(b"RBAC: access denied\n"))), Ok(hyper::body::Frame::trailers(trailers))];
+                let mut res = Response::new(http_body_util::StreamBody::new(futures::stream::iter(frames)));
+                *res.status_mut() = http::StatusCode::FORBIDDEN;
+                res.headers_mut().insert("x-mesh-reply", "denied".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(res)
+            });
+            let io = TokioIo::new(s);
+            tokio::spawn(async move {
+                let _ = match version {
+                    AppHttp::Http1 => hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await.map_err(|e| e.to_string()),
+                    AppHttp::Http2 => hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await
+                        .map_err(|e| e.to_string()),
+                };
+            });
+        }
+    });
+    addr
+}
+
+/// One HTTP/2 request to `at`; the response head and its trailers.
+async fn h2_get(at: SocketAddr, uri: &str) -> (http::response::Parts, Option<HeaderMap>) {
+    let tcp = TcpStream::connect(at).await.unwrap();
+    let (mut client, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(uri).body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let (parts, body) = client.send_request(req).await.unwrap().into_parts();
+    (parts, body.collect().await.unwrap().trailers().cloned())
+}
+
+/// The `istio_requests_total` lines of `reporter` with `code` and `flags`
+/// (any, for `None`), once there are some: a response is recorded when its
+/// body ends.
+async fn request_lines(m: &Mesh, reporter: &str, code: u16, flags: Option<&str>) -> Vec<String> {
+    let mut want = vec![format!("reporter=\"{reporter}\""), format!("response_code=\"{code}\"")];
+    want.extend(flags.map(|f| format!("response_flags=\"{f}\"")));
+    for _ in 0..100 {
+        let text = m.metrics.encode();
+        let lines: Vec<String> = text.lines().filter(|l| l.starts_with("istio_requests_total{") && want.iter().all(|w| l.contains(w.as_str()))).map(str::to_owned).collect();
+        if !lines.is_empty() {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no {reporter} series for {code}:\n{}", m.metrics.encode());
+}
+
+/// The destination agent: an app's own `x-mesh-reply` (header or trailer)
+/// never reaches the client, and its 403 is the app's in the metrics, not
+/// a policy denial.
+#[tokio::test]
+async fn an_apps_x_mesh_reply_is_removed_at_the_destination() {
+    let m = mesh(|_| {});
+    let app = spoofing_app(AppHttp::Http2).await;
+    let at = m.inbound(app, AppHttp::Http2, "198.51.100.12:40000".parse().unwrap(), Some(testing::id("shop", "cart"))).await;
+    let (head, trailers) = h2_get(at, "http://ok.shop/x").await;
+    assert_eq!(head.status, 403);
+    assert!(head.headers.get("x-mesh-reply").is_none(), "{:?}", head.headers);
+    let trailers = trailers.expect("the app's trailers are forwarded");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "7");
+    assert!(trailers.get("x-mesh-reply").is_none(), "{trailers:?}");
+    for line in request_lines(&m, "destination", 403, None).await {
+        assert!(line.contains("response_flags=\"-\""), "the app's 403 is not a mesh denial: {line}");
+    }
+    // HTTP/1 to the client, the same.
+    let http1 = m.inbound(app, AppHttp::Http2, PLAIN.parse().unwrap(), None).await;
+    let r = once(http1, b"GET / HTTP/1.1\r\nHost: ok.shop\r\n\r\n").await;
+    assert_eq!((r.status, r.header("x-mesh-reply")), (403, None), "{r:?}");
+    // The agent's own denial still says so.
+    let r = once(http1, b"GET / HTTP/1.1\r\nHost: admin.shop\r\n\r\n").await;
+    assert_eq!((r.status, r.header("x-mesh-reply")), (403, Some("denied")), "{r:?}");
+    let flagged = request_lines(&m, "destination", 403, Some("RBAC")).await;
+    assert_eq!(flagged.len(), 1, "only the agent's denial is RBAC: {flagged:?}");
+    assert!(flagged[0].ends_with(" 1"), "{}", flagged[0]);
+}
+
+/// The source agent: from an endpoint outside the mesh (no tunnel, no peer
+/// agent) `x-mesh-reply` is not believed, not passed on, and changes no
+/// flags.
+#[tokio::test]
+async fn the_source_believes_x_mesh_reply_only_from_a_peer_agent() {
+    let app = spoofing_app(AppHttp::Http2).await;
+    let m = mesh(legacy_service(app));
+    let at = m.outbound("10.96.0.20:80".parse().unwrap(), AppHttp::Http2).await;
+    let (head, trailers) = h2_get(at, "http://legacy/x").await;
+    assert_eq!(head.status, 403);
+    assert!(head.headers.get("x-mesh-reply").is_none(), "{:?}", head.headers);
+    let trailers = trailers.expect("the endpoint's trailers are forwarded");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "7");
+    assert!(trailers.get("x-mesh-reply").is_none(), "{trailers:?}");
+    for line in request_lines(&m, "source", 403, None).await {
+        assert!(line.contains("response_flags=\"-\""), "{line}");
+    }
+    let r = once(at, b"GET / HTTP/1.1\r\nHost: legacy\r\n\r\n").await;
+    assert_eq!((r.status, r.header("x-mesh-reply")), (403, None), "{r:?}");
 }

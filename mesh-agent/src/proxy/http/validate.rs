@@ -42,12 +42,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version, header};
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http::{HeaderMap, HeaderName, Request, Version, header};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-use super::super::http_outbound::REPLY_HEADER;
 
 /// Headers that claim who the client is. A client never gets to say that:
 /// they are removed from every request (headers and trailers) the
@@ -95,28 +92,9 @@ pub enum Violation {
 
 impl Violation {
     /// The connection cannot be trusted to frame the next request.
-    fn closes(&self) -> bool {
+    pub(in crate::proxy) fn closes(&self) -> bool {
         matches!(self, Self::ContentLengthAndTransferEncoding | Self::Unverified | Self::Body(_))
     }
-}
-
-/// The servers' body type, for local replies.
-pub(in crate::proxy) type ReplyBody = BoxBody<Bytes, hyper::Error>;
-
-/// The 400 for `v` (`Connection: close` on HTTP/1 when the framing is in
-/// doubt), counted in `stats` and logged.
-pub(in crate::proxy) fn refuse(v: &Violation, version: Version, stats: &super::super::PodStats, side: &str) -> Response<ReplyBody> {
-    stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(side, reason = %v, "request refused: malformed or ambiguous");
-    let body = Full::new(Bytes::from(format!("bad request: {v}\n"))).map_err(|never| match never {}).boxed();
-    let mut r = Response::new(body);
-    *r.status_mut() = StatusCode::BAD_REQUEST;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r.headers_mut().insert(REPLY_HEADER, HeaderValue::from_static("bad-request"));
-    if v.closes() && version <= Version::HTTP_11 {
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    r
 }
 
 /// The front door of one connection: the notes [`Inspected`] took on its

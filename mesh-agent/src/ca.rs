@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq as _;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
-use super::{
+use crate::identity::{
     authority::{Authority, IssueRequest, StoreError},
     parse_ttl,
     proto::{self, ca_server::CaServer},
@@ -421,14 +421,14 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
         println!(
             "new active root written; the trust bundle now also holds it ({}). Delete the old root's file from {} once every certificate it signed has expired (at most --ttl).",
             file.display(),
-            args.state_dir.join(super::authority::ROOTS_DIR).display()
+            args.state_dir.join(crate::identity::authority::ROOTS_DIR).display()
         );
         return Ok(());
     }
     if args.source != "kube" && (args.config.is_none() || args.tokens.is_none()) {
         return Err(ServerError::FileModeArgs);
     }
-    if args.ttl < super::authority::MIN_TTL || args.ttl > Duration::from_secs(365 * 86400) {
+    if args.ttl < crate::identity::authority::MIN_TTL || args.ttl > Duration::from_secs(365 * 86400) {
         return Err(ServerError::Ttl(args.ttl));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
