@@ -8,6 +8,8 @@
 mod http_serve;
 #[path = "meshtest/idle.rs"]
 mod idle;
+#[path = "meshtest/rapid_reset.rs"]
+mod rapid_reset;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -136,6 +138,10 @@ enum Cmd {
     /// idle until FILE exists or SIGTERM, then one more `GET /` each and
     /// closed; see `meshtest/idle.rs`.
     Idle(idle::Args),
+    /// HTTP/2 Rapid Reset flood (HEADERS + RST_STREAM pairs, cleartext,
+    /// prior knowledge), reconnecting when closed; see
+    /// `meshtest/rapid_reset.rs`.
+    RapidReset(rapid_reset::Args),
 }
 
 #[derive(clap::Args)]
@@ -192,6 +198,7 @@ fn main() -> ExitCode {
         ),
         Cmd::HttpServe { listen, body_bytes, threads } => http_serve::run(listen, body_bytes, threads),
         Cmd::Idle(args) => idle::run(args),
+        Cmd::RapidReset(args) => rapid_reset::run(args),
     }
 }
 

@@ -9,6 +9,8 @@
 //! | saturation | `wrk -t1 -c16` | requests/s, as many as it gets |
 //! | connection rate | `oha -c 16 --disable-keepalive` | new connections (one request each) per second |
 //! | bulk | `curl GET /bulk?bytes=N` | one stream's Gbit/s |
+//! | idle connections | `meshtest idle` (1,000 then 10,000 keep-alive connections, one GET each, held) | each proxy's anonymous memory per connection (KiB) |
+//! | rapid reset | `meshtest rapid-reset` (HTTP/2 HEADERS + RST_STREAM flood) beside `oha -q 1000 -c 16` | the legitimate requests' p99 and errors during the flood (L7 variants: the client side must speak HTTP/2) |
 //!
 //! oha's `--latency-correction` measures each request from when it was
 //! due, not from when it was sent, so a stall is not hidden by the requests
@@ -72,6 +74,12 @@ pub struct Profile {
     /// replaced a quarter in, the node-b agent half-way.
     #[serde(default)]
     pub restart_secs: u64,
+    /// Idle keep-alive connections held at once, one measurement each.
+    #[serde(default)]
+    pub idle_conns: Vec<u32>,
+    /// The rapid reset flood's length (legitimate load during it).
+    #[serde(default)]
+    pub rapid_reset_secs: u64,
     /// Idle time after the proxies are up, before the idle RSS reading.
     pub settle_ms: u64,
     /// Only these scenarios (names in [`SCENARIOS`]); empty: all. For
@@ -81,7 +89,7 @@ pub struct Profile {
 }
 
 /// Scenario names, for `--scenarios`.
-pub const SCENARIOS: [&str; 6] = ["latency", "open-conns", "saturation", "connrate", "bulk", "restart"];
+pub const SCENARIOS: [&str; 8] = ["idle-conns", "latency", "open-conns", "saturation", "connrate", "bulk", "rapid-reset", "restart"];
 
 impl Profile {
     pub fn for_mode(mode: Mode) -> Profile {
@@ -95,6 +103,8 @@ impl Profile {
                 open_conns_secs: 5,
                 bulk_bytes: 1 << 30,
                 restart_secs: 12,
+                idle_conns: vec![1000, 10_000],
+                rapid_reset_secs: 8,
                 settle_ms: 1000,
                 only: Vec::new(),
             },
@@ -107,6 +117,8 @@ impl Profile {
                 open_conns_secs: 3,
                 bulk_bytes: 256 << 20,
                 restart_secs: 6,
+                idle_conns: vec![1000, 10_000],
+                rapid_reset_secs: 3,
                 settle_ms: 500,
                 only: Vec::new(),
             },
@@ -119,6 +131,8 @@ impl Profile {
                 open_conns_secs: 1,
                 bulk_bytes: 16 << 20,
                 restart_secs: 4,
+                idle_conns: vec![100],
+                rapid_reset_secs: 1,
                 settle_ms: 200,
                 only: Vec::new(),
             },
@@ -134,13 +148,15 @@ impl Profile {
             return format!("only {} (durations as in the mode)", self.only.join(", "));
         }
         format!(
-            "latency {RATE} rps x {}s, {} open connections x {}s, saturation {}s, connection rate {}s, bulk {} MiB",
+            "idle connections {:?}, latency {RATE} rps x {}s, {} open connections x {}s, saturation {}s, connection rate {}s, bulk {} MiB, rapid reset {}s",
+            self.idle_conns,
             self.latency_secs,
             self.open_conns,
             self.open_conns_secs,
             self.saturation_secs,
             self.connrate_secs,
-            self.bulk_bytes >> 20
+            self.bulk_bytes >> 20,
+            self.rapid_reset_secs
         )
     }
 }
@@ -202,8 +218,9 @@ pub fn probe(client: &Pod, target: &Target) -> Result<()> {
 }
 
 /// Every scenario, in a fixed order, on one variant. `pids` are the proxy
-/// processes (client side first), empty for `direct`.
-pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], p: &Profile) -> Result<Metrics> {
+/// processes (client side first), empty for `direct`; `h2_front`: the
+/// client-side proxy parses HTTP (and so takes HTTP/2 from the client).
+pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], h2_front: bool, p: &Profile) -> Result<Metrics> {
     let mut m = Metrics::default();
     std::thread::sleep(Duration::from_millis(p.settle_ms));
     for (side, pid) in sides(pids) {
@@ -211,6 +228,12 @@ pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], p: &Profile) -> Re
         // Anonymous pages only: RSS also counts the binary's code pages,
         // which are shared by every process of the same binary.
         m.set(&format!("anon_idle_{side}_mb"), anon_mb(pid)?);
+    }
+
+    // First, on fresh proxies: later scenarios leave freed memory that a
+    // new connection would reuse, hiding what it costs.
+    if !pids.is_empty() && p.wants("idle-conns") {
+        idle_conns(client, target, pids, p, &mut m)?;
     }
 
     // Latency at a fixed rate, and what the proxies spend on it.
@@ -243,7 +266,71 @@ pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], p: &Profile) -> Re
     if p.wants("bulk") {
         m.set("bulk_gbps", bulk(client, target, p.bulk_bytes)?);
     }
+
+    if h2_front && p.wants("rapid-reset") {
+        rapid_reset(client, target, p.rapid_reset_secs, &mut m)?;
+    }
     Ok(m)
+}
+
+/// Per size: `meshtest idle` holds that many keep-alive connections (one
+/// GET each); each proxy's anonymous memory with them minus before, per
+/// connection. Between sizes the proxies get their descriptors back and
+/// time to return freed memory (the agent looks every 5 s).
+fn idle_conns(client: &Pod, target: &Target, pids: &[u32], p: &Profile, m: &mut Metrics) -> Result<()> {
+    for (i, &n) in p.idle_conns.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_secs(11));
+        }
+        let before: Vec<f64> = pids.iter().map(|&pid| anon_mb(pid)).collect::<Result<_>>()?;
+        let control = std::env::temp_dir().join(format!("bench-idle-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_file(&control);
+        let to = format!("{}:{}", target.ip, target.port);
+        let (n_arg, control_arg) = (n.to_string(), control.to_string_lossy().into_owned());
+        let idle = client.spawn(
+            "meshtest",
+            ["idle", "--to", &to, "--connections", &n_arg, "--path", PATH, "--control", &control_arg],
+        )?;
+        let line = idle
+            .wait_for_stdout(Duration::from_secs(120), |l| l.contains("\"held\""))
+            .with_context(|| format!("meshtest idle: {}", idle.stderr()))?;
+        let opened: Value = serde_json::from_str(&line)?;
+        ensure!(opened["failed"] == 0, "idle connections failed: {opened}");
+        // Let the last connections' buffers settle before reading.
+        std::thread::sleep(Duration::from_millis(500));
+        for ((side, pid), before) in sides(pids).zip(&before) {
+            m.set(&format!("idle_kib_{side}_{n}"), (anon_mb(pid)? - before) * 1024.0 / f64::from(n));
+        }
+        std::fs::write(&control, b"")?;
+        let out = idle.wait_output(Duration::from_secs(120))?;
+        let _ = std::fs::remove_file(&control);
+        ensure!(out.status.success(), "meshtest idle: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(())
+}
+
+/// The latency scenario's load (1,000 rps over 16 connections) while
+/// another connection floods the client-side proxy with HTTP/2 Rapid Reset;
+/// the legitimate requests' p99 and failures, and the flood's pace.
+fn rapid_reset(client: &Pod, target: &Target, secs: u64, m: &mut Metrics) -> Result<()> {
+    let to = format!("{}:{}", target.ip, target.port);
+    let flood_secs = (secs + 1).to_string();
+    let flood = client.spawn("meshtest", ["rapid-reset", "--to", &to, "--secs", &flood_secs])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let run = oha_spawn(client, target, secs)?;
+    let out = run.wait_output(Duration::from_secs(secs + 60))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "oha (rapid reset) failed ({}): {stdout} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(&stdout).with_context(|| format!("oha printed no JSON: {stdout}"))?;
+    let p99 = v["latencyPercentiles"]["p99"].as_f64().with_context(|| format!("oha: no p99 in {v}"))?;
+    m.set("rapid_reset_p99_ms", p99 * 1e3);
+    m.set("rapid_reset_errors", errors(&v) as f64);
+    let fout = flood.wait_output(Duration::from_secs(30))?;
+    let line = String::from_utf8_lossy(&fout.stdout);
+    let f: Value = serde_json::from_str(line.lines().last().unwrap_or_default()).with_context(|| format!("meshtest rapid-reset: {line}"))?;
+    m.set("rapid_reset_streams_per_s", f["streams"].as_f64().unwrap_or(0.0) / (secs + 1) as f64);
+    m.set("rapid_reset_connections", f["connections"].as_f64().unwrap_or(0.0));
+    Ok(())
 }
 
 fn latency(client: &Pod, target: &Target, pids: &[u32], p: &Profile, m: &mut Metrics) -> Result<()> {

@@ -309,7 +309,8 @@ fn run_variant(
         let proxy_out: String = proxies.iter().map(|p| p.stderr()).collect::<Vec<_>>().join("\n");
         format!("no request went through {}: {why}\n{logs}{proxy_out}", variant.name())
     })?;
-    let mut metrics = load::scenarios(client, &target, &pids, profile)?;
+    let h2_front = matches!(variant, Variant::AgentL7 { .. } | Variant::HaproxyHttp);
+    let mut metrics = load::scenarios(client, &target, &pids, h2_front, profile)?;
     if variant.is_agent() && profile.wants("restart") {
         restart(tb, server, &target, &mut agents, &agent_variant_args(variant, agent_args), profile, &mut metrics, client)?;
     }

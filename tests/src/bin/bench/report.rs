@@ -83,6 +83,13 @@ impl Run {
         (b.median != 0.0).then(|| a.median / b.median)
     }
 
+    /// One variant's `key` over its own `base` (e.g. p99 under a
+    /// disturbance over its steady p99), medians.
+    fn within(&self, variant: Variant, key: &str, base: &str) -> Option<f64> {
+        let (a, b) = (self.stat(variant, key)?, self.stat(variant, base)?);
+        (b.median > 0.0).then(|| a.median / b.median)
+    }
+
     /// Smoke check: every variant has every scenario's numbers.
     pub fn check_complete(&self) -> Result<()> {
         let mut missing = Vec::new();
@@ -94,9 +101,23 @@ impl Run {
             if v.name().starts_with("agent-") {
                 keys.push("restart_requests");
             }
+            if matches!(v, Variant::AgentL7 { .. } | Variant::HaproxyHttp) {
+                keys.push("rapid_reset_p99_ms");
+            }
             for k in keys {
                 if !self.stat(v, k).is_some_and(|s| s.median > 0.0) {
                     missing.push(format!("{}:{k}", v.name()));
+                }
+            }
+            // Per-connection memory may round to 0 at a small size: present.
+            if v != Variant::Direct {
+                for n in &self.profile.idle_conns {
+                    for side in ["a", "b"] {
+                        let k = format!("idle_kib_{side}_{n}");
+                        if self.stat(v, &k).is_none() {
+                            missing.push(format!("{}:{k}", v.name()));
+                        }
+                    }
                 }
             }
         }
@@ -345,11 +366,7 @@ pub fn markdown(run: &Run) -> String {
                 cell(run.stat(v, "restart_plaintext"), 0),
                 cell(run.stat(v, "restart_p99_ms"), 3),
                 cell(run.stat(v, "p99_ms"), 3),
-                ratio_cell(
-                    run.stat(v, "restart_p99_ms")
-                        .zip(run.stat(v, "p99_ms"))
-                        .and_then(|(a, b)| (b.median > 0.0).then(|| a.median / b.median))
-                ),
+                ratio_cell(run.within(v, "restart_p99_ms", "p99_ms")),
             );
         }
         let _ = writeln!(md);
@@ -405,6 +422,65 @@ pub fn markdown(run: &Run) -> String {
             pair1("rss_conns"),
             pair1("anon_conns")
         );
+    }
+
+    if !run.profile.idle_conns.is_empty() && run.variants.iter().any(|v| *v != Variant::Direct) {
+        let sizes = &run.profile.idle_conns;
+        let _ = writeln!(md, "\n## Memory per idle connection (KiB of anonymous memory, client-side A / server-side B)\n");
+        let _ = writeln!(
+            md,
+            "`meshtest idle` holds N keep-alive connections (one GET each) on fresh proxies; each proxy's \
+             `RssAnon` with them minus before, divided by N. ×peer: A + B against HAProxy's A + B in the same mode.\n"
+        );
+        let head: Vec<String> = sizes.iter().flat_map(|n| [format!("{n} conns (A / B)"), format!("×peer at {n}")]).collect();
+        let _ = writeln!(md, "| variant | {} |", head.join(" | "));
+        let _ = writeln!(md, "| --- |{}", " --- |".repeat(head.len()));
+        for &v in &run.variants {
+            if v == Variant::Direct {
+                continue;
+            }
+            let both = |v: Variant, n: u32| -> Option<f64> {
+                Some(run.stat(v, &format!("idle_kib_a_{n}"))?.median + run.stat(v, &format!("idle_kib_b_{n}"))?.median)
+            };
+            let cells: Vec<String> = sizes
+                .iter()
+                .flat_map(|&n| {
+                    let pair = format!("{} / {}", cell(run.stat(v, &format!("idle_kib_a_{n}")), 1), cell(run.stat(v, &format!("idle_kib_b_{n}")), 1));
+                    let peer = v.peer().filter(|p| run.variants.contains(p)).and_then(|p| Some((both(v, n)?, both(p, n)?)));
+                    [pair, ratio_cell(peer.and_then(|(a, b)| (b > 0.0).then(|| a / b)))]
+                })
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", v.name(), cells.join(" | "));
+        }
+    }
+
+    if run.variants.iter().any(|v| run.stat(*v, "rapid_reset_p99_ms").is_some()) {
+        let _ = writeln!(md, "\n## Legitimate latency during an HTTP/2 Rapid Reset flood\n");
+        let _ = writeln!(
+            md,
+            "{RATE} rps over {CONNECTIONS} connections for {} s while `meshtest rapid-reset` floods the client-side proxy \
+             with HEADERS + RST_STREAM pairs on another connection (reconnecting when cut). L7 variants only: \
+             the L4 ones pass HTTP/2 to an HTTP/1.1 app that refuses it.\n",
+            run.profile.rapid_reset_secs
+        );
+        let _ = writeln!(md, "| variant | p99 during flood (ms) | p99 steady (ms) | ×steady | failed requests | flood streams/s | flood connections |");
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+        for &v in &run.variants {
+            if run.stat(v, "rapid_reset_p99_ms").is_none() {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                v.name(),
+                cell(run.stat(v, "rapid_reset_p99_ms"), 3),
+                cell(run.stat(v, "p99_ms"), 3),
+                ratio_cell(run.within(v, "rapid_reset_p99_ms", "p99_ms")),
+                cell(run.stat(v, "rapid_reset_errors"), 0),
+                cell(run.stat(v, "rapid_reset_streams_per_s"), 0),
+                cell(run.stat(v, "rapid_reset_connections"), 0),
+            );
+        }
     }
 
     if !run.policy.is_empty() {

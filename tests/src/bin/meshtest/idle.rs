@@ -35,6 +35,9 @@ pub struct Args {
     /// Hold until this file exists (or SIGTERM).
     #[arg(long)]
     control: PathBuf,
+    /// The path each request asks for.
+    #[arg(long, default_value = "/")]
+    path: String,
     /// Seconds for each connect and each request.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
@@ -70,7 +73,7 @@ async fn idle(a: Args) -> ExitCode {
     let timeout = super::secs(a.timeout);
     let started = Instant::now();
     let results: Vec<Result<Conn, String>> = futures::stream::iter(0..a.connections)
-        .map(|_| open(a.to, timeout))
+        .map(|_| open(a.to, &a.path, timeout))
         .buffer_unordered(a.parallel.max(1))
         .collect()
         .await;
@@ -93,9 +96,10 @@ async fn idle(a: Args) -> ExitCode {
 
     // Every held connection again, all at once: still there after idling.
     let mut second_errors: BTreeMap<String, u64> = BTreeMap::new();
+    let path = a.path.as_str();
     let again: Vec<(Conn, Result<(), String>)> = futures::stream::iter(conns)
         .map(|mut c| async move {
-            let r = get(&mut c.0, a.to, timeout).await;
+            let r = get(&mut c.0, a.to, path, timeout).await;
             (c, r)
         })
         .buffer_unordered(a.parallel.max(1))
@@ -121,7 +125,7 @@ async fn idle(a: Args) -> ExitCode {
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
-async fn open(to: SocketAddr, timeout: Duration) -> Result<Conn, String> {
+async fn open(to: SocketAddr, path: &str, timeout: Duration) -> Result<Conn, String> {
     let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(to)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("connect: {}", kind(&e))),
@@ -134,12 +138,12 @@ async fn open(to: SocketAddr, timeout: Duration) -> Result<Conn, String> {
     let task = tokio::spawn(async move {
         let _ = conn.await;
     });
-    get(&mut send, to, timeout).await?;
+    get(&mut send, to, path, timeout).await?;
     Ok((send, task))
 }
 
-async fn get(send: &mut SendRequest<Empty<Bytes>>, to: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let req = http::Request::get("/")
+async fn get(send: &mut SendRequest<Empty<Bytes>>, to: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
+    let req = http::Request::get(path)
         .header(http::header::HOST, to.to_string())
         .body(Empty::new())
         .map_err(|e| format!("request: {e}"))?;
