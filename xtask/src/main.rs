@@ -9,6 +9,7 @@ mod crds;
 mod demo;
 mod fuzz;
 mod image;
+mod install;
 mod manifests;
 mod setup;
 mod test;
@@ -41,6 +42,9 @@ enum Command {
     Manifests,
     /// Write deploy/crds.yaml from the CRD types (mesh-agent/src/k8s/crd.rs).
     Crds,
+    /// Write deploy/install.yaml: namespace, CRDs, RBAC, CA and agent in one
+    /// file, with the image set (`kubectl apply -f deploy/install.yaml`).
+    InstallManifest(install::Args),
     /// Setup, then build every binary of the workspace (mesh-agent embeds the eBPF object).
     Build,
     /// The agent's OCI image, from a release build and the libraries it links
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(&args),
         Command::Build => build::run(),
         Command::Crds => crds::run(),
+        Command::InstallManifest(args) => install::run(&args),
         Command::Manifests => setup::run().and_then(|()| manifests::run()),
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
