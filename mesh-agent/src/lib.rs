@@ -22,6 +22,7 @@
 //! | [`metrics`] | Prometheus metrics (Istio's names), health collector |
 //! | [`telemetry`] | distributed tracing (OTLP/gRPC) |
 //! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump`, `/logging` |
+//! | [`status_view`] | `/status` as the tables of `mesh-agent status` (one node, all nodes) |
 //! | [`app`] | wiring, runtimes, shutdown |
 
 pub mod access_log;
@@ -46,6 +47,7 @@ pub mod policy;
 pub mod proxy;
 pub mod route;
 pub mod state;
+pub mod status_view;
 pub mod telemetry;
 pub mod tls;
 
