@@ -26,11 +26,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// What a listener serves: everything (loopback admin), or only what a
-/// scraper and the kubelet need (`--metrics`, reachable from the network).
+/// scraper, the kubelet and `mesh-agent status --all-nodes` (through the
+/// API server's pod proxy) need (`--metrics`, reachable from the network).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
     Admin,
-    /// `/metrics`, `/healthz`, `/ready`.
+    /// GET `/metrics`, `/healthz`, `/ready`, `/status`.
     Public,
 }
 
@@ -64,9 +65,11 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn AdminSource>, scope: S
             let svc = service_fn(move |req: Request<Incoming>| {
                 let source = source.clone();
                 async move {
-                    let public = matches!(req.uri().path(), "/metrics" | "/healthz" | "/ready");
+                    // Read-only and secret-free; changing the log filter and
+                    // the config dump stay on loopback.
+                    let public = req.method() == http::Method::GET && matches!(req.uri().path(), "/metrics" | "/healthz" | "/ready" | "/status");
                     if scope == Scope::Public && !public {
-                        let mut r = Response::new(Full::new(Bytes::from_static(b"not found: this port serves /metrics, /healthz and /ready\n")));
+                        let mut r = Response::new(Full::new(Bytes::from_static(b"not found: this port serves GET /metrics, /healthz, /ready and /status\n")));
                         *r.status_mut() = StatusCode::NOT_FOUND;
                         return Ok::<_, Infallible>(r);
                     }

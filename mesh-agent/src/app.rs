@@ -39,6 +39,11 @@ pub enum Error {
     Ebpf(Box<ebpf::Error>),
     #[error("cannot listen on admin address {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "cannot listen on the {flag} address {addr} (--{flag}): {source}; is another agent or program using it? \
+         Nothing was loaded or attached to the kernel"
+    )]
+    Bind { flag: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Trace(crate::telemetry::trace::Error),
     #[error("{0}")]
@@ -212,6 +217,37 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
             (None, Some((offer, taking)))
         }
     };
+    // The admin and metrics listeners before anything touches the kernel:
+    // a port another process holds stops the agent here, having loaded and
+    // attached nothing, rather than after it enrolled the node's pods. Now
+    // that this agent owns the node (or is taking it over), the addresses
+    // are free or are the predecessor's, handed over with the same command
+    // line (a port 0 admin means "whatever the previous agent had"). If a
+    // bind fails during a takeover, dropping `taking` makes the previous
+    // agent resume as if nothing happened.
+    let (inherited_admin, inherited_metrics) = match taking.as_mut() {
+        Some((offer, _)) => {
+            let same = |want: SocketAddr, had: SocketAddr| want == had || (want.port() == 0 && want.ip() == had.ip());
+            (
+                offer.admin.take().filter(|(a, _)| same(cfg.admin_addr, *a)),
+                offer.metrics.take().filter(|(a, _)| cfg.metrics_addr.is_some_and(|m| same(m, *a))),
+            )
+        }
+        None => (None, None),
+    };
+    let listener = match inherited_admin {
+        Some((addr, fd)) => inherit_listener(fd).map_err(|source| Error::Admin { addr, source })?,
+        None => admin::bind(cfg.admin_addr)
+            .await
+            .map_err(|source| Error::Bind { flag: "admin", addr: cfg.admin_addr, source })?,
+    };
+    let metrics_listener = match (cfg.metrics_addr, inherited_metrics) {
+        (None, _) => None,
+        (Some(_), Some((addr, fd))) => Some((addr, inherit_listener(fd).map_err(|source| Error::Admin { addr, source })?)),
+        (Some(addr), None) => {
+            Some((addr, admin::bind(addr).await.map_err(|source| Error::Bind { flag: "metrics", addr, source })?))
+        }
+    };
     let mut datapath = Datapath::load(ebpf::Options {
         accelerate: cfg.accelerate,
         bpffs: cfg.bpffs.clone(),
@@ -256,8 +292,6 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
         let kube = kube.clone();
         move || kube.as_ref().is_none_or(|k| k.view().built)
     };
-    let mut inherited_admin = None;
-    let mut inherited_metrics = None;
     if let Some((offer, _)) = taking.as_mut() {
         for p in &mut offer.pods {
             let (Some(id), Some(cert)) = (p.identity.as_deref(), p.cert.take()) else { continue };
@@ -267,11 +301,6 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
             }
         }
         enrollment.lock().expect("poisoned").inherit(std::mem::take(&mut offer.pods));
-        // The listeners of the same command line (a port 0 admin means
-        // "whatever the previous agent had").
-        let same = |want: SocketAddr, had: SocketAddr| want == had || (want.port() == 0 && want.ip() == had.ip());
-        inherited_admin = offer.admin.take().filter(|(a, _)| same(cfg.admin_addr, *a));
-        inherited_metrics = offer.metrics.take().filter(|(a, _)| cfg.metrics_addr.is_some_and(|m| same(m, *a)));
     }
     enrollment.lock().expect("poisoned").reconcile(&state.borrow().clone(), complete());
     if let Some((_, taking)) = taking.take() {
@@ -290,12 +319,6 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
         }
     }
 
-    let listener = match inherited_admin {
-        Some((addr, fd)) => inherit_listener(fd).map_err(|source| Error::Admin { addr, source })?,
-        None => admin::bind(cfg.admin_addr)
-            .await
-            .map_err(|source| Error::Admin { addr: cfg.admin_addr, source })?,
-    };
     let admin_fd = dup_listener(&listener).map_err(|source| Error::Admin { addr: cfg.admin_addr, source })?;
     let admin_addr = listener
         .local_addr()
@@ -314,12 +337,8 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
         status: Arc::new(move || weak.upgrade().map_or(serde_json::Value::Null, |a| a.status())),
     });
     let mut metrics_fd = None;
-    let metrics_task = match cfg.metrics_addr {
-        Some(addr) => {
-            let l = match inherited_metrics {
-                Some((_, fd)) => inherit_listener(fd).map_err(|source| Error::Admin { addr, source })?,
-                None => admin::bind(addr).await.map_err(|source| Error::Admin { addr, source })?,
-            };
+    let metrics_task = match metrics_listener {
+        Some((addr, l)) => {
             metrics_fd = Some((addr, dup_listener(&l).map_err(|source| Error::Admin { addr, source })?));
             tracing::info!(%addr, "metrics listener (/metrics, /healthz, /ready)");
             Some(tokio::spawn(admin::serve(l, admin.clone(), admin::Scope::Public)))

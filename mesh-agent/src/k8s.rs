@@ -4,6 +4,7 @@
 //!
 //! | module | job |
 //! | --- | --- |
+//! | [`agents`] | `mesh-agent status --all-nodes`: every agent's `/status` through the API server's pod proxy |
 //! | [`crd`] | the custom resources as Rust types; `deploy/crds.yaml` is generated from them |
 //! | [`convert`] | Kubernetes objects to state values (pure) |
 //! | [`source`] | watchers + reflectors, the state builder, `/status` numbers |
@@ -11,6 +12,7 @@
 //! | [`podpaths`] | a pod's netns and cgroup on a real node, from /proc and the runtime's cgroup layout |
 //! | [`tokenreview`] | the CA's check of an agent's projected service-account token |
 
+pub mod agents;
 pub mod convert;
 pub mod crd;
 pub mod podpaths;
@@ -35,17 +37,33 @@ pub enum ClientError {
     Kubeconfig { path: std::path::PathBuf, source: kube::config::KubeconfigError },
     #[error(transparent)]
     Kube(#[from] kube::Error),
+    #[error("no kubeconfig (--kubeconfig, KUBECONFIG, ~/.kube/config) and not in a cluster")]
+    Infer(#[source] Box<kube::config::InferConfigError>),
 }
 
 /// A client from a kubeconfig file, or [`client`] without one.
 pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ClientError> {
     let Some(path) = kubeconfig else { return Ok(client().await?) };
+    Ok(kube::Client::try_from(kubeconfig_config(path).await?)?)
+}
+
+/// A client for a one-shot query (`mesh-agent status --all-nodes`): like
+/// [`client_from`], without kube-rs's retries of 429/503/504 (up to 15,
+/// backing off): an agent that does not answer through the pod proxy is
+/// reported at once, not minutes later.
+pub async fn query_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ClientError> {
+    let mut config = match kubeconfig {
+        Some(path) => kubeconfig_config(path).await?,
+        None => kube::Config::infer().await.map_err(|e| ClientError::Infer(Box::new(e)))?,
+    };
+    config.default_retry = false;
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn kubeconfig_config(path: &std::path::Path) -> Result<kube::Config, ClientError> {
     let bad = |source| ClientError::Kubeconfig { path: path.to_owned(), source };
     let file = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
-    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(bad)?;
-    Ok(kube::Client::try_from(config)?)
+    kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await.map_err(bad)
 }
 
 /// The ConfigMap key holding the CA's trust bundle.

@@ -25,6 +25,7 @@
 //! | [`metrics`] | Prometheus metrics (Istio's names), health collector |
 //! | [`telemetry`] | distributed tracing (OTLP/gRPC) |
 //! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump`, `/logging` |
+//! | [`status_view`] | `/status` as the tables of `mesh-agent status` (one node, all nodes) |
 //! | [`app`] | wiring, runtimes, shutdown |
 
 pub mod access_log;
@@ -52,6 +53,7 @@ pub mod proxy;
 pub mod route;
 pub mod spiffe;
 pub mod state;
+pub mod status_view;
 pub mod telemetry;
 pub mod tls;
 

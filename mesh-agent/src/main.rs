@@ -147,14 +147,34 @@ enum Command {
         /// printed.
         level: Option<String>,
     },
-    /// Show a running agent's pods, enrollment and counters.
+    /// Show a running agent's pods, enrollment and counters; with
+    /// `--all-nodes`, every agent of the cluster through the Kubernetes API.
     Status {
         /// The agent's admin address.
         #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
         admin: SocketAddr,
-        /// Print the raw JSON.
+        /// Print the raw JSON (with `--all-nodes`: one object per agent).
         #[arg(long)]
         json: bool,
+        /// Every agent of the cluster, one table: each node's pods,
+        /// enrollment, certificates and errors, read through the API
+        /// server's pod proxy (needs `get` on pods/proxy).
+        #[arg(long)]
+        all_nodes: bool,
+        /// With `--all-nodes`: a kubeconfig file instead of KUBECONFIG,
+        /// ~/.kube/config or the in-cluster service account.
+        #[arg(long, requires = "all_nodes")]
+        kubeconfig: Option<PathBuf>,
+        /// With `--all-nodes`: the agents' namespace.
+        #[arg(long, requires = "all_nodes", default_value = mesh_agent::k8s::agents::NAMESPACE)]
+        namespace: String,
+        /// With `--all-nodes`: the agent pods' label selector.
+        #[arg(long, requires = "all_nodes", default_value = mesh_agent::k8s::agents::SELECTOR)]
+        selector: String,
+        /// With `--all-nodes`: the agents' port that serves /status beyond
+        /// loopback (default: each pod's `--metrics` port).
+        #[arg(long, requires = "all_nodes")]
+        port: Option<u16>,
     },
 }
 
@@ -252,7 +272,10 @@ fn main() -> ExitCode {
             })
             .map_err(anyhow::Error::from)
         }
-        Command::Status { admin, json } => status(admin, json),
+        Command::Status { all_nodes: true, kubeconfig, namespace, selector, port, json, .. } => {
+            all_nodes(kubeconfig.as_deref(), &namespace, &selector, port, json)
+        }
+        Command::Status { admin, json, .. } => status(admin, json),
         Command::Check { config, node } => check(&config, node.as_deref()),
         Command::Uninstall { node, node_state } => {
             mesh_agent::lifecycle::uninstall(&node_state.bpffs, &node_state.run_dir, &node).map_err(anyhow::Error::from).map(|u| {
@@ -332,61 +355,30 @@ fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let v: serde_json::Value = serde_json::from_str(&body).context("the agent's /status is not JSON")?;
-    println!("node {}  ready {}  open connections {}", v["node"], v["ready"], v["openConnections"]);
-    println!(
-        "config {} (generation {}, rejected {}){}",
-        v["config"]["path"].as_str().unwrap_or("?"),
-        v["config"]["generation"],
-        v["config"]["rejected"],
-        v["config"]["lastError"].as_str().map(|e| format!("\n  last error: {e}")).unwrap_or_default()
-    );
-    if let Some(kube) = v["kube"].as_object() {
-        println!("kubernetes: state generation {}, built {}", kube["generation"], kube["built"]);
-        for (input, w) in kube["watches"].as_object().into_iter().flatten() {
-            if w["synced"] != true || !w["lastError"].is_null() {
-                println!("  {input}: synced {}, errors {}: {}", w["synced"], w["errors"], w["lastError"].as_str().unwrap_or("-"));
-            }
-        }
-        for (object, why) in kube["refused"].as_object().into_iter().flatten() {
-            println!("  refused {object}: {}", why.as_str().unwrap_or_default());
-        }
-        for (pod, why) in kube["unlocatedPods"].as_object().into_iter().flatten() {
-            println!("  pod {pod} not located: {}", why.as_str().unwrap_or_default());
-        }
+    print!("{}", mesh_agent::status_view::node(&v));
+    Ok(())
+}
+
+fn all_nodes(kubeconfig: Option<&std::path::Path>, namespace: &str, selector: &str, port: Option<u16>, json: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let agents = rt.block_on(async {
+        let client = mesh_agent::k8s::query_client(kubeconfig).await?;
+        anyhow::Ok(mesh_agent::k8s::agents::statuses(client, namespace, selector, port).await?)
+    })?;
+    if json {
+        let all: Vec<serde_json::Value> = agents
+            .iter()
+            .map(|a| match &a.status {
+                Ok(v) => serde_json::json!({"node": a.node, "pod": a.pod, "status": v}),
+                Err(e) => serde_json::json!({"node": a.node, "pod": a.pod, "error": e}),
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(all));
+    } else {
+        print!("{}", mesh_agent::status_view::cluster(&agents));
     }
-    for p in v["notReady"].as_array().into_iter().flatten() {
-        println!("not ready: {} ({})", p["pod"].as_str().unwrap_or("?"), p["reason"].as_str().unwrap_or("?"));
-    }
-    println!(
-        "eBPF: acceleration {}, {} accelerated sockets; reconcile repairs {}",
-        if v["ebpf"]["accelerating"] == true { "on" } else { "off" },
-        v["ebpf"]["acceleratedSockets"],
-        v["repairs"]
-    );
-    println!(
-        "{:<32} {:<16} {:<8} {:<8} {:<7} {:>10} {:>7} {:>8} {:>7}  LISTENERS",
-        "POD", "IP", "ENROLLED", "ATTACHED", "CAPTURE", "REDIRECTED", "PASSED", "OUTBOUND", "INBOUND"
-    );
-    for p in v["pods"].as_array().into_iter().flatten() {
-        let inbound = p["proxy"]["inbound"].as_u64().unwrap_or(0) + p["proxy"]["inboundPlaintext"].as_u64().unwrap_or(0);
-        let listeners: Vec<&str> = p["listeners"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
-        println!(
-            "{:<32} {:<16} {:<8} {:<8} {:<7} {:>10} {:>7} {:>8} {:>7}  {}",
-            format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")),
-            p["ip"].as_str().unwrap_or("-"),
-            if p["certificatePending"] == true { "cert-wait".to_owned() } else { p["enrolled"].to_string() },
-            p["attached"],
-            p["inboundCapture"],
-            p["ebpf"]["redirected"],
-            p["ebpf"]["passedThrough"],
-            p["proxy"]["outbound"],
-            inbound,
-            if listeners.is_empty() { "-".to_owned() } else { listeners.join(",") },
-        );
-        if let Some(e) = p["error"].as_str() {
-            println!("  error: {e}");
-        }
-    }
+    let silent = agents.iter().filter(|a| a.status.is_err()).count();
+    anyhow::ensure!(silent == 0, "{silent} of {} agents did not answer", agents.len());
     Ok(())
 }
 

@@ -132,20 +132,13 @@ impl Agent {
         extra_args: &[&str],
         event: &str,
     ) -> Result<Agent> {
-        let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let log_path = log_dir.join(format!("agent-{node}-{n}.log"));
-        let log = File::create(&log_path)
-            .with_context(|| format!("creating agent log {}", log_path.display()))?;
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg("--config")
             .arg(config)
             .args(["--node", node, "--admin", "127.0.0.1:0"])
             .args(extra_args)
-            .env("RUST_LOG", &env.log_filter)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
+            .env("RUST_LOG", &env.log_filter);
         if let Some((soft, hard)) = env.nofile {
             let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
             // SAFETY: one async-signal-safe syscall on a struct copied in.
@@ -158,8 +151,20 @@ impl Agent {
                 })
             };
         }
+        Agent::start_command(cmd, node, log_dir, cgroup, event)
+    }
+
+    /// Runs `cmd`, a command whose stdout is an agent's (e.g. `podman run`
+    /// of the agent's image), with stderr to `agent-NODE-N.log` in
+    /// `log_dir`; returns once it prints `event` (`ready` or `admin`).
+    pub fn start_command(mut cmd: Command, node: &str, log_dir: &Path, cgroup: Option<&Path>, event: &str) -> Result<Agent> {
+        let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let log_path = log_dir.join(format!("agent-{node}-{n}.log"));
+        let log = File::create(&log_path)
+            .with_context(|| format!("creating agent log {}", log_path.display()))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
         let mut child = process::spawn_supervised(&mut cmd, cgroup)
-            .with_context(|| format!("starting agent {} for {node}", bin.display()))?;
+            .with_context(|| format!("starting {:?} for {node}", cmd.get_program()))?;
         let pid = child.id();
         let (stdout, _reader) = Captured::drain(child.stdout.take().expect("piped"));
         let proc_ = Arc::new(AgentProc::new(child));

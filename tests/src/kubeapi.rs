@@ -23,7 +23,8 @@
 //! - [`ApiServer::set_down`] refuses every request and ends the watches, as
 //!   an unreachable API server would look to a client;
 //! - merge-patch on the `status` subresource (what the agents write),
-//!   and `TokenReview` answered from tokens registered by the test.
+//!   and `TokenReview` answered from tokens registered by the test;
+//! - GET on the pod proxy subresource, relayed to loopback pod IPs ([`proxy`]).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -40,6 +41,7 @@ use hyper::{Request, Response, StatusCode, body::Frame, service::service_fn};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+mod proxy;
 mod select;
 
 /// The kinds the server knows: `(kind, group, version, plural, namespaced)`.
@@ -145,8 +147,16 @@ impl ApiServer {
 
     /// A kubeconfig pointing at this server, for a client in another process.
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_with_ca(None)
+    }
+
+    /// Like [`Self::kubeconfig`], naming a cluster CA file as a real one does
+    /// (plain HTTP never uses it; without one kube-rs builds its TLS roots
+    /// from the system's, which an image may lack).
+    pub fn kubeconfig_with_ca(&self, ca_file: Option<&str>) -> String {
+        let ca = ca_file.map(|f| format!(", certificate-authority: \"{f}\"")).unwrap_or_default();
         format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"{}\"}}}}]\n\
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: test, cluster: {{server: \"{}\"{ca}}}}}]\n\
              users: [{{name: test, user: {{token: test-token}}}}]\n\
              contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\ncurrent-context: test\n",
             self.url()
@@ -324,39 +334,6 @@ fn parse_path(path: &str) -> Option<Target> {
     Some(Target { kind, namespace, name, subresource: sub })
 }
 
-fn query(q: Option<&str>) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    for pair in q.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.insert(decode(k), decode(v));
-    }
-    out
-}
-
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(c) => {
-                        out.push(c);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn status(code: StatusCode, reason: &str, message: String) -> Response<Body> {
     let body = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -381,7 +358,7 @@ impl Ctx {
     async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let q = query(req.uri().query());
+        let q = select::query(req.uri().query());
         {
             let mut g = self.inner.lock().expect("poisoned");
             g.requests.push(format!("{method} {}", req.uri()));
@@ -391,6 +368,9 @@ impl Ctx {
         }
         if method == hyper::Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
             return self.token_review(req).await;
+        }
+        if let Some(target) = proxy::parse(&path, req.uri().query()) {
+            return self.proxy(&method, target).await;
         }
         let Some(t) = parse_path(&path) else {
             return status(StatusCode::NOT_FOUND, "NotFound", format!("the server could not find the requested resource ({path})"));

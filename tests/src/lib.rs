@@ -34,6 +34,7 @@
 //! | [`otlp`] | a real OTLP/gRPC trace receiver (`meshotlp`), its output parsed |
 //! | `wait` | deadline-bounded polling |
 //! | [`kubeapi`] | a Kubernetes API server for tests (list, watch, 410, bookmarks, RBAC denials) |
+//! | [`image`] | the agent's OCI image under podman, run as `deploy/agent.yaml`'s DaemonSet runs it |
 
 mod agent;
 mod ca;
@@ -41,6 +42,7 @@ mod capture;
 mod cgroup;
 mod config;
 mod host;
+pub mod image;
 pub mod kubeapi;
 mod netns;
 pub mod otlp;

@@ -2,8 +2,8 @@
 //! config with no CA, root or kernel; `run` refuses what would serve
 //! nothing; each error cause is printed once; a missing privilege is named.
 
-use anyhow::{Result, ensure};
-use mesh_e2e::{Agent, agent_bin};
+use anyhow::{Context, Result, ensure};
+use mesh_e2e::{Agent, PodSpec, Testbed, agent_bin};
 
 fn run(args: &[&str]) -> Result<(i32, String, String)> {
     let out = Agent::run_once(&agent_bin()?, args)?;
@@ -118,6 +118,49 @@ fn run_without_a_bpffs_says_how_to_mount_one() -> Result<()> {
     ensure!(code != 0, "started without a bpffs: {out}");
     ensure!(err.contains("is not a bpf filesystem") && err.contains("mount -t bpf bpf"), "{err}");
     ensure!(!out.contains("\"event\""), "{out}");
+    Ok(())
+}
+
+/// The admin port already taken by another process: `run` exits non-zero
+/// naming the address, and it has loaded and attached nothing: the bpf
+/// filesystem it would pin to is empty and the enrolled pod's cgroup has no
+/// program (an agent that found the clash only after enrolling would have
+/// attached the pod and left its pinned links behind).
+#[test]
+fn run_with_its_admin_port_taken_attaches_nothing() -> Result<()> {
+    let mut tb = Testbed::new("admin_taken")?;
+    let pod = tb.add_pod(PodSpec::new("web", "shop", "node-a", [198, 51, 100, 41].into()))?;
+    tb.write_config(&tb.config_path(), &["shop"])?;
+    let ca = tb.start_ca()?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let admin = taken.local_addr()?.to_string();
+    let mut args = vec!["run".to_owned(), "--config".into(), tb.config_path().display().to_string()];
+    args.extend(["--node", "node-a", "--admin", &admin].map(String::from));
+    args.extend(ca.agent_args("node-a")?);
+    args.extend(tb.node_state_args());
+    let out = Agent::run_once(&agent_bin()?, &args)?;
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    ensure!(!out.status.success(), "the agent ran with its admin port taken: {stdout}");
+    ensure!(
+        err.contains(&format!("cannot listen on the admin address {admin} (--admin)")) && err.contains("Address already in use"),
+        "{err}"
+    );
+    ensure!(err.contains("Nothing was loaded or attached to the kernel"), "{err}");
+    ensure!(!stdout.contains("\"event\""), "printed an event line: {stdout}");
+    // The kernel's own `maps.debug` and `progs.debug` come with every bpffs.
+    let pinned: Vec<_> = std::fs::read_dir(tb.bpffs())?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|p| p.extension().is_none_or(|x| x != "debug"))
+        .collect();
+    ensure!(pinned.is_empty(), "pinned under {}: {pinned:?}", tb.bpffs().display());
+    let bpftool = std::process::Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(pod.cgroup_path()).output().context("bpftool")?;
+    ensure!(bpftool.status.success(), "bpftool cgroup show: {}", String::from_utf8_lossy(&bpftool.stderr));
+    // bpftool prints nothing at all for a cgroup without programs.
+    let progs = String::from_utf8_lossy(&bpftool.stdout);
+    ensure!(progs.trim().is_empty() || progs.trim() == "[]", "programs attached to the pod's cgroup: {progs}");
+    drop(taken);
     Ok(())
 }
 

@@ -128,13 +128,17 @@ fn metrics_count_requests_and_bytes_on_both_agents() -> Result<()> {
     let dump = String::from_utf8(body)?;
     ensure!(code == 200 && dump.contains("\"get-only\"") && dump.contains("shop-server"), "{code} {dump}");
     ensure!(!dump.contains("PRIVATE KEY") && !dump.contains("-----BEGIN"), "{dump}");
-    // The public metrics port serves /metrics and the probes, nothing else.
+    // The public metrics port serves /metrics, the probes and /status
+    // (for `status --all-nodes` through the API server), nothing else.
     for (addr, agent) in [(&pa, &m.a), (&pb, &m.b)] {
         let addr: std::net::SocketAddr = addr.parse()?;
         let (code, body) = mesh_e2e::http_get(addr, "/metrics")?;
         ensure!(code == 200 && String::from_utf8_lossy(&body).contains("istio_requests_total{"), "{}: {code}", agent.node());
         ensure!(mesh_e2e::http_get(addr, "/ready")?.0 == 200);
+        let (code, body) = mesh_e2e::http_get(addr, "/status")?;
+        ensure!(code == 200 && serde_json::from_slice::<serde_json::Value>(&body)?["node"] == agent.node(), "/status: {code}");
         ensure!(mesh_e2e::http_get(addr, "/config_dump")?.0 == 404, "config dump exposed on the public port");
+        ensure!(mesh_e2e::http_get(addr, "/logging")?.0 == 404, "the log filter exposed on the public port");
     }
     // Every metric the Grafana dashboard queries exists.
     let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/observability/grafana-dashboard.json"))?;

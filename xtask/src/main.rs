@@ -8,6 +8,8 @@ mod cmd;
 mod crds;
 mod demo;
 mod fuzz;
+mod image;
+mod install;
 mod manifests;
 mod setup;
 mod test;
@@ -30,13 +32,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install and check everything the build and the tests need (idempotent).
-    Setup,
+    Setup {
+        /// Only what building the agent needs (Debian build packages, the
+        /// nightly, bpf-linker): deploy/Dockerfile's build stage.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Validate every manifest in deploy/ against the Kubernetes schemas (offline).
     Manifests,
     /// Write deploy/crds.yaml from the CRD types (mesh-agent/src/k8s/crd.rs).
     Crds,
+    /// Write deploy/install.yaml: namespace, CRDs, RBAC, CA and agent in one
+    /// file, with the image set (`kubectl apply -f deploy/install.yaml`).
+    InstallManifest(install::Args),
     /// Setup, then build every binary of the workspace (mesh-agent embeds the eBPF object).
     Build,
+    /// The agent's OCI image, from a release build and the libraries it links
+    /// (no base image, no registry): target/image/mesh-agent-<version>.oci.tar.
+    Image(image::Args),
     /// Setup, build, then run the whole test suite, end-to-end tests included (needs root).
     Test(test::Args),
     /// Setup, build, then run the end-to-end demo.
@@ -51,9 +64,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Setup => setup::run(),
+        Command::Setup { build_only: false } => setup::run(),
+        Command::Setup { build_only: true } => setup::build(),
+        Command::Image(args) => image::run(&args),
         Command::Build => build::run(),
         Command::Crds => crds::run(),
+        Command::InstallManifest(args) => install::run(&args),
         Command::Manifests => setup::run().and_then(|()| manifests::run()),
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),

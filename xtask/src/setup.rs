@@ -37,6 +37,20 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// Only what building the agent needs: the Debian build packages, the
+/// nightly with `rust-src` and bpf-linker. `cargo xtask setup --build-only`
+/// (deploy/Dockerfile's build stage: no host checks, no test tools).
+pub fn build() -> Result<()> {
+    step("debian packages (build)", || packages::ensure_these(packages::BUILD))?;
+    let nightly = step_with("nightly toolchain", toolchain::nightly)?;
+    step("bpf-linker", || toolchain::bpf_linker(&nightly))
+}
+
+/// What `cargo xtask image` writes the image with (umoci, skopeo).
+pub fn image_tools() -> Result<()> {
+    step("debian packages (image)", || packages::ensure_these(packages::IMAGE))
+}
+
 /// cargo-fuzz alone (`cargo xtask fuzz` on a machine set up before it).
 pub fn cargo_fuzz() -> Result<()> {
     step("cargo-fuzz", toolchain::cargo_fuzz)

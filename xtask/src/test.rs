@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use crate::{cmd, fuzz, manifests, setup, workspace};
+use crate::{cmd, fuzz, image, manifests, setup, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,12 +36,17 @@ pub fn run(args: &Args) -> Result<()> {
     progress.step("bench tools", setup::bench_tools)?;
     progress.step("manifests", manifests::run)?;
     progress.step("build", workspace::build_bins)?;
+    // The release agent's OCI image, which tests/tests/image.rs runs with
+    // podman as the DaemonSet would.
+    progress.step("image", || image::build(true))?;
     let agent = workspace::debug_bin("mesh-agent")?;
+    let archive = image::archive()?;
     progress.step("tests", || {
         cmd::run(
             workspace::cargo_host("test")
                 .args(&args.cargo_test_args)
                 .env(workspace::MESH_AGENT_BIN, &agent)
+                .env(image::MESH_AGENT_IMAGE, &archive)
                 .env("PATH", setup::path_with_cargo_bin()),
         )
     })?;
@@ -104,8 +109,10 @@ impl Progress {
     }
 
     fn step(&mut self, name: &'static str, step: impl FnOnce() -> Result<()>) -> Result<()> {
+        let started = Instant::now();
         match step() {
             Ok(()) => {
+                eprintln!("xtask test: {name}: ok in {:.1}s", started.elapsed().as_secs_f64());
                 self.passed.push(name);
                 Ok(())
             }

@@ -141,3 +141,26 @@ fn the_agent_and_the_ca_manifests_agree() {
         "the CA's certificate must name {host}"
     );
 }
+
+/// A surge upgrade on the host network: the new agent pod must fit beside
+/// the old one on the node, so the DaemonSet declares no container ports
+/// (with `hostNetwork` each would be a host port, and the scheduler would
+/// never place the surge pod: the rolling update would stall on its first
+/// node). Prometheus finds the metrics port from the `--metrics` flag's.
+#[test]
+fn the_agent_daemonset_can_surge_on_the_host_network() {
+    let agent_docs = docs("agent.yaml");
+    let ds = find(&agent_docs, "DaemonSet", "nodemesh-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"].as_u64(), Some(1), "the new agent starts beside the old one (handoff)");
+    assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0), "never a node without an agent");
+    for c in pod["containers"].as_sequence().unwrap() {
+        assert!(c["ports"].is_null(), "container {:?} declares ports: host ports on the host network block the surge", c["name"]);
+    }
+    let args = pod["containers"][0]["args"].as_sequence().unwrap();
+    let metrics: std::net::SocketAddr = flag(args, "metrics").parse().unwrap();
+    let scrape = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/observability/prometheus-scrape.yaml")).unwrap();
+    assert!(scrape.contains(&format!("replacement: $1:{}", metrics.port())), "the scrape config does not use --metrics' port {}", metrics.port());
+}

@@ -1,4 +1,4 @@
-//! Debian packages the build and the tests use.
+//! Debian packages the build, the image and the tests use.
 
 use std::process::{Command, Stdio};
 
@@ -7,25 +7,39 @@ use anyhow::{Context, Result};
 use super::Outcome;
 use crate::cmd;
 
+/// What building the agent needs: `protoc` for gRPC code generation (the
+/// CA's service, OTLP). `deploy/Dockerfile`'s build stage installs only these.
+pub const BUILD: &[&str] = &["protobuf-compiler"];
+
+/// `cargo xtask image`: umoci writes the OCI image from the root filesystem
+/// it assembles itself (no base image, no registry), skopeo the archive.
+pub const IMAGE: &[&str] = &["skopeo", "umoci"];
+
+/// What the tests run:
 /// - iproute2: `ip netns`, veth and bridges for the test pods
 /// - curl, netcat-openbsd, python3: clients and servers inside the pods
-/// - protobuf-compiler: `protoc` for gRPC code generation (OTLP)
 /// - tshark: checking on the wire that pod-to-pod bytes are TLS
 /// - bpftool: tests that change eBPF state behind the agent's back (drift)
 /// - python3-venv: the virtualenv for kubernetes-validate (manifest checks)
-const PACKAGES: &[&str] = &[
+/// - podman, runc: `tests/tests/image.rs` runs the image as the DaemonSet
+///   would (runc, because crun refuses hosts with a hybrid cgroup
+///   hierarchy whose v2 part has controllers, as these machines have)
+const TEST: &[&str] = &[
     "bpftool",
     "iproute2",
     "curl",
     "netcat-openbsd",
-    "protobuf-compiler",
+    "podman",
     "python3",
     "python3-venv",
+    "runc",
     "tshark",
 ];
 
+/// Everything: one `apt-get install` on a fresh machine.
 pub fn ensure() -> Result<Outcome> {
-    ensure_these(PACKAGES)
+    let all: Vec<&str> = [BUILD, IMAGE, TEST].concat();
+    ensure_these(&all)
 }
 
 /// Installs whichever of `packages` are missing (one `apt-get install`).
