@@ -26,6 +26,7 @@
 //! | [`telemetry`] | distributed tracing (OTLP/gRPC) |
 //! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump`, `/logging` |
 //! | [`app`] | wiring, runtimes, shutdown |
+//! | `testing` | (feature `testing`) the data path in-process: agents and pods on loopback |
 
 pub mod access_log;
 pub mod admin;
@@ -54,6 +55,8 @@ pub mod spiffe;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[cfg(test)]
 mod layering;

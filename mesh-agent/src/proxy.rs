@@ -40,7 +40,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     identity::{CertManager, CertWatch, SpiffeId},
-    netns::Netns,
     state::{PodKey, Snapshot},
     tls::TlsStats,
 };
@@ -65,11 +64,13 @@ mod relay;
 mod reply;
 mod services;
 mod sniff;
+pub mod sockets;
 mod tunnel;
 
 pub use observe::Telemetry;
 pub use outbound::OrigDstLookup;
 pub use prune::TableSizes;
+pub use sockets::{Loopback, PodSockets};
 
 /// How long the agent waits for a client's first bytes to tell whether it
 /// speaks HTTP (only where policy makes it matter: see [`authz`]).
@@ -88,10 +89,10 @@ const FRAME_SIZE: u32 = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("pod {pod}: {source}")]
-    Netns {
+    Sockets {
         pod: PodKey,
         #[source]
-        source: crate::netns::Error,
+        source: sockets::SocketError,
     },
     #[error("pod {pod}: cannot listen on {addr} in its network namespace: {source}")]
     Listen {
@@ -228,7 +229,9 @@ pub struct PodHandle {
     pub key: PodKey,
     pub id: SpiffeId,
     pub ips: Vec<IpAddr>,
-    pub netns: Arc<Netns>,
+    /// Where its listeners listen and its connections start: its network
+    /// namespace (a loopback address in tests).
+    pub sockets: Arc<dyn PodSockets>,
     pub stats: Arc<PodStats>,
     /// The pod's workload certificate, rotated behind this channel.
     pub cert: CertWatch,
@@ -347,7 +350,7 @@ impl Proxy {
             key: pod.key.clone(),
             id: pod.id.clone(),
             ips: pod.ips.clone(),
-            netns: pod.netns.clone(),
+            sockets: pod.sockets.clone(),
             stats: pod.stats.clone(),
             cert: pod.cert.clone(),
         });
@@ -374,17 +377,13 @@ impl Proxy {
     }
 
     fn listen(&self, pod: &PodHandle, port: u16) -> Result<TcpListener, Error> {
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
-        let sock = pod
-            .netns
-            .socket(socket2::Domain::IPV4)
-            .map_err(|source| Error::Netns { pod: pod.key.clone(), source })?;
-        let listen_err = |source| Error::Listen { pod: pod.key.clone(), addr, source };
-        sock.set_reuse_address(true).map_err(listen_err)?;
-        sock.bind(&addr.into()).map_err(listen_err)?;
-        sock.listen(1024).map_err(listen_err)?;
+        let listener = pod.sockets.listen(port).map_err(|source| Error::Sockets { pod: pod.key.clone(), source })?;
         let _rt = self.runtime.enter();
-        TcpListener::from_std(sock.into()).map_err(listen_err)
+        TcpListener::from_std(listener).map_err(|source| Error::Listen {
+            pod: pod.key.clone(),
+            addr: SocketAddr::from(([0, 0, 0, 0], port)),
+            source,
+        })
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, pod: Arc<PodHandle>, cancel: CancellationToken, kind: Kind) {
@@ -433,12 +432,18 @@ impl Proxy {
     /// Stops tracking new connections and waits up to `deadline` for the open
     /// ones to finish; returns how many were still open.
     pub async fn drain(&self, deadline: Duration) -> usize {
-        self.draining.cancel();
-        self.connections.close();
+        self.start_draining();
         if tokio::time::timeout(deadline, self.connections.wait()).await.is_err() {
             return self.connections.len();
         }
         0
+    }
+
+    /// From here on HTTP connections finish gracefully, and new
+    /// connections are not waited for ([`Proxy::drain`] begins with it).
+    pub fn start_draining(&self) {
+        self.draining.cancel();
+        self.connections.close();
     }
 
     fn self_arc(&self) -> Arc<Proxy> {

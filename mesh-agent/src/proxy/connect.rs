@@ -26,7 +26,6 @@ use super::{
 };
 use crate::{
     identity::{SpiffeId, SpiffeIdError},
-    netns::Netns,
     state::{Destination, PodKey},
 };
 
@@ -34,7 +33,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("{0}")]
-    Netns(#[from] crate::netns::Error),
+    Socket(#[from] super::sockets::SocketError),
     #[error("connect to {0} timed out")]
     TimedOut(SocketAddr),
     /// The kernel's answer (refused, unreachable, ...), as it gave it.
@@ -151,7 +150,7 @@ impl Proxy {
             }
             Destination::Passthrough(addr) => {
                 tracing::debug!(dst = %addr, "outbound direct (destination not in the mesh)");
-                let up = connect_from(&pod.netns, *addr).await?;
+                let up = connect_from(&*pod.sockets, *addr).await?;
                 stats.outbound_direct.fetch_add(1, Ordering::Relaxed);
                 Ok(Upstream::Direct(up))
             }
@@ -250,7 +249,7 @@ impl Proxy {
     async fn connect_tunnel(&self, pod: &PodHandle, tunnel: SocketAddr, dst_id: &SpiffeId) -> Result<TunnelSender, ConnectError> {
         let cert = pod.cert.borrow().clone().ok_or_else(|| ConnectError::NoCertificate(pod.key.clone()))?;
         let config = crate::tls::client_config(&cert, dst_id, self.tls_stats.clone())?;
-        let tcp = connect_from(&pod.netns, tunnel)
+        let tcp = connect_from(&*pod.sockets, tunnel)
             .await
             .map_err(|e| ConnectError::Tunnel { tunnel, source: Box::new(e) })?;
         let (tls, server_id) = crate::tls::connect(config, tcp)
@@ -282,7 +281,7 @@ impl Proxy {
             return Err(AppError::Overflow { max, pod: pod.key.clone() });
         }
         let slot = AppSlot(pod.stats.clone());
-        Ok((connect_from(&pod.netns, target).await?, slot))
+        Ok((connect_from(&*pod.sockets, target).await?, slot))
     }
 }
 
@@ -295,11 +294,9 @@ impl Drop for AppSlot {
     }
 }
 
-/// A TCP connect from inside a pod's namespace, with the agent's mark.
-pub(super) async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ConnectError> {
-    let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
-    let sock = netns.socket_async(domain).await?;
-    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
+/// A TCP connect from the pod (inside its namespace, with the agent's mark).
+pub(super) async fn connect_from(sockets: &dyn super::PodSockets, dst: SocketAddr) -> Result<TcpStream, ConnectError> {
+    let sock = sockets.for_connect(dst).await?;
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
         .await
         .map_err(|_| ConnectError::TimedOut(dst))?

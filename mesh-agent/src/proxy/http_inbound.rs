@@ -71,9 +71,9 @@ type H2Sender = hyper::client::conn::http2::SendRequest<ClientBody>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct AppKey {
-    /// The pod's network namespace (its cookie): a pod re-created with the
-    /// same address is another key.
-    netns: u64,
+    /// The pod's network ([`super::PodSockets::network`]): a pod re-created
+    /// with the same address is another key.
+    network: u64,
     target: SocketAddr,
 }
 
@@ -347,7 +347,7 @@ impl Proxy {
         } else {
             *req.version_mut() = http::Version::HTTP_2;
         }
-        let key = AppKey { netns: conn.pod.netns.cookie(), target: conn.target };
+        let key = AppKey { network: conn.pod.sockets.network(), target: conn.target };
         let apps = &self.app_connections;
         if h2 {
             let existing = apps.h2.lock().expect("poisoned").get(&key).filter(|s| !s.is_closed()).cloned();

@@ -120,7 +120,7 @@ fn mesh(edit: impl FnOnce(&mut MeshState)) -> Mesh {
         key: testing::pod("shop", "web"),
         id: web,
         ips: vec!["198.51.100.11".parse().unwrap()],
-        netns: Arc::new(Netns::open(Path::new("/proc/self/ns/net")).expect("entering our own network namespace (run as root)")),
+        sockets: Arc::new(Netns::open(Path::new("/proc/self/ns/net")).expect("entering our own network namespace (run as root)")),
         stats: Arc::new(PodStats::default()),
         cert,
     });

@@ -97,7 +97,7 @@ pub(crate) fn pod_handle() -> super::super::PodHandle {
         key: PodKey { namespace: "churn".into(), name: "web".into() },
         id,
         ips: vec![pod_ip(0)],
-        netns: Arc::new(crate::netns::Netns::open(std::path::Path::new("/proc/self/ns/net")).expect("our own network namespace (run as root)")),
+        sockets: Arc::new(crate::netns::Netns::open(std::path::Path::new("/proc/self/ns/net")).expect("our own network namespace (run as root)")),
         stats: Arc::default(),
         cert,
     }
