@@ -324,7 +324,7 @@ impl Enrollment {
                     key: key.clone(),
                     id,
                     ips: mp.ips.clone(),
-                    netns: netns.clone(),
+                    sockets: netns.clone(),
                     stats: mp.stats.clone(),
                     cert,
                 };

@@ -27,6 +27,7 @@
 //! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump`, `/logging` |
 //! | [`status_view`] | `/status` as the tables of `mesh-agent status` (one node, all nodes) |
 //! | [`app`] | wiring, runtimes, shutdown |
+//! | `testing` | (feature `testing`) the data path in-process: agents and pods on loopback |
 
 pub mod access_log;
 pub mod admin;
@@ -56,6 +57,8 @@ pub mod state;
 pub mod status_view;
 pub mod telemetry;
 pub mod tls;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[cfg(test)]
 mod layering;

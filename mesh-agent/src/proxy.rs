@@ -40,7 +40,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     identity::{CertManager, CertWatch, SpiffeId},
-    netns::Netns,
     state::{PodKey, Snapshot},
     tls::TlsStats,
 };
@@ -65,11 +64,13 @@ mod relay;
 mod reply;
 mod services;
 mod sniff;
+pub mod sockets;
 mod tunnel;
 
 pub use observe::Telemetry;
 pub use outbound::OrigDstLookup;
 pub use prune::TableSizes;
+pub use sockets::{Loopback, PodSockets};
 
 /// How long the agent waits for a client's first bytes to tell whether it
 /// speaks HTTP (only where policy makes it matter: see [`authz`]).
@@ -88,10 +89,10 @@ const FRAME_SIZE: u32 = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("pod {pod}: {source}")]
-    Netns {
+    Sockets {
         pod: PodKey,
         #[source]
-        source: crate::netns::Error,
+        source: sockets::SocketError,
     },
     #[error("pod {pod}: cannot listen on {addr} in its network namespace: {source}")]
     Listen {
@@ -194,21 +195,24 @@ impl Default for Ports {
     }
 }
 
-/// Shared by every listener and connection of this agent.
+/// Shared by every listener and connection of this agent: the inputs every
+/// role reads, and what only one role owns ([`Outbound`], [`Inbound`]), so
+/// that a field's place says which side of a connection uses it.
 pub struct Proxy {
     /// This proxy, for tasks spawned from `&self` methods.
     me: std::sync::Weak<Proxy>,
+    inputs: Inputs,
+    outbound: Outbound,
+    inbound: Inbound,
+}
+
+/// What the agent hands in, and the bookkeeping of every connection, both
+/// roles alike.
+struct Inputs {
     state: watch::Receiver<Snapshot>,
     orig_dst: Arc<dyn OrigDstLookup>,
     certs: CertManager,
     tls_stats: Arc<TlsStats>,
-    pool: pool::Pool,
-    authz: authz::Cache,
-    routes: http_outbound::RouteCache,
-    balancer: balance::Balancer,
-    services: services::Services,
-    http_clients: http_client::HttpClients,
-    app_connections: http_inbound::AppConnections,
     ports: Ports,
     telemetry: Arc<observe::Telemetry>,
     /// Every connection task, so shutdown can wait for them to finish.
@@ -223,12 +227,34 @@ pub struct Proxy {
     runtime: tokio::runtime::Handle,
 }
 
+/// The source side's own: the way from a local pod to its destinations.
+#[derive(Default)]
+struct Outbound {
+    /// Pooled mTLS tunnel connections to other agents.
+    pool: pool::Pool,
+    routes: http_outbound::RouteCache,
+    balancer: balance::Balancer,
+    /// Per-service HTTP state: circuit breakers, retry budgets.
+    services: services::Services,
+    /// Pooled HTTP connections to endpoints.
+    http_clients: http_client::HttpClients,
+}
+
+/// The destination side's own: what reaches a local pod.
+#[derive(Default)]
+struct Inbound {
+    authz: authz::Cache,
+    app_connections: http_inbound::AppConnections,
+}
+
 /// A local pod the proxy serves.
 pub struct PodHandle {
     pub key: PodKey,
     pub id: SpiffeId,
     pub ips: Vec<IpAddr>,
-    pub netns: Arc<Netns>,
+    /// Where its listeners listen and its connections start: its network
+    /// namespace (a loopback address in tests).
+    pub sockets: Arc<dyn PodSockets>,
     pub stats: Arc<PodStats>,
     /// The pod's workload certificate, rotated behind this channel.
     pub cert: CertWatch,
@@ -275,33 +301,30 @@ impl Proxy {
     ) -> Arc<Self> {
         let proxy = Arc::new_cyclic(|me| Self {
             me: me.clone(),
-            state,
-            orig_dst,
-            certs,
-            tls_stats,
-            pool: pool::Pool::default(),
-            authz: authz::Cache::default(),
-            routes: http_outbound::RouteCache::default(),
-            balancer: balance::Balancer::default(),
-            services: services::Services::default(),
-            http_clients: http_client::HttpClients::default(),
-            app_connections: http_inbound::AppConnections::default(),
-            ports,
-            telemetry,
-            connections: TaskTracker::new(),
-            draining: CancellationToken::new(),
-            limits: Limits::default(),
-            runtime,
+            inputs: Inputs {
+                state,
+                orig_dst,
+                certs,
+                tls_stats,
+                ports,
+                telemetry,
+                connections: TaskTracker::new(),
+                limits: Limits::default(),
+                draining: CancellationToken::new(),
+                runtime,
+            },
+            outbound: Outbound::default(),
+            inbound: Inbound::default(),
         });
         let weak = Arc::downgrade(&proxy);
-        proxy.runtime.spawn(async move {
+        proxy.inputs.runtime.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 let Some(p) = weak.upgrade() else { return };
-                p.pool.reap(pool::IDLE_TIMEOUT);
-                p.http_clients.reap();
-                p.app_connections.reap();
+                p.outbound.pool.reap(pool::IDLE_TIMEOUT);
+                p.outbound.http_clients.reap();
+                p.inbound.app_connections.reap();
                 p.prune();
             }
         });
@@ -317,14 +340,14 @@ impl Proxy {
         let cancel = CancellationToken::new();
         let (outbound, tunnel, plaintext) = match inherited {
             Some([o, t, p]) => (
-                self.adopt_listener(pod, self.ports.outbound, o)?,
-                self.adopt_listener(pod, self.ports.tunnel, t)?,
-                self.adopt_listener(pod, self.ports.plaintext, p)?,
+                self.adopt_listener(pod, self.inputs.ports.outbound, o)?,
+                self.adopt_listener(pod, self.inputs.ports.tunnel, t)?,
+                self.adopt_listener(pod, self.inputs.ports.plaintext, p)?,
             ),
             None => (
-                self.listen(pod, self.ports.outbound)?,
-                self.listen(pod, self.ports.tunnel)?,
-                self.listen(pod, self.ports.plaintext)?,
+                self.listen(pod, self.inputs.ports.outbound)?,
+                self.listen(pod, self.inputs.ports.tunnel)?,
+                self.listen(pod, self.inputs.ports.plaintext)?,
             ),
         };
         let dup = |l: &TcpListener, port: u16| {
@@ -334,27 +357,27 @@ impl Proxy {
                 source,
             })
         };
-        let plaintext_fd = dup(&plaintext, self.ports.plaintext)?;
-        let outbound_fd = dup(&outbound, self.ports.outbound)?;
-        let tunnel_fd = dup(&tunnel, self.ports.tunnel)?;
+        let plaintext_fd = dup(&plaintext, self.inputs.ports.plaintext)?;
+        let outbound_fd = dup(&outbound, self.inputs.ports.outbound)?;
+        let tunnel_fd = dup(&tunnel, self.inputs.ports.tunnel)?;
         let addrs = [&outbound, &tunnel, &plaintext]
             .into_iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
-        let server_tls = crate::tls::server_config(pod.cert.clone(), self.tls_stats.clone())
+        let server_tls = crate::tls::server_config(pod.cert.clone(), self.inputs.tls_stats.clone())
             .map_err(|source| Error::Tls { pod: pod.key.clone(), source })?;
         let pod = Arc::new(PodHandle {
             key: pod.key.clone(),
             id: pod.id.clone(),
             ips: pod.ips.clone(),
-            netns: pod.netns.clone(),
+            sockets: pod.sockets.clone(),
             stats: pod.stats.clone(),
             cert: pod.cert.clone(),
         });
         let this = self.clone();
-        self.runtime.spawn(this.clone().accept_loop(outbound, pod.clone(), cancel.clone(), Kind::Outbound));
-        self.runtime.spawn(this.clone().accept_loop(tunnel, pod.clone(), cancel.clone(), Kind::Tunnel(server_tls)));
-        self.runtime.spawn(this.accept_loop(plaintext, pod, cancel.clone(), Kind::Plaintext));
+        self.inputs.runtime.spawn(this.clone().accept_loop(outbound, pod.clone(), cancel.clone(), Kind::Outbound));
+        self.inputs.runtime.spawn(this.clone().accept_loop(tunnel, pod.clone(), cancel.clone(), Kind::Tunnel(server_tls)));
+        self.inputs.runtime.spawn(this.accept_loop(plaintext, pod, cancel.clone(), Kind::Plaintext));
         Ok(PodListeners { addrs, plaintext: plaintext_fd, outbound: outbound_fd, tunnel: tunnel_fd, cancel })
     }
 
@@ -369,22 +392,18 @@ impl Proxy {
             return Err(Error::HandedOver { pod: pod.key.clone(), port, local });
         }
         std_listener.set_nonblocking(true).map_err(listen_err)?;
-        let _rt = self.runtime.enter();
+        let _rt = self.inputs.runtime.enter();
         TcpListener::from_std(std_listener).map_err(listen_err)
     }
 
     fn listen(&self, pod: &PodHandle, port: u16) -> Result<TcpListener, Error> {
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
-        let sock = pod
-            .netns
-            .socket(socket2::Domain::IPV4)
-            .map_err(|source| Error::Netns { pod: pod.key.clone(), source })?;
-        let listen_err = |source| Error::Listen { pod: pod.key.clone(), addr, source };
-        sock.set_reuse_address(true).map_err(listen_err)?;
-        sock.bind(&addr.into()).map_err(listen_err)?;
-        sock.listen(1024).map_err(listen_err)?;
-        let _rt = self.runtime.enter();
-        TcpListener::from_std(sock.into()).map_err(listen_err)
+        let listener = pod.sockets.listen(port).map_err(|source| Error::Sockets { pod: pod.key.clone(), source })?;
+        let _rt = self.inputs.runtime.enter();
+        TcpListener::from_std(listener).map_err(|source| Error::Listen {
+            pod: pod.key.clone(),
+            addr: SocketAddr::from(([0, 0, 0, 0], port)),
+            source,
+        })
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, pod: Arc<PodHandle>, cancel: CancellationToken, kind: Kind) {
@@ -405,8 +424,8 @@ impl Proxy {
             };
             // Over the agent's cap: refused with a reset at once, counted,
             // rather than accepted into a queue nobody serves.
-            if self.connections.len() >= self.limits.max_connections.load(Ordering::Relaxed) {
-                self.telemetry.metrics.connection_overflow("agent");
+            if self.inputs.connections.len() >= self.inputs.limits.max_connections.load(Ordering::Relaxed) {
+                self.inputs.telemetry.metrics.connection_overflow("agent");
                 let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                 drop(stream);
                 continue;
@@ -416,10 +435,10 @@ impl Proxy {
             let pod = pod.clone();
             let span = tracing::debug_span!("conn", pod = %pod.key, %client, kind = kind.name());
             let kind = kind.clone();
-            self.connections.spawn(tracing::Instrument::instrument(
+            self.inputs.connections.spawn(tracing::Instrument::instrument(
                 async move {
                     match kind {
-                        Kind::Outbound => this.outbound(stream, client, pod).await,
+                        Kind::Outbound => this.serve_outbound(stream, client, pod).await,
                         Kind::Tunnel(tls) => this.tunnel_inbound(stream, client, pod, tls).await,
                         Kind::Plaintext => this.plaintext_inbound(stream, client, pod).await,
                     }
@@ -433,12 +452,18 @@ impl Proxy {
     /// Stops tracking new connections and waits up to `deadline` for the open
     /// ones to finish; returns how many were still open.
     pub async fn drain(&self, deadline: Duration) -> usize {
-        self.draining.cancel();
-        self.connections.close();
-        if tokio::time::timeout(deadline, self.connections.wait()).await.is_err() {
-            return self.connections.len();
+        self.start_draining();
+        if tokio::time::timeout(deadline, self.inputs.connections.wait()).await.is_err() {
+            return self.inputs.connections.len();
         }
         0
+    }
+
+    /// From here on HTTP connections finish gracefully, and new
+    /// connections are not waited for ([`Proxy::drain`] begins with it).
+    pub fn start_draining(&self) {
+        self.inputs.draining.cancel();
+        self.inputs.connections.close();
     }
 
     fn self_arc(&self) -> Arc<Proxy> {
@@ -446,34 +471,34 @@ impl Proxy {
     }
 
     pub fn open_connections(&self) -> usize {
-        self.connections.len()
+        self.inputs.connections.len()
     }
 
     /// Pooled mTLS tunnel connections open now, and opened in all.
     pub fn tunnel_connections(&self) -> (usize, usize) {
-        (self.pool.open_connections(), self.pool.opened.load(Ordering::Relaxed))
+        (self.outbound.pool.open_connections(), self.outbound.pool.opened.load(Ordering::Relaxed))
     }
 
     /// Per-endpoint load-balancing state (active, picked, failures, ejected).
     pub fn endpoints(&self) -> std::collections::BTreeMap<String, balance::EndpointView> {
-        self.balancer.view()
+        self.outbound.balancer.view()
     }
 
     /// Per-service state of the HTTP layer (requests, retries, limits).
     pub fn services(&self) -> std::collections::BTreeMap<String, services::ServiceView> {
-        self.services.view()
+        self.outbound.services.view()
     }
 
     pub fn telemetry(&self) -> &Arc<observe::Telemetry> {
-        &self.telemetry
+        &self.inputs.telemetry
     }
 
     pub fn tls_stats(&self) -> &Arc<TlsStats> {
-        &self.tls_stats
+        &self.inputs.tls_stats
     }
 
     pub fn certs(&self) -> &CertManager {
-        &self.certs
+        &self.inputs.certs
     }
 }
 
@@ -519,8 +544,8 @@ impl Default for Limits {
 impl Proxy {
     /// Sets the connection caps.
     pub fn set_limits(&self, max_connections: usize, max_app_connections: usize) {
-        self.limits.max_connections.store(max_connections.max(1), Ordering::Relaxed);
-        self.limits.max_app_connections.store(max_app_connections.max(1), Ordering::Relaxed);
+        self.inputs.limits.max_connections.store(max_connections.max(1), Ordering::Relaxed);
+        self.inputs.limits.max_app_connections.store(max_app_connections.max(1), Ordering::Relaxed);
     }
 }
 

@@ -63,12 +63,12 @@ pub(super) fn shed_one(listener: &TcpListener) -> bool {
 impl Proxy {
     pub(super) async fn accept_failed(&self, pod: &PodHandle, listener: &'static str, e: &std::io::Error, on: &TcpListener) {
         let reason = fdlimit::accept_error_reason(e);
-        self.telemetry.metrics.accept_error(listener, reason);
+        self.inputs.telemetry.metrics.accept_error(listener, reason);
         if let Some(suppressed) = LOG.hit(Instant::now()) {
             tracing::warn!(pod = %pod.key, listener, reason, error = %e, suppressed, "accept failed; refusing waiting connections and backing off (similar errors suppressed for {}s)", LOG_EVERY.as_secs());
         }
         if fdlimit::is_exhaustion(e) && shed_one(on) {
-            self.telemetry.metrics.connection_overflow("descriptors");
+            self.inputs.telemetry.metrics.connection_overflow("descriptors");
             return;
         }
         let pause = if reason == "other" { OTHER_BACKOFF } else { fdlimit::EXHAUSTED_BACKOFF };
@@ -91,7 +91,7 @@ mod tests {
             p.accept_failed(&pod, "outbound", &emfile, &idle).await;
         }
         p.accept_failed(&pod, "tunnel", &std::io::Error::from_raw_os_error(libc::ENFILE), &idle).await;
-        let m = &p.telemetry.metrics;
+        let m = &p.inputs.telemetry.metrics;
         assert_eq!(m.accept_errors("process_fd_limit"), 3);
         assert_eq!(m.accept_errors("system_fd_limit"), 1);
         assert_eq!(m.connection_overflows("descriptors"), 0);
@@ -112,7 +112,7 @@ mod tests {
         // sees the connection, as an accept that failed with EMFILE would.
         backlog_not_empty(&listener).await;
         p.accept_failed(&pod, "outbound", &std::io::Error::from_raw_os_error(libc::EMFILE), &listener).await;
-        assert_eq!(p.telemetry.metrics.connection_overflows("descriptors"), 1);
+        assert_eq!(p.inputs.telemetry.metrics.connection_overflows("descriptors"), 1);
         let mut buf = [0u8; 1];
         let err = client.read(&mut buf).await.expect_err("reset, not data or EOF");
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
@@ -148,10 +148,10 @@ mod tests {
         let _second = p.connect_app(&pod, target).await.expect("second");
         let err = p.connect_app(&pod, target).await.err().expect("over the cap");
         assert!(err.to_string().contains("--max-app-connections"), "{err}");
-        assert_eq!(p.telemetry.metrics.connection_overflows("app"), 1);
+        assert_eq!(p.inputs.telemetry.metrics.connection_overflows("app"), 1);
         assert_eq!(pod.stats.app_connections.load(std::sync::atomic::Ordering::Relaxed), 2);
         drop(first);
         let _third = p.connect_app(&pod, target).await.expect("a slot freed by the closed connection");
-        assert!(p.telemetry.metrics.encode().contains(r#"nodemesh_connection_overflows_total{limit="app"} 1"#));
+        assert!(p.inputs.telemetry.metrics.encode().contains(r#"nodemesh_connection_overflows_total{limit="app"} 1"#));
     }
 }

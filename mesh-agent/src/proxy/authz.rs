@@ -77,8 +77,8 @@ pub(super) enum L4Verdict {
 
 impl Proxy {
     pub(super) fn check_l4(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> L4Verdict {
-        let snapshot = self.state.borrow().clone();
-        let wp = self.authz.workload(&snapshot, &pod.key);
+        let snapshot = self.inputs.state.borrow().clone();
+        let wp = self.inbound.authz.workload(&snapshot, &pod.key);
         if wp.check_connection(&Connection { peer, port }).allowed {
             L4Verdict::Allow
         } else if wp.uses_http_attributes() {
@@ -94,8 +94,8 @@ impl Proxy {
     /// `Err` when policy refuses a connection from `peer` (None:
     /// plaintext) to `port` of `pod`; counted and logged with the policy.
     pub(super) fn authorize_connection(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> Result<(), Denied> {
-        let snapshot = self.state.borrow().clone();
-        let wp = self.authz.workload(&snapshot, &pod.key);
+        let snapshot = self.inputs.state.borrow().clone();
+        let wp = self.inbound.authz.workload(&snapshot, &pod.key);
         let decision = wp.check_connection(&Connection { peer, port });
         if decision.allowed {
             return Ok(());

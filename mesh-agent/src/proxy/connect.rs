@@ -26,7 +26,6 @@ use super::{
 };
 use crate::{
     identity::{SpiffeId, SpiffeIdError},
-    netns::Netns,
     state::{Destination, PodKey},
 };
 
@@ -34,7 +33,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("{0}")]
-    Netns(#[from] crate::netns::Error),
+    Socket(#[from] super::sockets::SocketError),
     #[error("connect to {0} timed out")]
     TimedOut(SocketAddr),
     /// The kernel's answer (refused, unreachable, ...), as it gave it.
@@ -137,12 +136,12 @@ impl Proxy {
         match dest {
             Destination::MeshPod { pod: dst_pod, addr } => {
                 let dst_id = {
-                    let state = self.state.borrow();
+                    let state = self.inputs.state.borrow();
                     let p = state.pods.get(dst_pod).ok_or_else(|| ConnectError::DestinationGone(dst_pod.clone()))?;
                     SpiffeId::new(trust_domain, &p.key.namespace, &p.service_account)
                         .map_err(|source| ConnectError::NoIdentity { pod: dst_pod.clone(), source })?
                 };
-                let tunnel = SocketAddr::new(addr.ip(), self.ports.tunnel);
+                let tunnel = SocketAddr::new(addr.ip(), self.inputs.ports.tunnel);
                 tracing::debug!(dst = %dst_pod, %tunnel, %dst_id, "outbound via mTLS tunnel");
                 let (upgraded, slot) = self.open_stream(pod, tunnel, dst_id.clone(), *addr).await?;
                 stats.outbound_tunneled.fetch_add(1, Ordering::Relaxed);
@@ -151,7 +150,7 @@ impl Proxy {
             }
             Destination::Passthrough(addr) => {
                 tracing::debug!(dst = %addr, "outbound direct (destination not in the mesh)");
-                let up = connect_from(&pod.netns, *addr).await?;
+                let up = connect_from(&*pod.sockets, *addr).await?;
                 stats.outbound_direct.fetch_add(1, Ordering::Relaxed);
                 Ok(Upstream::Direct(up))
             }
@@ -181,7 +180,7 @@ impl Proxy {
         // A pooled connection the destination agent is draining (GOAWAY, or
         // gone) fails the stream before it is processed: open it again on a
         // new connection, which reaches the agent serving now.
-        let pooled = self.pool.checkout(&key);
+        let pooled = self.outbound.pool.checkout(&key);
         let (sender, slot, res) = match pooled {
             Some((mut sender, slot)) => match sender.send_request(req()?).await {
                 Ok(res) => (sender, slot, res),
@@ -222,7 +221,7 @@ impl Proxy {
         tunnel: SocketAddr,
         dst_id: &SpiffeId,
     ) -> Result<(TunnelSender, StreamSlot), ConnectError> {
-        if let Some(c) = self.pool.checkout(key) {
+        if let Some(c) = self.outbound.pool.checkout(key) {
             return Ok(c);
         }
         self.new_tunnel(pod, key, tunnel, dst_id, false).await
@@ -236,21 +235,21 @@ impl Proxy {
         dst_id: &SpiffeId,
         fresh: bool,
     ) -> Result<(TunnelSender, StreamSlot), ConnectError> {
-        let lock = self.pool.connect_lock(key);
+        let lock = self.outbound.pool.connect_lock(key);
         let _connecting = lock.lock().await;
         // Someone else may have connected while we waited (not after a
         // pooled connection failed: that one may still look usable).
-        if !fresh && let Some(c) = self.pool.checkout(key) {
+        if !fresh && let Some(c) = self.outbound.pool.checkout(key) {
             return Ok(c);
         }
         let sender = self.connect_tunnel(pod, tunnel, dst_id).await?;
-        Ok(self.pool.add(key.clone(), sender))
+        Ok(self.outbound.pool.add(key.clone(), sender))
     }
 
     async fn connect_tunnel(&self, pod: &PodHandle, tunnel: SocketAddr, dst_id: &SpiffeId) -> Result<TunnelSender, ConnectError> {
         let cert = pod.cert.borrow().clone().ok_or_else(|| ConnectError::NoCertificate(pod.key.clone()))?;
-        let config = crate::tls::client_config(&cert, dst_id, self.tls_stats.clone())?;
-        let tcp = connect_from(&pod.netns, tunnel)
+        let config = crate::tls::client_config(&cert, dst_id, self.inputs.tls_stats.clone())?;
+        let tcp = connect_from(&*pod.sockets, tunnel)
             .await
             .map_err(|e| ConnectError::Tunnel { tunnel, source: Box::new(e) })?;
         let (tls, server_id) = crate::tls::connect(config, tcp)
@@ -275,14 +274,14 @@ impl Proxy {
     /// A connection to one of `pod`'s applications, within the pod's cap;
     /// the slot must live as long as the connection.
     pub(crate) async fn connect_app(&self, pod: &PodHandle, target: SocketAddr) -> Result<(TcpStream, AppSlot), AppError> {
-        let max = self.limits.max_app_connections.load(Ordering::Relaxed) as u64;
+        let max = self.inputs.limits.max_app_connections.load(Ordering::Relaxed) as u64;
         if pod.stats.app_connections.fetch_add(1, Ordering::Relaxed) >= max {
             pod.stats.app_connections.fetch_sub(1, Ordering::Relaxed);
-            self.telemetry.metrics.connection_overflow("app");
+            self.inputs.telemetry.metrics.connection_overflow("app");
             return Err(AppError::Overflow { max, pod: pod.key.clone() });
         }
         let slot = AppSlot(pod.stats.clone());
-        Ok((connect_from(&pod.netns, target).await?, slot))
+        Ok((connect_from(&*pod.sockets, target).await?, slot))
     }
 }
 
@@ -295,11 +294,9 @@ impl Drop for AppSlot {
     }
 }
 
-/// A TCP connect from inside a pod's namespace, with the agent's mark.
-pub(super) async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ConnectError> {
-    let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
-    let sock = netns.socket_async(domain).await?;
-    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
+/// A TCP connect from the pod (inside its namespace, with the agent's mark).
+pub(super) async fn connect_from(sockets: &dyn super::PodSockets, dst: SocketAddr) -> Result<TcpStream, ConnectError> {
+    let sock = sockets.for_connect(dst).await?;
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
         .await
         .map_err(|_| ConnectError::TimedOut(dst))?

@@ -132,7 +132,7 @@ impl Proxy {
         match version {
             AppHttp::Http2 => {
                 let existing = {
-                    let mut h2 = self.http_clients.h2.lock().expect("poisoned");
+                    let mut h2 = self.outbound.http_clients.h2.lock().expect("poisoned");
                     match h2.get_mut(&key) {
                         Some(c) if !c.sender.is_closed() => {
                             c.since = Instant::now();
@@ -145,7 +145,7 @@ impl Proxy {
                     Some(s) => s,
                     None => {
                         let s = self.connect_h2(pod, dest, svc, limits).await?;
-                        self.http_clients
+                        self.outbound.http_clients
                             .h2
                             .lock()
                             .expect("poisoned")
@@ -157,7 +157,7 @@ impl Proxy {
                 sender.send_request(req).await.map_err(reset)
             }
             AppHttp::Http1 => {
-                let mut sender = match self.http_clients.idle_h1(&key) {
+                let mut sender = match self.outbound.http_clients.idle_h1(&key) {
                     Some(s) => s,
                     None => self.connect_h1(pod, dest, svc, limits, &key).await?,
                 };
@@ -168,7 +168,7 @@ impl Proxy {
                 tokio::spawn(async move {
                     if sender.ready().await.is_ok() {
                         clients
-                            .http_clients
+                            .outbound.http_clients
                             .h1
                             .lock()
                             .expect("poisoned")
@@ -196,7 +196,7 @@ impl Proxy {
         let _pending = pending_request(svc, limits)?;
         loop {
             let freed = svc.connection_freed.notified();
-            if let Some(s) = self.http_clients.idle_h1(key) {
+            if let Some(s) = self.outbound.http_clients.idle_h1(key) {
                 return Ok(s);
             }
             if let Some(slot) = self.connection_slot(svc, limits) {
@@ -255,7 +255,7 @@ impl Proxy {
     }
 
     pub(super) async fn upstream_io(&self, pod: &PodHandle, dest: &Destination) -> Result<TokioIo<Upstream>, ConnectError> {
-        let trust_domain = self.state.borrow().trust_domain.clone();
+        let trust_domain = self.inputs.state.borrow().trust_domain.clone();
         self.establish(pod, dest, &trust_domain).await.map(TokioIo::new)
     }
 }

@@ -71,9 +71,9 @@ type H2Sender = hyper::client::conn::http2::SendRequest<ClientBody>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct AppKey {
-    /// The pod's network namespace (its cookie): a pod re-created with the
-    /// same address is another key.
-    netns: u64,
+    /// The pod's network ([`super::PodSockets::network`]): a pod re-created
+    /// with the same address is another key.
+    network: u64,
     target: SocketAddr,
 }
 
@@ -131,7 +131,7 @@ impl Conn {
         match &*cached {
             Some((s, p)) if Arc::ptr_eq(s, snapshot) => p.clone(),
             _ => {
-                let p = proxy.authz.workload(snapshot, &self.pod.key);
+                let p = proxy.inbound.authz.workload(snapshot, &self.pod.key);
                 *cached = Some((snapshot.clone(), p.clone()));
                 p
             }
@@ -180,14 +180,14 @@ impl Proxy {
             async move {
                 let version = drain.saw(&req);
                 let res = this.http_request(&conn, req).await;
-                Ok::<_, Infallible>(drain.mark(&this.draining, version, res))
+                Ok::<_, Infallible>(drain.mark(&this.inputs.draining, version, res))
             }
         });
         let server = http_server();
         let conn = server.serve_connection_with_upgrades(TokioIo::new(io), svc);
         // Draining: `Connection: close` on the next response (HTTP/1.1) or
         // GOAWAY (HTTP/2); the client's next request finds the new agent.
-        let result = super::until_drained(conn, &self.draining, |c| {
+        let result = super::until_drained(conn, &self.inputs.draining, |c| {
             if drain.is_h2() {
                 c.graceful_shutdown();
             }
@@ -204,7 +204,7 @@ impl Proxy {
         let request_bytes = hyper::body::Body::size_hint(req.body()).exact().unwrap_or(0);
         // The server span: child of the source agent's client span (or of
         // the plaintext client's context); the app sees it as its parent.
-        let tracer = &self.telemetry.tracer;
+        let tracer = &self.inputs.telemetry.tracer;
         let parent = tracer.extract(req.headers());
         let mut span = tracer.start_span(SpanKind::Server, "inbound", parent.as_ref());
         span.inject(req.headers_mut());
@@ -212,10 +212,10 @@ impl Proxy {
         info.upstream = Some(conn.target);
         let (res, decision) = self.authorize_and_forward(conn, req).await;
         info.decision = decision;
-        let snapshot = self.state.borrow().clone();
+        let snapshot = self.inputs.state.borrow().clone();
         let code = res.status().as_u16();
         let flags = reply::flags(&res);
-        let series = conn.series.get(&self.telemetry.metrics, &snapshot, (None, protocol, code, flags), || {
+        let series = conn.series.get(&self.inputs.telemetry.metrics, &snapshot, (None, protocol, code, flags), || {
             super::observe::Parties {
                 state: &snapshot,
                 reporter: "destination",
@@ -246,7 +246,7 @@ impl Proxy {
             }
         }
         span.end();
-        let telemetry = self.telemetry.clone();
+        let telemetry = self.inputs.telemetry.clone();
         res.map(|b| super::observe::Recorded::new(b, telemetry, series, info, start, request_bytes).boxed())
     }
 
@@ -275,7 +275,7 @@ impl Proxy {
         let host_header = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
         let authority = req.uri().authority().map(http::uri::Authority::as_str);
         let host = authority.or(host_header).unwrap_or_default();
-        let snapshot = self.state.borrow().clone();
+        let snapshot = self.inputs.state.borrow().clone();
         let wp = conn.policy(self, &snapshot);
         let c = Connection { peer: conn.peer.as_ref().map(|(_, p)| p), port: conn.target.port() };
         let d = wp.check_http(&c, &policy::Request { method: req.method().as_str(), path: &path, host, headers: req.headers() });
@@ -311,7 +311,7 @@ impl Proxy {
                     && res.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
                     let up = hyper::upgrade::on(&mut res);
-                    self.connections.spawn(join_upgraded(down, up));
+                    self.inputs.connections.spawn(join_upgraded(down, up));
                 }
                 reply::from_app(res).map(|b| b.boxed())
             }
@@ -347,8 +347,8 @@ impl Proxy {
         } else {
             *req.version_mut() = http::Version::HTTP_2;
         }
-        let key = AppKey { netns: conn.pod.netns.cookie(), target: conn.target };
-        let apps = &self.app_connections;
+        let key = AppKey { network: conn.pod.sockets.network(), target: conn.target };
+        let apps = &self.inbound.app_connections;
         if h2 {
             let existing = apps.h2.lock().expect("poisoned").get(&key).filter(|s| !s.is_closed()).cloned();
             let mut s = match existing {
@@ -394,7 +394,7 @@ impl Proxy {
         let this = self.self_arc();
         tokio::spawn(async move {
             if s.ready().await.is_ok() {
-                this.app_connections.h1.lock().expect("poisoned").entry(key).or_default().push((s, Instant::now()));
+                this.inbound.app_connections.h1.lock().expect("poisoned").entry(key).or_default().push((s, Instant::now()));
             }
         });
         Ok(res)

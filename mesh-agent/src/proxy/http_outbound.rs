@@ -128,13 +128,13 @@ impl Proxy {
             async move {
                 let version = drain.saw(&req);
                 let res = this.outbound_request(&conn, req).await;
-                Ok::<_, Infallible>(drain.mark(&this.draining, version, res))
+                Ok::<_, Infallible>(drain.mark(&this.inputs.draining, version, res))
             }
         });
         let server = http_server();
         let conn = server.serve_connection_with_upgrades(TokioIo::new(app), svc);
         // Draining: `Connection: close` / GOAWAY, as on the inbound side.
-        let result = super::until_drained(conn, &self.draining, |c| {
+        let result = super::until_drained(conn, &self.inputs.draining, |c| {
             if drain.is_h2() {
                 c.graceful_shutdown();
             }
@@ -149,7 +149,7 @@ impl Proxy {
         let request_bytes = req.body().size_hint().exact().unwrap_or(0);
         // A client span, child of the app's context; the destination's
         // server span will be its child.
-        let tracer = &self.telemetry.tracer;
+        let tracer = &self.inputs.telemetry.tracer;
         let parent = tracer.extract(req.headers());
         let mut span = tracer.start_span(SpanKind::Client, "outbound", parent.as_ref());
         span.inject(req.headers_mut());
@@ -161,7 +161,7 @@ impl Proxy {
             span.set_attribute(attr::MESH_SOURCE_WORKLOAD, conn.pod.key.to_string());
         }
         let (res, dest) = self.route_request(conn, req).await;
-        let snapshot = self.state.borrow().clone();
+        let snapshot = self.inputs.state.borrow().clone();
         let code = res.status().as_u16();
         let flags = reply::flags(&res);
         let dst_pod = match &dest {
@@ -169,7 +169,7 @@ impl Proxy {
             _ => None,
         };
         let key = (dest.as_ref().map(Destination::addr), protocol, code, flags);
-        let series = conn.series.get(&self.telemetry.metrics, &snapshot, key, || {
+        let series = conn.series.get(&self.inputs.telemetry.metrics, &snapshot, key, || {
             let service = snapshot.service_target(conn.orig).map(|t| (t.service.namespace.clone(), t.service.name.clone()));
             super::observe::Parties {
                 state: &snapshot,
@@ -195,7 +195,7 @@ impl Proxy {
             }
         }
         span.end();
-        let telemetry = self.telemetry.clone();
+        let telemetry = self.inputs.telemetry.clone();
         res.map(|b| super::observe::Recorded::new(b, telemetry, series.clone(), info, start, request_bytes).boxed())
     }
 
@@ -205,8 +205,8 @@ impl Proxy {
         if let Err(v) = conn.door.check(&req) {
             return (reply::refuse(&v, req.version(), &conn.pod.stats, "outbound"), None);
         }
-        let snapshot = self.state.borrow().clone();
-        let routes = self.routes.get(&snapshot);
+        let snapshot = self.inputs.state.borrow().clone();
+        let routes = self.outbound.routes.get(&snapshot);
         let Some(target) = snapshot.service_target(conn.orig) else {
             return (local(LocalReply::NotAService { orig: conn.orig }), None);
         };
@@ -217,14 +217,14 @@ impl Proxy {
             Err(e) => return (reply::refuse(&Violation::Target(e.to_string()), req.version(), &conn.pod.stats, "outbound"), None),
         };
         let view = RequestView { method: req.method(), path: path.path(), headers: req.headers() };
-        let selected = routes.select(ns, name, &view, (self.balancer.random() % 100) as u32);
+        let selected = routes.select(ns, name, &view, (self.outbound.balancer.random() % 100) as u32);
         let endpoints: Vec<Destination> = target
             .endpoints
             .iter()
             .filter(|e| selected.is_none_or(|s| s.backend.selects(e.labels)))
             .map(|e| e.dest.clone())
             .collect();
-        let svc = self.services.get(ns, name);
+        let svc = self.outbound.services.get(ns, name);
         svc.requests.fetch_add(1, Ordering::Relaxed);
         let route_name = selected.map_or("(none)", |s| s.route);
         if endpoints.is_empty() {
@@ -287,7 +287,7 @@ impl Proxy {
             // A retry prefers an endpoint not tried yet.
             let exclude: &[SocketAddr] = if tried.len() < job.endpoints.len() { &tried } else { &[] };
             let cursor = (job.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&job.svc.cursor);
-            let Some((dest, _in_use)) = self.balancer.pick(job.endpoints, exclude, cursor) else {
+            let Some((dest, _in_use)) = self.outbound.balancer.pick(job.endpoints, exclude, cursor) else {
                 return (local(LocalReply::NoEndpointLeft), None);
             };
             tried.push(dest.addr());
@@ -330,7 +330,7 @@ impl Proxy {
                     (Outcome::ConnectFailure, RetryOn::Reset, Err(r))
                 }
             };
-            if self.balancer.report(dest.addr(), outcome, &job.policy.outlier_detection, job.endpoints).is_some() {
+            if self.outbound.balancer.report(dest.addr(), outcome, &job.policy.outlier_detection, job.endpoints).is_some() {
                 job.svc.ejections.fetch_add(1, Ordering::Relaxed);
             }
             let may_retry = kept.is_some()
@@ -351,7 +351,7 @@ impl Proxy {
             job.svc.retries.fetch_add(1, Ordering::Relaxed);
             _retrying = Some(services::enter(&job.svc.retries_in_flight));
             tracing::debug!(endpoint = %dest.addr(), %cause, retry = retries + 1, "retrying");
-            let pause: Duration = job.retry.backoff(retries, self.balancer.random() as u32);
+            let pause: Duration = job.retry.backoff(retries, self.outbound.balancer.random() as u32);
             tokio::time::sleep(pause).await;
             retries += 1;
         }
@@ -365,7 +365,7 @@ impl Proxy {
     /// route timeout (the exchange is long-lived by nature).
     async fn upgrade(&self, job: &Job<'_>, mut req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
         let cursor = (job.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&job.svc.cursor);
-        let Some((dest, _in_use)) = self.balancer.pick(job.endpoints, &[], cursor) else {
+        let Some((dest, _in_use)) = self.outbound.balancer.pick(job.endpoints, &[], cursor) else {
             return (local(LocalReply::NoEndpointToUpgrade), None);
         };
         let downstream = hyper::upgrade::on(&mut req);
@@ -391,7 +391,7 @@ impl Proxy {
         };
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut res);
-            self.connections.spawn(join_upgraded(downstream, upstream));
+            self.inputs.connections.spawn(join_upgraded(downstream, upstream));
         }
         (upstream_response(res, &dest), Some(dest))
     }

@@ -27,14 +27,14 @@ impl Proxy {
                 return;
             }
         };
-        let mode = self.state.borrow().peer_auth_mode(&pod.key);
+        let mode = self.inputs.state.borrow().peer_auth_mode(&pod.key);
         if mode == PeerAuthMode::Strict {
             pod.stats.inbound_plaintext_refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%client, %target, pod = %pod.key, "plaintext connection refused: the pod's peer authentication is STRICT");
             let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
             return;
         }
-        let app_http = self.state.borrow().app_http(&pod.key, target.port());
+        let app_http = self.inputs.state.borrow().app_http(&pod.key, target.port());
         if let Some(app) = app_http {
             pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
             self.self_arc().serve_http_inbound(conn, pod, client, None, target, app).await;

@@ -24,9 +24,9 @@ pub trait OrigDstLookup: Send + Sync {
 }
 
 impl Proxy {
-    pub(super) async fn outbound(self: Arc<Self>, mut app: TcpStream, client: SocketAddr, pod: Arc<PodHandle>) {
+    pub(super) async fn serve_outbound(self: Arc<Self>, mut app: TcpStream, client: SocketAddr, pod: Arc<PodHandle>) {
         let stats = &pod.stats;
-        let Some(orig) = self.orig_dst.take(client) else {
+        let Some(orig) = self.inputs.orig_dst.take(client) else {
             // Someone connected to the listener directly: there is nowhere
             // to send it.
             tracing::warn!(%client, "connection on the outbound port was not redirected by the mesh; closing it");
@@ -35,7 +35,7 @@ impl Proxy {
         };
         stats.outbound.fetch_add(1, Ordering::Relaxed);
         let (candidates, trust_domain, http) = {
-            let state = self.state.borrow();
+            let state = self.inputs.state.borrow();
             let http = state.service_target(orig).and_then(|t| t.port.http_version().filter(|_| !t.endpoints.is_empty()));
             (state.resolve_all(orig), state.trust_domain.clone(), http)
         };
@@ -55,7 +55,7 @@ impl Proxy {
             // destination needs no choice, and remembering every address a
             // pod ever dials would grow without bound.
             let (dest, _in_use) = if is_service {
-                let Some(picked) = self.balancer.pick(&candidates, &tried, None) else { break };
+                let Some(picked) = self.outbound.balancer.pick(&candidates, &tried, None) else { break };
                 (picked.0, Some(picked.1))
             } else if tried.is_empty() {
                 (candidates[0].clone(), None)
@@ -66,10 +66,10 @@ impl Proxy {
             match self.establish(pod, &dest, &trust_domain).await {
                 Ok(mut upstream) => {
                     if is_service {
-                        self.balancer.report(dest.addr(), Outcome::Success, l4_outlier_detection(), &candidates);
+                        self.outbound.balancer.report(dest.addr(), Outcome::Success, l4_outlier_detection(), &candidates);
                     }
                     let labels = {
-                        let snapshot = self.state.borrow().clone();
+                        let snapshot = self.inputs.state.borrow().clone();
                         let (dst_pod, mtls) = match &dest {
                             Destination::MeshPod { pod, .. } => (Some(pod), true),
                             Destination::Passthrough(_) => (None, false),
@@ -88,9 +88,9 @@ impl Proxy {
                         }
                         .labels("tcp")
                     };
-                    self.telemetry.metrics.tcp_opened(&labels);
+                    self.inputs.telemetry.metrics.tcp_opened(&labels);
                     let opened = std::time::Instant::now();
-                    let mut span = self.telemetry.tracer.start_span(crate::telemetry::trace::SpanKind::Client, "tcp outbound", None);
+                    let mut span = self.inputs.telemetry.tracer.start_span(crate::telemetry::trace::SpanKind::Client, "tcp outbound", None);
                     if span.is_recording() {
                         span.set_attribute(crate::telemetry::trace::attr::MESH_SOURCE_WORKLOAD, pod.key.to_string());
                         span.set_attribute(crate::telemetry::trace::attr::NETWORK_PEER_ADDRESS, dest.addr().to_string());
@@ -101,7 +101,7 @@ impl Proxy {
                         Upstream::Direct(up) => super::relay::copy_bidirectional(&mut counted, up).await,
                     };
                     let (received, sent) = counted.totals();
-                    self.telemetry.tcp_done(&labels, opened.elapsed(), sent, received, dest.addr());
+                    self.inputs.telemetry.tcp_done(&labels, opened.elapsed(), sent, received, dest.addr());
                     span.end();
                     match result {
                         Ok(_) => tracing::debug!(%orig, to = %dest.addr(), "outbound connection closed"),
@@ -112,7 +112,7 @@ impl Proxy {
                 Err(e) => {
                     tracing::info!(%orig, to = %dest.addr(), error = %e, "outbound connection failed");
                     if is_service {
-                        self.balancer.report(dest.addr(), Outcome::ConnectFailure, l4_outlier_detection(), &candidates);
+                        self.outbound.balancer.report(dest.addr(), Outcome::ConnectFailure, l4_outlier_detection(), &candidates);
                     }
                     last_err = Some(e);
                 }

@@ -93,12 +93,12 @@ impl Proxy {
     }
 
     pub(super) fn prune_at(&self, series_idle: Duration, now: Instant) {
-        let snapshot = self.state.borrow().clone();
+        let snapshot = self.inputs.state.borrow().clone();
         let live = Live::new(&snapshot);
-        let endpoints = self.balancer.retain(|a| live.endpoint(a));
-        let services = self.services.retain(|ns, name| live.services.contains(&(ns, name)));
-        self.http_clients.retain(|src, a| snapshot.pods.contains_key(src) && live.endpoint(a));
-        let series = self.telemetry.metrics.prune(|l| live.series(l), series_idle, now);
+        let endpoints = self.outbound.balancer.retain(|a| live.endpoint(a));
+        let services = self.outbound.services.retain(|ns, name| live.services.contains(&(ns, name)));
+        self.outbound.http_clients.retain(|src, a| snapshot.pods.contains_key(src) && live.endpoint(a));
+        let series = self.inputs.telemetry.metrics.prune(|l| live.series(l), series_idle, now);
         if endpoints + services + series > 0 {
             tracing::debug!(endpoints, services, series, "forgot what left the mesh");
         }
@@ -107,12 +107,12 @@ impl Proxy {
     /// Entries of the tables pruned against the mesh state.
     pub fn table_sizes(&self) -> TableSizes {
         TableSizes {
-            endpoints: self.balancer.entries(),
-            services: self.services.entries(),
-            http_clients: self.http_clients.entries(),
-            app_connections: self.app_connections.entries(),
-            tunnel_pool: self.pool.entries(),
-            metric_series: self.telemetry.metrics.series_count(),
+            endpoints: self.outbound.balancer.entries(),
+            services: self.outbound.services.entries(),
+            http_clients: self.outbound.http_clients.entries(),
+            app_connections: self.inbound.app_connections.entries(),
+            tunnel_pool: self.outbound.pool.entries(),
+            metric_series: self.inputs.telemetry.metrics.series_count(),
         }
     }
 }

@@ -28,7 +28,7 @@ impl Proxy {
         // Mutual TLS first: the client must present a workload certificate
         // of our trust domain. Garbage, plaintext and certificate-less
         // clients end here, logged and counted.
-        let (stream, client_id) = match crate::tls::accept(tls, stream, &self.tls_stats).await {
+        let (stream, client_id) = match crate::tls::accept(tls, stream, &self.inputs.tls_stats).await {
             Ok(s) => s,
             Err(e) => {
                 pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
@@ -53,7 +53,7 @@ impl Proxy {
             .serve_connection(TokioIo::new(stream), service);
         // Draining: GOAWAY, so the source agent opens its next streams to
         // the agent that serves next; open streams carry on.
-        let result = super::until_drained(conn, &self.draining, |c| c.graceful_shutdown()).await;
+        let result = super::until_drained(conn, &self.inputs.draining, |c| c.graceful_shutdown()).await;
         if let Err(e) = result {
             // Not HTTP/2 inside the TLS session.
             pod.stats.inbound_refused.fetch_add(1, Ordering::Relaxed);
@@ -99,7 +99,7 @@ impl Proxy {
                 format!("{target} is not an address of pod {}", pod.key),
             );
         }
-        let app_http = self.state.borrow().app_http(&pod.key, target.port());
+        let app_http = self.inputs.state.borrow().app_http(&pod.key, target.port());
         let peer = crate::policy::Peer::new(client_id);
         // HTTP ports are authorized per request instead (a DENY on a path
         // must not refuse the whole connection).
@@ -125,7 +125,7 @@ impl Proxy {
             count_peer(&pod.stats.inbound_peers, client_id);
             let this = self.self_arc();
             let client_id = client_id.clone();
-            self.connections.spawn(async move {
+            self.inputs.connections.spawn(async move {
                 let upgraded = match hyper::upgrade::on(req).await {
                     Ok(u) => TokioIo::new(u),
                     Err(e) => return tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
@@ -152,7 +152,7 @@ impl Proxy {
         count_peer(&pod.stats.inbound_peers, client_id);
         tracing::debug!(%client, %target, peer = %client_id, "tunnel stream delivered");
         let labels = {
-            let snapshot = self.state.borrow().clone();
+            let snapshot = self.inputs.state.borrow().clone();
             super::observe::Parties {
                 state: &snapshot,
                 reporter: "destination",
@@ -166,7 +166,7 @@ impl Proxy {
             }
             .labels("tcp")
         };
-        let telemetry = self.telemetry.clone();
+        let telemetry = self.inputs.telemetry.clone();
         telemetry.metrics.tcp_opened(&labels);
         let opened = std::time::Instant::now();
         let mut span = telemetry.tracer.start_span(crate::telemetry::trace::SpanKind::Server, "tcp inbound", None);
@@ -174,7 +174,7 @@ impl Proxy {
             span.set_attribute(crate::telemetry::trace::attr::MESH_PEER_PRINCIPAL, client_id.to_string());
             span.set_attribute(crate::telemetry::trace::attr::MESH_DESTINATION_WORKLOAD, pod.key.to_string());
         }
-        self.connections.spawn(async move {
+        self.inputs.connections.spawn(async move {
             let mut app = app;
             let _slot = slot;
             match hyper::upgrade::on(req).await {

@@ -1,7 +1,7 @@
 //! The HTTP servers' front door with real bytes: a [`Proxy`] in-process,
 //! its inbound (and outbound) HTTP server on a loopback socket, an app that
-//! records what reaches it. The pod's "network namespace" is the test's own
-//! (`/proc/self/ns/net`), so connecting to the app needs no pod.
+//! records what reaches it. The pod's sockets are plain loopback ones
+//! ([`Loopback`]), so connecting to the app needs no pod and no root.
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -16,12 +16,11 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::super::{PodHandle, PodStats, Ports, Proxy, observe::Telemetry};
+use super::super::{Loopback, PodHandle, PodStats, Ports, Proxy, observe::Telemetry};
 use crate::{
     access_log::AccessLog,
     identity::{Authority, CertManager, LocalCaClient, ManagerConfig, SpiffeId, testing},
     metrics::Metrics,
-    netns::Netns,
     state::{AppHttp, MeshState},
     telemetry::trace::Tracer,
 };
@@ -120,7 +119,7 @@ fn mesh(edit: impl FnOnce(&mut MeshState)) -> Mesh {
         key: testing::pod("shop", "web"),
         id: web,
         ips: vec!["198.51.100.11".parse().unwrap()],
-        netns: Arc::new(Netns::open(Path::new("/proc/self/ns/net")).expect("entering our own network namespace (run as root)")),
+        sockets: Arc::new(Loopback::new("127.0.0.1".parse().unwrap())),
         stats: Arc::new(PodStats::default()),
         cert,
     });

@@ -87,7 +87,7 @@ pub(crate) mod tempdir {
     }
 }
 
-/// A local pod handle (the test's own network namespace: run as root).
+/// A local pod handle (its sockets on 127.0.0.1).
 pub(crate) fn pod_handle() -> super::super::PodHandle {
     let ca = Authority::in_memory().unwrap();
     let id = crate::identity::testing::id("churn", "web");
@@ -97,7 +97,7 @@ pub(crate) fn pod_handle() -> super::super::PodHandle {
         key: PodKey { namespace: "churn".into(), name: "web".into() },
         id,
         ips: vec![pod_ip(0)],
-        netns: Arc::new(crate::netns::Netns::open(std::path::Path::new("/proc/self/ns/net")).expect("our own network namespace (run as root)")),
+        sockets: Arc::new(crate::proxy::Loopback::new(std::net::Ipv4Addr::LOCALHOST.into())),
         stats: Arc::default(),
         cert,
     }
@@ -110,11 +110,11 @@ fn use_endpoint(p: &Proxy, snapshot: &MeshState, i: u32) {
     let key = PodKey { namespace: "churn".into(), name: format!("p{i}") };
     let dest = Destination::MeshPod { pod: key.clone(), addr: SocketAddr::new(pod_ip(i), 8080) };
     let candidates = [dest.clone()];
-    let (picked, held) = p.balancer.pick(&candidates, &[], None).expect("one candidate");
+    let (picked, held) = p.outbound.balancer.pick(&candidates, &[], None).expect("one candidate");
     assert_eq!(picked, dest);
     drop(held);
-    p.balancer.report(dest.addr(), Outcome::ConnectFailure, super::super::balance::l4_outlier_detection(), &candidates);
-    let _svc = p.services.get("churn", &format!("s{i}"));
+    p.outbound.balancer.report(dest.addr(), Outcome::ConnectFailure, super::super::balance::l4_outlier_detection(), &candidates);
+    let _svc = p.outbound.services.get("churn", &format!("s{i}"));
     let name = format!("s{i}");
     let parties = Parties {
         state: snapshot,
@@ -127,7 +127,7 @@ fn use_endpoint(p: &Proxy, snapshot: &MeshState, i: u32) {
         service: Some(("churn", &name)),
         mtls: true,
     };
-    let m = &p.telemetry.metrics;
+    let m = &p.inputs.telemetry.metrics;
     m.request_series(parties.labels("http")).record(Duration::from_millis(1), 1, 1);
     let tcp = parties.labels("tcp");
     m.tcp_opened(&tcp);
@@ -148,7 +148,7 @@ async fn five_thousand_endpoints_come_and_go_and_the_tables_are_back_where_they_
     // Connections to addresses outside the mesh state leave records too.
     for port in 1..=100 {
         let d = [Destination::Passthrough(SocketAddr::from(([203, 0, 113, 7], port)))];
-        drop(p.balancer.pick(&d, &[], None));
+        drop(p.outbound.balancer.pick(&d, &[], None));
     }
     let grown = p.table_sizes();
     assert_eq!(grown.endpoints, baseline.endpoints + N as usize + 100);
@@ -175,7 +175,7 @@ async fn five_thousand_endpoints_come_and_go_and_the_tables_are_back_where_they_
     // ... and go once unchanged for the idle time.
     p.prune_at(SERIES_IDLE, now + SERIES_IDLE);
     assert_eq!(p.table_sizes(), baseline);
-    let text = p.telemetry.metrics.encode();
+    let text = p.inputs.telemetry.metrics.encode();
     assert!(!text.contains("churn"), "no series of a workload gone from the mesh is exported");
 }
 
@@ -186,8 +186,8 @@ async fn in_use_entries_outlive_their_endpoint_until_released_and_live_series_st
     use_endpoint(&p, &full, 0);
     use_endpoint(&p, &full, 1);
     let d = [Destination::MeshPod { pod: PodKey { namespace: "churn".into(), name: "p1".into() }, addr: SocketAddr::new(pod_ip(1), 8080) }];
-    let held = p.balancer.pick(&d, &[], None).unwrap();
-    let svc = p.services.get("churn", "s1");
+    let held = p.outbound.balancer.pick(&d, &[], None).unwrap();
+    let svc = p.outbound.services.get("churn", "s1");
     // p1 and s1 leave; p0 and s0 stay.
     let mut s = state(1);
     s.trust_domain = full.trust_domain.clone();
@@ -199,7 +199,7 @@ async fn in_use_entries_outlive_their_endpoint_until_released_and_live_series_st
     assert_eq!((t.endpoints, t.services), (2, 2), "a connection and a request still hold them");
     assert_eq!(t.metric_series, 2, "p0's series stay, p1's (unchanged, gone) are dropped");
     // A cached series handle is looked up again after a drop.
-    let generation = p.telemetry.metrics.generation();
+    let generation = p.inputs.telemetry.metrics.generation();
     assert_ne!(generation, 0);
     drop(held);
     drop(svc);
