@@ -139,6 +139,172 @@ impl Config {
     }
 }
 
+/// The `run` flags: each one's name, environment variable, default and
+/// help, parsed by clap; [`RunArgs::into_config`] turns them into the
+/// [`Config`] the agent runs with (checked by [`Config::validate`]).
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The local mesh config file (YAML), watched for changes (`--source file`).
+    #[arg(long, env = ENV_CONFIG, required_if_eq("source", "file"))]
+    pub config: Option<PathBuf>,
+    /// Where the mesh state comes from: the local file, or the Kubernetes
+    /// API (in-cluster service account, or KUBECONFIG).
+    #[arg(long, env = ENV_SOURCE, value_enum, default_value_t = Source::File)]
+    pub source: Source,
+    /// With `--source kube`: a kubeconfig file instead of the in-cluster
+    /// service account (or KUBECONFIG).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The SPIFFE trust domain with `--source kube` (the file names its own).
+    #[arg(long, env = ENV_TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// This node's name, as in the config file.
+    #[arg(long, env = ENV_NODE_NAME)]
+    pub node: String,
+    /// Admin listener (loopback only); port 0 picks a free port.
+    #[arg(long, env = ENV_ADMIN, default_value = DEFAULT_ADMIN)]
+    pub admin: SocketAddr,
+    /// How long in-flight connections may take to finish on shutdown.
+    #[arg(long, default_value = DEFAULT_DRAIN_TIMEOUT, value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// How often the config file is checked for changes.
+    #[arg(long, default_value = DEFAULT_CONFIG_POLL, value_parser = parse_duration)]
+    pub config_poll: Duration,
+    /// Worker threads of the data plane. One by default: on the
+    /// benchmark's 2-core node one thread had 35-40% less added latency
+    /// and 10-15% less CPU than two, and no lower throughput (every
+    /// hop between two threads is a wake-up); raise it on nodes whose
+    /// agent needs more than one core.
+    #[arg(long, default_value_t = 1)]
+    pub data_threads: usize,
+    /// Socket-to-socket acceleration of in-pod hops: on or off. Off by
+    /// default: with it, a blocking reader that shares its socket with a
+    /// writer thread can get spurious EAGAIN from the kernel (README).
+    #[arg(long, value_enum, default_value_t = Switch::Off)]
+    pub accelerate: Switch,
+    /// How often enrollment is re-checked against the kernel (drift repair).
+    #[arg(long, default_value = DEFAULT_RECONCILE_INTERVAL, value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+    /// The certificate authority (`mesh-agent ca`), e.g. https://127.0.0.1:15012.
+    #[arg(long, env = ENV_CA_ENDPOINT)]
+    pub ca_endpoint: String,
+    /// PEM file with the roots the CA's serving certificate chains to.
+    #[arg(long, env = ENV_CA_ROOTS)]
+    pub ca_roots: PathBuf,
+    /// File holding this node's token for the CA.
+    #[arg(long, env = ENV_CA_TOKEN_FILE)]
+    pub ca_token_file: PathBuf,
+    /// Workload certificate lifetime to request (default: the CA's, 24h);
+    /// certificates rotate at half-life.
+    #[arg(long, value_parser = parse_duration)]
+    pub cert_ttl: Option<Duration>,
+    /// A second listener serving only /metrics, /healthz and /ready, for
+    /// Prometheus and the kubelet (e.g. 0.0.0.0:15020); off by default.
+    #[arg(long, env = ENV_METRICS)]
+    pub metrics: Option<SocketAddr>,
+    /// Distributed tracing: `--otlp-endpoint`, `--trace-sampling`.
+    #[command(flatten)]
+    pub trace: crate::telemetry::trace::TraceArgs,
+    /// Access log: one JSON line per request and per connection, to
+    /// `stdout`, `stderr`, a file path, or `off`.
+    #[arg(long, env = ENV_ACCESS_LOG, default_value = "stdout", value_parser = crate::access_log::parse_target)]
+    pub access_log: crate::access_log::Target,
+    /// Where the node's state outlives the agent: `--bpffs`, `--run-dir`.
+    #[command(flatten)]
+    pub node_state: NodeStateArgs,
+    /// What an enrolled pod's connections do while no agent serves it
+    /// (restart, crash): `closed` refuses them (never plaintext, never
+    /// unpoliced), `open` lets them go direct. A namespace's
+    /// `nodemesh.io/failure-policy` label overrides it.
+    #[arg(long, env = ENV_FAILURE_POLICY, value_enum, default_value_t = FailurePolicy::Closed)]
+    pub failure_policy: FailurePolicy,
+    /// Connections the agent carries at once, all pods together; beyond
+    /// it new connections are reset and counted
+    /// (`nodemesh_connection_overflows_total{limit="agent"}`).
+    #[arg(long, default_value_t = crate::proxy::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Connections the agent keeps open to one pod's applications;
+    /// beyond it a delivery is refused (L4: reset; HTTP: 503) and
+    /// counted (`{limit="app"}`).
+    #[arg(long, default_value_t = crate::proxy::DEFAULT_MAX_APP_CONNECTIONS)]
+    pub max_app_connections: usize,
+}
+
+/// Where a node's state outlives the agent (`run` and `uninstall`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct NodeStateArgs {
+    /// The bpf filesystem where the node's programs, links and maps are
+    /// pinned (under `nodemesh/<node>/`).
+    #[arg(long, env = ENV_BPFFS, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Directory of the node lock and the handoff socket (under `<node>/`).
+    #[arg(long, env = ENV_RUN_DIR, default_value = DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+}
+
+// The values of the choice flags below carry no doc comments on purpose:
+// clap would print them as a "Possible values:" list under the flag, and
+// the flag's own help already says what each one does.
+
+/// `--source`: where the mesh state comes from, `file` or `kube`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    // The local config file (`--config`).
+    File,
+    // The Kubernetes API.
+    Kube,
+}
+
+/// An `on`/`off` flag value (`--accelerate`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// `--failure-policy`: what an enrolled pod's connections do while no agent
+/// serves it, `closed` or `open` (the config holds it as `fail_open`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailurePolicy {
+    // Refused: never plaintext, never unpoliced.
+    Closed,
+    // Direct, past the mesh.
+    Open,
+}
+
+impl RunArgs {
+    /// The agent's settings from its flags; cross-field rules are left to
+    /// [`Config::validate`] (run by the agent at start, and logged).
+    pub fn into_config(self) -> Config {
+        Config {
+            node: self.node,
+            config_file: self.config.unwrap_or_default(),
+            admin_addr: self.admin,
+            drain_timeout: self.drain_timeout,
+            config_poll: self.config_poll,
+            data_threads: self.data_threads.max(1),
+            accelerate: self.accelerate == Switch::On,
+            reconcile_interval: self.reconcile_interval,
+            ca: CaConfig {
+                endpoint: self.ca_endpoint,
+                roots: self.ca_roots,
+                token_file: self.ca_token_file,
+                cert_ttl: self.cert_ttl,
+            },
+            kube: (self.source == Source::Kube)
+                .then_some(KubeConfig { trust_domain: self.trust_domain, kubeconfig: self.kubeconfig }),
+            metrics_addr: self.metrics,
+            trace: self.trace.into_config(),
+            access_log: self.access_log,
+            bpffs: self.node_state.bpffs,
+            run_dir: self.node_state.run_dir,
+            fail_open: self.failure_policy == FailurePolicy::Open,
+            max_connections: self.max_connections,
+            max_app_connections: self.max_app_connections,
+        }
+    }
+}
+
 /// Parses "250ms", "5s", "2m".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -184,6 +350,38 @@ mod tests {
             fail_open: false,
             max_connections: 100_000,
             max_app_connections: 16_384,
+        }
+    }
+
+    /// `run`'s flags as the binary parses them (environment aside).
+    fn run_args(args: &[&str]) -> Result<Config, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let required = ["--node", "node-a", "--ca-endpoint", "https://127.0.0.1:15012", "--ca-roots", "/r", "--ca-token-file", "/t"];
+        let argv = ["run"].into_iter().chain(required).chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.run.into_config())
+    }
+
+    #[test]
+    fn run_flags_make_the_config() {
+        for var in [ENV_SOURCE, ENV_FAILURE_POLICY, ENV_CONFIG] {
+            if std::env::var_os(var).is_some() {
+                return; // set by the caller: the defaults below do not apply
+            }
+        }
+        let c = run_args(&["--config", "/m.yaml"]).unwrap();
+        assert!(c.kube.is_none() && !c.accelerate && !c.fail_open);
+        assert_eq!(c.config_file, PathBuf::from("/m.yaml"));
+        assert_eq!(c.drain_timeout, parse_duration(DEFAULT_DRAIN_TIMEOUT).unwrap());
+        let c = run_args(&["--source", "kube", "--accelerate", "on", "--failure-policy", "open", "--data-threads", "0"]).unwrap();
+        assert!(c.accelerate && c.fail_open);
+        assert_eq!(c.data_threads, 1);
+        assert_eq!(c.kube.map(|k| k.trust_domain), Some(DEFAULT_TRUST_DOMAIN.to_owned()));
+        for bad in [["--source", "File"], ["--accelerate", "yes"], ["--failure-policy", "fail-open"]] {
+            assert!(run_args(&bad).is_err(), "{bad:?}");
         }
     }
 

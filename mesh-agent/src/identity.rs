@@ -18,12 +18,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 pub mod authority;
 pub mod client;
 pub mod manager;
-/// `mesh-agent ca` moved to [`crate::ca`]; `main.rs` still names it here.
-/// TODO: drop once `main.rs` uses `mesh_agent::ca` (`main.rs` is being
-/// edited on another branch).
-pub mod server {
-    pub use crate::ca::*;
-}
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub(crate) mod x509;

@@ -1,8 +1,8 @@
-use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mesh_agent::config::{self, Config};
+use mesh_agent::config;
 
 /// mimalloc rather than glibc malloc: cheaper per-thread allocation on the
 /// data path (`bench/PROFILE.md`).
@@ -16,95 +16,10 @@ struct Cli {
     command: Command,
 }
 
-// Parsed once at start: the size of the largest variant does not matter.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Run {
-        /// The local mesh config file (YAML), watched for changes (`--source file`).
-        #[arg(long, env = config::ENV_CONFIG, required_if_eq("source", "file"))]
-        config: Option<PathBuf>,
-        /// Where the mesh state comes from: the local file, or the Kubernetes
-        /// API (in-cluster service account, or KUBECONFIG).
-        #[arg(long, env = config::ENV_SOURCE, default_value = "file", value_parser = ["file", "kube"])]
-        source: String,
-        /// With `--source kube`: a kubeconfig file instead of the in-cluster
-        /// service account (or KUBECONFIG).
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// The SPIFFE trust domain with `--source kube` (the file names its own).
-        #[arg(long, env = config::ENV_TRUST_DOMAIN, default_value = config::DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
-        /// This node's name, as in the config file.
-        #[arg(long, env = config::ENV_NODE_NAME)]
-        node: String,
-        /// Admin listener (loopback only); port 0 picks a free port.
-        #[arg(long, env = config::ENV_ADMIN, default_value = config::DEFAULT_ADMIN)]
-        admin: SocketAddr,
-        /// How long in-flight connections may take to finish on shutdown.
-        #[arg(long, default_value = config::DEFAULT_DRAIN_TIMEOUT, value_parser = config::parse_duration)]
-        drain_timeout: Duration,
-        /// How often the config file is checked for changes.
-        #[arg(long, default_value = config::DEFAULT_CONFIG_POLL, value_parser = config::parse_duration)]
-        config_poll: Duration,
-        /// Worker threads of the data plane. One by default: on the
-        /// benchmark's 2-core node one thread had 35-40% less added latency
-        /// and 10-15% less CPU than two, and no lower throughput (every
-        /// hop between two threads is a wake-up); raise it on nodes whose
-        /// agent needs more than one core.
-        #[arg(long, default_value_t = 1)]
-        data_threads: usize,
-        /// Socket-to-socket acceleration of in-pod hops: on or off. Off by
-        /// default: with it, a blocking reader that shares its socket with a
-        /// writer thread can get spurious EAGAIN from the kernel (README).
-        #[arg(long, default_value = "off", value_parser = ["on", "off"])]
-        accelerate: String,
-        /// How often enrollment is re-checked against the kernel (drift repair).
-        #[arg(long, default_value = config::DEFAULT_RECONCILE_INTERVAL, value_parser = config::parse_duration)]
-        reconcile_interval: Duration,
-        /// The certificate authority (`mesh-agent ca`), e.g. https://127.0.0.1:15012.
-        #[arg(long, env = config::ENV_CA_ENDPOINT)]
-        ca_endpoint: String,
-        /// PEM file with the roots the CA's serving certificate chains to.
-        #[arg(long, env = config::ENV_CA_ROOTS)]
-        ca_roots: PathBuf,
-        /// File holding this node's token for the CA.
-        #[arg(long, env = config::ENV_CA_TOKEN_FILE)]
-        ca_token_file: PathBuf,
-        /// Workload certificate lifetime to request (default: the CA's, 24h);
-        /// certificates rotate at half-life.
-        #[arg(long, value_parser = config::parse_duration)]
-        cert_ttl: Option<Duration>,
-        /// A second listener serving only /metrics, /healthz and /ready, for
-        /// Prometheus and the kubelet (e.g. 0.0.0.0:15020); off by default.
-        #[arg(long, env = config::ENV_METRICS)]
-        metrics: Option<SocketAddr>,
-        #[command(flatten)]
-        trace: mesh_agent::telemetry::trace::TraceArgs,
-        /// Access log: one JSON line per request and per connection, to
-        /// `stdout`, `stderr`, a file path, or `off`.
-        #[arg(long, env = config::ENV_ACCESS_LOG, default_value = "stdout", value_parser = mesh_agent::access_log::parse_target)]
-        access_log: mesh_agent::access_log::Target,
-        #[command(flatten)]
-        node_state: NodeStateArgs,
-        /// What an enrolled pod's connections do while no agent serves it
-        /// (restart, crash): `closed` refuses them (never plaintext, never
-        /// unpoliced), `open` lets them go direct. A namespace's
-        /// `nodemesh.io/failure-policy` label overrides it.
-        #[arg(long, env = config::ENV_FAILURE_POLICY, default_value = "closed", value_parser = ["closed", "open"])]
-        failure_policy: String,
-        /// Connections the agent carries at once, all pods together; beyond
-        /// it new connections are reset and counted
-        /// (`nodemesh_connection_overflows_total{limit="agent"}`).
-        #[arg(long, default_value_t = mesh_agent::proxy::DEFAULT_MAX_CONNECTIONS)]
-        max_connections: usize,
-        /// Connections the agent keeps open to one pod's applications;
-        /// beyond it a delivery is refused (L4: reset; HTTP: 503) and
-        /// counted (`{limit="app"}`).
-        #[arg(long, default_value_t = mesh_agent::proxy::DEFAULT_MAX_APP_CONNECTIONS)]
-        max_app_connections: usize,
-    },
+    Run(Box<config::RunArgs>),
     /// Remove the mesh from this node: detach every pod's programs and
     /// remove the pinned state, so pods talk directly again. Refused while
     /// an agent runs for the node.
@@ -113,7 +28,7 @@ enum Command {
         #[arg(long, env = config::ENV_NODE_NAME)]
         node: String,
         #[command(flatten)]
-        node_state: NodeStateArgs,
+        node_state: config::NodeStateArgs,
     },
     /// Check a local config file as `run` would (same messages), with no CA,
     /// no root and no kernel access; with `--node`, also what that node's
@@ -127,7 +42,7 @@ enum Command {
         node: Option<String>,
     },
     /// Run the mesh's certificate authority (gRPC over TLS).
-    Ca(mesh_agent::identity::server::CaArgs),
+    Ca(mesh_agent::ca::CaArgs),
     /// Print the mesh's CustomResourceDefinitions (YAML), as in deploy/crds.yaml.
     Crds,
     /// Print a running agent's config dump (the state it enforces, JSON).
@@ -178,18 +93,6 @@ enum Command {
     },
 }
 
-/// Where a node's state outlives the agent.
-#[derive(clap::Args)]
-struct NodeStateArgs {
-    /// The bpf filesystem where the node's programs, links and maps are
-    /// pinned (under `nodemesh/<node>/`).
-    #[arg(long, env = config::ENV_BPFFS, default_value = config::DEFAULT_BPFFS)]
-    bpffs: PathBuf,
-    /// Directory of the node lock and the handoff socket (under `<node>/`).
-    #[arg(long, env = config::ENV_RUN_DIR, default_value = config::DEFAULT_RUN_DIR)]
-    run_dir: PathBuf,
-}
-
 fn main() -> ExitCode {
     // No transparent huge pages for this process: a 2 MiB page per touched
     // heap region tripled the agent's idle RSS (on hosts with THP `always`
@@ -201,50 +104,8 @@ fn main() -> ExitCode {
     mesh_agent::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run {
-            config,
-            source,
-            kubeconfig,
-            trust_domain,
-            node,
-            admin,
-            drain_timeout,
-            config_poll,
-            data_threads,
-            accelerate,
-            reconcile_interval,
-            ca_endpoint,
-            ca_roots,
-            ca_token_file,
-            cert_ttl,
-            metrics,
-            trace,
-            access_log,
-            node_state,
-            failure_policy,
-            max_connections,
-            max_app_connections,
-        } => {
-            let cfg = Config {
-                node,
-                config_file: config.unwrap_or_default(),
-                admin_addr: admin,
-                drain_timeout,
-                config_poll,
-                data_threads: data_threads.max(1),
-                accelerate: accelerate == "on",
-                reconcile_interval,
-                ca: config::CaConfig { endpoint: ca_endpoint, roots: ca_roots, token_file: ca_token_file, cert_ttl },
-                kube: (source == "kube").then_some(config::KubeConfig { trust_domain, kubeconfig }),
-                metrics_addr: metrics,
-                trace: trace.into_config(),
-                access_log,
-                bpffs: node_state.bpffs,
-                run_dir: node_state.run_dir,
-                fail_open: failure_policy == "open",
-                max_connections,
-                max_app_connections,
-            };
+        Command::Run(args) => {
+            let cfg = args.into_config();
             // Two descriptors per proxied connection (more with a tunnel):
             // the soft limit (often 1024) would cap the node's connections.
             match mesh_agent::fdlimit::raise_nofile() {
@@ -302,7 +163,7 @@ fn main() -> ExitCode {
             print!("{}", mesh_agent::k8s::crd::crds_yaml());
             Ok(())
         }
-        Command::Ca(args) => mesh_agent::identity::server::run(args).map_err(anyhow::Error::from),
+        Command::Ca(args) => mesh_agent::ca::run(args).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
