@@ -47,6 +47,7 @@ use crate::{
 mod accept;
 mod authz;
 mod connect;
+mod front_door;
 pub mod balance;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -199,11 +200,9 @@ impl Default for Ports {
 /// role reads, and what only one role owns ([`Outbound`], [`Inbound`]), so
 /// that a field's place says which side of a connection uses it.
 pub struct Proxy {
-    /// This proxy, for tasks spawned from `&self` methods.
-    me: std::sync::Weak<Proxy>,
-    inputs: Inputs,
-    outbound: Outbound,
-    inbound: Inbound,
+    inputs: Arc<Inputs>,
+    outbound: Arc<Outbound>,
+    inbound: Arc<Inbound>,
 }
 
 /// What the agent hands in, and the bookkeeping of every connection, both
@@ -227,9 +226,10 @@ struct Inputs {
     runtime: tokio::runtime::Handle,
 }
 
-/// The source side's own: the way from a local pod to its destinations.
-#[derive(Default)]
+/// The source side's own: the way from a local pod to its destinations
+/// ([`outbound`]: L4 relay; [`http_outbound`]: the HTTP stack).
 struct Outbound {
+    inputs: Arc<Inputs>,
     /// Pooled mTLS tunnel connections to other agents.
     pool: pool::Pool,
     routes: http_outbound::RouteCache,
@@ -240,11 +240,31 @@ struct Outbound {
     http_clients: http_client::HttpClients,
 }
 
-/// The destination side's own: what reaches a local pod.
-#[derive(Default)]
+/// The destination side's own: what reaches a local pod ([`tunnel`],
+/// [`inbound`]: L4; [`http_inbound`]: the HTTP stack).
 struct Inbound {
+    inputs: Arc<Inputs>,
     authz: authz::Cache,
     app_connections: http_inbound::AppConnections,
+}
+
+impl Outbound {
+    fn new(inputs: Arc<Inputs>) -> Self {
+        Outbound {
+            inputs,
+            pool: Default::default(),
+            routes: Default::default(),
+            balancer: Default::default(),
+            services: Default::default(),
+            http_clients: Default::default(),
+        }
+    }
+}
+
+impl Inbound {
+    fn new(inputs: Arc<Inputs>) -> Self {
+        Inbound { inputs, authz: Default::default(), app_connections: Default::default() }
+    }
 }
 
 /// A local pod the proxy serves.
@@ -299,9 +319,7 @@ impl Proxy {
         runtime: tokio::runtime::Handle,
         telemetry: Arc<observe::Telemetry>,
     ) -> Arc<Self> {
-        let proxy = Arc::new_cyclic(|me| Self {
-            me: me.clone(),
-            inputs: Inputs {
+        let inputs = Arc::new(Inputs {
                 state,
                 orig_dst,
                 certs,
@@ -311,10 +329,12 @@ impl Proxy {
                 connections: TaskTracker::new(),
                 limits: Limits::default(),
                 draining: CancellationToken::new(),
-                runtime,
-            },
-            outbound: Outbound::default(),
-            inbound: Inbound::default(),
+            runtime,
+        });
+        let proxy = Arc::new(Self {
+            outbound: Arc::new(Outbound::new(inputs.clone())),
+            inbound: Arc::new(Inbound::new(inputs.clone())),
+            inputs,
         });
         let weak = Arc::downgrade(&proxy);
         proxy.inputs.runtime.spawn(async move {
@@ -438,9 +458,9 @@ impl Proxy {
             self.inputs.connections.spawn(tracing::Instrument::instrument(
                 async move {
                     match kind {
-                        Kind::Outbound => this.serve_outbound(stream, client, pod).await,
-                        Kind::Tunnel(tls) => this.tunnel_inbound(stream, client, pod, tls).await,
-                        Kind::Plaintext => this.plaintext_inbound(stream, client, pod).await,
+                        Kind::Outbound => this.outbound.clone().serve(stream, client, pod).await,
+                        Kind::Tunnel(tls) => this.inbound.clone().tunnel(stream, client, pod, tls).await,
+                        Kind::Plaintext => this.inbound.clone().plaintext(stream, client, pod).await,
                     }
                 },
                 span,
@@ -464,10 +484,6 @@ impl Proxy {
     pub fn start_draining(&self) {
         self.inputs.draining.cancel();
         self.inputs.connections.close();
-    }
-
-    fn self_arc(&self) -> Arc<Proxy> {
-        self.me.upgrade().expect("a proxy method runs while the proxy is alive")
     }
 
     pub fn open_connections(&self) -> usize {

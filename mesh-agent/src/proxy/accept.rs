@@ -144,14 +144,14 @@ mod tests {
         p.set_limits(10, 2);
         let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = app.local_addr().unwrap();
-        let first = p.connect_app(&pod, target).await.expect("first");
-        let _second = p.connect_app(&pod, target).await.expect("second");
-        let err = p.connect_app(&pod, target).await.err().expect("over the cap");
+        let first = p.inbound.connect_app(&pod, target).await.expect("first");
+        let _second = p.inbound.connect_app(&pod, target).await.expect("second");
+        let err = p.inbound.connect_app(&pod, target).await.err().expect("over the cap");
         assert!(err.to_string().contains("--max-app-connections"), "{err}");
         assert_eq!(p.inputs.telemetry.metrics.connection_overflows("app"), 1);
         assert_eq!(pod.stats.app_connections.load(std::sync::atomic::Ordering::Relaxed), 2);
         drop(first);
-        let _third = p.connect_app(&pod, target).await.expect("a slot freed by the closed connection");
+        let _third = p.inbound.connect_app(&pod, target).await.expect("a slot freed by the closed connection");
         assert!(p.inputs.telemetry.metrics.encode().contains(r#"nodemesh_connection_overflows_total{limit="app"} 1"#));
     }
 }

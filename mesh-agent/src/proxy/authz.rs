@@ -17,7 +17,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use super::{PodHandle, Proxy};
+use super::{Inbound, PodHandle};
 use crate::{
     policy::{Authorizer, Connection, Peer, WorkloadPolicy},
     state::{PodKey, Snapshot},
@@ -75,10 +75,10 @@ pub(super) enum L4Verdict {
     DependsOnHttp,
 }
 
-impl Proxy {
+impl Inbound {
     pub(super) fn check_l4(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> L4Verdict {
         let snapshot = self.inputs.state.borrow().clone();
-        let wp = self.inbound.authz.workload(&snapshot, &pod.key);
+        let wp = self.authz.workload(&snapshot, &pod.key);
         if wp.check_connection(&Connection { peer, port }).allowed {
             L4Verdict::Allow
         } else if wp.uses_http_attributes() {
@@ -95,7 +95,7 @@ impl Proxy {
     /// plaintext) to `port` of `pod`; counted and logged with the policy.
     pub(super) fn authorize_connection(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> Result<(), Denied> {
         let snapshot = self.inputs.state.borrow().clone();
-        let wp = self.inbound.authz.workload(&snapshot, &pod.key);
+        let wp = self.authz.workload(&snapshot, &pod.key);
         let decision = wp.check_connection(&Connection { peer, port });
         if decision.allowed {
             return Ok(());

@@ -2,7 +2,7 @@
 //! a destination ([`Upstream`]: an mTLS tunnel stream to a mesh pod, a
 //! direct TCP connection otherwise, both opened from the source pod's
 //! network namespace), and the destination agent's connections to its
-//! pods' applications ([`Proxy::connect_app`], within the pod's cap).
+//! pods' applications ([`Inbound::connect_app`], within the pod's cap).
 //! Failures are typed ([`ConnectError`], [`AppError`]) with what an
 //! operator needs to act on them.
 
@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::{
-    CONNECT_TIMEOUT, CONNECTION_WINDOW, FRAME_SIZE, PodHandle, PodStats, Proxy, STREAM_WINDOW, count_peer,
+    CONNECT_TIMEOUT, CONNECTION_WINDOW, FRAME_SIZE, Inbound, Outbound, PodHandle, PodStats, STREAM_WINDOW, count_peer,
     pool::{PoolKey, StreamSlot},
 };
 use crate::{
@@ -128,7 +128,7 @@ impl tokio::io::AsyncWrite for Upstream {
 
 type TunnelSender = http2::SendRequest<Empty<Bytes>>;
 
-impl Proxy {
+impl Outbound {
     /// Opens the way to one destination: an mTLS tunnel stream for a mesh
     /// pod, a direct connection otherwise (both from the source pod's netns).
     pub(super) async fn establish(&self, pod: &PodHandle, dest: &Destination, trust_domain: &str) -> Result<Upstream, ConnectError> {
@@ -180,7 +180,7 @@ impl Proxy {
         // A pooled connection the destination agent is draining (GOAWAY, or
         // gone) fails the stream before it is processed: open it again on a
         // new connection, which reaches the agent serving now.
-        let pooled = self.outbound.pool.checkout(&key);
+        let pooled = self.pool.checkout(&key);
         let (sender, slot, res) = match pooled {
             Some((mut sender, slot)) => match sender.send_request(req()?).await {
                 Ok(res) => (sender, slot, res),
@@ -221,7 +221,7 @@ impl Proxy {
         tunnel: SocketAddr,
         dst_id: &SpiffeId,
     ) -> Result<(TunnelSender, StreamSlot), ConnectError> {
-        if let Some(c) = self.outbound.pool.checkout(key) {
+        if let Some(c) = self.pool.checkout(key) {
             return Ok(c);
         }
         self.new_tunnel(pod, key, tunnel, dst_id, false).await
@@ -235,15 +235,15 @@ impl Proxy {
         dst_id: &SpiffeId,
         fresh: bool,
     ) -> Result<(TunnelSender, StreamSlot), ConnectError> {
-        let lock = self.outbound.pool.connect_lock(key);
+        let lock = self.pool.connect_lock(key);
         let _connecting = lock.lock().await;
         // Someone else may have connected while we waited (not after a
         // pooled connection failed: that one may still look usable).
-        if !fresh && let Some(c) = self.outbound.pool.checkout(key) {
+        if !fresh && let Some(c) = self.pool.checkout(key) {
             return Ok(c);
         }
         let sender = self.connect_tunnel(pod, tunnel, dst_id).await?;
-        Ok(self.outbound.pool.add(key.clone(), sender))
+        Ok(self.pool.add(key.clone(), sender))
     }
 
     async fn connect_tunnel(&self, pod: &PodHandle, tunnel: SocketAddr, dst_id: &SpiffeId) -> Result<TunnelSender, ConnectError> {
@@ -270,7 +270,9 @@ impl Proxy {
         });
         Ok(sender)
     }
+}
 
+impl Inbound {
     /// A connection to one of `pod`'s applications, within the pod's cap;
     /// the slot must live as long as the connection.
     pub(crate) async fn connect_app(&self, pod: &PodHandle, target: SocketAddr) -> Result<(TcpStream, AppSlot), AppError> {

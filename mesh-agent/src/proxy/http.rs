@@ -1,15 +1,27 @@
-//! HTTP plumbing both roles share: the agents' HTTP server (limits,
-//! how a connection ends, how it drains), hop-by-hop headers, upgrades,
-//! and the front door ([`validate`]) every request passes first.
+//! HTTP plumbing both roles share: what a layer of the HTTP stacks is
+//! ([`HttpService`]), the agents' HTTP server ([`serve`]: limits, how a
+//! connection ends, how it drains), the translation between HTTP versions
+//! ([`to_app_version`]), hop-by-hop headers, upgrades, and the front door
+//! ([`validate`]) every request passes first.
 
 use std::{
+    convert::Infallible,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, atomic::Ordering},
 };
 
-use http::{HeaderMap, Request, header};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use crate::state::AppHttp;
 
 pub(super) mod validate;
 
@@ -21,17 +33,126 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// The server side of the agent's HTTP layers: HTTP/1.1 or h2c (prior
 /// knowledge), header blocks above 64 KiB refused (431), as Envoy's default.
-pub(super) fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(MAX_HEADER_BYTES);
     builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
     builder
 }
 
+/// The body of every response the agents' HTTP servers send.
+pub(super) type RespBody = BoxBody<Bytes, hyper::Error>;
+
+/// A boxed future: every layer's `call`, so that a stack's type stays a
+/// plain nesting of the layers' structs.
+pub(super) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a layer's `call` returns.
+pub(super) type HttpFuture = BoxFuture<Result<Response<RespBody>, Infallible>>;
+
+/// A layer of an HTTP stack (and a whole stack): a request in, a response
+/// out. It never fails: whatever goes wrong below becomes the mesh's own
+/// reply ([`super::reply`]) on the way up, so every layer above sees, and
+/// counts, an answer. Always ready: the limits (circuit breaker, caps)
+/// answer at once instead of applying back-pressure.
+pub(super) trait HttpService:
+    tower::Service<Request<Incoming>, Response = Response<RespBody>, Error = Infallible, Future = HttpFuture>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> HttpService for S where
+    S: tower::Service<Request<Incoming>, Response = Response<RespBody>, Error = Infallible, Future = HttpFuture>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A layer's `poll_ready`: always ready (see [`HttpService`]).
+pub(super) fn ready<E>() -> std::task::Poll<Result<(), E>> {
+    std::task::Poll::Ready(Ok(()))
+}
+
+/// Serves HTTP/1.1 or h2c on `io` with a connection's stack until the
+/// client closes it or the agent drains; `at` and `side` name it in the
+/// log. Draining: `Connection: close` on the next HTTP/1.1 response, GOAWAY
+/// on HTTP/2, so the client's next request finds the agent that serves next.
+pub(super) async fn serve<IO, S>(io: IO, stack: S, draining: &CancellationToken, stats: &super::PodStats, at: SocketAddr, side: &str)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService,
+{
+    let drain = DrainHttp::default();
+    let svc_drain = drain.clone();
+    let svc_draining = draining.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let stack = stack.clone();
+        let drain = svc_drain.clone();
+        let draining = svc_draining.clone();
+        async move {
+            let version = drain.saw(&req);
+            let res = stack.oneshot(req).await?;
+            Ok::<_, Infallible>(drain.mark(&draining, version, res))
+        }
+    });
+    let server = http_server();
+    let conn = server.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let result = super::until_drained(conn, draining, |c| {
+        if drain.is_h2() {
+            c.graceful_shutdown();
+        }
+    })
+    .await;
+    count_http_end(result, stats, at, side);
+}
+
+/// Puts a request in the form of the HTTP version the application speaks
+/// (RFC 9110 7.2, RFC 9113 8.3.1): to HTTP/1.1 an origin-form target and
+/// a `Host` header; to HTTP/2 scheme and `:authority` in the URI and no
+/// `Host` (the authority from the URI, else from `Host`, else `fallback`,
+/// the address the request goes to). Hop-by-hop headers go first.
+pub(super) fn to_app_version(parts: &mut http::request::Parts, version: AppHttp, fallback: SocketAddr) {
+    strip_hop_by_hop(&mut parts.headers);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_else(|| fallback.to_string());
+    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match version {
+        AppHttp::Http1 => {
+            if !parts.headers.contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(&authority)
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+            parts.uri = http::Uri::from(pq);
+            parts.version = http::Version::HTTP_11;
+        }
+        AppHttp::Http2 => {
+            let mut p = http::uri::Parts::default();
+            p.scheme = Some(parts.uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
+            p.authority = authority.parse().ok();
+            p.path_and_query = Some(pq);
+            if let Ok(uri) = http::Uri::from_parts(p) {
+                parts.uri = uri;
+            }
+            // :authority carries it; a Host that disagreed would be refused
+            // by the next front door.
+            parts.headers.remove(header::HOST);
+            parts.version = http::Version::HTTP_2;
+        }
+    }
+}
+
 /// How a served HTTP connection ended: hyper has already answered a
 /// malformed request with 400 (431 for oversized headers) and closed; count
 /// it.
-pub(super) fn count_http_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>, stats: &super::PodStats, at: SocketAddr, side: &str) {
+fn count_http_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>, stats: &super::PodStats, at: SocketAddr, side: &str) {
     let Err(e) = result else { return };
     let malformed = e
         .downcast_ref::<hyper::Error>()
@@ -98,11 +219,11 @@ pub(super) async fn join_upgraded(a: hyper::upgrade::OnUpgrade, b: hyper::upgrad
 /// already be on the wire) and fail it; a connection that stays idle ends
 /// at the drain deadline.
 #[derive(Clone, Default)]
-pub(crate) struct DrainHttp(Arc<std::sync::atomic::AtomicBool>);
+struct DrainHttp(Arc<std::sync::atomic::AtomicBool>);
 
 impl DrainHttp {
     /// Notes the request's version (HTTP/2 seen: the connection is h2).
-    pub(crate) fn saw<B>(&self, req: &http::Request<B>) -> http::Version {
+    fn saw<B>(&self, req: &http::Request<B>) -> http::Version {
         if req.version() == http::Version::HTTP_2 {
             self.0.store(true, Ordering::Relaxed);
         }
@@ -111,7 +232,7 @@ impl DrainHttp {
 
     /// While draining, an HTTP/1.x response (not an upgrade) says the
     /// connection closes after it.
-    pub(crate) fn mark<B>(&self, draining: &CancellationToken, version: http::Version, mut res: http::Response<B>) -> http::Response<B> {
+    fn mark<B>(&self, draining: &CancellationToken, version: http::Version, mut res: http::Response<B>) -> http::Response<B> {
         if draining.is_cancelled() && version < http::Version::HTTP_2 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             res.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         }
@@ -120,16 +241,47 @@ impl DrainHttp {
 
     /// Whether the connection speaks HTTP/2: it gets GOAWAY when draining
     /// starts (an HTTP/1.1 one waits for its next response instead).
-    pub(crate) fn is_h2(&self) -> bool {
+    fn is_h2(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
-
     use super::*;
+
+    fn parts(req: http::request::Builder) -> http::request::Parts {
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn http1_to_http2_moves_host_into_the_authority() {
+        let fallback: SocketAddr = "198.51.100.12:8080".parse().unwrap();
+        let mut p = parts(Request::get("/a?b=1").header(header::HOST, "web.shop").header(header::CONNECTION, "close"));
+        to_app_version(&mut p, AppHttp::Http2, fallback);
+        assert_eq!(p.uri.to_string(), "http://web.shop/a?b=1");
+        assert_eq!(p.version, http::Version::HTTP_2);
+        assert!(!p.headers.contains_key(header::HOST), "{:?}", p.headers);
+        assert!(!p.headers.contains_key(header::CONNECTION));
+        // No Host at all (HTTP/1.0): the address the request goes to.
+        let mut p = parts(Request::get("/").version(http::Version::HTTP_10));
+        to_app_version(&mut p, AppHttp::Http2, fallback);
+        assert_eq!(p.uri.authority().unwrap().as_str(), "198.51.100.12:8080");
+    }
+
+    #[test]
+    fn http2_to_http1_sends_origin_form_and_host() {
+        let fallback: SocketAddr = "198.51.100.12:8080".parse().unwrap();
+        let mut p = parts(Request::get("https://web.shop:8443/x").version(http::Version::HTTP_2));
+        to_app_version(&mut p, AppHttp::Http1, fallback);
+        assert_eq!(p.uri.to_string(), "/x");
+        assert_eq!(p.version, http::Version::HTTP_11);
+        assert_eq!(p.headers[header::HOST], "web.shop:8443");
+        // A Host the client sent is kept as it is.
+        let mut p = parts(Request::get("/y").header(header::HOST, "api.shop"));
+        to_app_version(&mut p, AppHttp::Http1, fallback);
+        assert_eq!((p.uri.to_string().as_str(), &p.headers[header::HOST]), ("/y", &HeaderValue::from_static("api.shop")));
+    }
 
     #[test]
     fn hop_by_hop_headers_are_dropped_but_te_trailers_kept() {

@@ -29,7 +29,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::{
-    PodHandle, Proxy,
+    Outbound, PodHandle,
     connect::{ConnectError, Upstream},
     pool::IDLE_TIMEOUT,
     reply::ResetCause,
@@ -72,6 +72,9 @@ pub enum TryError {
     /// The circuit breaker's pending-request limit.
     #[error("too many pending requests")]
     Overflow,
+    /// Every endpoint of the backend is ejected or excluded.
+    #[error("no endpoint left to try")]
+    NoEndpointLeft,
 }
 
 fn reset(e: hyper::Error) -> TryError {
@@ -116,11 +119,11 @@ impl HttpClients {
     }
 }
 
-impl Proxy {
+impl Outbound {
     /// Sends one try of a request to `dest` on a pooled connection (opening
     /// one if needed) and returns the response head.
     pub(super) async fn http_try(
-        &self,
+        self: &Arc<Self>,
         pod: &PodHandle,
         dest: &Destination,
         version: AppHttp,
@@ -132,7 +135,7 @@ impl Proxy {
         match version {
             AppHttp::Http2 => {
                 let existing = {
-                    let mut h2 = self.outbound.http_clients.h2.lock().expect("poisoned");
+                    let mut h2 = self.http_clients.h2.lock().expect("poisoned");
                     match h2.get_mut(&key) {
                         Some(c) if !c.sender.is_closed() => {
                             c.since = Instant::now();
@@ -145,7 +148,7 @@ impl Proxy {
                     Some(s) => s,
                     None => {
                         let s = self.connect_h2(pod, dest, svc, limits).await?;
-                        self.outbound.http_clients
+                        self.http_clients
                             .h2
                             .lock()
                             .expect("poisoned")
@@ -157,18 +160,18 @@ impl Proxy {
                 sender.send_request(req).await.map_err(reset)
             }
             AppHttp::Http1 => {
-                let mut sender = match self.outbound.http_clients.idle_h1(&key) {
+                let mut sender = match self.http_clients.idle_h1(&key) {
                     Some(s) => s,
                     None => self.connect_h1(pod, dest, svc, limits, &key).await?,
                 };
                 let res = sender.send_request(req).await.map_err(reset)?;
                 // Back to the idle list once the response has been read.
-                let clients = self.self_arc();
+                let clients = self.clone();
                 let svc = svc.clone();
                 tokio::spawn(async move {
                     if sender.ready().await.is_ok() {
                         clients
-                            .outbound.http_clients
+                            .http_clients
                             .h1
                             .lock()
                             .expect("poisoned")
@@ -196,7 +199,7 @@ impl Proxy {
         let _pending = pending_request(svc, limits)?;
         loop {
             let freed = svc.connection_freed.notified();
-            if let Some(s) = self.outbound.http_clients.idle_h1(key) {
+            if let Some(s) = self.http_clients.idle_h1(key) {
                 return Ok(s);
             }
             if let Some(slot) = self.connection_slot(svc, limits) {

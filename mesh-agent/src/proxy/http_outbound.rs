@@ -1,25 +1,21 @@
 //! Outbound HTTP: a pod's connection to a service port declared HTTP is
 //! terminated by the **source** node's agent, which routes, balances,
-//! retries and bounds each request (the model is in [`crate::route`]):
+//! retries and bounds each request (the model is in [`crate::route`]).
+//! Each concern is one layer of the connection's stack ([`Outbound::stack`],
+//! read top to bottom):
 //!
-//! 0. the front door ([`super::http::validate`]) refuses ambiguous
-//!    requests (two `Host`s, no `Host`, `Host` against `:authority`,
-//!    `Content-Length` with `Transfer-Encoding`, `#fragment`) with 400;
-//! 1. the request's target is normalized for matching (a target that cannot
-//!    be normalized gets 400; the request itself is forwarded as sent: the
-//!    destination agent normalizes what it authorizes and forwards);
-//! 2. the service's route picks a rule and a weighted backend (a label
-//!    subset of the service's endpoints); no route or no matching rule: any
-//!    endpoint, default retries, no timeout;
-//! 3. the circuit breaker admits it (`maxRequests`) or answers 503 at once;
-//! 4. an endpoint of the backend is chosen (least requests of two, outlier
-//!    ejection skipped) and the request sent on a pooled connection in the
-//!    application's HTTP version, through the destination's agent;
-//! 5. connect failures, resets and the configured status codes are retried
-//!    on another endpoint when the method is idempotent (or the rule allows
-//!    every method), the retry budget has room and the body was small
-//!    enough to keep ([`MAX_RETRY_BODY`]), after a jittered backoff;
-//! 6. the rule's timeout bounds all of it until the response head: 504.
+//! | layer | what it does |
+//! | --- | --- |
+//! | [`Telemetry`] | client span, metrics, access log of what the client got |
+//! | [`CheckFrontDoor`] | 400 for ambiguous requests ([`super::http::validate`]) |
+//! | [`Route`] | the service's rule and weighted backend (a label subset of its endpoints); 400 for a target that cannot be normalized, 503 when the backend has no endpoint |
+//! | [`CircuitBreaker`] | `maxRequests`, else 503 `overflow` at once |
+//! | [`upgrade::Upgrades`] | HTTP/1.1 `Upgrade` (WebSocket) sent once and joined |
+//! | [`Timeout`] | the rule's timeout until the response head: 504 |
+//! | [`retry::Retry`] | connect failures, resets and the configured codes retried on another endpoint (idempotent methods, budget, kept bodies up to [`MAX_RETRY_BODY`], jittered backoff) |
+//! | [`endpoint::Balance`] | an endpoint (least requests of two, ejected ones skipped); its outcome to outlier detection |
+//! | [`endpoint::PerTryTimeout`] | the rule's per-try timeout: a reset, retried |
+//! | [`endpoint::EndpointClient`] | the try on a pooled connection in the app's HTTP version, through the destination's agent |
 //!
 //! Local answers ([`super::reply`]) carry `x-mesh-reply` (`overflow`,
 //! `timeout`, `no-endpoint`, `connect-failure`, `reset`, `bad-request`) so
@@ -33,35 +29,34 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
+    task::{Context, Poll},
     time::Duration,
 };
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http::{Request, Response, Version};
+use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tower::{ServiceBuilder, ServiceExt as _};
 
 use super::{
-    PodHandle, Proxy,
-    balance::Outcome,
-    http_client::{ReqBody, TryError},
-    http::{
-        DrainHttp, count_http_end, http_server, is_upgrade, join_upgraded, strip_hop_by_hop,
-        validate::{BodyFault, ClientBody, FrontDoor, Violation},
-    },
-    reply::{self, LocalReply, ResetCause},
+    Outbound, PodHandle,
+    front_door::CheckFrontDoor,
+    http::{HttpFuture, HttpService, RespBody, ready, validate::{FrontDoor, Violation}},
+    observe::{Parties, Recorded, RequestInfo, SeriesCache},
+    reply::{self, LocalReply},
     services::{self, ServiceState},
 };
 use crate::{
     policy,
-    route::{self, RequestView, RetryOn, RouteTable},
+    route::{self, RequestView, RouteTable},
     state::{AppHttp, Destination, Snapshot},
     telemetry::trace::{SpanKind, attr},
 };
 
-type RespBody = BoxBody<Bytes, hyper::Error>;
+mod endpoint;
+mod retry;
+mod upgrade;
 
 /// Request bodies up to this size are kept so the request can be retried;
 /// a larger (or unknown-length, streamed) body is sent once.
@@ -101,342 +96,326 @@ fn upstream_response(res: Response<Incoming>, dest: &Destination) -> Response<Re
     reply::from_upstream(res, from_peer_agent).map(|b| b.boxed())
 }
 
-/// What every request on one downstream connection shares.
+/// One downstream connection: what its layers share.
 struct Conn {
     pod: Arc<PodHandle>,
     /// The service address the app dialled.
     orig: SocketAddr,
     /// What the application behind the service speaks.
     version: AppHttp,
-    series: super::observe::SeriesCache,
-    door: FrontDoor,
 }
 
-impl Proxy {
-    pub(super) async fn serve_http_outbound(self: Arc<Self>, app: TcpStream, pod: Arc<PodHandle>, orig: SocketAddr, version: AppHttp) {
+/// What [`Route`] decided, for the layers under it (a request extension).
+struct Routed {
+    /// `namespace/name` of the service.
+    service: String,
+    svc: Arc<ServiceState>,
+    /// The route that matched, or `(none)`.
+    route: String,
+    policy: route::ServicePolicy,
+    retry: route::RetryPolicy,
+    timeout: Option<Duration>,
+    /// The selected backend's endpoints (never empty).
+    endpoints: Vec<Destination>,
+}
+
+/// The endpoint that answered last, if any (a response extension, for
+/// [`Telemetry`]'s labels).
+#[derive(Clone)]
+struct Answered(Destination);
+
+fn routed<B>(req: &Request<B>) -> Arc<Routed> {
+    req.extensions()
+        .get::<Arc<Routed>>()
+        .cloned()
+        .expect("the route layer sits above every layer that reads its decision")
+}
+
+fn answered(mut res: Response<RespBody>, dest: Option<Destination>) -> Response<RespBody> {
+    if let Some(d) = dest {
+        res.extensions_mut().insert(Answered(d));
+    }
+    res
+}
+
+impl Outbound {
+    pub(super) async fn serve_http(self: Arc<Self>, app: TcpStream, pod: Arc<PodHandle>, orig: SocketAddr, version: AppHttp) {
         let stats = pod.stats.clone();
         let door = FrontDoor::default();
         let app = door.inspect(app);
-        let conn = Arc::new(Conn { pod, orig, version, series: super::observe::SeriesCache::default(), door });
-        let this = self.clone();
-        let drain = DrainHttp::default();
-        let svc_drain = drain.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let this = this.clone();
-            let conn = conn.clone();
-            let drain = svc_drain.clone();
-            async move {
-                let version = drain.saw(&req);
-                let res = this.outbound_request(&conn, req).await;
-                Ok::<_, Infallible>(drain.mark(&this.inputs.draining, version, res))
+        let conn = Arc::new(Conn { pod, orig, version });
+        let stack = self.stack(conn, door);
+        super::http::serve(app, stack, &self.inputs.draining, &stats, orig, "outbound").await;
+    }
+
+    /// The layers every request of one connection goes through, top to
+    /// bottom (the module doc says what each does).
+    fn stack(self: &Arc<Self>, conn: Arc<Conn>, door: FrontDoor) -> impl HttpService {
+        let retry = retry::Retry::layer(self.clone(), conn.clone());
+        let lower = ServiceBuilder::new()
+            // Picks per try, so a retry can go elsewhere and each outcome
+            // reaches outlier detection.
+            .layer(endpoint::Balance::layer(self.clone()))
+            // Bounds one try only: a slow endpoint's try is retried.
+            .layer(endpoint::PerTryTimeout::layer())
+            .service(endpoint::EndpointClient { outbound: self.clone(), conn: conn.clone() });
+        ServiceBuilder::new()
+            // Outermost: it sees what the client gets, local answers included.
+            .layer(Telemetry::layer(self.clone(), conn.clone()))
+            // Before anything reads the request: what it says must be unambiguous.
+            .layer(CheckFrontDoor::layer(door, conn.pod.stats.clone(), "outbound"))
+            // Decides the backend and the limits every layer below applies.
+            .layer(Route::layer(self.clone(), conn.clone()))
+            // Admission before any time is spent: a full service answers at once.
+            .layer(CircuitBreaker::layer())
+            // An upgrade leaves the request/response model: no timeout, no retry.
+            .layer(upgrade::Upgrades::layer(self.clone(), conn.clone()))
+            // Around the retries: the rule's timeout bounds all tries together.
+            .layer(Timeout::layer())
+            .layer(retry)
+            .service(lower)
+    }
+}
+
+/// The client span, the request's metric series and its access log line,
+/// recorded once the response body ends; the series cache is per
+/// connection.
+#[derive(Clone)]
+struct Telemetry<S> {
+    outbound: Arc<Outbound>,
+    conn: Arc<Conn>,
+    series: Arc<SeriesCache>,
+    inner: S,
+}
+
+impl<S> Telemetry<S> {
+    fn layer(outbound: Arc<Outbound>, conn: Arc<Conn>) -> impl tower::Layer<S, Service = Self> {
+        let series = Arc::new(SeriesCache::default());
+        tower::layer::layer_fn(move |inner| Telemetry { outbound: outbound.clone(), conn: conn.clone(), series: series.clone(), inner })
+    }
+}
+
+impl<S: HttpService> tower::Service<Request<Incoming>> for Telemetry<S> {
+    type Response = Response<RespBody>;
+    type Error = Infallible;
+    type Future = HttpFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        ready()
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> HttpFuture {
+        let (outbound, conn, series, inner) = (self.outbound.clone(), self.conn.clone(), self.series.clone(), self.inner.clone());
+        Box::pin(async move {
+            let inputs = &outbound.inputs;
+            let start = std::time::Instant::now();
+            let protocol = super::observe::protocol(req.headers());
+            let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+            // A client span, child of the app's context; the destination's
+            // server span will be its child.
+            let tracer = &inputs.telemetry.tracer;
+            let parent = tracer.extract(req.headers());
+            let mut span = tracer.start_span(SpanKind::Client, "outbound", parent.as_ref());
+            span.inject(req.headers_mut());
+            let mut info = RequestInfo::of(&req, &span);
+            if span.is_recording() {
+                span.set_attribute(attr::HTTP_REQUEST_METHOD, info.method.clone());
+                span.set_attribute(attr::URL_PATH, info.path.clone());
+                span.set_attribute(attr::SERVER_ADDRESS, info.authority.clone());
+                span.set_attribute(attr::MESH_SOURCE_WORKLOAD, conn.pod.key.to_string());
             }
-        });
-        let server = http_server();
-        let conn = server.serve_connection_with_upgrades(TokioIo::new(app), svc);
-        // Draining: `Connection: close` / GOAWAY, as on the inbound side.
-        let result = super::until_drained(conn, &self.inputs.draining, |c| {
-            if drain.is_h2() {
-                c.graceful_shutdown();
+            let res = inner.oneshot(req).await?;
+            let dest = res.extensions().get::<Answered>().map(|a| a.0.clone());
+            let snapshot = inputs.state.borrow().clone();
+            let code = res.status().as_u16();
+            let flags = reply::flags(&res);
+            let dst_pod = match &dest {
+                Some(Destination::MeshPod { pod, .. }) => Some(pod),
+                _ => None,
+            };
+            let key = (dest.as_ref().map(Destination::addr), protocol, code, flags);
+            let series = series.get(&inputs.telemetry.metrics, &snapshot, key, || {
+                let service = snapshot.service_target(conn.orig).map(|t| (t.service.namespace.clone(), t.service.name.clone()));
+                Parties {
+                    state: &snapshot,
+                    reporter: "source",
+                    src_pod: Some(&conn.pod.key),
+                    src_ip: None,
+                    src_id: None,
+                    dst_pod,
+                    dst_addr: dest.as_ref().map(Destination::addr),
+                    service: service.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str())),
+                    mtls: dst_pod.is_some(),
+                }
+                .labels(protocol)
+            });
+            let labels = &series.labels;
+            info.upstream = dest.as_ref().map(Destination::addr);
+            if span.is_recording() {
+                span.set_attribute(attr::HTTP_RESPONSE_STATUS_CODE, labels.response_code);
+                span.set_attribute(attr::MESH_DESTINATION_WORKLOAD, format!("{}/{}", labels.destination_workload_namespace, labels.destination_workload));
+                span.set_attribute(attr::MESH_MTLS, dst_pod.is_some());
+                if res.status().is_server_error() {
+                    span.set_error(format!("{} {}", labels.response_code, labels.response_flags));
+                }
             }
+            span.end();
+            let telemetry = inputs.telemetry.clone();
+            Ok(res.map(|b| Recorded::new(b, telemetry, series.clone(), info, start, request_bytes).boxed()))
         })
-        .await;
-        count_http_end(result, &stats, orig, "outbound");
+    }
+}
+
+/// The service's route: rule, weighted backend, the backend's endpoints,
+/// and the limits the layers below apply ([`Routed`]).
+#[derive(Clone)]
+struct Route<S> {
+    outbound: Arc<Outbound>,
+    conn: Arc<Conn>,
+    inner: S,
+}
+
+impl<S> Route<S> {
+    fn layer(outbound: Arc<Outbound>, conn: Arc<Conn>) -> impl tower::Layer<S, Service = Self> {
+        tower::layer::layer_fn(move |inner| Route { outbound: outbound.clone(), conn: conn.clone(), inner })
     }
 
-    async fn outbound_request(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
-        let start = std::time::Instant::now();
-        let protocol = super::observe::protocol(req.headers());
-        let request_bytes = req.body().size_hint().exact().unwrap_or(0);
-        // A client span, child of the app's context; the destination's
-        // server span will be its child.
-        let tracer = &self.inputs.telemetry.tracer;
-        let parent = tracer.extract(req.headers());
-        let mut span = tracer.start_span(SpanKind::Client, "outbound", parent.as_ref());
-        span.inject(req.headers_mut());
-        let mut info = super::observe::RequestInfo::of(&req, &span);
-        if span.is_recording() {
-            span.set_attribute(attr::HTTP_REQUEST_METHOD, info.method.clone());
-            span.set_attribute(attr::URL_PATH, info.path.clone());
-            span.set_attribute(attr::SERVER_ADDRESS, info.authority.clone());
-            span.set_attribute(attr::MESH_SOURCE_WORKLOAD, conn.pod.key.to_string());
-        }
-        let (res, dest) = self.route_request(conn, req).await;
-        let snapshot = self.inputs.state.borrow().clone();
-        let code = res.status().as_u16();
-        let flags = reply::flags(&res);
-        let dst_pod = match &dest {
-            Some(Destination::MeshPod { pod, .. }) => Some(pod),
-            _ => None,
-        };
-        let key = (dest.as_ref().map(Destination::addr), protocol, code, flags);
-        let series = conn.series.get(&self.inputs.telemetry.metrics, &snapshot, key, || {
-            let service = snapshot.service_target(conn.orig).map(|t| (t.service.namespace.clone(), t.service.name.clone()));
-            super::observe::Parties {
-                state: &snapshot,
-                reporter: "source",
-                src_pod: Some(&conn.pod.key),
-                src_ip: None,
-                src_id: None,
-                dst_pod,
-                dst_addr: dest.as_ref().map(Destination::addr),
-                service: service.as_ref().map(|(ns, n)| (ns.as_str(), n.as_str())),
-                mtls: dst_pod.is_some(),
-            }
-            .labels(protocol)
-        });
-        let labels = &series.labels;
-        info.upstream = dest.as_ref().map(Destination::addr);
-        if span.is_recording() {
-            span.set_attribute(attr::HTTP_RESPONSE_STATUS_CODE, labels.response_code);
-            span.set_attribute(attr::MESH_DESTINATION_WORKLOAD, format!("{}/{}", labels.destination_workload_namespace, labels.destination_workload));
-            span.set_attribute(attr::MESH_MTLS, dst_pod.is_some());
-            if res.status().is_server_error() {
-                span.set_error(format!("{} {}", labels.response_code, labels.response_flags));
-            }
-        }
-        span.end();
-        let telemetry = self.inputs.telemetry.clone();
-        res.map(|b| super::observe::Recorded::new(b, telemetry, series.clone(), info, start, request_bytes).boxed())
-    }
-
-    /// Routes, balances and sends one request; also says which endpoint
-    /// answered last, if any.
-    async fn route_request(&self, conn: &Conn, req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
-        if let Err(v) = conn.door.check(&req) {
-            return (reply::refuse(&v, req.version(), &conn.pod.stats, "outbound"), None);
-        }
-        let snapshot = self.inputs.state.borrow().clone();
-        let routes = self.outbound.routes.get(&snapshot);
+    /// A local answer instead when the request goes nowhere (boxed: the
+    /// way through should not pay for moving a response).
+    fn decide(&self, req: &Request<Incoming>) -> Result<Routed, Box<Response<RespBody>>> {
+        let (outbound, conn) = (&self.outbound, &self.conn);
+        let snapshot = outbound.inputs.state.borrow().clone();
+        let routes = outbound.routes.get(&snapshot);
         let Some(target) = snapshot.service_target(conn.orig) else {
-            return (local(LocalReply::NotAService { orig: conn.orig }), None);
+            return Err(Box::new(local(LocalReply::NotAService { orig: conn.orig })));
         };
         let (ns, name) = (target.service.namespace.as_str(), target.service.name.as_str());
         let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let path = match policy::normalize_path(raw) {
-            Ok(p) => p,
-            Err(e) => return (reply::refuse(&Violation::Target(e.to_string()), req.version(), &conn.pod.stats, "outbound"), None),
-        };
+        // Matched on the normalized path; forwarded as sent (the
+        // destination agent normalizes what it authorizes and forwards).
+        let path = policy::normalize_path(raw)
+            .map_err(|e| Box::new(reply::refuse(&Violation::Target(e.to_string()), req.version(), &conn.pod.stats, "outbound")))?;
         let view = RequestView { method: req.method(), path: path.path(), headers: req.headers() };
-        let selected = routes.select(ns, name, &view, (self.outbound.balancer.random() % 100) as u32);
+        let selected = routes.select(ns, name, &view, (outbound.balancer.random() % 100) as u32);
         let endpoints: Vec<Destination> = target
             .endpoints
             .iter()
             .filter(|e| selected.is_none_or(|s| s.backend.selects(e.labels)))
             .map(|e| e.dest.clone())
             .collect();
-        let svc = self.outbound.services.get(ns, name);
+        let svc = outbound.services.get(ns, name);
         svc.requests.fetch_add(1, Ordering::Relaxed);
-        let route_name = selected.map_or("(none)", |s| s.route);
+        let route = selected.map_or("(none)", |s| s.route).to_owned();
+        let service = format!("{ns}/{name}");
         if endpoints.is_empty() {
             svc.no_endpoint.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(service = %format_args!("{ns}/{name}"), route = route_name, "no endpoint for the selected backend");
-            return (local(LocalReply::NoEndpointForRoute { service: format!("{ns}/{name}"), route: route_name.to_owned() }), None);
+            tracing::info!(%service, %route, "no endpoint for the selected backend");
+            return Err(Box::new(local(LocalReply::NoEndpointForRoute { service, route })));
         }
-        let policy = routes.service_policy(ns, name).clone();
-        let Some(_active) = services::acquire(&svc.active, policy.circuit_breaker.max_requests) else {
-            svc.overflow_requests.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(service = %format_args!("{ns}/{name}"), limit = policy.circuit_breaker.max_requests, "circuit breaker: too many requests");
-            return (local(LocalReply::TooManyRequests { service: format!("{ns}/{name}") }), None);
-        };
-        let retry = match selected {
-            Some(s) => s.retry.clone(),
-            None => route::default_retry_policy().clone(),
-        };
-        let timeout = selected.and_then(|s| s.timeout);
-        let job = Job { conn, svc: &svc, policy: &policy, retry: &retry, endpoints: &endpoints };
-        if is_upgrade(&req) && conn.version == AppHttp::Http1 {
-            return self.upgrade(&job, req).await;
+        Ok(Routed {
+            service,
+            svc,
+            route,
+            policy: routes.service_policy(ns, name).clone(),
+            retry: selected.map_or_else(|| route::default_retry_policy().clone(), |s| s.retry.clone()),
+            timeout: selected.and_then(|s| s.timeout),
+            endpoints,
+        })
+    }
+}
+
+impl<S: HttpService> tower::Service<Request<Incoming>> for Route<S> {
+    type Response = Response<RespBody>;
+    type Error = Infallible;
+    type Future = HttpFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        ready()
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> HttpFuture {
+        match self.decide(&req) {
+            Ok(r) => {
+                req.extensions_mut().insert(Arc::new(r));
+                Box::pin(self.inner.clone().oneshot(req))
+            }
+            Err(res) => Box::pin(async move { Ok(*res) }),
         }
-        let run = self.send_with_retries(&job, req);
-        match timeout {
-            None => run.await,
-            Some(t) => match tokio::time::timeout(t, run).await {
-                Ok(r) => r,
+    }
+}
+
+/// The service's `maxRequests`: admitted requests are counted until their
+/// response head; past the limit, 503 `overflow` at once.
+#[derive(Clone)]
+struct CircuitBreaker<S> {
+    inner: S,
+}
+
+impl<S> CircuitBreaker<S> {
+    fn layer() -> impl tower::Layer<S, Service = Self> {
+        tower::layer::layer_fn(|inner| CircuitBreaker { inner })
+    }
+}
+
+impl<S: HttpService> tower::Service<Request<Incoming>> for CircuitBreaker<S> {
+    type Response = Response<RespBody>;
+    type Error = Infallible;
+    type Future = HttpFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        ready()
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> HttpFuture {
+        let r = routed(&req);
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let max = r.policy.circuit_breaker.max_requests;
+            let Some(_active) = services::acquire(&r.svc.active, max) else {
+                r.svc.overflow_requests.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(service = %r.service, limit = max, "circuit breaker: too many requests");
+                return Ok(local(LocalReply::TooManyRequests { service: r.service.clone() }));
+            };
+            inner.oneshot(req).await
+        })
+    }
+}
+
+/// The rule's timeout, over every try: 504 `timeout` when no response head
+/// came in time.
+#[derive(Clone)]
+struct Timeout<S> {
+    inner: S,
+}
+
+impl<S> Timeout<S> {
+    fn layer() -> impl tower::Layer<S, Service = Self> {
+        tower::layer::layer_fn(|inner| Timeout { inner })
+    }
+}
+
+impl<S: HttpService> tower::Service<Request<Incoming>> for Timeout<S> {
+    type Response = Response<RespBody>;
+    type Error = Infallible;
+    type Future = HttpFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        ready()
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> HttpFuture {
+        let r = routed(&req);
+        let run = self.inner.clone().oneshot(req);
+        let Some(t) = r.timeout else { return Box::pin(run) };
+        Box::pin(async move {
+            match tokio::time::timeout(t, run).await {
+                Ok(res) => res,
                 Err(_) => {
-                    svc.timeouts.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(service = %format_args!("{ns}/{name}"), route = route_name, timeout = ?t, "request timed out");
-                    (local(LocalReply::Timeout { service: format!("{ns}/{name}"), timeout: route::RouteDuration(t) }), None)
+                    r.svc.timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(service = %r.service, route = %r.route, timeout = ?t, "request timed out");
+                    Ok(local(LocalReply::Timeout { service: r.service.clone(), timeout: route::RouteDuration(t) }))
                 }
-            },
-        }
-    }
-
-    async fn send_with_retries(&self, job: &Job<'_>, req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
-        let (mut parts, body) = req.into_parts();
-        let client_version = parts.version;
-        prepare(&mut parts, job.conn);
-        // Keep the body for retries when it is small and the method may be
-        // retried at all; otherwise stream it through once.
-        let len = body.size_hint().upper();
-        let keep = job.retry.allows_method(&parts.method) && len.is_some_and(|l| l <= MAX_RETRY_BODY);
-        let mut streamed = None;
-        let fault = BodyFault::default();
-        let kept = if keep {
-            match body.collect().await {
-                Ok(b) => Some(b.to_bytes()),
-                Err(e) => return (reply::refuse(&Violation::Body(crate::error_chain(&e)), client_version, &job.conn.pod.stats, "outbound"), None),
             }
-        } else {
-            streamed = Some(ClientBody::new(body, fault.clone(), false));
-            None
-        };
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut retries = 0u32;
-        let mut _retrying: Option<services::Gauge<'_>> = None;
-        loop {
-            // A retry prefers an endpoint not tried yet.
-            let exclude: &[SocketAddr] = if tried.len() < job.endpoints.len() { &tried } else { &[] };
-            let cursor = (job.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&job.svc.cursor);
-            let Some((dest, _in_use)) = self.outbound.balancer.pick(job.endpoints, exclude, cursor) else {
-                return (local(LocalReply::NoEndpointLeft), None);
-            };
-            tried.push(dest.addr());
-            let body: ReqBody = match (&kept, streamed.take()) {
-                (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
-                (None, Some(s)) => s.boxed(),
-                (None, None) => unreachable!("a streamed body is only sent once: retries need a kept body"),
-            };
-            let mut req = Request::from_parts(parts.clone(), body);
-            *req.extensions_mut() = http::Extensions::new();
-            let attempt = self.http_try(&job.conn.pod, &dest, job.conn.version, job.svc, &job.policy.circuit_breaker, req);
-            let result = match job.retry.per_try_timeout {
-                Some(t) => tokio::time::timeout(t.0, attempt).await.unwrap_or(Err(TryError::Reset(ResetCause::PerTryTimeout(t)))),
-                None => attempt.await,
-            };
-            // The client's body broke under way: its fault, not the
-            // endpoint's (no ejection, no retry, no 5xx).
-            if result.is_err()
-                && let Some(v) = fault.get()
-            {
-                return (reply::refuse(&v, client_version, &job.conn.pod.stats, "outbound"), Some(dest));
-            }
-            let (outcome, cause, reply) = match result {
-                Ok(res) => {
-                    let outcome = if res.status().is_server_error() { Outcome::ServerError } else { Outcome::Success };
-                    (outcome, RetryOn::Status(u32::from(res.status().as_u16())), Ok(res))
-                }
-                Err(TryError::Overflow) => {
-                    tracing::info!(endpoint = %dest.addr(), "circuit breaker: too many pending requests");
-                    return (local(LocalReply::TooManyPending), Some(dest));
-                }
-                Err(TryError::Connect(source)) => {
-                    tracing::info!(endpoint = %dest.addr(), error = %source, "upstream connect failed");
-                    let r = LocalReply::ConnectFailure { endpoint: dest.addr(), source };
-                    (Outcome::ConnectFailure, RetryOn::ConnectFailure, Err(r))
-                }
-                Err(TryError::Reset(cause)) => {
-                    tracing::info!(endpoint = %dest.addr(), error = %cause, "upstream reset before the response");
-                    let r = LocalReply::Reset { endpoint: dest.addr(), cause };
-                    (Outcome::ConnectFailure, RetryOn::Reset, Err(r))
-                }
-            };
-            if self.outbound.balancer.report(dest.addr(), outcome, &job.policy.outlier_detection, job.endpoints).is_some() {
-                job.svc.ejections.fetch_add(1, Ordering::Relaxed);
-            }
-            let may_retry = kept.is_some()
-                && retries < job.retry.attempts
-                && job.retry.retries_on(cause)
-                && job.retry.budget_allows(job.svc.active.load(Ordering::Relaxed), job.svc.retries_in_flight.load(Ordering::Relaxed));
-            if !may_retry {
-                let res = match reply {
-                    Ok(mut res) => {
-                        strip_hop_by_hop(res.headers_mut());
-                        upstream_response(res, &dest)
-                    }
-                    Err(r) => local(r),
-                };
-                return (res, Some(dest));
-            }
-            drop(reply);
-            job.svc.retries.fetch_add(1, Ordering::Relaxed);
-            _retrying = Some(services::enter(&job.svc.retries_in_flight));
-            tracing::debug!(endpoint = %dest.addr(), %cause, retry = retries + 1, "retrying");
-            let pause: Duration = job.retry.backoff(retries, self.outbound.balancer.random() as u32);
-            tokio::time::sleep(pause).await;
-            retries += 1;
-        }
-    }
-}
-
-impl Proxy {
-    /// An HTTP/1.1 `Upgrade` (WebSocket and the like): sent once, on a
-    /// connection of its own; on `101` the two upgraded connections are
-    /// joined and carry bytes until either side closes. No retries and no
-    /// route timeout (the exchange is long-lived by nature).
-    async fn upgrade(&self, job: &Job<'_>, mut req: Request<Incoming>) -> (Response<RespBody>, Option<Destination>) {
-        let cursor = (job.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&job.svc.cursor);
-        let Some((dest, _in_use)) = self.outbound.balancer.pick(job.endpoints, &[], cursor) else {
-            return (local(LocalReply::NoEndpointToUpgrade), None);
-        };
-        let downstream = hyper::upgrade::on(&mut req);
-        let (mut parts, body) = req.into_parts();
-        let protocol = parts.headers.get(header::UPGRADE).cloned();
-        prepare(&mut parts, job.conn);
-        if let Some(p) = protocol {
-            parts.headers.insert(header::UPGRADE, p);
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        let io = match self.upstream_io(&job.conn.pod, &dest).await {
-            Ok(io) => io,
-            Err(source) => return (local(LocalReply::ConnectFailure { endpoint: dest.addr(), source }), Some(dest)),
-        };
-        let sent = async {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-            tokio::spawn(conn.with_upgrades());
-            sender.send_request(Request::from_parts(parts, body.boxed())).await
-        };
-        let mut res = match sent.await {
-            Ok(r) => r,
-            Err(source) => return (local(LocalReply::UpgradeFailed { endpoint: dest.addr(), source }), Some(dest)),
-        };
-        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let upstream = hyper::upgrade::on(&mut res);
-            self.inputs.connections.spawn(join_upgraded(downstream, upstream));
-        }
-        (upstream_response(res, &dest), Some(dest))
-    }
-}
-
-struct Job<'a> {
-    conn: &'a Conn,
-    svc: &'a Arc<ServiceState>,
-    policy: &'a route::ServicePolicy,
-    retry: &'a route::RetryPolicy,
-    endpoints: &'a [Destination],
-}
-
-/// Puts the request in the form of the application's HTTP version.
-fn prepare(parts: &mut http::request::Parts, conn: &Conn) {
-    strip_hop_by_hop(&mut parts.headers);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
-        .unwrap_or_else(|| conn.orig.to_string());
-    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    match conn.version {
-        AppHttp::Http1 => {
-            if !parts.headers.contains_key(header::HOST)
-                && let Ok(v) = HeaderValue::from_str(&authority)
-            {
-                parts.headers.insert(header::HOST, v);
-            }
-            parts.uri = http::Uri::from(pq);
-            parts.version = http::Version::HTTP_11;
-        }
-        AppHttp::Http2 => {
-            let mut p = http::uri::Parts::default();
-            p.scheme = Some(parts.uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
-            p.authority = authority.parse().ok();
-            p.path_and_query = Some(pq);
-            if let Ok(uri) = http::Uri::from_parts(p) {
-                parts.uri = uri;
-            }
-            // :authority carries it; a Host header that disagrees would be
-            // refused by the destination.
-            parts.headers.remove(header::HOST);
-            parts.version = http::Version::HTTP_2;
-        }
+        })
     }
 }

@@ -15,11 +15,12 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PodHandle, Proxy, authz::L4Verdict};
+use super::{Inbound, PodHandle, authz::L4Verdict};
 use crate::state::PeerAuthMode;
 
-impl Proxy {
-    pub(super) async fn plaintext_inbound(&self, mut conn: TcpStream, client: SocketAddr, pod: Arc<PodHandle>) {
+impl Inbound {
+    /// Serves one captured plaintext connection from outside the mesh.
+    pub(super) async fn plaintext(self: Arc<Self>, mut conn: TcpStream, client: SocketAddr, pod: Arc<PodHandle>) {
         let target = match conn.local_addr() {
             Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
             Err(e) => {
@@ -37,7 +38,7 @@ impl Proxy {
         let app_http = self.inputs.state.borrow().app_http(&pod.key, target.port());
         if let Some(app) = app_http {
             pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-            self.self_arc().serve_http_inbound(conn, pod, client, None, target, app).await;
+            self.clone().serve_http(conn, pod, client, None, target, app).await;
             return;
         }
         match self.check_l4(&pod, None, target.port()) {
@@ -51,7 +52,7 @@ impl Proxy {
                 match http {
                     Some(app) => {
                         pod.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-                        self.self_arc().serve_http_inbound(io, pod, client, None, target, app).await;
+                        self.clone().serve_http(io, pod, client, None, target, app).await;
                     }
                     None => {
                         let _ = self.authorize_connection(&pod, None, target.port());

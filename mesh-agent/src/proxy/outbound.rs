@@ -8,7 +8,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::{
-    PodHandle, Proxy,
+    Outbound, PodHandle,
     balance::{Outcome, l4_outlier_detection},
     connect::Upstream,
 };
@@ -23,8 +23,10 @@ pub trait OrigDstLookup: Send + Sync {
     fn take(&self, client: SocketAddr) -> Option<SocketAddr>;
 }
 
-impl Proxy {
-    pub(super) async fn serve_outbound(self: Arc<Self>, mut app: TcpStream, client: SocketAddr, pod: Arc<PodHandle>) {
+impl Outbound {
+    /// Serves one connection a local pod opened: HTTP per request when the
+    /// service port is declared HTTP, else relayed as bytes.
+    pub(super) async fn serve(self: Arc<Self>, mut app: TcpStream, client: SocketAddr, pod: Arc<PodHandle>) {
         let stats = &pod.stats;
         let Some(orig) = self.inputs.orig_dst.take(client) else {
             // Someone connected to the listener directly: there is nowhere
@@ -42,7 +44,7 @@ impl Proxy {
         // A service port declared HTTP: routed, balanced and retried per
         // request by the HTTP layer.
         if let Some(version) = http {
-            return self.serve_http_outbound(app, pod, orig, version).await;
+            return self.serve_http(app, pod, orig, version).await;
         }
         let pod = &*pod;
         let is_service = candidates.len() > 1;
@@ -55,7 +57,7 @@ impl Proxy {
             // destination needs no choice, and remembering every address a
             // pod ever dials would grow without bound.
             let (dest, _in_use) = if is_service {
-                let Some(picked) = self.outbound.balancer.pick(&candidates, &tried, None) else { break };
+                let Some(picked) = self.balancer.pick(&candidates, &tried, None) else { break };
                 (picked.0, Some(picked.1))
             } else if tried.is_empty() {
                 (candidates[0].clone(), None)
@@ -66,7 +68,7 @@ impl Proxy {
             match self.establish(pod, &dest, &trust_domain).await {
                 Ok(mut upstream) => {
                     if is_service {
-                        self.outbound.balancer.report(dest.addr(), Outcome::Success, l4_outlier_detection(), &candidates);
+                        self.balancer.report(dest.addr(), Outcome::Success, l4_outlier_detection(), &candidates);
                     }
                     let labels = {
                         let snapshot = self.inputs.state.borrow().clone();
@@ -112,7 +114,7 @@ impl Proxy {
                 Err(e) => {
                     tracing::info!(%orig, to = %dest.addr(), error = %e, "outbound connection failed");
                     if is_service {
-                        self.outbound.balancer.report(dest.addr(), Outcome::ConnectFailure, l4_outlier_detection(), &candidates);
+                        self.balancer.report(dest.addr(), Outcome::ConnectFailure, l4_outlier_detection(), &candidates);
                     }
                     last_err = Some(e);
                 }

@@ -11,14 +11,16 @@ use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::{CONNECTION_WINDOW, FRAME_SIZE, PodHandle, Proxy, STREAM_WINDOW, authz::L4Verdict, count_peer};
+use super::{CONNECTION_WINDOW, FRAME_SIZE, Inbound, PodHandle, STREAM_WINDOW, authz::L4Verdict, count_peer};
 use crate::identity::SpiffeId;
 
 /// Response header saying why a CONNECT was refused, for the other agent's log.
 pub const REASON_HEADER: &str = "x-mesh-refusal";
 
-impl Proxy {
-    pub(super) async fn tunnel_inbound(
+impl Inbound {
+    /// Serves one mTLS tunnel connection from an agent: each CONNECT
+    /// stream on it is authorized and delivered to the pod.
+    pub(super) async fn tunnel(
         self: Arc<Self>,
         stream: TcpStream,
         client: SocketAddr,
@@ -62,7 +64,7 @@ impl Proxy {
     }
 
     async fn connect_stream(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,
         pod: Arc<PodHandle>,
@@ -123,7 +125,7 @@ impl Proxy {
         if detect || app_http.is_some() {
             pod.stats.inbound.fetch_add(1, Ordering::Relaxed);
             count_peer(&pod.stats.inbound_peers, client_id);
-            let this = self.self_arc();
+            let this = self.clone();
             let client_id = client_id.clone();
             self.inputs.connections.spawn(async move {
                 let upgraded = match hyper::upgrade::on(req).await {
@@ -131,11 +133,11 @@ impl Proxy {
                     Err(e) => return tracing::info!(%target, error = %e, "tunnel stream upgrade failed"),
                 };
                 if let Some(app) = app_http {
-                    return this.serve_http_inbound(upgraded, pod, client, Some(client_id), target, app).await;
+                    return this.serve_http(upgraded, pod, client, Some(client_id), target, app).await;
                 }
                 let (http, io) = super::sniff::detect(upgraded, super::DETECT_TIMEOUT).await;
                 match http {
-                    Some(app) => this.serve_http_inbound(io, pod, client, Some(client_id), target, app).await,
+                    Some(app) => this.serve_http(io, pod, client, Some(client_id), target, app).await,
                     None => {
                         let peer = crate::policy::Peer::new(&client_id);
                         let _ = this.authorize_connection(&pod, Some(&peer), target.port());

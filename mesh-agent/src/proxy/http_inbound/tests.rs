@@ -136,7 +136,7 @@ impl Mesh {
         tokio::spawn(async move {
             loop {
                 let (s, _) = l.accept().await.unwrap();
-                tokio::spawn(proxy.clone().serve_http_inbound(s, pod.clone(), client, peer.clone(), app, version));
+                tokio::spawn(proxy.inbound.clone().serve_http(s, pod.clone(), client, peer.clone(), app, version));
             }
         });
         addr
@@ -150,7 +150,7 @@ impl Mesh {
         tokio::spawn(async move {
             loop {
                 let (s, _) = l.accept().await.unwrap();
-                tokio::spawn(proxy.clone().serve_http_outbound(s, pod.clone(), orig, version));
+                tokio::spawn(proxy.outbound.clone().serve_http(s, pod.clone(), orig, version));
             }
         });
         addr
