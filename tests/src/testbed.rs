@@ -268,6 +268,10 @@ pub struct Testbed {
     nodes: BTreeSet<String>,
     ca: Option<Ca>,
     agent_env: agent::AgentEnv,
+    /// The binary agents start from ([`Self::set_agent_bin`]); None:
+    /// [`crate::agent_bin`]. Behind a lock so a benchmark sharing `&Testbed`
+    /// can switch it between variants.
+    agent_bin: Mutex<Option<PathBuf>>,
     cleanup: CleanupHandle,
 }
 
@@ -305,6 +309,7 @@ impl Testbed {
             nodes: BTreeSet::new(),
             ca: None,
             agent_env: agent::AgentEnv::default(),
+            agent_bin: Mutex::new(None),
             cleanup,
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -370,6 +375,24 @@ impl Testbed {
     /// would be what it measures).
     pub fn set_agent_log_filter(&mut self, filter: impl Into<String>) {
         self.agent_env.log_filter = filter.into();
+    }
+
+    /// The binary the agents started from now on run (`start_agent*`, not
+    /// [`Self::start_agent_with`], which names its own; not the CA, which
+    /// stays [`crate::agent_bin`]): e.g. a saved build of an older commit, to
+    /// measure before and after a change side by side. None: back to
+    /// [`crate::agent_bin`].
+    pub fn set_agent_bin(&self, bin: Option<PathBuf>) {
+        *self.agent_bin.lock().unwrap() = bin;
+    }
+
+    /// The binary [`Self::start_agent`] runs now: the one given to
+    /// [`Self::set_agent_bin`], else [`crate::agent_bin`].
+    pub fn agent_bin(&self) -> Result<PathBuf> {
+        match self.agent_bin.lock().unwrap().clone() {
+            Some(bin) => Ok(bin),
+            None => host::agent_bin(),
+        }
     }
 
     /// `RLIMIT_NOFILE` (soft, hard) of the agents started from now on
@@ -564,8 +587,9 @@ impl Testbed {
         Capture::start(&self.name, netns::BRIDGE)
     }
 
-    /// Starts `node`'s agent with [`crate::agent_bin`] on
-    /// [`Self::config_path`]; it is killed when the testbed is dropped.
+    /// Starts `node`'s agent with [`Self::agent_bin`] (by default
+    /// [`crate::agent_bin`]) on [`Self::config_path`]; it is killed when the
+    /// testbed is dropped.
     pub fn start_agent(&self, node: &str) -> Result<Agent> {
         self.start_agent_args(node, &[])
     }
@@ -592,7 +616,7 @@ impl Testbed {
         cgroup::create(&cg)?;
         self.cleanup.track_cgroup(&cg);
         let agent =
-            Agent::start_until(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_env, &args, event)?;
+            Agent::start_until(&self.agent_bin()?, &self.config_path(), node, &self.dir, Some(&cg), &self.agent_env, &args, event)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }
@@ -602,7 +626,7 @@ impl Testbed {
     pub fn start_agent_in(&self, cgroup: &Path, node: &str, args: &[&str]) -> Result<Agent> {
         let args = self.agent_args_for(node, args)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start_in(&host::agent_bin()?, &self.config_path(), node, &self.dir, Some(cgroup), &self.agent_env, &args)?;
+        let agent = Agent::start_in(&self.agent_bin()?, &self.config_path(), node, &self.dir, Some(cgroup), &self.agent_env, &args)?;
         self.adopt_agent(&agent);
         Ok(agent)
     }

@@ -11,7 +11,11 @@
 //! | `haproxy-tcp` | HAProxy in each pod's netns, TLS between them, TCP mode |
 //! | `haproxy-http` | the same in HTTP mode (HTTP/2 over TLS between them, ACLs) |
 //!
-//! each agent variant with `--accelerate off` and `on`. Scenarios, see
+//! each agent variant with `--accelerate off` and `on`. With
+//! `--baseline-agent PATH`, every agent variant also runs as
+//! `<variant>@before` on the binary at PATH (a build of the code before a
+//! change), interleaved in the same repetitions like any other variant, and
+//! the report adds after/before ratios. Scenarios, see
 //! [`load`]; report (Markdown, JSON, SVG), see [`report`]. Every number is a
 //! median over the repetitions with its spread; nothing here asserts a
 //! timing: `--mode smoke` only checks that every variant produced numbers.
@@ -22,11 +26,11 @@ mod report;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, ValueEnum};
 use mesh_e2e::{Agent, Pod, PodProcess, PodSpec, ServicePortEntry, ServiceEntry, Testbed, wait_until};
 
@@ -76,9 +80,16 @@ struct Cli {
     /// `--out`), measuring nothing.
     #[arg(long)]
     from_json: Option<PathBuf>,
-    /// Only these variants (comma-separated names, e.g. `direct,agent-l7/accel-off`).
+    /// Only these variants (comma-separated names, e.g. `direct,agent-l7/accel-off`;
+    /// `agent-l7/accel-off@before` with `--baseline-agent`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// A `mesh-agent` binary to compare the current one with (e.g. a release
+    /// build of the commit before a change): every agent variant also runs
+    /// as `<variant>@before` on it, in the same repetitions, and the report
+    /// adds after/before ratios. The CA stays the current binary.
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -88,37 +99,85 @@ pub enum Mode {
     Smoke,
 }
 
-/// One way of carrying the client's traffic to the server.
+/// One way of carrying the client's traffic to the server. `before`: the
+/// agents run the `--baseline-agent` binary (named `<variant>@before`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Variant {
     Direct,
-    AgentMtls { accelerate: bool },
-    AgentL7 { accelerate: bool },
+    AgentMtls { accelerate: bool, before: bool },
+    AgentL7 { accelerate: bool, before: bool },
     HaproxyTcp,
     HaproxyHttp,
 }
 
 impl Variant {
+    /// Every variant on the current build, in report order.
     pub const ALL: [Variant; 7] = [
         Variant::Direct,
-        Variant::AgentMtls { accelerate: false },
-        Variant::AgentMtls { accelerate: true },
-        Variant::AgentL7 { accelerate: false },
-        Variant::AgentL7 { accelerate: true },
+        Variant::AgentMtls { accelerate: false, before: false },
+        Variant::AgentMtls { accelerate: true, before: false },
+        Variant::AgentL7 { accelerate: false, before: false },
+        Variant::AgentL7 { accelerate: true, before: false },
         Variant::HaproxyTcp,
         Variant::HaproxyHttp,
+    ];
+
+    /// The agent variants on the `--baseline-agent` binary.
+    pub const BEFORE: [Variant; 4] = [
+        Variant::AgentMtls { accelerate: false, before: true },
+        Variant::AgentMtls { accelerate: true, before: true },
+        Variant::AgentL7 { accelerate: false, before: true },
+        Variant::AgentL7 { accelerate: true, before: true },
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Variant::Direct => "direct",
-            Variant::AgentMtls { accelerate: false } => "agent-mtls/accel-off",
-            Variant::AgentMtls { accelerate: true } => "agent-mtls/accel-on",
-            Variant::AgentL7 { accelerate: false } => "agent-l7/accel-off",
-            Variant::AgentL7 { accelerate: true } => "agent-l7/accel-on",
+            Variant::AgentMtls { accelerate: false, before: false } => "agent-mtls/accel-off",
+            Variant::AgentMtls { accelerate: true, before: false } => "agent-mtls/accel-on",
+            Variant::AgentL7 { accelerate: false, before: false } => "agent-l7/accel-off",
+            Variant::AgentL7 { accelerate: true, before: false } => "agent-l7/accel-on",
+            Variant::AgentMtls { accelerate: false, before: true } => "agent-mtls/accel-off@before",
+            Variant::AgentMtls { accelerate: true, before: true } => "agent-mtls/accel-on@before",
+            Variant::AgentL7 { accelerate: false, before: true } => "agent-l7/accel-off@before",
+            Variant::AgentL7 { accelerate: true, before: true } => "agent-l7/accel-on@before",
             Variant::HaproxyTcp => "haproxy-tcp",
             Variant::HaproxyHttp => "haproxy-http",
         }
+    }
+
+    /// Every name [`Variant::from_name`] knows: [`Variant::ALL`], then
+    /// [`Variant::BEFORE`].
+    pub fn known() -> impl Iterator<Item = Variant> {
+        Variant::ALL.into_iter().chain(Variant::BEFORE)
+    }
+
+    pub fn from_name(name: &str) -> Option<Variant> {
+        Variant::known().find(|v| v.name() == name)
+    }
+
+    /// This agent variant on the `--baseline-agent` binary; None for the
+    /// others (and for a variant that already is `@before`).
+    pub fn before(self) -> Option<Variant> {
+        match self {
+            Variant::AgentMtls { accelerate, before: false } => Some(Variant::AgentMtls { accelerate, before: true }),
+            Variant::AgentL7 { accelerate, before: false } => Some(Variant::AgentL7 { accelerate, before: true }),
+            _ => None,
+        }
+    }
+
+    /// The variant on the current build: `self` but for `@before` ones.
+    pub fn current(self) -> Variant {
+        match self {
+            Variant::AgentMtls { accelerate, .. } => Variant::AgentMtls { accelerate, before: false },
+            Variant::AgentL7 { accelerate, .. } => Variant::AgentL7 { accelerate, before: false },
+            v => v,
+        }
+    }
+
+    /// Runs the `--baseline-agent` binary.
+    pub fn is_before(self) -> bool {
+        matches!(self, Variant::AgentMtls { before: true, .. } | Variant::AgentL7 { before: true, .. })
     }
 
     /// The HAProxy mode doing the same job: what a reader compares with.
@@ -172,25 +231,18 @@ fn run(cli: Cli) -> Result<()> {
         ensure!(load::SCENARIOS.contains(&s.as_str()), "unknown scenario {s:?}; known: {}", load::SCENARIOS.join(", "));
     }
     profile.only = cli.scenarios.clone();
-    let variants: Vec<Variant> = if cli.only.is_empty() {
-        Variant::ALL.to_vec()
-    } else {
-        let mut v = Vec::new();
-        for name in &cli.only {
-            let found = Variant::ALL.iter().find(|v| v.name() == name);
-            v.push(*found.with_context(|| {
-                format!("unknown variant {name:?}; known: {}", Variant::ALL.map(Variant::name).join(", "))
-            })?);
-        }
-        v
-    };
+    let baseline = cli.baseline_agent.as_deref().map(check_baseline_agent).transpose()?;
+    let variants = select_variants(&cli.only, baseline.is_some())?;
     load::check_tools()?;
     raise_fd_limit();
     let machine = report::Machine::probe();
     let started = SystemTime::now();
     let wall = Instant::now();
 
-    mesh_e2e::agent_bin()?;
+    let agents = report::AgentBins {
+        current: agent_version(&mesh_e2e::agent_bin()?)?,
+        before: baseline.as_ref().map(|(_, version)| version.clone()),
+    };
     mesh_e2e::meshtest_bin()?;
     let mut tb = Testbed::new("bench")?;
     // Debug logging per connection would be what the benchmark measures.
@@ -223,11 +275,13 @@ fn run(cli: Cli) -> Result<()> {
         let n = order.len();
         order.rotate_left(rep % n);
         for variant in order {
+            // Agents (not the CA) of an `@before` variant run the baseline.
+            tb.set_agent_bin(baseline.as_ref().filter(|_| variant.is_before()).map(|(path, _)| path.clone()));
             let t = Instant::now();
             let metrics = run_variant(&tb, &client, &server, &peer_files, variant, &profile, &cli.agent_arg)
                 .with_context(|| format!("variant {} (repetition {})", variant.name(), rep + 1))?;
             eprintln!(
-                "bench: rep {}/{} {:<22} {} ({:.0}s)",
+                "bench: rep {}/{} {:<27} {} ({:.0}s)",
                 rep + 1,
                 profile.reps,
                 variant.name(),
@@ -237,6 +291,7 @@ fn run(cli: Cli) -> Result<()> {
             samples.push(report::Sample { variant, rep, metrics });
         }
     }
+    tb.set_agent_bin(None);
     drop(app);
     drop(tb);
 
@@ -253,6 +308,7 @@ fn run(cli: Cli) -> Result<()> {
         variants,
         samples,
         policy,
+        agents,
     };
     let dir = report::write(&cli.out, &run)?;
     println!("{}", report::markdown(&run));
@@ -279,7 +335,7 @@ fn run_variant(
     let mut proxies: Vec<PodProcess> = Vec::new();
     let target = match variant {
         Variant::Direct => Target::new(SERVER_IP, APP_PORT),
-        Variant::AgentMtls { accelerate } | Variant::AgentL7 { accelerate } => {
+        Variant::AgentMtls { accelerate, .. } | Variant::AgentL7 { accelerate, .. } => {
             let accelerate = if accelerate { "on" } else { "off" };
             let mut args = vec!["--accelerate", accelerate, "--drain-timeout", "1s"];
             args.extend(agent_args.iter().map(String::as_str));
@@ -325,7 +381,8 @@ fn run_variant(
         for node in ["node-a", "node-b"] {
             let mut args = vec!["uninstall".to_owned(), "--node".into(), node.into()];
             args.extend(tb.node_state_args());
-            let out = Agent::run_once(&mesh_e2e::agent_bin()?, &args)?;
+            // The binary that pinned the state removes it.
+            let out = Agent::run_once(&tb.agent_bin()?, &args)?;
             ensure!(out.status.success(), "uninstall {node}: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
@@ -333,9 +390,76 @@ fn run_variant(
     Ok(metrics)
 }
 
+/// The variants `--only` names (all of [`Variant::ALL`] without it), each
+/// agent one followed, with a baseline, by its `@before` twin unless
+/// `--only` places that itself; duplicates dropped.
+fn select_variants(only: &[String], baseline: bool) -> Result<Vec<Variant>> {
+    let mut picked: Vec<Variant> = Vec::new();
+    if only.is_empty() {
+        picked = Variant::ALL.to_vec();
+    }
+    for name in only {
+        let v = Variant::from_name(name).with_context(|| {
+            let known: Vec<&str> = Variant::known().map(Variant::name).collect();
+            format!("unknown variant {name:?}; known: {}", known.join(", "))
+        })?;
+        if v.is_before() && !baseline {
+            bail!("variant {name} runs the agent binary of --baseline-agent PATH: give one");
+        }
+        if !picked.contains(&v) {
+            picked.push(v);
+        }
+    }
+    if baseline {
+        // Appended after the others: the rotation of the order each
+        // repetition then runs a variant before its twin in some
+        // repetitions and after it in others.
+        let twins: Vec<Variant> = picked.iter().filter_map(|v| v.before()).filter(|t| !picked.contains(t)).collect();
+        picked.extend(twins);
+    }
+    Ok(picked)
+}
+
+/// `--baseline-agent`: an executable `mesh-agent` (it answers `--version`);
+/// its absolute path and that version line.
+fn check_baseline_agent(path: &Path) -> Result<(PathBuf, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("--baseline-agent {}: no such file (build the old commit's agent first)", path.display()))?;
+    ensure!(meta.is_file(), "--baseline-agent {}: not a file", path.display());
+    ensure!(
+        meta.permissions().mode() & 0o111 != 0,
+        "--baseline-agent {}: not executable (chmod +x it)",
+        path.display()
+    );
+    let path = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    let version = agent_version(&path).with_context(|| format!("--baseline-agent {}", path.display()))?;
+    Ok((path, version))
+}
+
+/// `BIN (mesh-agent X.Y.Z)`: what the report says ran; fails if `bin` is
+/// not a `mesh-agent`.
+fn agent_version(bin: &Path) -> Result<String> {
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().next().unwrap_or_default().trim();
+    ensure!(
+        out.status.success() && line.starts_with("mesh-agent"),
+        "{} --version printed {line:?}, not `mesh-agent …` ({}): not a mesh-agent binary {}",
+        bin.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(format!("{} ({line})", bin.display()))
+}
+
 /// The agent flags of a variant.
 fn agent_variant_args(variant: Variant, extra: &[String]) -> Vec<String> {
-    let accelerate = matches!(variant, Variant::AgentMtls { accelerate: true } | Variant::AgentL7 { accelerate: true });
+    let accelerate =
+        matches!(variant, Variant::AgentMtls { accelerate: true, .. } | Variant::AgentL7 { accelerate: true, .. });
     let mut args: Vec<String> =
         ["--accelerate", if accelerate { "on" } else { "off" }, "--drain-timeout", "1s"].map(String::from).to_vec();
     args.extend(extra.iter().cloned());
@@ -481,5 +605,46 @@ fn raise_fd_limit() {
             lim.rlim_cur = lim.rlim_max.min(1 << 20);
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[Variant]) -> Vec<&'static str> {
+        v.iter().map(|v| v.name()).collect()
+    }
+
+    #[test]
+    fn names_round_trip_and_twins() {
+        for v in Variant::known() {
+            assert_eq!(Variant::from_name(v.name()), Some(v));
+            assert_eq!(v.is_before(), v.name().ends_with("@before"));
+            assert!(!v.current().is_before());
+            if let Some(b) = v.before() {
+                assert_eq!(b.name(), format!("{}@before", v.name()));
+                assert_eq!(b.current(), v);
+                assert_eq!(b.peer(), v.peer());
+            }
+        }
+        assert_eq!(Variant::ALL.iter().filter_map(|v| v.before()).collect::<Vec<_>>(), Variant::BEFORE.to_vec());
+    }
+
+    #[test]
+    fn baseline_adds_twins_and_only_takes_before_names() {
+        let only = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(select_variants(&[], false).unwrap(), Variant::ALL.to_vec());
+        let all = select_variants(&[], true).unwrap();
+        assert_eq!(all.len(), 11);
+        assert_eq!(&all[7..], &Variant::BEFORE);
+        let v = select_variants(&only(&["direct", "agent-mtls/accel-off", "agent-mtls/accel-off@before"]), true).unwrap();
+        assert_eq!(names(&v), ["direct", "agent-mtls/accel-off", "agent-mtls/accel-off@before"]);
+        let v = select_variants(&only(&["agent-l7/accel-on", "haproxy-http"]), true).unwrap();
+        assert_eq!(names(&v), ["agent-l7/accel-on", "haproxy-http", "agent-l7/accel-on@before"]);
+        let v = select_variants(&only(&["agent-l7/accel-on@before"]), true).unwrap();
+        assert_eq!(names(&v), ["agent-l7/accel-on@before"]);
+        assert!(select_variants(&only(&["agent-l7/accel-on@before"]), false).is_err());
+        assert!(select_variants(&only(&["direct@before"]), true).is_err());
     }
 }

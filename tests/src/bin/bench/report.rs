@@ -28,6 +28,18 @@ pub struct Run {
     pub variants: Vec<Variant>,
     pub samples: Vec<Sample>,
     pub policy: Vec<PolicyBench>,
+    pub agents: AgentBins,
+}
+
+/// Which agent binaries ran (`path (mesh-agent X.Y.Z)`); empty in reports
+/// re-rendered from a `results.json` older than the field.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct AgentBins {
+    #[serde(default)]
+    pub current: String,
+    /// `--baseline-agent`: what the `@before` variants ran.
+    #[serde(default)]
+    pub before: Option<String>,
 }
 
 /// Median and range of one metric over the repetitions.
@@ -81,6 +93,44 @@ impl Run {
         let other = other.filter(|o| self.variants.contains(o))?;
         let (a, b) = (self.stat(variant, key)?, self.stat(other, key)?);
         (b.median != 0.0).then(|| a.median / b.median)
+    }
+
+    /// The variants in report order: each `@before` one right after its
+    /// variant on the current build.
+    pub fn shown(&self) -> Vec<Variant> {
+        let mut out = Vec::new();
+        for &v in &self.variants {
+            if v.is_before() && self.variants.contains(&v.current()) {
+                continue;
+            }
+            out.push(v);
+            out.extend(v.before().filter(|b| self.variants.contains(b)));
+        }
+        out
+    }
+
+    /// The agent variants measured on both builds (current and `@before`).
+    pub fn compared(&self) -> Vec<Variant> {
+        self.shown().into_iter().filter(|v| v.before().is_some_and(|b| self.variants.contains(&b))).collect()
+    }
+
+    /// After/before: median over repetitions of `variant`'s sum of `keys`
+    /// over its `@before` twin's in the same repetition (paired, like
+    /// [`Self::added_over_direct`]: both ran under the same machine load).
+    pub fn after_before(&self, variant: Variant, keys: &[&str]) -> Option<Stat> {
+        let before = variant.before()?;
+        let sum = |m: &Metrics| keys.iter().map(|k| m.get(k)).sum::<Option<f64>>();
+        let ratios = self
+            .samples
+            .iter()
+            .filter(|s| s.variant == variant)
+            .filter_map(|s| {
+                let b = self.samples.iter().find(|b| b.variant == before && b.rep == s.rep)?;
+                let (a, b) = (sum(&s.metrics)?, sum(&b.metrics)?);
+                (b > 0.0).then(|| a / b)
+            })
+            .collect();
+        Stat::of(ratios)
     }
 
     /// One variant's `key` over its own `base` (e.g. p99 under a
@@ -235,11 +285,11 @@ pub fn read_json(path: &Path) -> Result<Run> {
     let mut samples = Vec::new();
     for s in v["samples"].as_array().context("no samples")? {
         let name = s["variant"].as_str().unwrap_or_default();
-        let variant = *Variant::ALL.iter().find(|v| v.name() == name).with_context(|| format!("unknown variant {name}"))?;
+        let variant = Variant::from_name(name).with_context(|| format!("unknown variant {name}"))?;
         let rep = s["rep"].as_u64().unwrap_or(1).saturating_sub(1) as usize;
         samples.push(Sample { variant, rep, metrics: serde_json::from_value(s["metrics"].clone())? });
     }
-    let variants = Variant::ALL.iter().copied().filter(|v| samples.iter().any(|s| s.variant == *v)).collect();
+    let variants = Variant::known().filter(|v| samples.iter().any(|s| s.variant == *v)).collect();
     let started = v["startedUnix"].as_u64().map_or(SystemTime::UNIX_EPOCH, |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
     Ok(Run {
         mode,
@@ -250,6 +300,7 @@ pub fn read_json(path: &Path) -> Result<Run> {
         variants,
         samples,
         policy: serde_json::from_value(v["policy"].clone())?,
+        agents: serde_json::from_value(v["agents"].clone()).unwrap_or_default(),
     })
 }
 
@@ -283,6 +334,8 @@ fn to_json(run: &Run) -> Value {
         "skipped": SKIPPED.iter().map(|(v, why)| json!({"variant": v, "reason": why})).collect::<Vec<_>>(),
         "samples": samples,
         "policy": run.policy,
+        "agents": run.agents,
+        "afterBefore": after_before_json(run),
     })
 }
 
@@ -297,6 +350,117 @@ fn cell(s: Option<Stat>, digits: usize) -> String {
 
 fn ratio_cell(r: Option<f64>) -> String {
     r.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "–".into())
+}
+
+/// A ratio's median over the repetitions, `(min–max)` when several.
+fn ratio_stat_cell(s: Option<Stat>) -> String {
+    match s {
+        Some(s) if s.n > 1 => format!("{}× ({}–{})", ratio_digits(s.median), ratio_digits(s.min), ratio_digits(s.max)),
+        Some(s) => format!("{}×", ratio_digits(s.median)),
+        None => "–".into(),
+    }
+}
+
+/// Two decimals, or two significant digits below 0.1 (a debug build's
+/// latency over a release build's is not `0.00`).
+fn ratio_digits(r: f64) -> String {
+    let digits = if r > 0.0 && r < 0.1 { (-r.log10()).ceil() as usize + 1 } else { 2 };
+    format!("{r:.digits$}")
+}
+
+/// One row of the after/before table: what it shows, the metric keys
+/// summed (both nodes' proxies for resources), which way is better.
+struct AfterBeforeRow {
+    label: String,
+    keys: Vec<String>,
+    better: &'static str,
+}
+
+/// The after/before table's rows: every per-variant number of the other
+/// tables that a ratio makes sense of (counts of failures do not).
+fn after_before_rows(run: &Run) -> Vec<AfterBeforeRow> {
+    let row = |label: &str, keys: &[&str], better| AfterBeforeRow {
+        label: label.to_string(),
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+        better,
+    };
+    let (lower, higher) = ("lower", "higher");
+    let conns = run.profile.open_conns;
+    let mut rows = vec![
+        row(&format!("latency p50 ({RATE} rps)"), &["p50_ms"], lower),
+        row("latency p90", &["p90_ms"], lower),
+        row("latency p99", &["p99_ms"], lower),
+        row("latency p99.9", &["p999_ms"], lower),
+        row(&format!("max req/s ({CONNECTIONS} conns)"), &["saturation_rps"], higher),
+        row("bulk Gbit/s (1 stream)", &["bulk_gbps"], higher),
+        row("new conn/s", &["connrate_cps"], higher),
+        row(&format!("CPU at {RATE} rps, A + B"), &["cpu_a_vcpu", "cpu_b_vcpu"], lower),
+        row("RSS idle, A + B", &["rss_idle_a_mb", "rss_idle_b_mb"], lower),
+        row("anonymous idle, A + B", &["anon_idle_a_mb", "anon_idle_b_mb"], lower),
+        row(&format!("RSS after {RATE} rps, A + B"), &["rss_load_a_mb", "rss_load_b_mb"], lower),
+        row(&format!("peak RSS, {conns} conns, A + B"), &["rss_conns_a_mb", "rss_conns_b_mb"], lower),
+        row(&format!("peak anonymous, {conns} conns, A + B"), &["anon_conns_a_mb", "anon_conns_b_mb"], lower),
+    ];
+    for n in &run.profile.idle_conns {
+        rows.push(AfterBeforeRow {
+            label: format!("KiB per idle connection at {n}, A + B"),
+            keys: vec![format!("idle_kib_a_{n}"), format!("idle_kib_b_{n}")],
+            better: lower,
+        });
+    }
+    rows.push(row("p99 during restart", &["restart_p99_ms"], lower));
+    rows.push(row("p99 during Rapid Reset flood", &["rapid_reset_p99_ms"], lower));
+    rows
+}
+
+impl AfterBeforeRow {
+    fn stat(&self, run: &Run, v: Variant) -> Option<Stat> {
+        let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+        run.after_before(v, &keys)
+    }
+}
+
+/// `{variant: {keys: {median, min, max, n}}}` for the JSON (derived from
+/// the samples; not read back).
+fn after_before_json(run: &Run) -> Value {
+    let mut out = serde_json::Map::new();
+    for v in run.compared() {
+        let mut m = serde_json::Map::new();
+        for row in after_before_rows(run) {
+            if let Some(s) = row.stat(run, v) {
+                m.insert(row.keys.join("+"), json!({"median": s.median, "min": s.min, "max": s.max, "n": s.n}));
+            }
+        }
+        out.insert(v.name().to_string(), Value::Object(m));
+    }
+    Value::Object(out)
+}
+
+/// The before/after section: one row per number, one column per agent
+/// variant measured on both builds, each cell after/before.
+fn after_before_md(run: &Run, md: &mut String) {
+    let compared = run.compared();
+    if compared.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "## After / before (`--baseline-agent`)\n");
+    let _ = writeln!(
+        md,
+        "Current build over the baseline binary (the `@before` rows of the tables below), each variant \
+         against its own `@before` twin: median over the repetitions of the ratio within one repetition, \
+         (min–max) when there are several. Below 1× is less of the number; \"better\" says which way is \
+         an improvement. Treat a ratio whose range straddles 1× as no change.\n"
+    );
+    let _ = writeln!(md, "| after / before | better | {} |", compared.iter().map(|v| v.name()).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(md, "| --- | --- |{}", " --- |".repeat(compared.len()));
+    for row in after_before_rows(run) {
+        let cells: Vec<String> = compared.iter().map(|&v| ratio_stat_cell(row.stat(run, v))).collect();
+        if cells.iter().all(|c| c == "–") {
+            continue;
+        }
+        let _ = writeln!(md, "| {} | {} | {} |", row.label, row.better, cells.join(" | "));
+    }
+    let _ = writeln!(md);
 }
 
 pub fn markdown(run: &Run) -> String {
@@ -316,15 +480,26 @@ pub fn markdown(run: &Run) -> String {
         "- cells: median over the repetitions, (min–max) when there are several. Ratios compare medians: \
          ×direct to no mesh, ×peer to HAProxy in the same mode (agent-mtls to haproxy-tcp, agent-l7 to haproxy-http)."
     );
+    if !run.agents.current.is_empty() {
+        let _ = writeln!(md, "- agent: `{}`", run.agents.current);
+    }
+    if let Some(before) = &run.agents.before {
+        let _ = writeln!(
+            md,
+            "- `@before` rows: the same variant with the agents of `--baseline-agent` `{before}` (the CA stays the current build), \
+             interleaved in the same repetitions"
+        );
+    }
     let _ = writeln!(
         md,
         "- the machine is shared (other builds run on the same 2 cores): expect noise, read the spreads.\n"
     );
+    after_before_md(run, &mut md);
 
     let _ = writeln!(md, "## Latency: 1 kB HTTP/1.1 GETs at {RATE} rps over {CONNECTIONS} connections (ms)\n");
     let _ = writeln!(md, "| variant | p50 | p90 | p99 | p99.9 | added p50 | added p90 | added p99 | p90 ×direct | p90 ×peer |");
     let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for &v in &run.variants {
+    for v in run.shown() {
         let added = |k| if v == Variant::Direct { "–".into() } else { cell(run.added_over_direct(v, k), 3) };
         let _ = writeln!(
             md,
@@ -353,7 +528,7 @@ pub fn markdown(run: &Run) -> String {
         );
         let _ = writeln!(md, "| variant | requests | failed | plaintext at the app | p99 during restart (ms) | p99 steady (ms) | ×steady |");
         let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
-        for &v in &run.variants {
+        for v in run.shown() {
             if run.stat(v, "restart_requests").is_none() {
                 continue;
             }
@@ -375,7 +550,7 @@ pub fn markdown(run: &Run) -> String {
     let _ = writeln!(md, "## Throughput\n");
     let _ = writeln!(md, "| variant | max req/s ({CONNECTIONS} conns) | ×direct | ×peer | bulk Gbit/s (1 stream) | ×direct | ×peer | new conn/s | ×direct | ×peer |");
     let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for &v in &run.variants {
+    for v in run.shown() {
         let d = Some(Variant::Direct).filter(|_| v != Variant::Direct);
         let _ = writeln!(
             md,
@@ -405,7 +580,7 @@ pub fn markdown(run: &Run) -> String {
         run.profile.open_conns
     );
     let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
-    for &v in &run.variants {
+    for v in run.shown() {
         if v == Variant::Direct {
             continue;
         }
@@ -435,7 +610,7 @@ pub fn markdown(run: &Run) -> String {
         let head: Vec<String> = sizes.iter().flat_map(|n| [format!("{n} conns (A / B)"), format!("×peer at {n}")]).collect();
         let _ = writeln!(md, "| variant | {} |", head.join(" | "));
         let _ = writeln!(md, "| --- |{}", " --- |".repeat(head.len()));
-        for &v in &run.variants {
+        for v in run.shown() {
             if v == Variant::Direct {
                 continue;
             }
@@ -465,7 +640,7 @@ pub fn markdown(run: &Run) -> String {
         );
         let _ = writeln!(md, "| variant | p99 during flood (ms) | p99 steady (ms) | ×steady | failed requests | flood streams/s | flood connections |");
         let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
-        for &v in &run.variants {
+        for v in run.shown() {
             if run.stat(v, "rapid_reset_p99_ms").is_none() {
                 continue;
             }
@@ -515,15 +690,11 @@ fn ns(v: f64) -> String {
 /// agent variant, each cell the measured median and ✓ (met) or ✗.
 fn targets(run: &Run) -> Vec<String> {
     const MB: f64 = 1e6 / (1u64 << 20) as f64; // MiB per MB
-    let agents: Vec<Variant> = [
-        Variant::AgentMtls { accelerate: false },
-        Variant::AgentMtls { accelerate: true },
-        Variant::AgentL7 { accelerate: false },
-        Variant::AgentL7 { accelerate: true },
-    ]
-    .into_iter()
-    .filter(|v| run.variants.contains(v))
-    .collect();
+    // The current build's agents (`@before` ones: see the after/before table).
+    let agents: Vec<Variant> = Variant::ALL
+        .into_iter()
+        .filter(|v| v.before().is_some() && run.variants.contains(v))
+        .collect();
     let mark = |v: f64, ok: bool, digits: usize| format!("{v:.digits$} {}", if ok { "✓" } else { "✗" });
     let mark_unit = |v: f64, ok: bool, digits: usize, unit: &str| format!("{v:.digits$}{unit} {}", if ok { "✓" } else { "✗" });
     let worst = |v: Variant, k: &str| -> Option<f64> {
@@ -543,8 +714,8 @@ fn targets(run: &Run) -> Vec<String> {
         ("saturation ≥ 1.2× HAProxy in the same mode", Box::new(|v| run.ratio(v, v.peer(), "saturation_rps").map(|r| mark_unit(r, r >= 1.2, 2, "×")))),
         ("acceleration: p50 ≥ 15% lower than accel-off (change)", Box::new(|v| {
             let off = match v {
-                Variant::AgentMtls { accelerate: true } => Variant::AgentMtls { accelerate: false },
-                Variant::AgentL7 { accelerate: true } => Variant::AgentL7 { accelerate: false },
+                Variant::AgentMtls { accelerate: true, before } => Variant::AgentMtls { accelerate: false, before },
+                Variant::AgentL7 { accelerate: true, before } => Variant::AgentL7 { accelerate: false, before },
                 _ => return None,
             };
             let (a, b) = (run.stat(off, "p50_ms")?, run.stat(v, "p50_ms")?);
@@ -576,16 +747,22 @@ fn targets(run: &Run) -> Vec<String> {
 pub fn svg(run: &Run) -> String {
     let pct: [(&str, &str); 4] = [("p50", "p50_ms"), ("p90", "p90_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")];
     let series: Vec<(Variant, Vec<f64>)> = run
-        .variants
-        .iter()
-        .filter_map(|&v| {
+        .shown()
+        .into_iter()
+        .filter_map(|v| {
             let ys: Option<Vec<f64>> = pct.iter().map(|(_, k)| run.stat(v, k).map(|s| s.median)).collect();
             Some((v, ys?))
         })
         .collect();
-    let (w, h, left, right, top, bottom) = (760.0, 420.0, 70.0, 210.0, 40.0, 50.0);
+    // Room for `…@before` legend entries.
+    let right = if series.iter().any(|(v, _)| v.is_before()) { 250.0 } else { 210.0 };
+    let (w, h, left, top, bottom) = (550.0 + right, 420.0, 70.0, 40.0, 50.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
-    let all: Vec<f64> = series.iter().flat_map(|(_, ys)| ys.iter().copied()).filter(|y| *y > 0.0).collect();
+    let mut all: Vec<f64> = series.iter().flat_map(|(_, ys)| ys.iter().copied()).filter(|y| *y > 0.0).collect();
+    if all.is_empty() {
+        // No latency numbers: an empty 1–10 ms frame, not an endless axis.
+        all = vec![1.0, 10.0];
+    }
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1e-3);
     let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 1.1);
     // The axis starts at the 1-2-5 step just below the smallest value.
@@ -625,16 +802,31 @@ pub fn svg(run: &Run) -> String {
     }
     let _ = writeln!(s, r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888888"/>"##);
     for (n, (variant, ys)) in series.iter().enumerate() {
-        let color = colors[Variant::ALL.iter().position(|a| a == variant).unwrap_or(n) % colors.len()];
-        let dash = if matches!(variant, Variant::AgentMtls { accelerate: true } | Variant::AgentL7 { accelerate: true }) {
+        // An `@before` line: its variant's colour and dashes, faded, with
+        // hollow markers.
+        let color = colors[Variant::ALL.iter().position(|a| *a == variant.current()).unwrap_or(n) % colors.len()];
+        let dash = if matches!(variant, Variant::AgentMtls { accelerate: true, .. } | Variant::AgentL7 { accelerate: true, .. }) {
             r#" stroke-dasharray="6 3""#
         } else {
             ""
         };
+        let (fade, marker) = if variant.is_before() {
+            (r#" stroke-opacity="0.5""#, format!(r#"fill="white" stroke="{color}""#))
+        } else {
+            ("", format!(r#"fill="{color}""#))
+        };
+        let dash = format!("{dash}{fade}");
         let points: Vec<String> = ys.iter().enumerate().map(|(i, &v)| format!("{:.1},{:.1}", x(i), y(v))).collect();
         let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#, points.join(" "));
         for (i, &v) in ys.iter().enumerate() {
-            let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"><title>{} {}: {v:.3} ms</title></circle>"#, x(i), y(v), variant.name(), pct[i].0);
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" {marker}><title>{} {}: {v:.3} ms</title></circle>"#,
+                x(i),
+                y(v),
+                variant.name(),
+                pct[i].0
+            );
         }
         let ly = top + 10.0 + n as f64 * 20.0;
         let lx = left + pw + 15.0;
@@ -663,5 +855,88 @@ mod tests {
         assert_eq!(cell(Stat::of(vec![1.0, 2.0, 3.0]), 1), "2.0 (1.0–3.0)");
         assert_eq!(trim(0.5), "0.5");
         assert_eq!(trim(20.0), "20");
+        assert_eq!(ratio_digits(0.0036), "0.0036");
+        assert_eq!(ratio_digits(0.012), "0.012");
+        assert_eq!(ratio_digits(0.97), "0.97");
+        assert_eq!(ratio_digits(8.523), "8.52");
+    }
+
+    fn sample(variant: Variant, rep: usize, p50: f64, rps: f64) -> Sample {
+        let mut metrics = Metrics::default();
+        for k in ["p50_ms", "p90_ms", "p99_ms", "p999_ms"] {
+            metrics.set(k, p50);
+        }
+        metrics.set("saturation_rps", rps);
+        metrics.set("cpu_a_vcpu", 0.02);
+        metrics.set("cpu_b_vcpu", 0.02);
+        Sample { variant, rep, metrics }
+    }
+
+    fn run_of(variants: Vec<Variant>, samples: Vec<Sample>) -> Run {
+        Run {
+            mode: Mode::Smoke,
+            profile: Profile::for_mode(Mode::Smoke),
+            machine: Machine::probe(),
+            started: SystemTime::UNIX_EPOCH,
+            elapsed: Duration::ZERO,
+            variants,
+            samples,
+            policy: Vec::new(),
+            agents: AgentBins { current: "/a (mesh-agent 0.1.0)".into(), before: Some("/b (mesh-agent 0.1.0)".into()) },
+        }
+    }
+
+    #[test]
+    fn after_before_pairs_repetitions() {
+        let (mtls, direct) = (Variant::ALL[1], Variant::Direct);
+        let before = mtls.before().unwrap();
+        // Run order: the twin last; the report shows it next to its variant.
+        let mut samples = Vec::new();
+        for (rep, (a, b)) in [(1.0, 2.0), (3.0, 2.0), (1.0, 1.0)].into_iter().enumerate() {
+            samples.push(sample(direct, rep, 0.5, 9000.0));
+            samples.push(sample(mtls, rep, a, 4000.0));
+            samples.push(sample(before, rep, b, 2000.0));
+        }
+        let run = run_of(vec![before, direct, mtls], samples);
+        assert_eq!(run.shown(), [direct, mtls, before]);
+        assert_eq!(run.compared(), [mtls]);
+        let p50 = run.after_before(mtls, &["p50_ms"]).unwrap();
+        assert_eq!((p50.median, p50.min, p50.max, p50.n), (1.0, 0.5, 1.5, 3));
+        assert_eq!(run.after_before(mtls, &["saturation_rps"]).unwrap().median, 2.0);
+        assert_eq!(run.after_before(mtls, &["cpu_a_vcpu", "cpu_b_vcpu"]).unwrap().median, 1.0);
+        assert!(run.after_before(before, &["p50_ms"]).is_none());
+        assert!(run.after_before(mtls, &["bulk_gbps"]).is_none());
+
+        let md = markdown(&run);
+        assert!(md.contains("## After / before"), "{md}");
+        assert!(md.contains("| latency p50 (1000 rps) | lower | 1.00× (0.50–1.50) |"), "{md}");
+        assert!(md.contains("| max req/s (16 conns) | higher | 2.00× (2.00–2.00) |"), "{md}");
+        assert!(!md.contains("| bulk Gbit/s (1 stream) | higher |"), "{md}");
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| agent-mtls/accel-off")).collect();
+        assert!(rows.len() >= 2 && rows[1].starts_with("| agent-mtls/accel-off@before |"), "{rows:?}");
+        assert!(svg(&run).contains("agent-mtls/accel-off@before"));
+        assert!(svg(&run_of(vec![direct], Vec::new())).ends_with("</svg>\n"));
+
+        // JSON round trip keeps the @before samples and the binaries.
+        let dir = std::env::temp_dir().join(format!("bench-report-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("results.json");
+        let json = to_json(&run);
+        assert_eq!(json["afterBefore"]["agent-mtls/accel-off"]["saturation_rps"]["median"], 2.0);
+        std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+        let back = read_json(&path).unwrap();
+        assert_eq!(back.shown(), [direct, mtls, before]);
+        assert_eq!(back.agents.before.as_deref(), Some("/b (mesh-agent 0.1.0)"));
+        assert_eq!(markdown(&back).lines().filter(|l| l.contains("@before")).count(), markdown(&run).lines().filter(|l| l.contains("@before")).count());
+
+        // A results.json from before the baseline existed: no agents field.
+        let mut old = to_json(&run_of(vec![direct, mtls], run.samples.iter().filter(|s| !s.variant.is_before()).map(|s| sample(s.variant, s.rep, 1.0, 1.0)).collect()));
+        old.as_object_mut().unwrap().remove("agents");
+        old.as_object_mut().unwrap().remove("afterBefore");
+        std::fs::write(&path, serde_json::to_string(&old).unwrap()).unwrap();
+        let back = read_json(&path).unwrap();
+        assert!(back.agents.current.is_empty() && back.agents.before.is_none());
+        assert!(!markdown(&back).contains("After / before"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
