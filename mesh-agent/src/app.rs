@@ -173,6 +173,8 @@ pub fn run(cfg: Config, on_event: impl FnMut(Event)) -> Result<(), Error> {
         data_threads = cfg.data_threads,
         bpffs = %cfg.bpffs.display(),
         run_dir = %cfg.run_dir.display(),
+        enrollment_label = %cfg.scope.enrollment,
+        cluster_id = %cfg.scope.cluster_id,
         "starting"
     );
     let data_rt = tokio::runtime::Builder::new_multi_thread()
@@ -471,7 +473,7 @@ type Source = (
 /// The mesh state's source: the local file, or the Kubernetes API.
 async fn source(cfg: &Config) -> Result<Source, Error> {
     let Some(kube_cfg) = &cfg.kube else {
-        let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll).await?;
+        let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll, cfg.scope.clone()).await?;
         localfile::check_node(&cfg.config_file, &state.borrow(), &cfg.node)?;
         return Ok((state, reloads, Box::pin(watcher), None));
     };
@@ -484,6 +486,7 @@ async fn source(cfg: &Config) -> Result<Source, Error> {
             locator: Arc::new(crate::k8s::podpaths::ProcLocator::host()),
             write_status: true,
             pods_only: false,
+            scope: cfg.scope.clone(),
         },
     );
     // `/status` keeps its `config` block; the Kubernetes details are under `kube`.

@@ -83,6 +83,10 @@ pub struct CaArgs {
     /// Make a new active root (the old one stays in the trust bundle) and exit.
     #[arg(long)]
     pub rotate_root: bool,
+    /// The agents' `--enrollment-label`: the local file is validated as
+    /// they validate it.
+    #[command(flatten)]
+    pub enrollment: crate::config::EnrollmentArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -442,7 +446,7 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
         let file_inputs = match (&args.config, &args.tokens) {
             (Some(config), Some(tokens_file)) if args.source != "kube" => {
                 let tokens = NodeTokens::load(tokens_file)?;
-                localfile::load(config)?;
+                localfile::load(config, &args.enrollment.scope())?;
                 Some((config.clone(), tokens_file.clone(), tokens))
             }
             _ => None,
@@ -463,6 +467,7 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
                     locator: Arc::new(crate::k8s::source::NoPods),
                     write_status: false,
                     pods_only: true,
+                    scope: args.enrollment.scope(),
                 },
             );
             tokio::spawn(watchers);
@@ -478,7 +483,7 @@ pub fn run(args: CaArgs) -> Result<(), ServerError> {
             if tokens.is_empty() {
                 tracing::warn!(file = %tokens_file.display(), "no node tokens: every request will be refused");
             }
-            let (state, _reload_stats, watch_config) = localfile::start(config.clone(), args.config_poll).await?;
+            let (state, _reload_stats, watch_config) = localfile::start(config.clone(), args.config_poll, args.enrollment.scope()).await?;
             tokio::spawn(watch_config);
             let source = format!("{} ({} node tokens)", config.display(), tokens.len());
             (state, Authn::Tokens(tokens), source)

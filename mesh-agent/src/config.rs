@@ -24,6 +24,10 @@ pub const DEFAULT_RECONCILE_INTERVAL: &str = "5s";
 pub const ENV_BPFFS: &str = "MESH_BPFFS";
 pub const ENV_RUN_DIR: &str = "MESH_RUN_DIR";
 pub const ENV_FAILURE_POLICY: &str = "MESH_FAILURE_POLICY";
+pub const ENV_ENROLLMENT_LABEL: &str = "MESH_ENROLLMENT_LABEL";
+pub const ENV_CLUSTER_ID: &str = "MESH_CLUSTER_ID";
+/// `--enrollment-label`'s default: [`crate::state::DATAPLANE_MODE_LABEL`]`=enabled`.
+pub const DEFAULT_ENROLLMENT_LABEL: &str = "nodemesh.io/dataplane-mode=enabled";
 /// Where programs, links and maps are pinned (under `nodemesh/<node>/`).
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// The node lock and the handoff socket (under `<node>/`).
@@ -82,6 +86,9 @@ pub struct Config {
     /// Caps on concurrent connections: per agent, and to each pod's apps.
     pub max_connections: usize,
     pub max_app_connections: usize,
+    /// The namespace label that enrolls (`--enrollment-label`) and the
+    /// cluster id of metrics (`--cluster-id`), for either source.
+    pub scope: crate::state::Scope,
 }
 
 /// The Kubernetes source (`--source kube`): the API server is the one of the
@@ -228,6 +235,34 @@ pub struct RunArgs {
     /// counted (`{limit="app"}`).
     #[arg(long, default_value_t = crate::proxy::DEFAULT_MAX_APP_CONNECTIONS)]
     pub max_app_connections: usize,
+    #[command(flatten)]
+    pub enrollment: EnrollmentArgs,
+    /// The cluster's name in metrics (`source_cluster`,
+    /// `destination_cluster`), as Istio's `CLUSTER_ID`.
+    #[arg(long, env = ENV_CLUSTER_ID, default_value = crate::state::DEFAULT_CLUSTER_ID)]
+    pub cluster_id: String,
+}
+
+/// `--enrollment-label` (`run`, `check` and `ca`: all read the local file
+/// the same way).
+#[derive(clap::Args, Clone, Debug)]
+pub struct EnrollmentArgs {
+    /// The namespace label KEY=VALUE that puts a namespace's pods in the
+    /// mesh; a pod opts out with KEY=disabled. The same on every agent.
+    /// Pods Istio ambient captures (`istio.io/dataplane-mode=ambient` on
+    /// the pod or its namespace) are never enrolled, and Istio's key is
+    /// refused, so the two meshes never both take a pod.
+    #[arg(long = "enrollment-label", value_name = "KEY=VALUE", env = ENV_ENROLLMENT_LABEL,
+          default_value = DEFAULT_ENROLLMENT_LABEL, value_parser = crate::state::Enrollment::parse)]
+    pub label: crate::state::Enrollment,
+}
+
+impl EnrollmentArgs {
+    /// The scope of a reader that reports no metrics (`check`, `ca`): the
+    /// default cluster id.
+    pub fn scope(&self) -> crate::state::Scope {
+        crate::state::Scope { enrollment: self.label.clone(), ..Default::default() }
+    }
 }
 
 /// Where a node's state outlives the agent (`run` and `uninstall`).
@@ -301,6 +336,7 @@ impl RunArgs {
             fail_open: self.failure_policy == FailurePolicy::Open,
             max_connections: self.max_connections,
             max_app_connections: self.max_app_connections,
+            scope: crate::state::Scope { enrollment: self.enrollment.label, cluster_id: self.cluster_id },
         }
     }
 }
@@ -350,6 +386,7 @@ mod tests {
             fail_open: false,
             max_connections: 100_000,
             max_app_connections: 16_384,
+            scope: crate::state::Scope::default(),
         }
     }
 
@@ -367,7 +404,7 @@ mod tests {
 
     #[test]
     fn run_flags_make_the_config() {
-        for var in [ENV_SOURCE, ENV_FAILURE_POLICY, ENV_CONFIG] {
+        for var in [ENV_SOURCE, ENV_FAILURE_POLICY, ENV_CONFIG, ENV_ENROLLMENT_LABEL, ENV_CLUSTER_ID] {
             if std::env::var_os(var).is_some() {
                 return; // set by the caller: the defaults below do not apply
             }
@@ -376,11 +413,23 @@ mod tests {
         assert!(c.kube.is_none() && !c.accelerate && !c.fail_open);
         assert_eq!(c.config_file, PathBuf::from("/m.yaml"));
         assert_eq!(c.drain_timeout, parse_duration(DEFAULT_DRAIN_TIMEOUT).unwrap());
+        assert_eq!(c.scope, crate::state::Scope::default());
+        assert_eq!(c.scope.cluster_id, "Kubernetes");
+        assert_eq!(DEFAULT_ENROLLMENT_LABEL, crate::state::Enrollment::default().to_string());
+        let c = run_args(&["--config", "/m.yaml", "--enrollment-label", "mesh.example.com/member=yes", "--cluster-id", "east"]).unwrap();
+        assert_eq!((c.scope.enrollment.key.as_str(), c.scope.enrollment.value.as_str()), ("mesh.example.com/member", "yes"));
+        assert_eq!(c.scope.cluster_id, "east");
         let c = run_args(&["--source", "kube", "--accelerate", "on", "--failure-policy", "open", "--data-threads", "0"]).unwrap();
         assert!(c.accelerate && c.fail_open);
         assert_eq!(c.data_threads, 1);
         assert_eq!(c.kube.map(|k| k.trust_domain), Some(DEFAULT_TRUST_DOMAIN.to_owned()));
-        for bad in [["--source", "File"], ["--accelerate", "yes"], ["--failure-policy", "fail-open"]] {
+        for bad in [
+            ["--source", "File"],
+            ["--accelerate", "yes"],
+            ["--failure-policy", "fail-open"],
+            ["--enrollment-label", "istio.io/dataplane-mode=ambient"],
+            ["--enrollment-label", "member"],
+        ] {
             assert!(run_args(&bad).is_err(), "{bad:?}");
         }
     }

@@ -130,17 +130,26 @@ struct ServicePortSpec {
     app_protocol: Option<String>,
 }
 
-/// Reads and validates the file.
-pub fn load(path: &Path) -> Result<MeshState, Error> {
+/// Reads and validates the file, for the enrollment label and cluster id
+/// of `scope` (`--enrollment-label`, `--cluster-id`).
+pub fn load(path: &Path, scope: &state::Scope) -> Result<MeshState, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
         file: path.to_owned(),
         source,
     })?;
-    parse(path, &text)
+    parse_with(path, &text, scope)
 }
 
-/// Parses and validates file content; `path` is only used in messages.
+/// Parses and validates file content with the default enrollment label;
+/// `path` is only used in messages.
 pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
+    parse_with(path, text, &state::Scope::default())
+}
+
+/// Parses and validates file content; a namespace's value of the
+/// enrollment label's key must be its value or `disabled`.
+pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshState, Error> {
+    let enrollment = &scope.enrollment;
     let file: File = serde_yaml::from_str(text).map_err(|e| Error::Parse {
         file: path.to_owned(),
         message: e.to_string(),
@@ -171,13 +180,13 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
         if !ns_names.insert(ns.name.clone()) {
             return Err(invalid(field, format!("namespace {:?} is declared twice", ns.name)));
         }
-        if let Some(v) = ns.labels.get(state::DATAPLANE_MODE_LABEL)
-            && v != state::DATAPLANE_MODE_ENABLED
+        if let Some(v) = ns.labels.get(&enrollment.key)
+            && *v != enrollment.value
             && v != state::DATAPLANE_MODE_DISABLED
         {
             return Err(invalid(
-                format!("namespaces[{i}].labels.{}", state::DATAPLANE_MODE_LABEL),
-                format!("{v:?} is not one of \"enabled\", \"disabled\""),
+                format!("namespaces[{i}].labels.{}", enrollment.key),
+                format!("{v:?} is not one of {:?}, {:?}", enrollment.value, state::DATAPLANE_MODE_DISABLED),
             ));
         }
         namespaces.push(state::Namespace {
@@ -356,7 +365,8 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
     Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services)
         .with_peer_authentications(peer_auths)
         .with_authorization_policies(file.authorization_policies)
-        .with_routes(file.http_routes))
+        .with_routes(file.http_routes)
+        .with_scope(scope.clone()))
 }
 
 /// Kubernetes object names are DNS labels (RFC 1123): lower-case
@@ -396,15 +406,16 @@ pub fn check_node(path: &Path, state: &MeshState, node: &str) -> Result<(), Erro
 pub async fn start(
     path: PathBuf,
     poll: Duration,
+    scope: state::Scope,
 ) -> Result<(watch::Receiver<state::Snapshot>, Arc<ReloadStats>, impl Future<Output = ()>), Error> {
     let first = std::fs::read(&path).map_err(|source| Error::Read {
         file: path.clone(),
         source,
     })?;
-    let state = parse(&path, &String::from_utf8_lossy(&first))?;
+    let state = parse_with(&path, &String::from_utf8_lossy(&first), &scope)?;
     let (tx, rx) = watch::channel(Arc::new(state));
     let stats = Arc::new(ReloadStats::new(path.clone()));
-    let fut = watch(path, poll, first, tx, stats.clone());
+    let fut = watch(path, poll, first, tx, stats.clone(), scope);
     Ok((rx, stats, fut))
 }
 

@@ -40,9 +40,13 @@ enum Command {
         /// A node of the config: list the pods its agent would enrol.
         #[arg(long)]
         node: Option<String>,
+        /// The label `run` is given: the file's labels are checked, and
+        /// enrollment listed, for it.
+        #[command(flatten)]
+        enrollment: Box<config::EnrollmentArgs>,
     },
     /// Run the mesh's certificate authority (gRPC over TLS).
-    Ca(mesh_agent::ca::CaArgs),
+    Ca(Box<mesh_agent::ca::CaArgs>),
     /// Print the mesh's CustomResourceDefinitions (YAML), as in deploy/crds.yaml.
     Crds,
     /// Print a running agent's config dump (the state it enforces, JSON).
@@ -137,7 +141,7 @@ fn main() -> ExitCode {
             all_nodes(kubeconfig.as_deref(), &namespace, &selector, port, json)
         }
         Command::Status { admin, json, .. } => status(admin, json),
-        Command::Check { config, node } => check(&config, node.as_deref()),
+        Command::Check { config, node, enrollment } => check(&config, node.as_deref(), &enrollment.scope()),
         Command::Uninstall { node, node_state } => {
             mesh_agent::lifecycle::uninstall(&node_state.bpffs, &node_state.run_dir, &node).map_err(anyhow::Error::from).map(|u| {
                 if u.existed {
@@ -163,7 +167,7 @@ fn main() -> ExitCode {
             print!("{}", mesh_agent::k8s::crd::crds_yaml());
             Ok(())
         }
-        Command::Ca(args) => mesh_agent::ca::run(args).map_err(anyhow::Error::from),
+        Command::Ca(args) => mesh_agent::ca::run(*args).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -178,8 +182,8 @@ fn main() -> ExitCode {
 }
 
 
-fn check(path: &std::path::Path, node: Option<&str>) -> anyhow::Result<()> {
-    let state = mesh_agent::localfile::load(path)?;
+fn check(path: &std::path::Path, node: Option<&str>, scope: &mesh_agent::state::Scope) -> anyhow::Result<()> {
+    let state = mesh_agent::localfile::load(path, scope)?;
     if node.is_none() && state.nodes.is_empty() {
         // What `run` would refuse, whichever node it is given.
         mesh_agent::localfile::check_node(path, &state, "")?;

@@ -14,17 +14,29 @@
 //!
 //! Labels ([`Labels`]): `reporter` (`source`: the client's node agent,
 //! `destination`: the server's), `source_workload`,
+//! `source_canonical_service`, `source_canonical_revision`,
 //! `source_workload_namespace`, `source_principal`, `source_app`,
-//! `destination_workload`, `destination_workload_namespace`,
-//! `destination_principal`, `destination_app`, `destination_service`
-//! (`name.namespace.svc.cluster.local`), `destination_service_name`,
-//! `destination_service_namespace`, `request_protocol` (`http`, `grpc`,
+//! `source_version`, `source_cluster`, `destination_workload`,
+//! `destination_workload_namespace`, `destination_principal`,
+//! `destination_app`, `destination_version`, `destination_service`
+//! (`name.namespace.svc.cluster.local`), `destination_canonical_service`,
+//! `destination_canonical_revision`, `destination_service_name`,
+//! `destination_service_namespace`, `destination_cluster`,
+//! `request_protocol` (`http`, `grpc`,
 //! `tcp`), `response_code` (`0` for TCP), `response_flags` (`-`, or the
 //! agent's own reply: `UO` overflow, `UT` timeout, `UF` connect failure,
 //! `UR` reset, `NR` no endpoint, `RBAC` denied), `connection_security_policy`
 //! (`mutual_tls` or `none`). A workload is its pod's `app` label (Istio uses
 //! the owning Deployment; pods without `app` use their name), `unknown` when
-//! the agent cannot tell.
+//! the agent cannot tell. As Istio derives them from the pod's labels: the
+//! canonical service is `service.istio.io/canonical-name`, else
+//! `app.kubernetes.io/name`, else `app`, else the workload; the canonical
+//! revision `service.istio.io/canonical-revision`, else
+//! `app.kubernetes.io/version`, else `version`, else `latest`; the version
+//! the `version` label, else `unknown`; the cluster the agent's
+//! `--cluster-id` (default `Kubernetes`, Istio's). A party the agent does
+//! not know is `unknown` in all of them but the revision (`latest`).
+//! `grpc_response_status` is not reported (README: Observability).
 //!
 //! The agent's own health (`nodemesh_*`, and `process_*`) is read at scrape
 //! time from the same data as `/status`: see [`HealthCollector`].
@@ -50,16 +62,24 @@ use serde_json::Value;
 pub struct Labels {
     pub reporter: &'static str,
     pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
+    pub destination_version: String,
     pub destination_service: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
+    pub destination_cluster: String,
     pub request_protocol: &'static str,
     pub response_code: u16,
     pub response_flags: &'static str,

@@ -16,11 +16,117 @@ use serde::Serialize;
 
 pub mod route;
 
-/// Namespace label that puts a namespace's pods in the mesh, and (on a pod)
-/// takes one pod out with the value [`DATAPLANE_MODE_DISABLED`].
+/// The default enrollment label (`--enrollment-label`): on a namespace, with
+/// the value [`DATAPLANE_MODE_ENABLED`], it puts the namespace's pods in the
+/// mesh; on a pod, the value [`DATAPLANE_MODE_DISABLED`] takes one pod out.
 pub const DATAPLANE_MODE_LABEL: &str = "nodemesh.io/dataplane-mode";
 pub const DATAPLANE_MODE_ENABLED: &str = "enabled";
+/// The opt-out value, on a pod, of whichever key enrolls.
 pub const DATAPLANE_MODE_DISABLED: &str = "disabled";
+
+/// Istio ambient's enrollment label: `ambient` on a namespace or a pod hands
+/// the pods to ztunnel, `none` on a pod keeps one out. A pod Istio ambient
+/// captures is never enrolled here ([`MeshState::is_enrolled`]), and this key
+/// cannot be our enrollment label ([`Enrollment::parse`]), so the two meshes
+/// never both take a pod.
+pub const ISTIO_DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub const ISTIO_DATAPLANE_MODE_AMBIENT: &str = "ambient";
+pub const ISTIO_DATAPLANE_MODE_NONE: &str = "none";
+
+/// The namespace label `key=value` that enrolls a namespace's pods
+/// (`--enrollment-label`); a pod opts out with `key=disabled`. The same on
+/// every agent of a mesh: an agent also uses it to tell whether a
+/// destination pod on another node is in the mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Enrollment {
+    pub key: String,
+    pub value: String,
+}
+
+impl Default for Enrollment {
+    fn default() -> Self {
+        Self { key: DATAPLANE_MODE_LABEL.into(), value: DATAPLANE_MODE_ENABLED.into() }
+    }
+}
+
+/// Istio's default cluster id, for `--cluster-id`.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
+/// What the agent's flags, not the source, decide of a state: which label
+/// enrolls, and the cluster's name in metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    pub enrollment: Enrollment,
+    /// `source_cluster` / `destination_cluster` of the pods (`--cluster-id`).
+    pub cluster_id: String,
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Self { enrollment: Enrollment::default(), cluster_id: DEFAULT_CLUSTER_ID.into() }
+    }
+}
+
+impl std::fmt::Display for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
+    }
+}
+
+impl Serialize for Enrollment {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl Enrollment {
+    /// `key=value`: a Kubernetes label key (`[prefix/]name`) and value.
+    /// Refused: Istio ambient's key (both meshes would take the same pods),
+    /// and the value `disabled` (the pods' opt-out).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (key, value) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected key=value, e.g. {}", Enrollment::default()))?;
+        let (prefix, name) = key.rsplit_once('/').map_or((None, key), |(p, n)| (Some(p), n));
+        if let Some(p) = prefix
+            && !valid_dns_subdomain(p)
+        {
+            return Err(format!("{s:?}: the key's prefix {p:?} is not a DNS subdomain"));
+        }
+        if name.is_empty() || !valid_label_value(name) {
+            return Err(format!("{s:?}: the key's name {name:?} is not a label name (at most 63 letters, digits, '-', '_', '.', alphanumeric at both ends)"));
+        }
+        if value.is_empty() || !valid_label_value(value) {
+            return Err(format!("{s:?}: {value:?} is not a label value (at most 63 letters, digits, '-', '_', '.', alphanumeric at both ends)"));
+        }
+        if key == ISTIO_DATAPLANE_MODE_LABEL {
+            return Err(format!(
+                "{s:?}: {ISTIO_DATAPLANE_MODE_LABEL} is Istio ambient's enrollment label: both meshes would take the same pods; choose a label of your own (README: Enrollment)"
+            ));
+        }
+        if value == DATAPLANE_MODE_DISABLED {
+            return Err(format!("{s:?}: {DATAPLANE_MODE_DISABLED:?} is the value that takes a pod out of the mesh; it cannot enroll"));
+        }
+        Ok(Self { key: key.into(), value: value.into() })
+    }
+}
+
+fn valid_label_value(v: &str) -> bool {
+    v.len() <= 63
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && v.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+fn valid_dns_subdomain(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 253
+        && p.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
 
 /// Namespace label that sets its pods' failure policy, overriding the
 /// agent's `--failure-policy`: what happens to an enrolled pod's connections
@@ -276,6 +382,10 @@ pub struct MeshState {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// HTTP routes, in config order; semantics in [`crate::route`].
     pub routes: Vec<route::HttpRoute>,
+    /// The label that enrolls a namespace (`--enrollment-label`).
+    pub enrollment_label: Enrollment,
+    /// The cluster its pods are in, as metrics name it (`--cluster-id`).
+    pub cluster_id: String,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, PodKey>,
 }
@@ -310,6 +420,8 @@ impl MeshState {
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
             routes: Vec::new(),
+            enrollment_label: Enrollment::default(),
+            cluster_id: DEFAULT_CLUSTER_ID.into(),
             by_ip,
         }
     }
@@ -326,6 +438,17 @@ impl MeshState {
 
     pub fn with_routes(mut self, routes: Vec<route::HttpRoute>) -> Self {
         self.routes = routes;
+        self
+    }
+
+    pub fn with_enrollment(mut self, enrollment: Enrollment) -> Self {
+        self.enrollment_label = enrollment;
+        self
+    }
+
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.enrollment_label = scope.enrollment;
+        self.cluster_id = scope.cluster_id;
         self
     }
 
@@ -364,18 +487,18 @@ impl MeshState {
     }
 
     /// A pod is in the mesh when its namespace carries the enrollment label
-    /// and the pod does not opt out.
+    /// ([`Enrollment`]), the pod does not opt out (`<key>=disabled`), and
+    /// Istio ambient does not capture it: a pod labelled
+    /// `istio.io/dataplane-mode=ambient`, or in a namespace so labelled
+    /// unless the pod says `istio.io/dataplane-mode=none`. Ambient wins such
+    /// a pod even when our label is on its namespace too: it is Istio's, not
+    /// ours, and never both.
     pub fn is_enrolled(&self, pod: &Pod) -> bool {
-        let ns_enabled = self
-            .namespaces
-            .get(&pod.key.namespace)
-            .and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL))
-            .is_some_and(|v| v == DATAPLANE_MODE_ENABLED);
-        let pod_opt_out = pod
-            .labels
-            .get(DATAPLANE_MODE_LABEL)
-            .is_some_and(|v| v == DATAPLANE_MODE_DISABLED);
-        ns_enabled && !pod_opt_out
+        let e = &self.enrollment_label;
+        let ns_labels = self.namespaces.get(&pod.key.namespace).map(|ns| &ns.labels);
+        let ns_enabled = ns_labels.and_then(|l| l.get(&e.key)).is_some_and(|v| *v == e.value);
+        let pod_opt_out = pod.labels.get(&e.key).is_some_and(|v| v == DATAPLANE_MODE_DISABLED);
+        ns_enabled && !pod_opt_out && !ambient_captures(ns_labels, &pod.labels)
     }
 
     /// Whether `pod`'s failure policy is `open`: its namespace's
@@ -448,6 +571,17 @@ impl MeshState {
         } else {
             Destination::Passthrough(addr)
         }
+    }
+}
+
+/// Whether Istio ambient takes the pod (its ztunnel, not us): the pod's own
+/// `istio.io/dataplane-mode` decides (`ambient` in, `none` out), else its
+/// namespace's (`ambient`).
+fn ambient_captures(ns_labels: Option<&Labels>, pod_labels: &Labels) -> bool {
+    match pod_labels.get(ISTIO_DATAPLANE_MODE_LABEL).map(String::as_str) {
+        Some(ISTIO_DATAPLANE_MODE_AMBIENT) => true,
+        Some(ISTIO_DATAPLANE_MODE_NONE) => false,
+        _ => ns_labels.and_then(|l| l.get(ISTIO_DATAPLANE_MODE_LABEL)).is_some_and(|v| v == ISTIO_DATAPLANE_MODE_AMBIENT),
     }
 }
 

@@ -211,8 +211,22 @@ async fn a_request_crosses_both_agents_over_mtls_with_the_verified_identity() {
 
     // Both agents reported the requests as mutual TLS, each from its side.
     let mtls = "connection_security_policy=\"mutual_tls\"";
-    assert_eq!(requests(&f.source.metrics(), &["reporter=\"source\"", "response_code=\"200\"", mtls]), 2);
-    assert_eq!(requests(&f.destination.metrics(), &["reporter=\"destination\"", "response_code=\"200\"", mtls]), 2);
+    // With the labels Kiali groups by, as Istio derives them from the pods'
+    // labels (client: app only; web-v1: app and version).
+    let kiali = [
+        "source_canonical_service=\"client\"",
+        "source_canonical_revision=\"latest\"",
+        "source_version=\"unknown\"",
+        "source_cluster=\"Kubernetes\"",
+        "destination_version=\"v1\"",
+        "destination_canonical_service=\"web\"",
+        "destination_canonical_revision=\"v1\"",
+        "destination_cluster=\"Kubernetes\"",
+        "request_protocol=\"http\"",
+    ];
+    let with = |reporter: &'static str| [[reporter, "response_code=\"200\"", mtls].as_slice(), &kiali].concat();
+    assert_eq!(requests(&f.source.metrics(), &with("reporter=\"source\"")), 2);
+    assert_eq!(requests(&f.destination.metrics(), &with("reporter=\"destination\"")), 2);
     let (open, opened) = f.source.proxy().tunnel_connections();
     assert_eq!((open, opened), (1, 1), "one pooled mTLS connection carries both");
 }

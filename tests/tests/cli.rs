@@ -54,6 +54,34 @@ fn check_validates_a_config_without_ca_root_or_kernel() -> Result<()> {
     Ok(())
 }
 
+/// `check --enrollment-label` checks and lists as `run` with the same flag
+/// would: the custom label enrolls, the default one no longer does, Istio
+/// ambient's pods are never ours, and Istio's key is refused.
+#[test]
+fn check_follows_the_enrollment_label() -> Result<()> {
+    let custom = GOOD.replace("nodemesh.io/dataplane-mode: enabled", "mesh.example.com/member: yes")
+        .replace("{name: old, namespace: legacy", "{name: amb, namespace: shop, labels: {istio.io/dataplane-mode: ambient}, node: node-a, ip: 198.51.100.33, netns: /run/netns/z, cgroup: /sys/fs/cgroup/z}\n  - {name: old, namespace: legacy");
+    let c = temp("custom-label.yaml", &custom)?;
+    let c = c.to_str().expect("utf-8");
+    let label = ["--enrollment-label", "mesh.example.com/member=yes"];
+    let (code, out, err) = run(&[&["check", "--config", c, "--node", "node-a"][..], &label].concat())?;
+    ensure!(code == 0, "{out} {err}");
+    let state = |pod: &str| out.lines().find(|l| l.contains(pod)).map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "));
+    ensure!(state("shop/web").as_deref() == Some("enrolled"), "{out}");
+    ensure!(state("shop/amb").as_deref() == Some("not in the mesh"), "ambient's pod: {out}");
+    // Without the flag the default label applies: nothing is enrolled.
+    let (code, out, _) = run(&["check", "--config", c, "--node", "node-a"])?;
+    ensure!(code == 0 && !out.contains(" enrolled"), "{out}");
+    // The value check follows the configured label.
+    let bad = temp("custom-bad.yaml", &custom.replace("member: yes", "member: enabled"))?;
+    let (code, _, err) = run(&[&["check", "--config", bad.to_str().expect("utf-8")][..], &label].concat())?;
+    ensure!(code == 1);
+    ensure!(err.contains(r#"namespaces[0].labels.mesh.example.com/member: "enabled" is not one of "yes", "disabled""#), "{err}");
+    let (code, _, err) = run(&["check", "--config", c, "--enrollment-label", "istio.io/dataplane-mode=ambient"])?;
+    ensure!(code != 0 && err.contains("Istio ambient's enrollment label"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn run_refuses_a_config_with_nothing_to_serve() -> Result<()> {
     let empty = temp("run-empty.yaml", "")?;

@@ -50,6 +50,10 @@ fn client(api: &ApiServer) -> kube::Client {
 }
 
 fn start_agent(api: &ApiServer, node: &str) -> Agent {
+    start_agent_with(api, node, Default::default())
+}
+
+fn start_agent_with(api: &ApiServer, node: &str, scope: mesh_agent::state::Scope) -> Agent {
     let (state, stats, fut) = k8s::start(
         client(api),
         k8s::Options {
@@ -58,6 +62,7 @@ fn start_agent(api: &ApiServer, node: &str) -> Agent {
             locator: Arc::new(NamedPaths),
             write_status: true,
             pods_only: false,
+            scope,
         },
     );
     Agent { state, stats, task: tokio::spawn(fut) }
@@ -202,6 +207,31 @@ async fn labelling_a_namespace_enrolls_this_nodes_pods_only_and_the_opt_out_wins
 
     api.apply(&namespace("shop", &[])).unwrap();
     agent.until("a1 un-enrolled", |s| !enrolled(s, "shop", "a1") && s.pods.len() == 3).await;
+}
+
+/// `--enrollment-label` with the Kubernetes source: the configured label
+/// enrolls, the default one no longer does, and a pod Istio ambient
+/// captures (its namespace labelled `istio.io/dataplane-mode=ambient` too)
+/// is never ours unless it opts out of ambient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_enrollment_label_enrolls_and_istio_ambient_keeps_its_pods() {
+    let api = ApiServer::start().await.unwrap();
+    api.apply(&namespace("shop", &[ENROLL])).unwrap();
+    api.apply(&namespace("mixed", &[("mesh.example.com/member", "yes"), ("istio.io/dataplane-mode", "ambient")])).unwrap();
+    api.apply(&pod("shop", "s1", "node-a", "10.1.0.11", &[])).unwrap();
+    api.apply(&pod("mixed", "m1", "node-a", "10.1.0.12", &[])).unwrap();
+    api.apply(&pod("mixed", "m2", "node-a", "10.1.0.13", &[("istio.io/dataplane-mode", "none")])).unwrap();
+    let scope = mesh_agent::state::Scope {
+        enrollment: mesh_agent::state::Enrollment::parse("mesh.example.com/member=yes").unwrap(),
+        cluster_id: "east".into(),
+    };
+    let mut agent = start_agent_with(&api, "node-a", scope);
+    let s = agent.until("m2 enrolled", |s| s.pods.len() == 3 && enrolled(s, "mixed", "m2")).await;
+    assert!(!enrolled(&s, "shop", "s1"), "the default label no longer enrolls");
+    assert!(!enrolled(&s, "mixed", "m1"), "ambient's pod");
+    assert_eq!(s.cluster_id, "east");
+    api.apply(&namespace("shop", &[("mesh.example.com/member", "yes")])).unwrap();
+    agent.until("s1 enrolled", |s| enrolled(s, "shop", "s1")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,6 +447,7 @@ mod ca {
                 locator: Arc::new(k8s::source::NoPods),
                 write_status: false,
                 pods_only: true,
+                scope: Default::default(),
             },
         );
         let _watchers = tokio::spawn(watchers);

@@ -81,6 +81,16 @@ fn metrics_count_requests_and_bytes_on_both_agents() -> Result<()> {
         ("destination_service", "shop-server.shop.svc.cluster.local"),
         ("connection_security_policy", "mutual_tls"),
         ("request_protocol", "http"),
+        // What Kiali groups by, as Istio derives it from the pods' labels
+        // (`app` only here) and the cluster id (Istio's default).
+        ("source_canonical_service", "shop-client"),
+        ("source_canonical_revision", "latest"),
+        ("source_version", "unknown"),
+        ("source_cluster", "Kubernetes"),
+        ("destination_canonical_service", "shop-server"),
+        ("destination_canonical_revision", "latest"),
+        ("destination_version", "unknown"),
+        ("destination_cluster", "Kubernetes"),
     ];
     for (agent, reporter, i) in [(&m.a, "source", 0), (&m.b, "destination", 1)] {
         let with = |code: &'static str| {
@@ -104,7 +114,17 @@ fn metrics_count_requests_and_bytes_on_both_agents() -> Result<()> {
     ensure!(denied == 3.0, "{denied}");
     // TCP on both agents: one connection, 1,000 bytes each way.
     for (agent, reporter) in [(&m.a, "source"), (&m.b, "destination")] {
-        let l = [("reporter", reporter), ("request_protocol", "tcp"), ("destination_workload", "shop-server"), ("source_workload", "shop-client")];
+        let l = [
+            ("reporter", reporter),
+            ("request_protocol", "tcp"),
+            ("destination_workload", "shop-server"),
+            ("source_workload", "shop-client"),
+            ("source_canonical_service", "shop-client"),
+            ("source_cluster", "Kubernetes"),
+            ("destination_canonical_service", "shop-server"),
+            ("destination_canonical_revision", "latest"),
+            ("destination_cluster", "Kubernetes"),
+        ];
         wait_until(SETTLE, || Ok(metric(agent, "istio_tcp_connections_closed_total", &l)? == 1.0))
             .with_context(|| format!("{reporter}: TCP closed"))?;
         ensure!(metric(agent, "istio_tcp_connections_opened_total", &l)? == 1.0);

@@ -11,7 +11,7 @@
 //!
 //! | input | scope | why |
 //! | --- | --- | --- |
-//! | Namespaces | cluster | the enrollment label |
+//! | Namespaces | cluster | the enrollment label (`--enrollment-label`) and Istio ambient's |
 //! | Pods, `spec.nodeName=<node>` | this node | the pods this agent enrolls (netns and cgroup found on the node) |
 //! | Pods | cluster | destinations on other nodes: address, labels, service account (the identity to expect) |
 //! | Services, EndpointSlices | cluster | virtual IPs, ports, `appProtocol`, ready endpoints |
@@ -86,6 +86,9 @@ pub struct Options {
     /// Only namespaces and pods (the CA: where pods run, nothing else), so
     /// its RBAC stays that small.
     pub pods_only: bool,
+    /// The namespace label that enrolls (`--enrollment-label`), the
+    /// cluster id (`--cluster-id`).
+    pub scope: state::Scope,
 }
 
 /// What `/status` reports under `kube`.
@@ -200,7 +203,7 @@ pub fn describe(input: &str, group: &str, resource: &str, e: &watcher::Error) ->
 /// listed. The returned future runs the watchers and the builder.
 pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<Stats>, impl Future<Output = ()>) {
     let nodes = if opts.node.is_empty() { vec![] } else { vec![opts.node.clone()] };
-    let empty = MeshState::new(opts.trust_domain.clone(), nodes, vec![], vec![], vec![]);
+    let empty = MeshState::new(opts.trust_domain.clone(), nodes, vec![], vec![], vec![]).with_scope(opts.scope.clone());
     let (tx, rx) = watch::channel(Arc::new(empty));
     let stats = Arc::new(Stats::default());
     let wake = Arc::new(Notify::new());
@@ -596,7 +599,8 @@ fn build(
     )
     .with_peer_authentications(peer_in_force)
     .with_authorization_policies(authz_in_force)
-    .with_routes(in_force);
+    .with_routes(in_force)
+    .with_scope(opts.scope.clone());
     let mut verdicts = a.verdicts;
     verdicts.extend(p.verdicts);
     verdicts.extend(r.verdicts);

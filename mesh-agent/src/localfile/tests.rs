@@ -43,6 +43,30 @@ fn parses_the_example() {
     assert_eq!(s.services[0].ports[0].target_port, 8080);
 }
 
+/// The namespace label's values are checked for the configured enrollment
+/// label, and only for it.
+#[test]
+fn the_label_check_follows_the_enrollment_label() {
+    let path = Path::new("/etc/mesh.yaml");
+    let e = err(&GOOD.replace("dataplane-mode: enabled", "dataplane-mode: yes"));
+    assert!(e.ends_with("namespaces[0].labels.nodemesh.io/dataplane-mode: \"yes\" is not one of \"enabled\", \"disabled\""), "{e}");
+
+    let custom = state::Enrollment::parse("mesh.example.com/member=yes").unwrap();
+    let custom = state::Scope { enrollment: custom, ..Default::default() };
+    let s = parse_with(path, GOOD, &custom).unwrap();
+    assert_eq!(s.enrollment_label, custom.enrollment);
+    assert!(s.pods.values().all(|p| !s.is_enrolled(p)), "the default label no longer enrolls");
+    let ours = GOOD.replace("nodemesh.io/dataplane-mode: enabled", "mesh.example.com/member: yes");
+    let s = parse_with(path, &ours, &custom).unwrap();
+    let enrolled: Vec<_> = s.pods.values().filter(|p| s.is_enrolled(p)).map(|p| p.key.name.as_str()).collect();
+    assert_eq!(enrolled, ["client"]);
+    assert!(parse(path, &ours).unwrap().pods.values().all(|p| !parse(path, &ours).unwrap().is_enrolled(p)));
+    let e = parse_with(path, &ours.replace("member: yes", "member: enabled"), &custom).unwrap_err().to_string();
+    assert!(e.ends_with("namespaces[0].labels.mesh.example.com/member: \"enabled\" is not one of \"yes\", \"disabled\""), "{e}");
+    // The default key is just a label now: any value.
+    parse_with(path, &GOOD.replace("dataplane-mode: enabled", "dataplane-mode: yes"), &custom).unwrap();
+}
+
 #[test]
 fn errors_name_file_field_and_reason() {
     let e = err(&GOOD.replace("ip: 198.51.100.11", "ipp: 198.51.100.11"));
@@ -145,7 +169,7 @@ async fn invalid_policy_edit_keeps_the_last_good_state() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("mesh.yaml");
     std::fs::write(&path, format!("{GOOD}{POLICIES}")).unwrap();
-    let (rx, stats, fut) = start(path.clone(), Duration::from_millis(10)).await.unwrap();
+    let (rx, stats, fut) = start(path.clone(), Duration::from_millis(10), Default::default()).await.unwrap();
     let task = tokio::spawn(fut);
 
     let bad = POLICIES.replace("paths: [\"/admin\", \"/admin/*\"]", "paths: [\"/admin\", \"/admin//*\"]");
@@ -280,7 +304,7 @@ async fn invalid_route_edit_keeps_the_last_good_state() {
     let path = dir.join("mesh.yaml");
     let base = with_http_port();
     std::fs::write(&path, format!("{base}{ROUTES}")).unwrap();
-    let (rx, stats, fut) = start(path.clone(), Duration::from_millis(10)).await.unwrap();
+    let (rx, stats, fut) = start(path.clone(), Duration::from_millis(10), Default::default()).await.unwrap();
     let task = tokio::spawn(fut);
 
     std::fs::write(&path, format!("{base}{}", ROUTES.replace("weight: 10}", "weight: 5}"))).unwrap();

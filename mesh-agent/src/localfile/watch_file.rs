@@ -56,7 +56,14 @@ impl ReloadStats {
     }
 }
 
-pub async fn watch(path: PathBuf, poll: Duration, mut last: Vec<u8>, tx: Sender<Snapshot>, stats: Arc<ReloadStats>) {
+pub async fn watch(
+    path: PathBuf,
+    poll: Duration,
+    mut last: Vec<u8>,
+    tx: Sender<Snapshot>,
+    stats: Arc<ReloadStats>,
+    scope: crate::state::Scope,
+) {
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -74,7 +81,7 @@ pub async fn watch(path: PathBuf, poll: Duration, mut last: Vec<u8>, tx: Sender<
             continue;
         }
         last = bytes;
-        match super::parse(&path, &String::from_utf8_lossy(&last)) {
+        match super::parse_with(&path, &String::from_utf8_lossy(&last), &scope) {
             Ok(state) => {
                 let generation = stats.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 stats.accepted.fetch_add(1, Ordering::Relaxed);

@@ -170,15 +170,76 @@ enum Detail<'a> {
 }
 
 /// Workload, app, namespace and principal of one side of the traffic, as
-/// metrics name them (`unknown` for what the agent cannot tell). A workload
-/// is its pod's `app` label, or the pod's name.
-fn party(state: &MeshState, pod: Option<&Pod>) -> (String, String, String, String) {
+/// metrics name them (`unknown` for what the agent cannot tell), with the
+/// canonical service and revision, version and cluster Kiali groups by.
+struct Party {
+    workload: String,
+    app: String,
+    namespace: String,
+    principal: String,
+    canonical_service: String,
+    canonical_revision: String,
+    version: String,
+    cluster: String,
+}
+
+/// What metrics say of a pod's workload, from its labels alone (so the
+/// pruning of series can tell which still name a pod, [`super::prune`]).
+pub(super) struct WorkloadLabels<'a> {
+    /// The pod's `app` label, or its name.
+    pub workload: &'a str,
+    /// `service.istio.io/canonical-name`, `app.kubernetes.io/name`, `app`,
+    /// else the workload: Istio's order.
+    pub canonical_service: &'a str,
+    /// `service.istio.io/canonical-revision`, `app.kubernetes.io/version`,
+    /// `version`, else `latest`.
+    pub canonical_revision: &'a str,
+    /// `version`, else `unknown`.
+    pub version: &'a str,
+}
+
+impl<'a> WorkloadLabels<'a> {
+    pub fn of(p: &'a Pod) -> Self {
+        let label = |keys: &[&str]| keys.iter().find_map(|k| p.labels.get(*k)).map(String::as_str);
+        let workload = label(&["app"]).unwrap_or(&p.key.name);
+        Self {
+            workload,
+            canonical_service: label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]).unwrap_or(workload),
+            canonical_revision: label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]).unwrap_or("latest"),
+            version: label(&["version"]).unwrap_or("unknown"),
+        }
+    }
+}
+
+/// One side of the traffic, as metrics name it. A workload is its pod's
+/// `app` label, or the pod's name.
+fn party(state: &MeshState, pod: Option<&Pod>) -> Party {
     let unknown = || "unknown".to_owned();
-    let Some(p) = pod else { return (unknown(), unknown(), unknown(), unknown()) };
-    let app = p.labels.get("app").cloned().unwrap_or_else(|| p.key.name.clone());
+    let Some(p) = pod else {
+        return Party {
+            workload: unknown(),
+            app: unknown(),
+            namespace: unknown(),
+            principal: unknown(),
+            canonical_service: unknown(),
+            canonical_revision: "latest".to_owned(),
+            version: unknown(),
+            cluster: unknown(),
+        };
+    };
+    let w = WorkloadLabels::of(p);
     let principal = SpiffeId::new(&state.trust_domain, &p.key.namespace, &p.service_account)
         .map_or_else(|_| unknown(), |id| id.to_string());
-    (app.clone(), app, p.key.namespace.clone(), principal)
+    Party {
+        workload: w.workload.to_owned(),
+        app: w.workload.to_owned(),
+        namespace: p.key.namespace.clone(),
+        principal,
+        canonical_service: w.canonical_service.to_owned(),
+        canonical_revision: w.canonical_revision.to_owned(),
+        version: w.version.to_owned(),
+        cluster: state.cluster_id.clone(),
+    }
 }
 
 /// Labels for traffic from `src` (a pod, or a peer identity, or nothing)
@@ -207,7 +268,10 @@ impl Parties<'_> {
         };
         let local = self.src_pod.and_then(|k| self.state.pods.get(k));
         let src = local.or_else(|| self.src_ip.and_then(|ip| self.state.pod_by_ip(ip)));
-        (l.source_workload, l.source_app, l.source_workload_namespace, l.source_principal) = party(self.state, src);
+        let p = party(self.state, src);
+        (l.source_workload, l.source_app, l.source_workload_namespace, l.source_principal) = (p.workload, p.app, p.namespace, p.principal);
+        (l.source_canonical_service, l.source_canonical_revision, l.source_version, l.source_cluster) =
+            (p.canonical_service, p.canonical_revision, p.version, p.cluster);
         if local.is_none() {
             // An address says where a client is, never who: a principal
             // comes from a verified certificate (or from being the local
@@ -223,8 +287,11 @@ impl Parties<'_> {
             .dst_pod
             .and_then(|k| self.state.pods.get(k))
             .or_else(|| self.dst_addr.and_then(|a| self.state.pod_by_ip(a.ip())));
+        let p = party(self.state, dst);
         (l.destination_workload, l.destination_app, l.destination_workload_namespace, l.destination_principal) =
-            party(self.state, dst);
+            (p.workload, p.app, p.namespace, p.principal);
+        (l.destination_canonical_service, l.destination_canonical_revision, l.destination_version, l.destination_cluster) =
+            (p.canonical_service, p.canonical_revision, p.version, p.cluster);
         let service = self.service.map(|(ns, n)| (ns.to_owned(), n.to_owned())).or_else(|| {
             // Addressed to a pod: the first service selecting it, as Istio does.
             let p = dst?;
@@ -430,6 +497,58 @@ mod tests {
         }
         .labels("http");
         (l.source_principal, l.source_workload, l.source_workload_namespace)
+    }
+
+    /// Canonical service, revision, version and cluster as Istio derives
+    /// them from the pod's labels, for both sides.
+    #[test]
+    fn kiali_labels_follow_istios_label_precedence() {
+        let mut state = testing::mesh_state();
+        let labels = |state: &MeshState| {
+            let l = Parties {
+                state,
+                reporter: "source",
+                src_pod: Some(&testing::pod("shop", "web")),
+                src_ip: None,
+                src_id: None,
+                dst_pod: Some(&testing::pod("shop", "db")),
+                dst_addr: None,
+                service: None,
+                mtls: true,
+            }
+            .labels("http");
+            let dst = [&l.destination_canonical_service, &l.destination_canonical_revision, &l.destination_version, &l.destination_cluster];
+            let src = [&l.source_canonical_service, &l.source_canonical_revision, &l.source_version, &l.source_cluster];
+            (src.map(|s| s.to_owned()), dst.map(|s| s.to_owned()), l.destination_workload.clone())
+        };
+        let db = testing::pod("shop", "db");
+        let set = |state: &mut MeshState, k: &str, v: &str| {
+            state.pods.get_mut(&db).unwrap().labels.insert(k.into(), v.into());
+        };
+        let app = state.pods[&db].labels.get("app").cloned().unwrap_or_else(|| "db".into());
+        let (src, dst, workload) = labels(&state);
+        assert_eq!(src, ["web", "latest", "unknown", "Kubernetes"]);
+        assert_eq!(dst, [app.as_str(), "latest", "unknown", "Kubernetes"]);
+        assert_eq!(workload, app);
+        set(&mut state, "version", "v1");
+        assert_eq!(labels(&state).1, [app.as_str(), "v1", "v1", "Kubernetes"], "version: the revision and the version");
+        set(&mut state, "app.kubernetes.io/version", "1.2");
+        set(&mut state, "app.kubernetes.io/name", "database");
+        assert_eq!(labels(&state).1, ["database", "1.2", "v1", "Kubernetes"]);
+        set(&mut state, "service.istio.io/canonical-revision", "canary");
+        set(&mut state, "service.istio.io/canonical-name", "db-canonical");
+        assert_eq!(labels(&state).1, ["db-canonical", "canary", "v1", "Kubernetes"]);
+        assert_eq!(labels(&state).2, app, "the workload stays the app label");
+        state.pods.get_mut(&db).unwrap().labels.clear();
+        assert_eq!(labels(&state).1, ["db", "latest", "unknown", "Kubernetes"], "no labels: the workload (pod name)");
+        let state = state.with_scope(crate::state::Scope { cluster_id: "east".into(), ..Default::default() });
+        assert_eq!(labels(&state).0[3], "east");
+        // A party the agent does not know.
+        let l = Parties { state: &state, reporter: "destination", src_pod: None, src_ip: Some("203.0.113.9".parse().unwrap()), src_id: None, dst_pod: Some(&db), dst_addr: None, service: None, mtls: false }.labels("tcp");
+        assert_eq!(
+            [l.source_canonical_service, l.source_canonical_revision, l.source_version, l.source_cluster],
+            ["unknown", "latest", "unknown", "unknown"]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! | HTTP client pool | source pod, endpoint | source pod or endpoint gone (and idle for [`super::pool::IDLE_TIMEOUT`] anyway) |
 //! | tunnel pool, app connections | ... | idle or closed (their own reapers) |
 //! | policy, route and series caches | the snapshot | replaced with the snapshot |
-//! | metric series | Istio labels | a party gone from the state, or a bare address, and unchanged for [`SERIES_IDLE`] |
+//! | metric series | Istio labels | a party gone from the state (no pod with its workload, canonical service and revision, version), or a bare address, and unchanged for [`SERIES_IDLE`] |
 //!
 //! Workload certificates and per-pod counters go when the pod is
 //! unenrolled (`enroll`).
@@ -36,8 +36,10 @@ struct Live<'a> {
     state: &'a MeshState,
     target_ports: HashSet<u16>,
     services: HashSet<(&'a str, &'a str)>,
-    /// `(namespace, workload)`, a workload as metrics name it.
-    workloads: HashSet<(&'a str, &'a str)>,
+    /// `(namespace, workload, canonical service, canonical revision,
+    /// version)` of each pod, as metrics name them: a series whose labels
+    /// no pod has any more (a new `version` rolled out) is pruned too.
+    workloads: HashSet<(&'a str, &'a str, &'a str, &'a str, &'a str)>,
 }
 
 impl<'a> Live<'a> {
@@ -49,7 +51,10 @@ impl<'a> Live<'a> {
             workloads: state
                 .pods
                 .values()
-                .map(|p| (p.key.namespace.as_str(), p.labels.get("app").map_or(p.key.name.as_str(), String::as_str)))
+                .map(|p| {
+                    let w = super::observe::WorkloadLabels::of(p);
+                    (p.key.namespace.as_str(), w.workload, w.canonical_service, w.canonical_revision, w.version)
+                })
                 .collect(),
         }
     }
@@ -59,15 +64,26 @@ impl<'a> Live<'a> {
         self.target_ports.contains(&addr.port()) && self.state.pod_by_ip(addr.ip().to_canonical()).is_some()
     }
 
-    fn workload(&self, namespace: &str, workload: &str) -> bool {
-        workload == "unknown" || self.workloads.contains(&(namespace, workload))
+    fn workload(&self, namespace: &str, workload: &str, service: &str, revision: &str, version: &str) -> bool {
+        workload == "unknown" || self.workloads.contains(&(namespace, workload, service, revision, version))
     }
 
     /// Every party the series names is in the state (a service, not an
     /// address, as its destination).
     fn series(&self, l: &Labels) -> bool {
-        self.workload(&l.source_workload_namespace, &l.source_workload)
-            && self.workload(&l.destination_workload_namespace, &l.destination_workload)
+        self.workload(
+            &l.source_workload_namespace,
+            &l.source_workload,
+            &l.source_canonical_service,
+            &l.source_canonical_revision,
+            &l.source_version,
+        ) && self.workload(
+            &l.destination_workload_namespace,
+            &l.destination_workload,
+            &l.destination_canonical_service,
+            &l.destination_canonical_revision,
+            &l.destination_version,
+        )
             && self
                 .services
                 .contains(&(l.destination_service_namespace.as_str(), l.destination_service_name.as_str()))

@@ -52,6 +52,93 @@ fn enrollment_follows_namespace_label_and_pod_opt_out() {
     assert!(!s.is_enrolled(get("198.51.100.21")));
 }
 
+/// The pods of `state()` each agent enrolls, by name.
+fn enrolled(s: &MeshState) -> Vec<&str> {
+    s.pods.values().filter(|p| s.is_enrolled(p)).map(|p| p.key.name.as_str()).collect()
+}
+
+#[test]
+fn the_default_enrollment_label_is_unchanged() {
+    let s = state();
+    assert_eq!(s.enrollment_label, Enrollment::parse("nodemesh.io/dataplane-mode=enabled").unwrap());
+    assert_eq!(s.enrollment_label.to_string(), "nodemesh.io/dataplane-mode=enabled");
+    assert_eq!(enrolled(&s), ["a", "b1", "b2"]);
+}
+
+#[test]
+fn a_custom_enrollment_label_enrolls_and_the_default_one_no_longer_does() {
+    let custom = Enrollment::parse("mesh.example.com/member=yes").unwrap();
+    let mut s = state().with_enrollment(custom);
+    assert!(enrolled(&s).is_empty(), "shop carries only the default label: not enrolled any more");
+    s.namespaces.get_mut("legacy").unwrap().labels.insert("mesh.example.com/member".into(), "yes".into());
+    assert_eq!(enrolled(&s), ["c"]);
+    s.namespaces.get_mut("legacy").unwrap().labels.insert("mesh.example.com/member".into(), "enabled".into());
+    assert!(enrolled(&s).is_empty(), "the key with another value does not enroll");
+    // The opt-out follows the key: `<key>=disabled` on a pod.
+    s.namespaces.get_mut("shop").unwrap().labels.insert("mesh.example.com/member".into(), "yes".into());
+    assert_eq!(enrolled(&s), ["a", "b1", "b2", "out"], "the default key's opt-out no longer applies");
+    s.pods.values_mut().find(|p| p.key.name == "a").unwrap().labels.insert("mesh.example.com/member".into(), "disabled".into());
+    assert_eq!(enrolled(&s), ["b1", "b2", "out"]);
+}
+
+#[test]
+fn enrollment_labels_that_are_refused() {
+    for (bad, why) in [
+        ("nodemesh.io/dataplane-mode", "key=value"),
+        ("istio.io/dataplane-mode=ambient", "Istio ambient"),
+        ("istio.io/dataplane-mode=enabled", "Istio ambient"),
+        ("nodemesh.io/dataplane-mode=disabled", "takes a pod out"),
+        ("nodemesh.io/dataplane-mode=", "not a label value"),
+        ("=enabled", "not a label name"),
+        ("Bad_Prefix/x=y", "not a DNS subdomain"),
+        ("a/b/c=y", "not a DNS subdomain"),
+        ("x=has space", "not a label value"),
+    ] {
+        let e = Enrollment::parse(bad).unwrap_err();
+        assert!(e.contains(why), "{bad:?}: {e}");
+    }
+    for good in ["member=yes", "mesh.example.com/member=on", "istio-injection=nodemesh", "nodemesh.io/dataplane-mode=enabled"] {
+        assert_eq!(Enrollment::parse(good).unwrap().to_string(), good);
+    }
+}
+
+#[test]
+fn pods_istio_ambient_captures_are_never_enrolled() {
+    let amb = |s: &mut MeshState, ns: &str, v: &str| {
+        s.namespaces.get_mut(ns).unwrap().labels.insert(ISTIO_DATAPLANE_MODE_LABEL.into(), v.into());
+    };
+    let pod_label = |s: &mut MeshState, name: &str, v: &str| {
+        s.pods.values_mut().find(|p| p.key.name == name).unwrap().labels.insert(ISTIO_DATAPLANE_MODE_LABEL.into(), v.into());
+    };
+    // A pod labelled for ambient, in a namespace of ours: Istio's.
+    let mut s = state();
+    pod_label(&mut s, "a", "ambient");
+    assert_eq!(enrolled(&s), ["b1", "b2"]);
+    // A namespace labelled for both meshes: ambient takes its pods...
+    amb(&mut s, "shop", "ambient");
+    assert!(enrolled(&s).is_empty());
+    // ...except those that opt out of ambient (`none`): ours again.
+    pod_label(&mut s, "b1", "none");
+    assert_eq!(enrolled(&s), ["b1"]);
+    // Any other value of Istio's label is not ambient: no effect.
+    let mut s = state();
+    amb(&mut s, "shop", "sidecar");
+    assert_eq!(enrolled(&s), ["a", "b1", "b2"]);
+    // An ambient namespace is never ours without our label.
+    let mut s = state();
+    amb(&mut s, "legacy", "ambient");
+    pod_label(&mut s, "c", "none");
+    assert_eq!(enrolled(&s), ["a", "b1", "b2"], "legacy's c stays out");
+    // Custom labels too: the rule does not depend on our key.
+    let mut s = state().with_enrollment(Enrollment::parse("member=yes").unwrap());
+    s.namespaces.get_mut("shop").unwrap().labels.insert("member".into(), "yes".into());
+    pod_label(&mut s, "b2", "ambient");
+    assert_eq!(enrolled(&s), ["a", "b1", "out"]);
+    // A destination pod ambient takes is passthrough for us.
+    let d = s.resolve("198.51.100.13:8080".parse().unwrap(), |_| 0);
+    assert_eq!(d, Destination::Passthrough("198.51.100.13:8080".parse().unwrap()));
+}
+
 #[test]
 fn failure_policy_is_the_namespace_label_else_the_mesh_default() {
     let mut s = state();

@@ -207,3 +207,32 @@ async fn in_use_entries_outlive_their_endpoint_until_released_and_live_series_st
     let t = p.table_sizes();
     assert_eq!((t.endpoints, t.services, t.metric_series), (1, 1, 2));
 }
+
+/// A rollout that changes a pod's `version` label (the workload stays):
+/// the old version's series go once idle, the new one's stay.
+#[tokio::test]
+async fn series_of_a_version_no_pod_carries_any_more_are_pruned() {
+    let mut v1 = state(1);
+    let p0 = PodKey { namespace: "churn".into(), name: "p0".into() };
+    v1.pods.get_mut(&p0).unwrap().labels.insert("version".into(), "v1".into());
+    let v1: Snapshot = Arc::new(v1);
+    let (p, tx, _dir) = proxy(v1.clone());
+    use_endpoint(&p, &v1, 0);
+    assert_eq!(p.table_sizes().metric_series, 2);
+    let now = Instant::now();
+    p.prune_at(Duration::ZERO, now);
+    p.prune_at(Duration::ZERO, now);
+    assert_eq!(p.table_sizes().metric_series, 2, "v1 is live");
+
+    let mut v2 = (*v1).clone();
+    v2.pods.get_mut(&p0).unwrap().labels.insert("version".into(), "v2".into());
+    let v2: Snapshot = Arc::new(v2);
+    tx.send(v2.clone()).unwrap();
+    use_endpoint(&p, &v2, 0);
+    assert_eq!(p.table_sizes().metric_series, 4);
+    p.prune_at(Duration::ZERO, now);
+    p.prune_at(Duration::ZERO, now);
+    assert_eq!(p.table_sizes().metric_series, 2, "v1's series are dropped, v2's stay");
+    let text = p.inputs.telemetry.metrics.encode();
+    assert!(text.contains("destination_version=\"v2\"") && !text.contains("destination_version=\"v1\""), "{text}");
+}
