@@ -1,6 +1,16 @@
-//! The only wiring: builds every part from the config, runs until a signal,
-//! then shuts down in order. Two runtimes: the data plane (multi-thread) and
-//! the control plane + admin (one thread), so neither can stall the other.
+//! The only wiring: [`build`] makes every part from the config and returns
+//! them bound and serving ([`Bound`]: the real addresses, readiness, the
+//! shutdown trigger); [`run`] is the binary's agent: two runtimes, the
+//! eBPF kernel, a build, then signals until the shutdown sequence
+//! ([`Bound::wait`]). The data plane runs on its own multi-thread runtime,
+//! the control plane and admin on one thread, so neither can stall the
+//! other.
+//!
+//! What differs between an agent on a node and one in a test is handed to
+//! [`build`] as [`Parts`]: the kernel side ([`KernelLoader`]: [`Ebpf`] on a
+//! node, `testing::MemoryKernel` in tests), the CA (gRPC or an authority in
+//! the process) and a rewrite of the state's addresses (tests put pods on
+//! loopback addresses the local file refuses).
 
 use std::{
     net::SocketAddr,
@@ -12,13 +22,23 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
+use tokio_util::sync::CancellationToken;
+
+mod bound;
+mod parts;
+mod view;
+
+pub use bound::{Bound, Readiness, Shutdown};
+pub use parts::{Ca, Ebpf, KernelLoader, Parts, StateMap};
+use bound::Tasks;
+use view::Admin;
 
 use crate::{
     admin::{self, AdminSource},
     config::Config,
-    ebpf::{self, Datapath},
-    enroll::Enrollment,
-    identity::{CertManager, GrpcCaClient, ManagerConfig},
+    ebpf,
+    enroll::{Enrollment, Kernel},
+    identity::{CaClient, CertManager, GrpcCaClient, LocalCaClient, ManagerConfig},
     tls::TlsStats,
     localfile::{self, ReloadStats},
     metrics::{HealthCollector, Metrics},
@@ -78,76 +98,6 @@ impl OrigDstLookup for ebpf::OrigDst {
     }
 }
 
-struct Admin {
-    node: String,
-    enrollment: Arc<Mutex<Enrollment>>,
-    reloads: Arc<ReloadStats>,
-    proxy: Arc<Proxy>,
-    metrics: Arc<Metrics>,
-    state: watch::Receiver<Snapshot>,
-    /// With `--source kube`: the watchers' state.
-    kube: Option<Arc<crate::k8s::Stats>>,
-}
-
-impl AdminSource for Admin {
-    fn ready(&self) -> bool {
-        // With Kubernetes, not before the first state built from the API.
-        self.kube.as_ref().is_none_or(|k| k.view().built) && self.enrollment.lock().expect("poisoned").ready()
-    }
-
-    fn metrics(&self) -> String {
-        self.metrics.encode()
-    }
-
-    fn config_dump(&self) -> serde_json::Value {
-        let state = self.state.borrow().clone();
-        // Pods are keyed by a struct in the state: listed here instead.
-        let value = |v: Result<serde_json::Value, serde_json::Error>| v.unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}));
-        serde_json::json!({
-            "node": self.node,
-            "config": self.reloads.view(),
-            "state": {
-                "trustDomain": state.trust_domain,
-                "nodes": state.nodes,
-                "namespaces": value(serde_json::to_value(&state.namespaces)),
-                "pods": value(serde_json::to_value(state.pods.values().collect::<Vec<_>>())),
-                "services": value(serde_json::to_value(&state.services)),
-                "peerAuthentications": value(serde_json::to_value(&state.peer_authentications)),
-                "authorizationPolicies": value(serde_json::to_value(&state.authorization_policies)),
-                "routes": value(serde_json::to_value(&state.routes)),
-            },
-            "certificates": value(serde_json::to_value(self.proxy.certs().status())),
-        })
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let e = self.enrollment.lock().expect("poisoned");
-        let (tunnels_open, tunnels_opened) = self.proxy.tunnel_connections();
-        serde_json::json!({
-            "node": self.node,
-            "ready": e.ready(),
-            "config": self.reloads.view(),
-            "ebpf": {
-                "loaded": true,
-                "accelerating": e.accelerating(),
-                "acceleratedSockets": e.accelerated_sockets(),
-            },
-            "repairs": e.repairs,
-            "notReady": e.not_ready().into_iter().map(|(pod, why)| serde_json::json!({"pod": pod, "reason": why})).collect::<Vec<_>>(),
-            "openConnections": self.proxy.open_connections(),
-            "tunnelConnections": { "open": tunnels_open, "opened": tunnels_opened },
-            "tls": self.proxy.tls_stats().view(),
-            "endpoints": self.proxy.endpoints(),
-            "services": self.proxy.services(),
-            "tracing": self.proxy.telemetry().tracer.stats(),
-            "accessLog": self.proxy.telemetry().access_log.stats(),
-            "reconcileChanges": e.changes,
-            "pods": e.status(),
-            "kube": self.kube.as_ref().map(|k| k.view()),
-        })
-    }
-}
-
 /// What the agent tells its supervisor (stdout lines in `main`).
 pub enum Event {
     /// The admin listener serves (`/status` tells what is not ready yet).
@@ -199,12 +149,44 @@ pub fn run(cfg: Config, on_event: impl FnMut(Event)) -> Result<(), Error> {
     result
 }
 
+/// The binary's control plane: the agent built on the eBPF kernel, then
+/// signals until it has shut down.
 async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl FnMut(Event)) -> Result<(), Error> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    let bound = build(cfg, Parts::node(data)).await?;
+    let admin_addr = bound.admin_addr();
+    on_event(Event::Admin(admin_addr));
+    let shutdown = bound.shutdown_trigger();
+    let readiness = bound.readiness();
+    let node = bound.node.clone();
+    let mut done = std::pin::pin!(bound.wait());
+    let mut reported_ready = false;
+    loop {
+        tokio::select! {
+            r = &mut done => return r,
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); shutdown.trigger() }
+            _ = sigint.recv() => { tracing::info!("SIGINT: draining"); shutdown.trigger() }
+            _ = readiness.wait(), if !reported_ready && !shutdown.is_triggered() => {
+                reported_ready = true;
+                tracing::info!(%admin_addr, node = %node, "agent ready");
+                on_event(Event::Ready(admin_addr));
+            }
+        }
+    }
+}
 
-    let (state, reloads, watcher, kube) = source(&cfg).await?;
-    crate::host::check_privileges()?;
+/// Builds the agent from `cfg` and `parts`, up to serving: the state
+/// source, the node claimed (or taken over from the agent holding it), the
+/// admin and metrics listeners, the kernel side, the proxy, every local
+/// pod reconciled once, the admin serving and the handoff socket open.
+/// Must run on the control runtime (the admin and reconcile tasks are
+/// spawned on the current one).
+pub async fn build<L: KernelLoader>(cfg: Config, parts: Parts<L>) -> Result<Bound<L::Kernel>, Error> {
+    cfg.validate()?;
+    let Parts { kernel, ca, data, state_map } = parts;
+    let (state, reloads, watcher, kube) = source(&cfg, state_map).await?;
+    kernel.check()?;
     // One agent owns a node's pinned state at a time: take the node's lock,
     // or, if an agent holds it, take over from it (a restart or a
     // DaemonSet surge: same command line, no flag).
@@ -250,32 +232,26 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
             Some((addr, admin::bind(addr).await.map_err(|source| Error::Bind { flag: "metrics", addr, source })?))
         }
     };
-    let mut datapath = Datapath::load(ebpf::Options {
-        accelerate: cfg.accelerate,
-        bpffs: cfg.bpffs.clone(),
-        node: cfg.node.clone(),
-    })?;
-    ebpf::spawn_logger(datapath.ebpf_mut());
-    if cfg.accelerate {
-        let (own, is_root) = crate::host::own_cgroup()?;
-        if datapath.attach_agent_cgroup(&own, is_root)? {
-            tracing::info!(cgroup = %own.display(), "socket acceleration on");
+    let (datapath, orig_dst) = kernel.load(&cfg)?;
+    let ca: Arc<dyn CaClient> = match ca {
+        Ca::Grpc => {
+            let roots = std::fs::read_to_string(&cfg.ca.roots)
+                .map_err(|source| Error::CaFile { what: "CA roots", path: cfg.ca.roots.clone(), source })?;
+            let token = std::fs::read_to_string(&cfg.ca.token_file)
+                .map_err(|source| Error::CaFile { what: "node token", path: cfg.ca.token_file.clone(), source })?;
+            Arc::new(GrpcCaClient::new(&cfg.ca.endpoint, &roots, token.trim(), None)?.reread_token_from(cfg.ca.token_file.clone()))
         }
-    }
-    let roots = std::fs::read_to_string(&cfg.ca.roots)
-        .map_err(|source| Error::CaFile { what: "CA roots", path: cfg.ca.roots.clone(), source })?;
-    let token = std::fs::read_to_string(&cfg.ca.token_file)
-        .map_err(|source| Error::CaFile { what: "node token", path: cfg.ca.token_file.clone(), source })?;
-    let ca = GrpcCaClient::new(&cfg.ca.endpoint, &roots, token.trim(), None)?.reread_token_from(cfg.ca.token_file.clone());
+        Ca::InProcess(authority) => Arc::new(LocalCaClient::new(authority, cfg.node.clone(), state.clone())),
+    };
     // Certificates are fetched and rotated on the control runtime.
-    let certs = CertManager::new(Arc::new(ca), ManagerConfig { ttl: cfg.ca.cert_ttl, ..ManagerConfig::default() });
+    let certs = CertManager::new(ca, ManagerConfig { ttl: cfg.ca.cert_ttl, ..ManagerConfig::default() });
     let metrics = Arc::new(Metrics::default());
     let tracer = Tracer::start(cfg.trace.clone(), &tokio::runtime::Handle::current()).map_err(Error::Trace)?;
     let access_log = Arc::new(AccessLog::start(&cfg.access_log).map_err(Error::AccessLog)?);
     let telemetry = Arc::new(Telemetry { metrics: metrics.clone(), access_log, tracer: tracer.clone() });
     let proxy = Proxy::new(
         state.clone(),
-        Arc::new(datapath.orig_dst()),
+        orig_dst,
         certs,
         Arc::new(TlsStats::default()),
         Ports::default(),
@@ -339,9 +315,12 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
         status: Arc::new(move || weak.upgrade().map_or(serde_json::Value::Null, |a| a.status())),
     });
     let mut metrics_fd = None;
+    let mut metrics_addr = None;
     let metrics_task = match metrics_listener {
         Some((addr, l)) => {
             metrics_fd = Some((addr, dup_listener(&l).map_err(|source| Error::Admin { addr, source })?));
+            // The address bound (`--metrics` may name port 0).
+            metrics_addr = Some(l.local_addr().map_err(|source| Error::Admin { addr, source })?);
             tracing::info!(%addr, "metrics listener (/metrics, /healthz, /ready)");
             Some(tokio::spawn(admin::serve(l, admin.clone(), admin::Scope::Public)))
         }
@@ -352,75 +331,42 @@ async fn control(cfg: Config, data: tokio::runtime::Handle, mut on_event: impl F
     let reconcile_task = tokio::spawn(reconcile_loop(enrollment.clone(), state, cfg.reconcile_interval, complete));
     let trim_task = tokio::spawn(crate::memory::trim_after_storms());
     tracing::info!(%admin_addr, node = %cfg.node, "admin listener serving");
-    on_event(Event::Admin(admin_addr));
 
     // Serve handoffs to the next agent (once this one owns the node).
-    let (taken_tx, mut taken_rx) = tokio::sync::mpsc::unbounded_channel();
-    if node_lock.is_some() {
-        let source = Arc::new(HandoffSource {
-            enrollment: enrollment.clone(),
-            admin: (admin_addr, admin_fd),
-            metrics: metrics_fd,
-            taken: taken_tx,
-        });
-        handoff::serve(&handoff::socket_path(&cfg.run_dir, &cfg.node), source).map_err(|e| Error::Handoff(e.to_string()))?;
-    }
-
-    let mut ready_check = tokio::time::interval(Duration::from_millis(50));
-    let mut reported_ready = false;
-    let mut handed_over = false;
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break }
-            _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break }
-            Some(()) = taken_rx.recv() => { handed_over = true; break }
-            _ = ready_check.tick(), if !reported_ready => {
-                if admin.ready() {
-                    reported_ready = true;
-                    tracing::info!(%admin_addr, node = %cfg.node, "agent ready");
-                    on_event(Event::Ready(admin_addr));
-                }
-            }
+    let (taken_tx, taken_rx) = tokio::sync::mpsc::unbounded_channel();
+    let handoff_server = match node_lock {
+        Some(_) => {
+            let source = Arc::new(HandoffSource {
+                enrollment: enrollment.clone(),
+                admin: (admin_addr, admin_fd),
+                metrics: metrics_fd,
+                taken: taken_tx,
+            });
+            Some(
+                handoff::serve(&handoff::socket_path(&cfg.run_dir, &cfg.node), source)
+                    .map_err(|e| Error::Handoff(e.to_string()))?,
+            )
         }
-    }
-    // The listeners close; the pinned kernel state stays, so the pods fail
-    // closed (or, with failure policy open, go direct) until the next agent
-    // serves them. The connections in flight finish until the deadline.
-    reconcile_task.abort();
-    trim_task.abort();
-    watch_task.abort();
-    enrollment.lock().expect("poisoned").stop_listeners();
-    if handed_over {
-        // The successor serves the admin and metrics listeners and owns
-        // the node from here on; this agent only finishes its connections.
-        admin_task.abort();
-        if let Some(t) = &metrics_task {
-            t.abort();
-        }
-        drop(node_lock.take());
-    }
-    let deadline = cfg.drain_timeout;
-    let p = proxy.clone();
-    let left = data
-        .spawn(async move { p.drain(deadline).await })
-        .await
-        .unwrap_or_default();
-    if left > 0 {
-        tracing::warn!(open = left, ?deadline, "drain deadline passed; closing the remaining connections");
-    } else {
-        tracing::info!("drained");
-    }
-    // Spans of the last requests, if the collector takes them in time, and
-    // the access log lines still buffered.
-    let _ = tokio::time::timeout(Duration::from_secs(2), tracer.flush()).await;
-    proxy.telemetry().access_log.flush_and_stop(Duration::from_secs(2));
-    admin_task.abort();
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
-    drop(node_lock);
-    Ok(())
+        None => None,
+    };
+    Ok(Bound {
+        node: cfg.node,
+        admin_addr,
+        metrics_addr,
+        admin,
+        enrollment,
+        proxy,
+        tracer,
+        data,
+        drain_timeout: cfg.drain_timeout,
+        node_lock,
+        handoff: handoff_server,
+        taken: taken_rx,
+        shutdown: Shutdown(CancellationToken::new()),
+        tasks: Tasks { admin: admin_task, metrics: metrics_task, watch: watch_task, reconcile: reconcile_task, trim: trim_task },
+    })
 }
+
 
 /// How long a starting agent waits for the node lock or a handoff.
 const HANDOFF_WAIT: Duration = Duration::from_secs(30);
@@ -439,14 +385,14 @@ fn dup_listener(l: &tokio::net::TcpListener) -> std::io::Result<std::os::fd::Own
 }
 
 /// This agent's side of a handoff to its successor.
-struct HandoffSource {
-    enrollment: Arc<Mutex<Enrollment>>,
+struct HandoffSource<K: Kernel> {
+    enrollment: Arc<Mutex<Enrollment<K>>>,
     admin: (SocketAddr, std::os::fd::OwnedFd),
     metrics: Option<(SocketAddr, std::os::fd::OwnedFd)>,
     taken: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
-impl handoff::Source for HandoffSource {
+impl<K: Kernel> handoff::Source for HandoffSource<K> {
     fn pause_and_offer(&self) -> handoff::Offer {
         let mut e = self.enrollment.lock().expect("poisoned");
         e.paused = true;
@@ -463,19 +409,16 @@ impl handoff::Source for HandoffSource {
     }
 }
 
-type Source = (
-    watch::Receiver<Snapshot>,
-    Arc<ReloadStats>,
-    std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-    Option<Arc<crate::k8s::Stats>>,
-);
+type Source = (watch::Receiver<Snapshot>, Arc<ReloadStats>, Watcher, Option<Arc<crate::k8s::Stats>>);
 
-/// The mesh state's source: the local file, or the Kubernetes API.
-async fn source(cfg: &Config) -> Result<Source, Error> {
+/// The mesh state's source: the local file, or the Kubernetes API; each
+/// state rewritten by `map`, if any.
+async fn source(cfg: &Config, map: Option<StateMap>) -> Result<Source, Error> {
     let Some(kube_cfg) = &cfg.kube else {
         let (state, reloads, watcher) = localfile::start(cfg.config_file.clone(), cfg.config_poll, cfg.scope.clone()).await?;
         localfile::check_node(&cfg.config_file, &state.borrow(), &cfg.node)?;
-        return Ok((state, reloads, Box::pin(watcher), None));
+        let (state, watcher) = mapped(state, Box::pin(watcher), map);
+        return Ok((state, reloads, watcher, None));
     };
     let client = crate::k8s::client_from(kube_cfg.kubeconfig.as_deref()).await?;
     let (state, stats, watcher) = crate::k8s::start(
@@ -491,11 +434,29 @@ async fn source(cfg: &Config) -> Result<Source, Error> {
     );
     // `/status` keeps its `config` block; the Kubernetes details are under `kube`.
     let reloads = Arc::new(ReloadStats::new("kubernetes API".into()));
-    Ok((state, reloads, Box::pin(watcher), Some(stats)))
+    let (state, watcher) = mapped(state, Box::pin(watcher), map);
+    Ok((state, reloads, watcher, Some(stats)))
 }
 
-async fn reconcile_loop(
-    enrollment: Arc<Mutex<Enrollment>>,
+type Watcher = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The states of `state` rewritten by `map`, published by the returned
+/// watcher alongside the source's own. Without a map, the source as it is.
+fn mapped(state: watch::Receiver<Snapshot>, watcher: Watcher, map: Option<StateMap>) -> (watch::Receiver<Snapshot>, Watcher) {
+    let Some(map) = map else { return (state, watcher) };
+    let mut from = state;
+    let (tx, rx) = watch::channel(Arc::new(map(&from.borrow_and_update())));
+    let relay = async move {
+        while from.changed().await.is_ok() {
+            let next = Arc::new(map(&from.borrow_and_update()));
+            tx.send_replace(next);
+        }
+    };
+    (rx, Box::pin(async move { futures::future::join(watcher, relay).await; }))
+}
+
+async fn reconcile_loop<K: Kernel>(
+    enrollment: Arc<Mutex<Enrollment<K>>>,
     mut state: watch::Receiver<Snapshot>,
     every: Duration,
     complete: impl Fn() -> bool,

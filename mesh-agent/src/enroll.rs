@@ -18,6 +18,7 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
+    os::fd::AsFd as _,
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -26,21 +27,24 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    ebpf::{self, Datapath},
+    ebpf,
     identity::SpiffeId,
-    netns::Netns,
-    proxy::{PodHandle, PodListeners, PodStats, PodStatsView, Proxy},
+    proxy::{PodHandle, PodListeners, PodSockets as _, PodStats, PodStatsView, Proxy},
     state::{PodKey, Snapshot},
 };
+
+pub mod kernel;
+
+pub use kernel::{Kernel, KeepPod};
 
 /// How long a pod's listeners stay open after it leaves the mesh.
 const LISTENER_GRACE: Duration = Duration::from_secs(2);
 
-struct ManagedPod {
+struct ManagedPod<N> {
     netns_path: PathBuf,
     cgroup: PathBuf,
     ips: Vec<IpAddr>,
-    netns: Option<Arc<Netns>>,
+    netns: Option<Arc<N>>,
     listeners: Option<PodListeners>,
     enrolled: bool,
     /// Enrolled but without a workload certificate yet.
@@ -59,7 +63,7 @@ struct ManagedPod {
     cert_watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl ManagedPod {
+impl<N> ManagedPod<N> {
     fn stop_cert_watch(&mut self) {
         if let Some(w) = self.cert_watcher.take() {
             w.abort();
@@ -94,9 +98,10 @@ impl Changes {
     }
 }
 
-pub struct Enrollment {
+pub struct Enrollment<K: Kernel> {
     node: String,
-    datapath: Datapath,
+    /// The eBPF datapath on a node; in tests, an in-memory one.
+    datapath: K,
     proxy: Arc<Proxy>,
     outbound_port: u16,
     /// The mesh-wide failure policy (`--failure-policy`); a namespace label
@@ -109,7 +114,7 @@ pub struct Enrollment {
     inherited: BTreeMap<PodKey, (u64, [std::os::fd::OwnedFd; 3])>,
     /// A successor is taking over: this agent no longer touches the kernel.
     pub paused: bool,
-    pods: BTreeMap<PodKey, ManagedPod>,
+    pods: BTreeMap<PodKey, ManagedPod<K::Netns>>,
     /// Reconcile passes that had to change something.
     pub changes: u64,
     /// Drift found and undone: programs, map entries or listeners the agent
@@ -145,8 +150,8 @@ struct EbpfCounters {
     passed_through: u64,
 }
 
-impl Enrollment {
-    pub fn new(node: String, datapath: Datapath, proxy: Arc<Proxy>, outbound_port: u16, fail_open: bool) -> Self {
+impl<K: Kernel> Enrollment<K> {
+    pub fn new(node: String, datapath: K, proxy: Arc<Proxy>, outbound_port: u16, fail_open: bool) -> Self {
         Self {
             node,
             datapath,
@@ -248,17 +253,12 @@ impl Enrollment {
     /// known to the kernel side: a pod whose namespace could not be opened
     /// yet might own some of it.
     fn prune(&mut self) {
-        let mut keep = ebpf::Keep::default();
+        let mut keep = Vec::with_capacity(self.pods.len());
         for mp in self.pods.values() {
-            let (Some(ns), Some(cg)) = (&mp.netns, self.datapath.cgroup_dir(&mp.cgroup)) else {
-                return;
-            };
-            keep.link_dirs.insert(cg.to_owned());
-            keep.link_dirs.insert(Datapath::netns_dir(ns.cookie()));
-            keep.cookies.insert(ns.cookie());
-            keep.ips.extend(mp.ips.iter().copied());
+            let Some(ns) = &mp.netns else { return };
+            keep.push(KeepPod { cgroup: &mp.cgroup, cookie: ns.network(), ips: &mp.ips });
         }
-        let removed = self.datapath.retain(&keep);
+        let Some(removed) = self.datapath.retain(&keep) else { return };
         if removed > 0 || !self.pruned {
             tracing::info!(removed, "pinned state checked against this node's pods");
         }
@@ -269,28 +269,29 @@ impl Enrollment {
     /// the changes made; the ones that undid drift (state the agent had set
     /// up and found gone) are repairs.
     fn ensure(
-        datapath: &mut Datapath,
+        datapath: &mut K,
         ctx: EnsureCtx<'_>,
         key: &PodKey,
-        mp: &mut ManagedPod,
+        mp: &mut ManagedPod<K::Netns>,
         enrolled: bool,
         id: SpiffeId,
     ) -> Result<Changes, String> {
         let EnsureCtx { proxy, outbound_port, wake, fail_open, inherited } = ctx;
         let mut ch = Changes::default();
         if mp.netns.is_none() {
-            mp.netns = Some(Arc::new(Netns::open(&mp.netns_path).map_err(|e| e.to_string())?));
+            mp.netns = Some(Arc::new(datapath.open_netns(&mp.netns_path, &mp.ips).map_err(|e| e.to_string())?));
             ch.changed += 1;
         }
         let netns = mp.netns.clone().expect("opened above");
-        let cookie = netns.cookie();
+        // The kernel's cookie for the namespace: what the programs key on.
+        let cookie = netns.network();
 
         let n = datapath.attach(&mp.cgroup).map_err(|e| crate::error_chain(&e))?;
         if n > 0 {
             ch.note(mp.set_up, format!("{n} cgroup program(s) attached to {}", mp.cgroup.display()));
         }
         if datapath
-            .attach_netns(cookie, netns.file(), &mp.netns_path)
+            .attach_netns(&netns, &mp.netns_path)
             .map_err(|e| crate::error_chain(&e))?
         {
             ch.note(mp.set_up, format!("inbound capture attached to {}", mp.netns_path.display()));
@@ -347,7 +348,7 @@ impl Enrollment {
             for ip in &mp.ips {
                 if !datapath.has_inbound_listener(*ip) {
                     datapath
-                        .set_inbound_listener(*ip, &listeners.plaintext)
+                        .set_inbound_listener(*ip, listeners.plaintext.as_fd())
                         .map_err(|e| e.to_string())?;
                     ch.note(mp.enrolled, format!("inbound capture entry for {ip} set"));
                 }
@@ -399,13 +400,13 @@ impl Enrollment {
     /// Undoes everything the agent set up for a pod it no longer manages:
     /// enrollment and capture entries first (new connections go direct),
     /// then programs, counters, certificate and listeners.
-    fn forget_pod(&mut self, key: &PodKey, mut mp: ManagedPod) {
+    fn forget_pod(&mut self, key: &PodKey, mut mp: ManagedPod<K::Netns>) {
         if let Some(ns) = &mp.netns {
-            if let Err(e) = self.datapath.unenroll(ns.cookie()) {
+            if let Err(e) = self.datapath.unenroll(ns.network()) {
                 tracing::warn!(pod = %key, error = %e, "removing enrollment failed");
             }
-            self.datapath.detach_netns(ns.cookie());
-            self.datapath.untrack(ns.cookie());
+            self.datapath.detach_netns(ns.network());
+            self.datapath.untrack(ns.network());
         }
         for ip in &mp.ips {
             self.datapath.remove_captured(*ip);
@@ -454,7 +455,7 @@ impl Enrollment {
                 let cert = certs.watch(key).and_then(|w| w.borrow().as_ref().map(|c| crate::lifecycle::handoff::CertPem::of(c)));
                 Some(crate::lifecycle::handoff::PodOffer {
                     pod: key.clone(),
-                    netns_cookie: ns.cookie(),
+                    netns_cookie: ns.network(),
                     listeners,
                     identity: mp.id.as_ref().map(ToString::to_string),
                     cert,
@@ -518,7 +519,7 @@ impl Enrollment {
                 let counters = mp
                     .netns
                     .as_ref()
-                    .map(|ns| self.datapath.counters(ns.cookie()))
+                    .map(|ns| self.datapath.counters(ns.network()))
                     .unwrap_or_default();
                 PodStatus {
                     name: key.name.clone(),
@@ -528,7 +529,7 @@ impl Enrollment {
                     certificate_pending: mp.cert_pending,
                     failure_policy: if mp.fail_open { "open" } else { "closed" },
                     attached: self.datapath.is_attached(&mp.cgroup),
-                    inbound_capture: mp.netns.as_ref().is_some_and(|ns| self.datapath.is_netns_attached(ns.file()))
+                    inbound_capture: mp.netns.as_ref().is_some_and(|ns| self.datapath.is_netns_attached(ns))
                         && mp.ips.iter().all(|ip| self.datapath.has_inbound_listener(*ip)),
                     listeners: mp
                         .listeners
@@ -555,3 +556,6 @@ fn close_later(l: PodListeners) {
         l.close();
     });
 }
+
+#[cfg(test)]
+mod tests;

@@ -18,7 +18,7 @@
 //! | [`proxy`] | in-pod listeners, tunnel, relays |
 //! | [`policy`] | authorization: path normalization, pure policy evaluation |
 //! | [`route`] | HTTP routing: validation, pure route selection (the schema is [`state::route`]) |
-//! | [`enroll`] | keeps kernel and listeners in line with `state` |
+//! | [`enroll`] | keeps kernel and listeners in line with `state`; the kernel behind [`enroll::Kernel`] (eBPF on a node) |
 //! | [`lifecycle`] | the node lock, `mesh-agent uninstall` |
 //! | [`access_log`] | one JSON line per request and connection, never blocking |
 //! | [`logging`] | the agent's log filter, changeable at run time |
@@ -26,8 +26,8 @@
 //! | [`telemetry`] | distributed tracing (OTLP/gRPC) |
 //! | [`admin`] | `/healthz`, `/ready`, `/status`, `/metrics`, `/config_dump`, `/logging` |
 //! | [`status_view`] | `/status` as the tables of `mesh-agent status` (one node, all nodes) |
-//! | [`app`] | wiring, runtimes, shutdown |
-//! | `testing` | (feature `testing`) the data path in-process: agents and pods on loopback |
+//! | [`app`] | wiring: [`app::build`] returns the agent bound ([`app::Bound`]: addresses, readiness, shutdown); [`app::run`]: runtimes, signals |
+//! | `testing` | (feature `testing`; unit tests) in-process proxies and whole agents: pods on loopback, the kernel in memory |
 
 pub mod access_log;
 pub mod admin;
@@ -57,7 +57,9 @@ pub mod state;
 pub mod status_view;
 pub mod telemetry;
 pub mod tls;
-#[cfg(feature = "testing")]
+// In the crate's own unit tests too: they share the in-memory kernel and
+// the loopback mesh with the integration tests.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 #[cfg(test)]

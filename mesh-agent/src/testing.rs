@@ -43,6 +43,12 @@ use crate::{
 /// certificate): a guard against hanging, not a measurement.
 const PATIENCE: Duration = Duration::from_secs(10);
 
+mod kernel;
+mod node;
+
+pub use kernel::{KernelState, MemoryError, MemoryKernel, MemoryNetns};
+pub use node::{FileMesh, Node};
+
 /// A mesh state and its CA, shared by the agents of a test.
 pub struct Mesh {
     state: watch::Sender<Snapshot>,
@@ -54,17 +60,8 @@ impl Mesh {
     /// `yaml`: a local-file mesh state; every `NET` in it becomes this
     /// mesh's own `127.x.y` prefix.
     pub fn new(yaml: &str) -> Self {
-        // Random per process, then one after the other: tests of one binary
-        // never share a prefix, and two binaries rarely do.
-        static BASE: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
-        static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-        let n = BASE.get_or_init(rand::random).wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let net = [127, (n >> 8) as u8 % 254 + 1, n as u8];
-        // The local file refuses loopback pod addresses (rightly, on a
-        // node): parsed with a documentation prefix, then moved.
-        let text = yaml.replace("NET", "198.51.100");
-        let parsed = crate::localfile::parse(Path::new("testing.yaml"), &text).expect("the test's mesh state parses");
-        let (tx, _) = watch::channel(Arc::new(on_loopback(parsed, net)));
+        let net = fresh_net();
+        let (tx, _) = watch::channel(Arc::new(on_loopback(parse(yaml), net)));
         Self { state: tx, ca: Arc::new(Authority::in_memory().expect("an in-memory CA")), net }
     }
 
@@ -85,14 +82,10 @@ impl Mesh {
     /// The agent of `node`, serving each enrolled pod the state puts there,
     /// every one with its workload certificate.
     pub async fn agent(&self, node: &str) -> Agent {
-        let rx = self.state.subscribe();
-        let certs = CertManager::new(Arc::new(LocalCaClient::new(self.ca.clone(), node, rx.clone())), ManagerConfig::default());
-        let metrics = Arc::new(Metrics::default());
-        let access_log = Arc::new(AccessLog::start(&Target::Off).expect("no access log"));
-        let telemetry = Arc::new(Telemetry { metrics: metrics.clone(), access_log, tracer: Tracer::disabled() });
         let orig = Arc::new(OrigDstTable::default());
+        let metrics = Arc::new(Metrics::default());
         let ports = Ports::default();
-        let proxy = Proxy::new(rx, orig.clone(), certs, Arc::default(), ports, tokio::runtime::Handle::current(), telemetry);
+        let proxy = self.proxy(node, orig.clone(), metrics.clone());
         let state = self.snapshot();
         let mut pods = BTreeMap::new();
         for pod in state.pods_on_node(node).filter(|p| state.is_enrolled(p)) {
@@ -118,9 +111,47 @@ impl Mesh {
     }
 }
 
+impl Mesh {
+    /// A new mesh state (same rules as [`Mesh::new`]), for the agents to see.
+    pub fn update(&self, yaml: &str) {
+        self.state.send_replace(Arc::new(on_loopback(parse(yaml), self.net)));
+    }
+
+    /// A proxy for `node`, serving no pod yet: its certificates from this
+    /// mesh's CA, original destinations from `orig`.
+    pub fn proxy(&self, node: &str, orig: Arc<dyn OrigDstLookup>, metrics: Arc<Metrics>) -> Arc<Proxy> {
+        let rx = self.state.subscribe();
+        let certs = CertManager::new(Arc::new(LocalCaClient::new(self.ca.clone(), node, rx.clone())), ManagerConfig::default());
+        let access_log = Arc::new(AccessLog::start(&Target::Off).expect("no access log"));
+        let telemetry = Arc::new(Telemetry { metrics, access_log, tracer: Tracer::disabled() });
+        Proxy::new(rx, orig, certs, Arc::default(), Ports::default(), tokio::runtime::Handle::current(), telemetry)
+    }
+}
+
+/// A `127.x.y` prefix of a test's own.
+pub(crate) fn fresh_net() -> [u8; 3] {
+    // Random per process, then one after the other: tests of one binary
+    // never share a prefix, and two binaries rarely do.
+    static BASE: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let n = BASE.get_or_init(rand::random).wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    [127, (n >> 8) as u8 % 254 + 1, n as u8]
+}
+
+/// A test's mesh state: every `NET` written as the documentation prefix
+/// the local file accepts (it refuses loopback pod addresses, rightly, on
+/// a node), to be moved onto loopback by [`on_loopback`].
+fn parse(yaml: &str) -> MeshState {
+    let text = yaml.replace("NET", DOC_NET);
+    crate::localfile::parse(Path::new("testing.yaml"), &text).expect("the test's mesh state parses")
+}
+
+/// The prefix a test's `NET` is written as in a file.
+const DOC_NET: &str = "198.51.100";
+
 /// The state with its `198.51.100.n` pod and service addresses moved to
 /// `net.n`.
-fn on_loopback(s: MeshState, net: [u8; 3]) -> MeshState {
+pub(crate) fn on_loopback(s: MeshState, net: [u8; 3]) -> MeshState {
     let move_ip = |ip: &mut IpAddr| {
         if let IpAddr::V4(v4) = ip
             && v4.octets()[..3] == [198, 51, 100]
@@ -204,7 +235,7 @@ impl Drop for Agent {
 
 /// The original-destination map: client address -> where it was going.
 #[derive(Default)]
-struct OrigDstTable(Mutex<HashMap<SocketAddr, SocketAddr>>);
+pub(crate) struct OrigDstTable(Mutex<HashMap<SocketAddr, SocketAddr>>);
 
 impl OrigDstLookup for OrigDstTable {
     fn take(&self, client: SocketAddr) -> Option<SocketAddr> {

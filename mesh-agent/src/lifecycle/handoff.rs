@@ -29,6 +29,7 @@ use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -194,9 +195,9 @@ pub trait Source: Send + Sync {
     fn taken(&self);
 }
 
-/// The old agent's side: serves handoffs on `path` until one succeeds.
-/// Runs on a thread of its own.
-pub fn serve(path: &Path, source: std::sync::Arc<dyn Source>) -> Result<std::thread::JoinHandle<()>, Error> {
+/// The old agent's side: serves handoffs on `path` until one succeeds or
+/// [`Server::stop`]. Runs on a thread of its own.
+pub fn serve(path: &Path, source: std::sync::Arc<dyn Source>) -> Result<Server, Error> {
     let sock_err = |source| Error::Socket { path: path.to_owned(), source };
     let listener = seqpacket().map_err(sock_err)?;
     match std::fs::remove_file(path) {
@@ -206,12 +207,19 @@ pub fn serve(path: &Path, source: std::sync::Arc<dyn Source>) -> Result<std::thr
     let addr = UnixAddr::new(path).map_err(|e| sock_err(nix_io(e)))?;
     socket::bind(listener.as_raw_fd(), &addr).map_err(|e| sock_err(nix_io(e)))?;
     socket::listen(&listener, socket::Backlog::new(4).expect("valid backlog")).map_err(|e| sock_err(nix_io(e)))?;
+    let wake = listener.try_clone().map_err(sock_err)?;
+    let stopping = std::sync::Arc::new(AtomicBool::new(false));
+    let stop = stopping.clone();
     let path = path.to_owned();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("handoff".into())
         .spawn(move || {
             loop {
-                let conn = match socket::accept(listener.as_raw_fd()) {
+                let accepted = socket::accept(listener.as_raw_fd());
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let conn = match accepted {
                     // SAFETY: accept returned a new descriptor we own.
                     Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
                     Err(e) => {
@@ -230,7 +238,29 @@ pub fn serve(path: &Path, source: std::sync::Arc<dyn Source>) -> Result<std::thr
                 }
             }
         })
-        .map_err(|e| Error::Socket { path: PathBuf::new(), source: e })
+        .map_err(|e| Error::Socket { path: PathBuf::new(), source: e })?;
+    Ok(Server { thread, stopping, wake })
+}
+
+/// The handoff server of a running agent.
+pub struct Server {
+    thread: std::thread::JoinHandle<()>,
+    stopping: std::sync::Arc<AtomicBool>,
+    /// The listening socket, to wake the thread's `accept`.
+    wake: OwnedFd,
+}
+
+impl Server {
+    /// Stops serving (the agent is done) and waits for the thread, so what
+    /// the [`Source`] holds (duplicates of the agent's listeners) is closed
+    /// when this returns. A handoff under way finishes first.
+    pub fn stop(self) {
+        self.stopping.store(true, Ordering::Release);
+        // Shutting the listening socket down fails its `accept` (EINVAL):
+        // no connection to the path, which may be a successor's by now.
+        let _ = socket::shutdown(self.wake.as_raw_fd(), socket::Shutdown::Read);
+        let _ = self.thread.join();
+    }
 }
 
 fn hand_over(conn: &OwnedFd, source: &dyn Source) -> Result<(), Error> {
@@ -430,8 +460,19 @@ mod tests {
         assert_eq!(offer.pods[0].pod.name, "web-0");
         assert_eq!(offer.pods[0].netns_cookie, 7);
         taking.confirm().unwrap();
-        server.join().unwrap();
+        server.stop();
         assert_eq!(*rec.events.lock().unwrap(), ["paused", "taken"]);
+    }
+
+    #[test]
+    fn a_stopped_server_lets_go_of_what_it_would_hand_over() {
+        let (path, rec, _) = setup("stop");
+        let server = serve(&path, rec.clone()).unwrap();
+        assert_eq!(Arc::strong_count(&rec), 2, "the server holds the source");
+        server.stop();
+        assert_eq!(Arc::strong_count(&rec), 1, "the source (and the listeners it holds) released");
+        assert!(request(&path).unwrap().is_none(), "nobody serves handoffs any more");
+        assert!(rec.events.lock().unwrap().is_empty(), "no handoff started: {:?}", rec.events.lock().unwrap());
     }
 
     #[test]
