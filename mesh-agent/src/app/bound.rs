@@ -21,7 +21,7 @@ use crate::{
 
 /// What SIGTERM does to a [`Bound`] agent: stop accepting, drain, stop.
 /// Cloned freely; triggering twice is triggering once.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Shutdown(pub(super) CancellationToken);
 
 impl Shutdown {
