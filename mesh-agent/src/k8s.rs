@@ -7,6 +7,7 @@
 //! | [`agents`] | `mesh-agent status --all-nodes`: every agent's `/status` through the API server's pod proxy |
 //! | [`crd`] | the custom resources as Rust types; `deploy/crds.yaml` is generated from them |
 //! | [`convert`] | Kubernetes objects to state values (pure) |
+//! | [`gateway`] | Gateway API `HTTPRoute` / `GRPCRoute` as kube resources, their route status (`status.parents`) |
 //! | [`source`] | watchers + reflectors, the state builder, `/status` numbers |
 //! | [`status`] | the `Accepted` condition on the mesh's objects |
 //! | [`podpaths`] | a pod's netns and cgroup on a real node, from /proc and the runtime's cgroup layout |
@@ -15,6 +16,7 @@
 pub mod agents;
 pub mod convert;
 pub mod crd;
+pub mod gateway;
 pub mod podpaths;
 pub mod source;
 pub mod status;

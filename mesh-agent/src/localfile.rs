@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::state::{self, Labels, MeshState, PodKey};
 
+mod objects;
 mod watch_file;
 pub use watch_file::{ReloadStats, watch};
 
@@ -150,15 +151,12 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
 /// enrollment label's key must be its value or `disabled`.
 pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshState, Error> {
     let enrollment = &scope.enrollment;
-    let file: File = serde_yaml::from_str(text).map_err(|e| Error::Parse {
-        file: path.to_owned(),
-        message: e.to_string(),
-    })?;
     let invalid = |field: String, reason: String| Error::Invalid {
         file: path.to_owned(),
         field,
         reason,
     };
+    let (file, objects) = documents(path, text)?;
 
     check_dns_label("trustDomain", &file.trust_domain.replace('.', "-")).map_err(|r| invalid("trustDomain".into(), r))?;
 
@@ -362,11 +360,93 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
         }
     }
 
+    let mut routes = file.http_routes;
+    routes.extend(gateway_routes(&objects, &ns_names, &services).map_err(|(f, r)| invalid(f, r))?);
+
     Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services)
         .with_peer_authentications(peer_auths)
         .with_authorization_policies(file.authorization_policies)
-        .with_routes(file.http_routes)
+        .with_routes(routes)
         .with_scope(scope.clone()))
+}
+
+/// The file as a YAML stream: the mesh document (at most one document
+/// without `apiVersion` and `kind`; none: an empty mesh) and the
+/// Kubernetes objects ([`objects`]).
+fn documents(path: &Path, text: &str) -> Result<(File, objects::Objects), Error> {
+    let parse = |e: serde_yaml::Error| Error::Parse { file: path.to_owned(), message: e.to_string() };
+    let mut mesh_doc = None;
+    let mut objects = objects::Objects::default();
+    let mut count = 0;
+    for (i, d) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        count += 1;
+        let v = match serde_yaml::Value::deserialize(d) {
+            Ok(v) => v,
+            // Read as the mesh document, so its message is the one the
+            // field-by-field reading gives (unknown fields before a
+            // duplicate key, as always).
+            Err(e) => {
+                let d = serde_yaml::Deserializer::from_str(text).nth(i).expect("this document");
+                File::deserialize(d).map_err(parse)?;
+                return Err(parse(e));
+            }
+        };
+        if v.is_null() {
+            continue;
+        }
+        if objects::is_object(&v) {
+            objects::add(&mut objects, i, v).map_err(|(field, reason)| Error::Invalid { file: path.to_owned(), field, reason })?;
+        } else if let Some(first) = mesh_doc.replace(i) {
+            return Err(Error::Invalid {
+                file: path.to_owned(),
+                field: format!("documents[{i}]"),
+                reason: format!("a second mesh document (the first is documents[{first}]); every other document must be a Kubernetes object (apiVersion, kind)"),
+            });
+        }
+    }
+    let file = match mesh_doc {
+        // Read again from its own text, so messages keep their lines.
+        Some(i) => {
+            let d = serde_yaml::Deserializer::from_str(text).nth(i).expect("counted above");
+            File::deserialize(d).map_err(parse)?
+        }
+        None if count <= 1 => serde_yaml::from_str(text).map_err(parse)?,
+        None => serde_yaml::from_str("{}").map_err(parse)?,
+    };
+    Ok((file, objects))
+}
+
+/// The Gateway API routes of the file, converted as the cluster's are
+/// ([`crate::route::gateway::convert`]). A route not accepted for one of
+/// its Service parents is an invalid file (the last good state keeps
+/// serving); unresolved backends are applied as Gateway API says (500 for
+/// their share) and logged.
+fn gateway_routes(objects: &objects::Objects, ns_names: &HashSet<String>, services: &[state::Service]) -> Result<Vec<crate::route::HttpRoute>, (String, String)> {
+    use crate::route::gateway::{RouteObject, Spec, convert};
+    let mut out = Vec::new();
+    let mut keys = HashSet::new();
+    let http = objects.http_routes.iter().map(|o| (&o.at, &o.metadata, Spec::Http(&o.spec)));
+    let grpc = objects.grpc_routes.iter().map(|o| (&o.at, &o.metadata, Spec::Grpc(&o.spec)));
+    for (at, meta, spec) in http.chain(grpc) {
+        let ns = meta.namespace.as_deref().unwrap_or_default();
+        check_dns_label("metadata.name", &meta.name).map_err(|r| (format!("{at}.metadata.name"), r))?;
+        if !ns_names.contains(ns) {
+            return Err((format!("{at}.metadata.namespace"), format!("namespace {ns:?} is not declared under `namespaces`")));
+        }
+        if !keys.insert((spec.kind(), ns.to_owned(), meta.name.clone())) {
+            return Err((format!("{at}.metadata.name"), format!("{} {ns}/{} is declared twice", spec.kind(), meta.name)));
+        }
+        let obj = RouteObject { namespace: ns, name: &meta.name, created: meta.creation_timestamp.clone(), spec };
+        let converted = convert(&obj, services);
+        if let Some(p) = converted.parents.iter().find(|p| !p.accepted.status) {
+            return Err((format!("{at}.spec.parentRefs"), format!("{}: {}", p.accepted.reason, p.accepted.message)));
+        }
+        if let Some(p) = converted.parents.iter().find(|p| !p.resolved_refs.status) {
+            tracing::warn!(route = %at, reason = p.resolved_refs.reason, "{}", p.resolved_refs.message);
+        }
+        out.extend(converted.routes);
+    }
+    Ok(out)
 }
 
 /// Kubernetes object names are DNS labels (RFC 1123): lower-case

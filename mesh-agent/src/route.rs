@@ -9,14 +9,29 @@
 //! on each new state snapshot:  routes = RouteTable::from_state(&state)
 //! per HTTP request to a service (ns, name):
 //!                              path = policy::normalize_path(target)?      -> 400 on Err
-//!                              req = RequestView { method, path: path.path(), headers }
+//!                              req = RequestView { method, path: path.path(), query, headers, client_namespace, port }
 //!                              sel = routes.select(ns, name, &req, rand_below_100)
-//!   None:                      no route or no rule matched: any endpoint, default_retry_policy(), no timeout
-//!   Some(sel):                 endpoints = service endpoints filtered by sel.backend.selects(&pod.labels)
+//!   NoRoute:                   no route or no rule matched: any endpoint, default_retry_policy(), no timeout
+//!   Unmatched:                 Gateway API routes attached, no rule matched: 404
+//!   Rule(sel):                 sel.rule.filters (redirect: answer; mirror, rewrite, headers), then
+//!                              endpoints = the backend's service (sel.backend.service, else this one)
+//!                              filtered by sel.backend.selects(&pod.labels); no backend or an invalid one: 500
 //!                              whole request bounded by sel.timeout (504 on expiry),
 //!                              retries by sel.retry (see RetryPolicy)
 //! per service, for limits:     routes.service_policy(ns, name) -> circuit breaker, outlier detection
 //! ```
+//!
+//! # Two forms, one model
+//!
+//! Gateway API `HTTPRoute` / `GRPCRoute` objects attached to a Service
+//! ([`gateway`], from the cluster or the local file) and the local file's
+//! `httpRoutes` become the same [`HttpRoute`]s. Gateway API routes carry an
+//! [`Attachment`]: several may attach to one service, consumer routes apply
+//! to their own namespace's clients only, and their matches rank by the
+//! HTTPRoute spec's precedence across routes ([`RouteTable::select`]); when
+//! any applies to a request, the service's `httpRoutes` rules do not (its
+//! service-level settings still do). The rest of this doc is the
+//! `httpRoutes` form.
 //!
 //! # Schema (`httpRoutes` in the local file)
 //!
@@ -120,13 +135,14 @@
 //!   `httpRoutes[0].rules[1].backends: weights add up to 90, not 100`. An
 //!   invalid route rejects the whole edit: the previous state keeps serving.
 
+pub mod gateway;
 mod table;
 mod validate;
 
 /// The route schema lives beside the state it is part of
 /// ([`crate::state::route`]); this module gives it its meaning.
 pub use crate::state::route::*;
-pub use table::{RequestView, RouteTable, Selected, ServicePolicy, parse_cookies};
+pub use table::{RequestView, RouteTable, Selected, Selection, ServicePolicy, parse_cookies};
 pub use validate::{InvalidRoute, validate};
 
 #[cfg(test)]

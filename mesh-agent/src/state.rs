@@ -553,15 +553,27 @@ impl MeshState {
         let ip = dst.ip().to_canonical();
         let svc = self.services.iter().find(|s| s.ips.contains(&ip))?;
         let port = svc.ports.iter().find(|p| p.port == dst.port())?;
+        Some(self.target(svc, port, ip.is_ipv4()))
+    }
+
+    /// A service port by name (a Gateway API backendRef), with its
+    /// endpoints in a stable order (IPv4 addresses preferred).
+    pub fn service_port_target(&self, ns: &str, name: &str, port: u16) -> Option<ServiceTarget<'_>> {
+        let svc = self.services.iter().find(|s| s.namespace == ns && s.name == name)?;
+        let port = svc.ports.iter().find(|p| p.port == port)?;
+        Some(self.target(svc, port, true))
+    }
+
+    fn target<'a>(&'a self, svc: &'a Service, port: &'a ServicePort, v4: bool) -> ServiceTarget<'a> {
         let endpoints = self
             .endpoints(svc)
             .filter(|p| !p.ips.is_empty())
             .map(|pod| {
-                let pod_ip = pod.ips.iter().find(|a| a.is_ipv4() == ip.is_ipv4()).unwrap_or(&pod.ips[0]);
+                let pod_ip = pod.ips.iter().find(|a| a.is_ipv4() == v4).unwrap_or(&pod.ips[0]);
                 Endpoint { dest: self.destination(pod, SocketAddr::new(*pod_ip, port.target_port)), labels: &pod.labels }
             })
             .collect();
-        Some(ServiceTarget { service: svc, port, endpoints })
+        ServiceTarget { service: svc, port, endpoints }
     }
 
     /// A pod as a destination: through the mesh when it is enrolled.

@@ -54,7 +54,8 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
     ("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices", true),
     ("AuthorizationPolicy", "nodemesh.io", "v1alpha1", "authorizationpolicies", true),
     ("PeerAuthentication", "nodemesh.io", "v1alpha1", "peerauthentications", true),
-    ("MeshHTTPRoute", "nodemesh.io", "v1alpha1", "meshhttproutes", true),
+    ("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes", true),
+    ("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes", true),
 ];
 
 #[derive(Clone, Debug)]

@@ -383,13 +383,25 @@ async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
     api.apply_json(json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "PeerAuthentication",
         "metadata": {"name": "strict", "namespace": "shop"}, "spec": {"mode": 3}}))
     .unwrap();
-    api.apply_json(json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "MeshHTTPRoute",
-        "metadata": {"name": "canary", "namespace": "shop"}, "spec": {"service": "nowhere", "rules": [{"backends": [{}]}]}}))
+    api.apply_json(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "canary", "namespace": "shop"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "nowhere"}, {"name": "some-gateway"}],
+                 "rules": [{"backendRefs": [{"name": "nowhere", "port": 80}]}]}}))
     .unwrap();
     let c = until_condition(&api, "PeerAuthentication", "strict", "False", 1).await;
     assert_eq!(c["reason"], "Invalid");
-    let c = until_condition(&api, "MeshHTTPRoute", "canary", "False", 1).await;
-    assert_eq!(c["reason"], "ServiceNotFound", "{c}");
+    // Gateway API route status: one entry, ours (the Gateway parent is not).
+    let mut parents = Value::Null;
+    until("HTTPRoute canary: status.parents written", || {
+        parents = api.get("HTTPRoute", "shop", "canary").map(|o| o["status"]["parents"].clone()).unwrap_or_default();
+        parents.as_array().is_some_and(|p| !p.is_empty())
+    })
+    .await;
+    assert_eq!(parents.as_array().unwrap().len(), 1, "{parents}");
+    assert_eq!(parents[0]["controllerName"], "nodemesh.io/mesh-agent");
+    assert_eq!(parents[0]["parentRef"]["name"], "nowhere");
+    let accepted = &parents[0]["conditions"][0];
+    assert_eq!((&accepted["type"], &accepted["status"], &accepted["reason"]), (&json!("Accepted"), &json!("False"), &json!("NoMatchingParent")), "{parents}");
     let s = agent.state.borrow().clone();
     assert_eq!(s.authorization_policies, good.authorization_policies, "enforcement unchanged");
     assert!(s.peer_authentications.is_empty() && s.routes.is_empty());
@@ -435,7 +447,7 @@ mod ca {
         api.set_token("token-unbound", json!({"authenticated": true, "audiences": ["nodemesh-ca"], "user": {"username": AGENT}}));
 
         // The CA reads namespaces and pods only: its RBAC grants nothing else.
-        for resource in ["services", "endpointslices", "authorizationpolicies", "peerauthentications", "meshhttproutes"] {
+        for resource in ["services", "endpointslices", "authorizationpolicies", "peerauthentications", "httproutes", "grpcroutes"] {
             api.deny("list", resource);
             api.deny("watch", resource);
         }

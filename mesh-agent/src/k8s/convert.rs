@@ -16,7 +16,7 @@ use k8s_openapi::{
 };
 
 use super::crd;
-use crate::{route::HttpRoute, state};
+use crate::state;
 
 /// EndpointSlices name their service with this label.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -214,44 +214,6 @@ pub fn peer_authentication(obj: &crd::PeerAuthentication) -> Result<state::PeerA
     })
 }
 
-/// The route with everything checked that does not depend on other
-/// objects; whether its service exists (with an HTTP port) is checked when
-/// the state is built ([`route_service`]), since services come and go.
-pub fn route(obj: &crd::MeshHTTPRoute) -> Result<HttpRoute, Refused> {
-    let (name, namespace) = name_and_namespace(&obj.metadata);
-    let spec = obj.spec.clone();
-    let route = HttpRoute {
-        name,
-        namespace: namespace.clone(),
-        service: spec.service.clone(),
-        rules: spec.rules,
-        circuit_breaker: spec.circuit_breaker,
-        outlier_detection: spec.outlier_detection,
-        load_balancer: spec.load_balancer,
-    };
-    // A stand-in service with an HTTP port, so that only the route's own
-    // structure is judged here.
-    let stand_in = state::Service {
-        name: spec.service,
-        namespace,
-        ips: Vec::new(),
-        selector: Labels::new(),
-        ports: vec![state::ServicePort { name: "http".into(), port: 80, target_port: 80, app_protocol: None }],
-        endpoint_ips: None,
-    };
-    crate::route::validate(&route, std::slice::from_ref(&stand_in)).map_err(|e| Refused::invalid(&e.field, e.reason))?;
-    Ok(route)
-}
-
-/// Whether a structurally valid route's service exists with an HTTP port.
-pub fn route_service(route: &HttpRoute, services: &[state::Service]) -> Result<(), Refused> {
-    crate::route::validate(route, services).map_err(|e| Refused {
-        reason: "ServiceNotFound",
-        message: format!("spec.{}: {}", e.field, e.reason.replace("is not declared under `services`", "does not exist")),
-    })
-}
-
-use state::Labels;
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,11 @@
 //! The mesh's custom resources, group `nodemesh.io`, version `v1alpha1`.
 //!
+//! Routes are Gateway API's own `HTTPRoute` and `GRPCRoute` ([`super::gateway`]);
+//! the `MeshHTTPRoute` kind of earlier versions is retired (README: "Gateway
+//! API for mesh", moving from it).
+//!
 //! The specs reuse the local file's schema types ([`crate::state`] for
-//! authorization and peer authentication, [`crate::route`] for routes), so a
+//! authorization and peer authentication), so a
 //! policy means the same thing whichever source carries it, and the same
 //! validation ([`crate::policy::validate`], [`crate::route::validate`])
 //! applies. Name and namespace come from the object's metadata.
@@ -16,10 +20,7 @@ use kube::{CustomResource, CustomResourceExt as _};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    route::{CircuitBreaker, OutlierDetection, RouteRule},
-    state::{AuthzAction, AuthzRule, Labels, PeerAuthMode},
-};
+use crate::state::{AuthzAction, AuthzRule, Labels, PeerAuthMode};
 
 pub const GROUP: &str = "nodemesh.io";
 pub const VERSION: &str = "v1alpha1";
@@ -74,36 +75,6 @@ pub struct PeerAuthenticationSpec {
     pub mode: PeerAuthMode,
 }
 
-/// HTTP routing for one service of the namespace: ordered rules, weighted
-/// backends over pod-label subsets, timeouts, retries, circuit breaking and
-/// outlier detection. (Our own kind rather than Gateway API HTTPRoute: see
-/// the README, "Kubernetes".)
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "nodemesh.io",
-    version = "v1alpha1",
-    kind = "MeshHTTPRoute",
-    plural = "meshhttproutes",
-    namespaced,
-    status = "MeshStatus",
-    shortname = "nmroute",
-    category = "nodemesh",
-    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
-    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
-)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MeshHTTPRouteSpec {
-    /// The service of this namespace whose traffic the route steers.
-    pub service: String,
-    pub rules: Vec<RouteRule>,
-    #[serde(default)]
-    pub circuit_breaker: CircuitBreaker,
-    #[serde(default)]
-    pub outlier_detection: OutlierDetection,
-    #[serde(default)]
-    pub load_balancer: crate::route::LoadBalancer,
-}
-
 /// What the agents report on each object: one `Accepted` condition (True,
 /// or False with the reason the object is ignored).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -115,7 +86,7 @@ pub struct MeshStatus {
 
 /// The CRDs, in the order `deploy/crds.yaml` lists them.
 pub fn definitions() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
-    vec![AuthorizationPolicy::crd(), PeerAuthentication::crd(), MeshHTTPRoute::crd()]
+    vec![AuthorizationPolicy::crd(), PeerAuthentication::crd()]
 }
 
 /// `deploy/crds.yaml`: every CRD as one multi-document YAML, with a header

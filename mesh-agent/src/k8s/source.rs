@@ -15,12 +15,19 @@
 //! | Pods, `spec.nodeName=<node>` | this node | the pods this agent enrolls (netns and cgroup found on the node) |
 //! | Pods | cluster | destinations on other nodes: address, labels, service account (the identity to expect) |
 //! | Services, EndpointSlices | cluster | virtual IPs, ports, `appProtocol`, ready endpoints |
-//! | the three CRDs | cluster | policies and routes |
+//! | the mesh's CRDs | cluster | policies |
+//! | Gateway API `HTTPRoute`, `GRPCRoute` | cluster | routes (GAMMA: parentRefs to Services); optional, see below |
 //!
 //! A mesh object that cannot be read (unknown field, wrong type) or fails
 //! validation is left out and reported on its status; if an earlier version
 //! of the same object was valid, that version stays in force, so a bad edit
 //! never changes enforcement.
+//!
+//! Gateway API's CRDs are the cluster operator's to install: while the API
+//! has no `httproutes` / `grpcroutes` (a 404), the state is built without
+//! them, the agent says so once, and the watch keeps retrying, so routes
+//! are read as soon as the CRDs appear. Route status is written as the
+//! spec says ([`super::gateway`]).
 
 use std::{
     collections::BTreeMap,
@@ -51,7 +58,7 @@ use tokio::sync::{Notify, watch};
 
 use super::{
     convert::{self, Refused},
-    crd,
+    crd, gateway,
     status::{self, Verdict},
 };
 use crate::{
@@ -147,13 +154,14 @@ const SERVICES: Input = Input { name: "services", group: "", resource: "services
 const SLICES: Input = Input { name: "endpointslices", group: "discovery.k8s.io", resource: "endpointslices" };
 const AUTHZ: Input = Input { name: "authorizationpolicies", group: crd::GROUP, resource: "authorizationpolicies" };
 const PEER_AUTH: Input = Input { name: "peerauthentications", group: crd::GROUP, resource: "peerauthentications" };
-const ROUTES: Input = Input { name: "meshhttproutes", group: crd::GROUP, resource: "meshhttproutes" };
+const HTTP_ROUTES: Input = Input { name: "httproutes", group: crate::route::gateway::api::GROUP, resource: "httproutes" };
+const GRPC_ROUTES: Input = Input { name: "grpcroutes", group: crate::route::gateway::api::GROUP, resource: "grpcroutes" };
 
 /// Every (group, resource, verb) the watchers use (cluster-wide), with or
 /// without [`Options::pods_only`].
 pub fn watch_permissions(pods_only: bool) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
-    let inputs: &[Input] = if pods_only { &[NAMESPACES, PODS] } else { &[NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, ROUTES] };
+    let inputs: &[Input] = if pods_only { &[NAMESPACES, PODS] } else { &[NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, HTTP_ROUTES, GRPC_ROUTES] };
     for i in inputs {
         for verb in ["list", "watch"] {
             out.push((i.group.to_owned(), i.resource.to_owned(), verb.to_owned()));
@@ -164,7 +172,7 @@ pub fn watch_permissions(pods_only: bool) -> Vec<(String, String, String)> {
 
 /// What reporting the mesh objects' status takes (`write_status`).
 pub fn status_permissions() -> Vec<(String, String, String)> {
-    [AUTHZ, PEER_AUTH, ROUTES]
+    [AUTHZ, PEER_AUTH, HTTP_ROUTES, GRPC_ROUTES]
         .iter()
         .map(|i| (i.group.to_owned(), format!("{}/status", i.resource), "patch".to_owned()))
         .collect()
@@ -192,6 +200,10 @@ pub fn describe(input: &str, group: &str, resource: &str, e: &watcher::Error) ->
             "{input}: permission denied: the agent's service account may not {verb} {resource} (API group {g}); \
              grant `{verb}` (and `list`, `watch`) on {resource} in its ClusterRole (deploy/rbac.yaml). API server said: {msg}"
         ),
+        Some((404, msg)) if group == crate::route::gateway::api::GROUP => format!(
+            "{input}: the API has no {resource}.{group}: Gateway API's CRDs are not installed, so no routes are read \
+             (the agent works on without them and reads them once they are installed). API server said: {msg}"
+        ),
         Some((404, msg)) if group == crd::GROUP => format!(
             "{input}: the API has no {resource}.{group}: are the CRDs installed (kubectl apply -f deploy/crds.yaml)? API server said: {msg}"
         ),
@@ -211,11 +223,21 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
 
     macro_rules! input {
         ($api:expr, $cfg:expr, $what:expr) => {{
-            let (store, fut) = reflect($api, $cfg, $what, stats.clone(), wake.clone());
+            let (store, fut) = reflect($api, $cfg, $what, stats.clone(), wake.clone(), None);
             tasks.push(Box::pin(fut));
             store
         }};
     }
+    // Inputs whose kind may not exist in the API (Gateway API's CRDs).
+    macro_rules! optional {
+        ($api:expr, $what:expr, $absent:ident) => {{
+            let (store, fut) = reflect($api, watcher::Config::default(), $what, stats.clone(), wake.clone(), Some($absent.clone()));
+            tasks.push(Box::pin(fut));
+            store
+        }};
+    }
+    let http_absent = Arc::new(Absent::default());
+    let grpc_absent = Arc::new(Absent::default());
     let local_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
     let stores = Stores {
         namespaces: input!(Api::<Namespace>::all(client.clone()), watcher::Config::default(), NAMESPACES),
@@ -225,7 +247,10 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
         slices: (!opts.pods_only).then(|| input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES)),
         authz: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), AUTHZ)),
         peer_auth: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), PEER_AUTH)),
-        routes: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), ROUTES)),
+        http_routes: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), HTTP_ROUTES, http_absent)),
+        grpc_routes: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), GRPC_ROUTES, grpc_absent)),
+        http_absent,
+        grpc_absent,
     };
     let builder = build_loop(client, opts, stores, tx, stats.clone(), wake);
     let fut = async move {
@@ -263,6 +288,7 @@ fn reflect<K>(
     what: Input,
     stats: Arc<Stats>,
     wake: Arc<Notify>,
+    absent: Option<Arc<Absent>>,
 ) -> (Store<K>, impl Future<Output = ()> + Send)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static + Slim,
@@ -290,8 +316,25 @@ where
                     });
                     if done {
                         tracing::debug!(input = what.name, "listed");
+                        if let Some(a) = &absent
+                            && a.flag.swap(false, std::sync::atomic::Ordering::SeqCst)
+                        {
+                            tracing::info!(input = what.name, "the API serves {} now: routes are read", what.resource);
+                        }
                     }
                     wake.notify_one();
+                }
+                Err(e) if absent.is_some() && is_not_found(&e) => {
+                    let a = absent.as_ref().expect("checked");
+                    if !a.flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        tracing::warn!("{}", describe(what.name, what.group, what.resource, &e));
+                        a.notify.notify_waiters();
+                        wake.notify_one();
+                    }
+                    stats.update(|s| {
+                        let w = s.watches.entry(what.name).or_default();
+                        w.last_error = Some(format!("{} not installed (optional)", what.resource));
+                    });
                 }
                 Err(e) => {
                     let msg = describe(what.name, what.group, what.resource, &e);
@@ -306,6 +349,36 @@ where
         }
     };
     (store, fut)
+}
+
+/// An optional input's kind is missing from the API (a 404), so the state
+/// is built without it; cleared when it lists.
+#[derive(Default)]
+struct Absent {
+    flag: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Absent {
+    async fn wait(&self) {
+        loop {
+            let n = self.notify.notified();
+            if self.flag.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
 }
 
 /// What a watcher drops from each object before storing it.
@@ -334,7 +407,10 @@ struct Stores {
     slices: Option<Store<EndpointSlice>>,
     authz: Option<Store<DeserializeGuard<crd::AuthorizationPolicy>>>,
     peer_auth: Option<Store<DeserializeGuard<crd::PeerAuthentication>>>,
-    routes: Option<Store<DeserializeGuard<crd::MeshHTTPRoute>>>,
+    http_routes: Option<Store<DeserializeGuard<gateway::HttpRoute>>>,
+    grpc_routes: Option<Store<DeserializeGuard<gateway::GrpcRoute>>>,
+    http_absent: Arc<Absent>,
+    grpc_absent: Arc<Absent>,
 }
 
 /// A store's objects; none for an input not watched.
@@ -365,7 +441,14 @@ impl Stores {
         ready(&self.slices).await;
         ready(&self.authz).await;
         ready(&self.peer_auth).await;
-        ready(&self.routes).await;
+        tokio::select! {
+            _ = ready(&self.http_routes) => {}
+            _ = self.http_absent.wait() => {}
+        }
+        tokio::select! {
+            _ = ready(&self.grpc_routes) => {}
+            _ = self.grpc_absent.wait() => {}
+        }
     }
 }
 
@@ -448,8 +531,8 @@ async fn build_loop(
     tracing::info!("kubernetes inputs listed; building the mesh state");
     let mut authz = LastValid::default();
     let mut peer_auth = LastValid::default();
-    let mut routes = LastValid::default();
-    let statuses = status::Writer::new(client, opts.write_status);
+    let mut routes = RouteMemory::new();
+    let statuses = status::Writer::new(client.clone(), opts.write_status);
     loop {
         let built = build(&opts, &stores, &mut authz, &mut peer_auth, &mut routes);
         let unlocated = !built.unlocated.is_empty();
@@ -458,6 +541,7 @@ async fn build_loop(
                 .verdicts
                 .iter()
                 .filter_map(|v| v.refused.as_ref().map(|r| (v.describe(), r.message.clone())))
+                .chain(built.route_refusals.clone())
                 .collect();
             s.unlocated_pods = built.unlocated.clone();
             s.built = true;
@@ -474,6 +558,14 @@ async fn build_loop(
             tracing::info!(pods = tx.borrow().pods.len(), services = tx.borrow().services.len(), "mesh state updated from kubernetes");
         }
         statuses.report(built.verdicts);
+        // Every agent judges a route the same way; the first write makes
+        // the others' identical verdicts no-ops (compared with the status
+        // the watch shows).
+        if opts.write_status {
+            for w in built.route_status {
+                tokio::spawn(gateway::write_status(client.clone(), w.kind, w.meta, w.parents));
+            }
+        }
         // Batch bursts (a relist is many events); retry locating pods whose
         // sandbox was not there yet.
         if unlocated {
@@ -489,6 +581,8 @@ struct Built {
     state: MeshState,
     verdicts: Vec<Verdict>,
     unlocated: BTreeMap<String, String>,
+    route_status: Vec<RouteStatusWrite>,
+    route_refusals: BTreeMap<String, String>,
 }
 
 fn build(
@@ -496,7 +590,7 @@ fn build(
     stores: &Stores,
     authz: &mut LastValid<state::AuthorizationPolicy>,
     peer_auth: &mut LastValid<state::PeerAuthentication>,
-    routes: &mut LastValid<HttpRoute>,
+    routes: &mut RouteMemory,
 ) -> Built {
     let namespaces: Vec<_> = stores.namespaces.state().iter().filter_map(|n| convert::namespace(n)).collect();
 
@@ -541,49 +635,7 @@ fn build(
 
     let a = authz.judge("AuthorizationPolicy", objects(&stores.authz), convert::authorization_policy);
     let p = peer_auth.judge("PeerAuthentication", objects(&stores.peer_auth), convert::peer_authentication);
-    let mut r = routes.judge("MeshHTTPRoute", objects(&stores.routes), convert::route);
-
-    // Routes whose service is missing are left out (and reported); two
-    // routes for one service: the older one wins.
-    let mut in_force: Vec<HttpRoute> = Vec::new();
-    let mut route_problems: BTreeMap<(String, String), Refused> = BTreeMap::new();
-    let created: BTreeMap<(String, String), _> = r
-        .verdicts
-        .iter()
-        .map(|v| {
-            let k = (v.meta.namespace.clone().unwrap_or_default(), v.meta.name.clone().unwrap_or_default());
-            (k, v.meta.creation_timestamp.clone().map(|t| t.0))
-        })
-        .collect();
-    let mut candidates = r.in_force.clone();
-    candidates.sort_by_key(|rt| (created.get(&(rt.namespace.clone(), rt.name.clone())).cloned().flatten(), rt.name.clone()));
-    for rt in candidates {
-        let key = (rt.namespace.clone(), rt.name.clone());
-        if let Err(e) = convert::route_service(&rt, &services) {
-            route_problems.insert(key, e);
-            continue;
-        }
-        if let Some(other) = in_force.iter().find(|o| o.namespace == rt.namespace && o.service == rt.service) {
-            route_problems.insert(
-                key,
-                Refused {
-                    reason: "Conflict",
-                    message: format!("service {}/{} is already routed by {} (one route per service; the older wins)", rt.namespace, rt.service, other.name),
-                },
-            );
-            continue;
-        }
-        in_force.push(rt);
-    }
-    for v in &mut r.verdicts {
-        let k = (v.meta.namespace.clone().unwrap_or_default(), v.meta.name.clone().unwrap_or_default());
-        if v.refused.is_none()
-            && let Some(p) = route_problems.remove(&k)
-        {
-            v.refused = Some(p);
-        }
-    }
-
+    let (mut in_force, route_status, route_refusals) = gateway_routes(stores, routes, &services);
     let mut authz_in_force = a.in_force;
     authz_in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
     let mut peer_in_force = p.in_force;
@@ -603,8 +655,70 @@ fn build(
     .with_scope(opts.scope.clone());
     let mut verdicts = a.verdicts;
     verdicts.extend(p.verdicts);
-    verdicts.extend(r.verdicts);
-    Built { state, verdicts, unlocated }
+    Built { state, verdicts, unlocated, route_status, route_refusals }
+}
+
+/// The last routes of each Gateway API object (by kind, namespace, name)
+/// whose spec the agent could apply, with the object's uid: an edit the
+/// agent cannot apply (`UnsupportedValue`) leaves the earlier version in
+/// force, as for the mesh's own objects.
+type RouteMemory = BTreeMap<(&'static str, String, String), (String, Vec<HttpRoute>)>;
+
+/// A route object whose `status.parents` must be written.
+struct RouteStatusWrite {
+    kind: &'static str,
+    meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    parents: Vec<serde_json::Value>,
+}
+
+/// Every HTTPRoute and GRPCRoute judged against the services: the routes
+/// in force, the status writes due, and the refusals for `/status`.
+fn gateway_routes(stores: &Stores, memory: &mut RouteMemory, services: &[state::Service]) -> (Vec<HttpRoute>, Vec<RouteStatusWrite>, BTreeMap<String, String>) {
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let mut judged = Vec::new();
+    let mut refusals = BTreeMap::new();
+    fn read<S>(kind: &str, objs: Vec<Arc<DeserializeGuard<gateway::RouteResource<S>>>>, services: &[state::Service], judged: &mut Vec<gateway::Judged>, refusals: &mut BTreeMap<String, String>)
+    where
+        gateway::RouteResource<S>: gateway::RouteKind + Resource<DynamicType = ()>,
+    {
+        for o in objs {
+            match &o.0 {
+                Ok(r) => judged.push(gateway::judge(r, r.status.as_ref(), services)),
+                // Unreadable (a field of another channel, a wrong type): its
+                // parents cannot be known, so no status; reported here.
+                Err(invalid) => {
+                    let m = &invalid.metadata;
+                    refusals.insert(format!("{kind} {}/{}", m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default()), format!("cannot read the object: {}", invalid.error));
+                }
+            }
+        }
+    }
+    read("HTTPRoute", objects(&stores.http_routes), services, &mut judged, &mut refusals);
+    read("GRPCRoute", objects(&stores.grpc_routes), services, &mut judged, &mut refusals);
+    let mut in_force = Vec::new();
+    let mut writes = Vec::new();
+    let mut seen = BTreeMap::new();
+    for j in judged {
+        let key = (j.kind, j.meta.namespace.clone().unwrap_or_default(), j.meta.name.clone().unwrap_or_default());
+        let uid = j.meta.uid.clone().unwrap_or_default();
+        seen.insert(key.clone(), ());
+        let unsupported = j.converted.parents.iter().any(|p| p.accepted.reason == "UnsupportedValue");
+        if let Some(why) = j.converted.refusal() {
+            refusals.insert(format!("{} {}/{}", key.0, key.1, key.2), why);
+        }
+        match memory.get(&key) {
+            Some((u, earlier)) if unsupported && *u == uid => in_force.extend(earlier.iter().cloned()),
+            _ => {
+                memory.insert(key, (uid, j.converted.routes.clone()));
+                in_force.extend(j.converted.routes.iter().cloned());
+            }
+        }
+        if let Some(parents) = gateway::desired_parents(&j, &now) {
+            writes.push(RouteStatusWrite { kind: j.kind, meta: j.meta, parents });
+        }
+    }
+    memory.retain(|k, _| seen.contains_key(k));
+    (in_force, writes, refusals)
 }
 
 /// During churn two pods can briefly claim one IP (a deleted pod's address

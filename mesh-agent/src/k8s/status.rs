@@ -108,8 +108,7 @@ async fn patch(client: Client, v: Verdict, status: &'static str, reason: &'stati
     let patch = Patch::Merge(&body);
     let (resource, result) = match v.kind {
         "AuthorizationPolicy" => ("authorizationpolicies", Api::<crd::AuthorizationPolicy>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
-        "PeerAuthentication" => ("peerauthentications", Api::<crd::PeerAuthentication>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
-        _ => ("meshhttproutes", Api::<crd::MeshHTTPRoute>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
+        _ => ("peerauthentications", Api::<crd::PeerAuthentication>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
     };
     match result {
         Ok(()) => {}

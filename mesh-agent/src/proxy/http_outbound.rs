@@ -8,7 +8,7 @@
 //! | --- | --- |
 //! | [`Telemetry`] | client span, metrics, access log of what the client got |
 //! | [`CheckFrontDoor`] | 400 for ambiguous requests ([`super::http::validate`]) |
-//! | [`Route`] | the service's rule and weighted backend (a label subset of its endpoints); 400 for a target that cannot be normalized, 503 when the backend has no endpoint |
+//! | [`Route`] | the service's rule and weighted backend (a label subset of its endpoints, or another service's port); the rule's Gateway API filters ([`filters`]: header modifiers, rewrites, redirects answered here, mirrors); 400 for a target that cannot be normalized, 404 when Gateway API routes are attached and none matches, 500 for an invalid backend, 503 when the backend has no endpoint |
 //! | [`CircuitBreaker`] | `maxRequests`, else 503 `overflow` at once |
 //! | [`upgrade::Upgrades`] | HTTP/1.1 `Upgrade` (WebSocket) sent once and joined |
 //! | [`Timeout`] | the rule's timeout until the response head: 504 |
@@ -55,6 +55,7 @@ use crate::{
 };
 
 mod endpoint;
+mod filters;
 mod retry;
 mod upgrade;
 
@@ -281,8 +282,10 @@ impl<S> Route<S> {
     }
 
     /// A local answer instead when the request goes nowhere (boxed: the
-    /// way through should not pay for moving a response).
-    fn decide(&self, req: &Request<Incoming>) -> Result<Routed, Box<Response<RespBody>>> {
+    /// way through should not pay for moving a response). The rule's
+    /// request filters are applied to `req` on the way; the response
+    /// header modifiers are returned for the way back.
+    fn decide(&self, req: &mut Request<Incoming>) -> Result<(Routed, Vec<route::HeaderModifier>), Box<Response<RespBody>>> {
         let (outbound, conn) = (&self.outbound, &self.conn);
         let snapshot = outbound.inputs.state.borrow().clone();
         let routes = outbound.routes.get(&snapshot);
@@ -290,29 +293,81 @@ impl<S> Route<S> {
             return Err(Box::new(local(LocalReply::NotAService { orig: conn.orig })));
         };
         let (ns, name) = (target.service.namespace.as_str(), target.service.name.as_str());
-        let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let raw = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
         // Matched on the normalized path; forwarded as sent (the
-        // destination agent normalizes what it authorizes and forwards).
-        let path = policy::normalize_path(raw)
+        // destination agent normalizes what it authorizes and forwards),
+        // unless a rewrite says otherwise.
+        let path = policy::normalize_path(&raw)
             .map_err(|e| Box::new(reply::refuse(&Violation::Target(e.to_string()), req.version(), &conn.pod.stats, "outbound")))?;
-        let view = RequestView { method: req.method(), path: path.path(), headers: req.headers() };
-        let selected = routes.select(ns, name, &view, (outbound.balancer.random() % 100) as u32);
-        let endpoints: Vec<Destination> = target
-            .endpoints
-            .iter()
-            .filter(|e| selected.is_none_or(|s| s.backend.selects(e.labels)))
-            .map(|e| e.dest.clone())
-            .collect();
+        let view = RequestView {
+            method: req.method(),
+            path: path.path(),
+            query: path.query(),
+            headers: req.headers(),
+            client_namespace: &conn.pod.key.namespace,
+            port: conn.orig.port(),
+        };
+        let service = format!("{ns}/{name}");
+        let selected = match routes.select(ns, name, &view, outbound.balancer.random() as u32) {
+            route::Selection::NoRoute => None,
+            route::Selection::Unmatched { route } => {
+                tracing::debug!(%service, %route, "no rule of the attached routes matches");
+                return Err(Box::new(local(LocalReply::NoRouteMatched { service, route: route.to_owned() })));
+            }
+            route::Selection::Rule(s) => Some(s),
+        };
+        let route = selected.map_or("(none)", |s| s.route).to_owned();
+        let mut response_headers = Vec::new();
+        let endpoints: Vec<Destination> = match selected {
+            None => target.endpoints.iter().map(|e| e.dest.clone()).collect(),
+            Some(sel) => {
+                if let Some(r) = sel.rule.filters.iter().find_map(|f| match f {
+                    route::Filter::RequestRedirect(r) => Some(r),
+                    _ => None,
+                }) {
+                    let location = filters::location(r, &filters::request_host(req), conn.orig.port(), path.path(), path.query(), sel.matched_prefix);
+                    return Err(Box::new(local(LocalReply::Redirect { status: r.status_code, location })));
+                }
+                let backend = match sel.backend {
+                    None => {
+                        let why = "the rule has no backend to forward to (no backendRefs, or every weight is 0)".to_owned();
+                        return Err(Box::new(local(LocalReply::InvalidBackend { service, route, why })));
+                    }
+                    Some(b) => b,
+                };
+                if let Some(why) = &backend.invalid {
+                    return Err(Box::new(local(LocalReply::InvalidBackend { service, route, why: why.clone() })));
+                }
+                // Rule filters first, then the backend's (the spec's order).
+                let (norm, query) = (path.path().to_owned(), path.query().map(str::to_owned));
+                for f in sel.rule.filters.iter().chain(&backend.filters) {
+                    if let route::Filter::RequestMirror { backend: to, per_million } = f
+                        && (outbound.balancer.random() % 1_000_000) < u64::from(*per_million)
+                    {
+                        outbound.mirror(conn, req, to);
+                    }
+                }
+                filters::apply_to_request(req, &sel.rule.filters, &norm, query.as_deref(), sel.matched_prefix);
+                filters::apply_to_request(req, &backend.filters, &norm, query.as_deref(), sel.matched_prefix);
+                response_headers = filters::response_modifiers(sel.rule.filters.iter().chain(&backend.filters));
+                match &backend.service {
+                    // Another service's port (Gateway API backendRef).
+                    Some(bs) => snapshot
+                        .service_port_target(&bs.namespace, &bs.name, bs.port)
+                        .map(|t| t.endpoints.iter().filter(|e| backend.selects(e.labels)).map(|e| e.dest.clone()).collect())
+                        .unwrap_or_default(),
+                    None => target.endpoints.iter().filter(|e| backend.selects(e.labels)).map(|e| e.dest.clone()).collect(),
+                }
+            }
+        };
         let svc = outbound.services.get(ns, name);
         svc.requests.fetch_add(1, Ordering::Relaxed);
-        let route = selected.map_or("(none)", |s| s.route).to_owned();
-        let service = format!("{ns}/{name}");
         if endpoints.is_empty() {
             svc.no_endpoint.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%service, %route, "no endpoint for the selected backend");
             return Err(Box::new(local(LocalReply::NoEndpointForRoute { service, route })));
         }
-        Ok(Routed {
+        let routed = Routed {
             service,
             svc,
             route,
@@ -320,7 +375,8 @@ impl<S> Route<S> {
             retry: selected.map_or_else(|| route::default_retry_policy().clone(), |s| s.retry.clone()),
             timeout: selected.and_then(|s| s.timeout),
             endpoints,
-        })
+        };
+        Ok((routed, response_headers))
     }
 }
 
@@ -334,10 +390,20 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Route<S> {
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> HttpFuture {
-        match self.decide(&req) {
-            Ok(r) => {
+        match self.decide(&mut req) {
+            Ok((r, response_headers)) => {
                 req.extensions_mut().insert(Arc::new(r));
-                Box::pin(self.inner.clone().oneshot(req))
+                let run = self.inner.clone().oneshot(req);
+                if response_headers.is_empty() {
+                    return Box::pin(run);
+                }
+                Box::pin(async move {
+                    let mut res = run.await?;
+                    for m in &response_headers {
+                        filters::modify_headers(res.headers_mut(), m);
+                    }
+                    Ok(res)
+                })
             }
             Err(res) => Box::pin(async move { Ok(*res) }),
         }

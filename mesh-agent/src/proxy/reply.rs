@@ -61,10 +61,19 @@ pub enum ReplyKind {
     Reset,
     /// The application did not answer (destination agent).
     AppUnavailable,
+    /// Gateway API routes are attached to the service and none matched
+    /// (source agent).
+    NoRoute,
+    /// The selected rule's backend is an invalid reference, or the rule has
+    /// none (source agent; Gateway API requires a 500).
+    InvalidBackend,
+    /// A Gateway API `RequestRedirect` (source agent): the status is the
+    /// filter's (301, 302, 303, 307, 308), `Location` the target.
+    Redirect,
 }
 
 impl ReplyKind {
-    pub const ALL: [ReplyKind; 8] = [
+    pub const ALL: [ReplyKind; 11] = [
         Self::BadRequest,
         Self::Denied,
         Self::NoEndpoint,
@@ -73,6 +82,9 @@ impl ReplyKind {
         Self::ConnectFailure,
         Self::Reset,
         Self::AppUnavailable,
+        Self::NoRoute,
+        Self::InvalidBackend,
+        Self::Redirect,
     ];
 
     pub fn status(self) -> StatusCode {
@@ -82,6 +94,10 @@ impl ReplyKind {
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Reset => StatusCode::BAD_GATEWAY,
             Self::NoEndpoint | Self::Overflow | Self::ConnectFailure | Self::AppUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::InvalidBackend => StatusCode::INTERNAL_SERVER_ERROR,
+            // The filter's default; the reply carries its own.
+            Self::Redirect => StatusCode::FOUND,
         }
     }
 
@@ -97,6 +113,9 @@ impl ReplyKind {
             Self::Timeout => "timeout",
             Self::ConnectFailure => "connect-failure",
             Self::Reset => "reset",
+            Self::NoRoute => "no-route",
+            Self::InvalidBackend => "invalid-backend",
+            Self::Redirect => "redirect",
             Self::AppUnavailable => return None,
         })
     }
@@ -117,7 +136,9 @@ impl ReplyKind {
             Self::Timeout => "UT",
             Self::ConnectFailure => "UF",
             Self::Reset => "UR",
-            Self::AppUnavailable => "-",
+            Self::NoRoute => "NR",
+            Self::InvalidBackend => "NC",
+            Self::Redirect | Self::AppUnavailable => "-",
         }
     }
 }
@@ -179,6 +200,13 @@ pub enum LocalReply {
     UpgradeFailed { endpoint: SocketAddr, source: hyper::Error },
     #[error("upstream {target} unavailable: {source}")]
     AppUnavailable { target: SocketAddr, source: AppError },
+    #[error("no rule of the routes of {service} matches (route {route})")]
+    NoRouteMatched { service: String, route: String },
+    #[error("route {route} of {service}: {why}")]
+    InvalidBackend { service: String, route: String, why: String },
+    /// `status` is one of 301, 302, 303, 307, 308 (validated with the route).
+    #[error("redirected to {location}")]
+    Redirect { status: u16, location: String },
 }
 
 /// Why an upstream exchange ended before its response head.
@@ -201,6 +229,17 @@ impl LocalReply {
             Self::ConnectFailure { .. } => ReplyKind::ConnectFailure,
             Self::Reset { .. } | Self::UpgradeFailed { .. } => ReplyKind::Reset,
             Self::AppUnavailable { .. } => ReplyKind::AppUnavailable,
+            Self::NoRouteMatched { .. } => ReplyKind::NoRoute,
+            Self::InvalidBackend { .. } => ReplyKind::InvalidBackend,
+            Self::Redirect { .. } => ReplyKind::Redirect,
+        }
+    }
+
+    /// The kind's status, or the redirect's own.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Redirect { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND),
+            _ => self.kind().status(),
         }
     }
 
@@ -218,8 +257,13 @@ pub(super) fn respond(reply: &LocalReply, version: Version) -> Response<ReplyBod
     let kind = reply.kind();
     let body = Full::new(Bytes::from(format!("{reply}\n"))).map_err(|never| match never {}).boxed();
     let mut r = Response::new(body);
-    *r.status_mut() = kind.status();
+    *r.status_mut() = reply.status();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let LocalReply::Redirect { location, .. } = reply
+        && let Ok(v) = HeaderValue::from_str(location)
+    {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
     if let Some(tag) = kind.tag() {
         r.headers_mut().insert(REPLY_HEADER, HeaderValue::from_static(tag));
     }

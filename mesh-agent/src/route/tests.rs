@@ -42,11 +42,11 @@ fn state() -> MeshState {
 }
 
 fn req<'a>(method: &'a Method, path: &'a str, headers: &'a HeaderMap) -> RequestView<'a> {
-    RequestView { method, path, headers }
+    RequestView { method, path, query: None, headers, client_namespace: "shop", port: 80 }
 }
 
 fn version(sel: &Selected<'_>) -> String {
-    sel.backend.subset.as_ref().unwrap()["version"].clone()
+    sel.backend.unwrap().subset.as_ref().unwrap()["version"].clone()
 }
 
 fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -64,7 +64,7 @@ fn canary_split_is_exact_over_100_values() {
     let mut v1 = 0;
     let mut v2 = 0;
     for rand in 0..100u32 {
-        let sel = table.select("shop", "web", &req(&Method::GET, "/api/items", &h), rand).unwrap();
+        let sel = table.select("shop", "web", &req(&Method::GET, "/api/items", &h), rand).rule().unwrap();
         assert_eq!(sel.rule_index, 1);
         assert_eq!(sel.route, "shop/web");
         match version(&sel).as_str() {
@@ -75,7 +75,7 @@ fn canary_split_is_exact_over_100_values() {
     }
     assert_eq!((v1, v2), (90, 10));
     // Only the value modulo 100 counts.
-    let sel = table.select("shop", "web", &req(&Method::GET, "/api", &h), 1_000_095).unwrap();
+    let sel = table.select("shop", "web", &req(&Method::GET, "/api", &h), 1_000_095).rule().unwrap();
     assert_eq!(version(&sel), "v2");
 }
 
@@ -86,7 +86,7 @@ fn header_and_cookie_route_to_v2_every_time() {
     let by_cookie = headers(&[("cookie", "session=abc"), ("cookie", "theme=dark;  group=\"beta\" ; x=1")]);
     for h in [&by_header, &by_cookie] {
         for rand in 0..100 {
-            let sel = table.select("shop", "web", &req(&Method::POST, "/api/x", h), rand).unwrap();
+            let sel = table.select("shop", "web", &req(&Method::POST, "/api/x", h), rand).rule().unwrap();
             assert_eq!((sel.rule_index, version(&sel).as_str()), (0, "v2"));
         }
     }
@@ -97,7 +97,7 @@ fn header_and_cookie_route_to_v2_every_time() {
         headers(&[("cookie", "xgroup=beta")]),
         headers(&[("x-group", "group=beta")]),
     ] {
-        let sel = table.select("shop", "web", &req(&Method::GET, "/other", &h), 0).unwrap();
+        let sel = table.select("shop", "web", &req(&Method::GET, "/other", &h), 0).rule().unwrap();
         assert_eq!(sel.rule_index, 3, "{h:?}");
     }
 }
@@ -130,11 +130,11 @@ fn first_matching_rule_wins_in_order() {
         (&Method::GET, "/api/x", &canary, 0),
     ];
     for (i, (m, p, h, want)) in cases.iter().enumerate() {
-        let sel = table.select("shop", "web", &req(m, p, h), 0).unwrap();
+        let sel = table.select("shop", "web", &req(m, p, h), 0).rule().unwrap();
         assert_eq!(sel.rule_index, *want, "case {i}: {m} {p}");
     }
-    assert!(table.select("shop", "other", &req(&Method::GET, "/", &none), 0).is_none());
-    assert!(table.select("other", "web", &req(&Method::GET, "/", &none), 0).is_none());
+    assert!(table.select("shop", "other", &req(&Method::GET, "/", &none), 0).rule().is_none());
+    assert!(table.select("other", "web", &req(&Method::GET, "/", &none), 0).rule().is_none());
 }
 
 #[test]
@@ -143,7 +143,7 @@ fn no_matching_rule_selects_nothing() {
     let s = crate::localfile::parse(Path::new("x"), &format!("{BASE}{routes}")).unwrap();
     let table = RouteTable::from_state(&s);
     let h = HeaderMap::new();
-    assert!(table.select("shop", "web", &req(&Method::GET, "/nothing", &h), 0).is_none());
+    assert!(table.select("shop", "web", &req(&Method::GET, "/nothing", &h), 0).rule().is_none());
 }
 
 #[test]
@@ -151,7 +151,7 @@ fn defaults_and_configured_values() {
     let table = RouteTable::from_state(&state());
     let h = HeaderMap::new();
 
-    let d = table.select("shop", "web", &req(&Method::GET, "/x", &h), 0).unwrap();
+    let d = table.select("shop", "web", &req(&Method::GET, "/x", &h), 0).rule().unwrap();
     assert_eq!(d.timeout, None);
     assert_eq!(d.retry, &RetryPolicy::default());
     assert_eq!(d.retry, default_retry_policy());
@@ -163,7 +163,7 @@ fn defaults_and_configured_values() {
     assert!(!d.retry.allows_method(&Method::POST) && !d.retry.allows_method(&Method::PATCH));
     assert!(d.retry.retries_on(RetryOn::Status(503)) && !d.retry.retries_on(RetryOn::Status(500)));
 
-    let c = table.select("shop", "web", &req(&Method::GET, "/api", &h), 0).unwrap();
+    let c = table.select("shop", "web", &req(&Method::GET, "/api", &h), 0).rule().unwrap();
     assert_eq!(c.timeout, Some(Duration::from_secs(2)));
     assert_eq!(c.retry.attempts, 3);
     assert_eq!(c.retry.per_try_timeout, Some(RouteDuration(Duration::from_millis(500))));
@@ -205,7 +205,7 @@ fn resilience_helpers() {
     labels.insert("version".into(), "v2".into());
     labels.insert("app".into(), "web".into());
     assert!(Backend::default().selects(&labels));
-    let v2 = Backend { subset: Some([("version".to_string(), "v2".to_string())].into()), weight: None };
+    let v2 = Backend { subset: Some([("version".to_string(), "v2".to_string())].into()), ..Default::default() };
     assert!(v2.selects(&labels));
     labels.insert("version".into(), "v1".into());
     assert!(!v2.selects(&labels));

@@ -1,6 +1,12 @@
-//! The HTTP route schema: what `httpRoutes` (local file) and the
-//! `HTTPRoute`-like CRD say, as data. Its semantics (matching, weights,
+//! The HTTP route model: what `httpRoutes` (local file) and Gateway API
+//! `HTTPRoute` / `GRPCRoute` objects (converted by [`crate::route::gateway`])
+//! say, as data. Its semantics (matching, precedence, weights, filters,
 //! retries, defaults) are documented and implemented in [`crate::route`].
+//!
+//! The `httpRoutes` schema is the serde form of these types; the parts only
+//! Gateway API can express (regular expressions, query parameters, other
+//! services as backends, filters, the attachment) are `skip_deserializing`:
+//! they come from Gateway API objects, whose own schema and checks apply.
 
 use std::{fmt, time::Duration};
 
@@ -29,6 +35,47 @@ pub struct HttpRoute {
     pub outlier_detection: OutlierDetection,
     #[serde(default)]
     pub load_balancer: LoadBalancer,
+    /// Set for a route converted from Gateway API: what it attaches to and
+    /// how it ranks. `None`: the `httpRoutes` form (one route per service,
+    /// rules in order).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Attachment>,
+}
+
+/// Which Gateway API kind a route came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum GatewayKind {
+    #[serde(rename = "HTTPRoute")]
+    Http,
+    #[serde(rename = "GRPCRoute")]
+    Grpc,
+}
+
+impl fmt::Display for GatewayKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GatewayKind::Http => "HTTPRoute",
+            GatewayKind::Grpc => "GRPCRoute",
+        })
+    }
+}
+
+/// A Gateway API route's attachment to one Service parent (GAMMA). The
+/// route's `namespace` is where the route object lives; when it differs
+/// from `service_namespace` the route is a *consumer* route, applied only
+/// to clients of its own namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    pub kind: GatewayKind,
+    pub service_namespace: String,
+    /// The service port the parentRef names; `None`: every HTTP port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The object's `metadata.creationTimestamp` (RFC 3339, UTC), the
+    /// first tie-breaker of precedence across routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
 }
 
 /// How a service's endpoints take turns (per agent).
@@ -54,6 +101,83 @@ pub struct RouteRule {
     pub timeout: Option<RouteDuration>,
     #[serde(default)]
     pub retries: RetryPolicy,
+    /// Gateway API filters, applied in order (see [`Filter`]).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(skip)]
+    pub filters: Vec<Filter>,
+}
+
+/// What a Gateway API filter does to a request routed by its rule (or to
+/// the share sent to one backend, for a backend's filters).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Filter {
+    RequestHeaderModifier(HeaderModifier),
+    ResponseHeaderModifier(HeaderModifier),
+    /// Rewrites the request before it is forwarded.
+    UrlRewrite {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hostname: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        path: Option<PathModifier>,
+    },
+    /// Answered by the agent itself: nothing is forwarded.
+    RequestRedirect(Redirect),
+    /// A copy of the request to another service, its answer ignored.
+    RequestMirror {
+        backend: BackendService,
+        /// Share of requests mirrored, in parts per million.
+        per_million: u32,
+    },
+}
+
+/// `set` replaces, `add` appends, `remove` deletes; header names without
+/// case.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderModifier {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathModifier {
+    ReplaceFullPath(String),
+    /// Replaces the part of the path the rule's `PathPrefix` matched.
+    ReplacePrefixMatch(String),
+}
+
+/// Gateway API `RequestRedirect`; unset parts keep the request's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redirect {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 301, 302, 303, 307 or 308.
+    pub status_code: u16,
+}
+
+/// A Service port as a backend (Gateway API `backendRef`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendService {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+    }
 }
 
 /// Every set part must match.
@@ -68,9 +192,26 @@ pub struct HttpMatch {
     pub headers: Option<Vec<HeaderMatch>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookies: Option<Vec<CookieMatch>>,
+    /// Gateway API `queryParams`: every one must match.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(skip)]
+    pub query_params: Vec<QueryMatch>,
 }
 
-/// `{exact: /x}` or `{prefix: /api}` (whole segments): exactly one.
+/// A query parameter, by its exact (case-sensitive) name: the first
+/// occurrence's value must equal `exact`, or match `regex` (whole value).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryMatch {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+/// `{exact: /x}` or `{prefix: /api}` (whole segments): exactly one
+/// (or, from Gateway API, `regex`: the whole path).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathMatch {
@@ -78,6 +219,9 @@ pub struct PathMatch {
     pub exact: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub regex: Option<String>,
 }
 
 /// `name` plus exactly one of `exact`, `prefix`, `present`.
@@ -91,6 +235,10 @@ pub struct HeaderMatch {
     pub prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub present: Option<bool>,
+    /// Gateway API `RegularExpression`: the whole value.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub regex: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -108,8 +256,23 @@ pub struct Backend {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subset: Option<Labels>,
     /// Percent of the rule's requests; omitted only for a single backend.
+    /// (From Gateway API: a proportion of the rule's total, 0 for none.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// Gateway API: the Service port the share goes to; `None`: the
+    /// route's own service.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub service: Option<BackendService>,
+    /// Gateway API: filters applied to this backend's share only.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(skip)]
+    pub filters: Vec<Filter>,
+    /// Gateway API: why the reference is invalid; its share of requests is
+    /// answered 500, as the spec requires.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub invalid: Option<String>,
 }
 
 impl Backend {

@@ -18,6 +18,9 @@ fn every_reply_kind_has_its_status_tag_and_flag() {
         (ReplyKind::ConnectFailure, 503, Some("connect-failure"), "UF"),
         (ReplyKind::Reset, 502, Some("reset"), "UR"),
         (ReplyKind::AppUnavailable, 503, None, "-"),
+        (ReplyKind::NoRoute, 404, Some("no-route"), "NR"),
+        (ReplyKind::InvalidBackend, 500, Some("invalid-backend"), "NC"),
+        (ReplyKind::Redirect, 302, Some("redirect"), "-"),
     ];
     assert_eq!(expected.len(), ReplyKind::ALL.len(), "a kind without a row here");
     for (kind, status, tag, flag) in expected {
@@ -48,6 +51,9 @@ async fn the_builder_gives_status_tag_extension_and_body() {
         LocalReply::ConnectFailure { endpoint: addr, source: ConnectError::TimedOut(addr) },
         LocalReply::Reset { endpoint: addr, cause: ResetCause::PerTryTimeout(RouteDuration(std::time::Duration::from_secs(1))) },
         LocalReply::AppUnavailable { target: addr, source: ConnectError::TimedOut(addr).into() },
+        LocalReply::NoRouteMatched { service: "shop/web".into(), route: "shop/web".into() },
+        LocalReply::InvalidBackend { service: "shop/web".into(), route: "shop/web".into(), why: "no backend".into() },
+        LocalReply::Redirect { status: 302, location: "http://web/x".into() },
     ];
     let mut kinds = std::collections::HashSet::new();
     for r in &replies {
