@@ -9,7 +9,7 @@
 //! | the suite's namespace labels | the manifest's Namespaces get the enrollment label (`nodemesh.io/dataplane-mode=enabled`) as upstream's `--namespace-labels` adds a mesh's label |
 //! | the Service IP allocator | a Service without `clusterIP` gets the next free address of `198.51.100.100`.. |
 //! | the Deployment controller, scheduler, kubelet | each Deployment's template becomes `replicas` (default 1) harness pods with the template's labels, on `node-a` and `node-b` in turn, each running the echo app ([`crate::meshecho_bin`]) on every `containerPort`; published as Pod objects (`spec.nodeName`, `status.podIP`, phase Running, the UID the pod's cgroup is named after) |
-//! | endpoints | none published: the agents select a Service's endpoints from its selector over the Pods, as they do without EndpointSlices |
+//! | the EndpointSlice controller | one slice per Service with a selector: the selected pods, ready, and the Service's ports resolved to target ports |
 //!
 //! Everything else of the file is applied as it is. A case's route file is
 //! applied verbatim with [`Cluster::apply_file`]; [`Cluster::wait_accepted`]
@@ -143,6 +143,9 @@ impl Cluster {
         let mut next_service_ip = 100u8;
         // Pods' k8s names by harness pod name, for the CA's file.
         let mut k8s_names = BTreeMap::new();
+        // The Services as applied, and each pod's labels.
+        let mut service_objs = Vec::new();
+        let mut pod_labels = Vec::new();
         for mut obj in objects {
             let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
             match kind.as_str() {
@@ -166,8 +169,9 @@ impl Cluster {
                         }
                     };
                     obj["spec"]["type"] = obj["spec"]["type"].as_str().unwrap_or("ClusterIP").into();
-                    api.apply_json(obj)?;
+                    api.apply_json(obj.clone())?;
                     services.insert(key, ip);
+                    service_objs.push(obj);
                 }
                 "Deployment" => {
                     let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default").to_owned();
@@ -215,11 +219,54 @@ impl Cluster {
                             },
                         }))?;
                         k8s_names.insert(harness_name, name.clone());
+                        pod_labels.push(labels.clone());
                         pods.push(EchoPod { name, namespace: ns.clone(), deployment: deployment.clone(), pod, _echo: echo });
                     }
                 }
                 other => bail!("{}: kind {other} is not part of the conformance base this harness knows", manifests.display()),
             }
+        }
+        // The EndpointSlice controller: one slice per Service with a
+        // selector, its ready endpoints the pods it selects.
+        for kind_obj in &service_objs {
+            let (ns, svc) = (kind_obj["metadata"]["namespace"].as_str().unwrap_or("default"), kind_obj["metadata"]["name"].as_str().unwrap_or_default());
+            let Some(selector) = kind_obj["spec"]["selector"].as_object() else { continue };
+            let endpoints: Vec<Value> = pods
+                .iter()
+                .zip(&pod_labels)
+                .filter(|(p, labels)| {
+                    p.namespace == ns && selector.iter().all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+                })
+                .map(|(p, _)| {
+                    json!({
+                        "addresses": [p.pod.ip().to_string()],
+                        "conditions": { "ready": true, "serving": true, "terminating": false },
+                        "nodeName": p.pod.node(),
+                        "targetRef": { "kind": "Pod", "namespace": p.namespace, "name": p.name },
+                    })
+                })
+                .collect();
+            let ports: Vec<Value> = kind_obj["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|sp| {
+                    let target = sp["targetPort"].as_u64().or_else(|| sp["port"].as_u64());
+                    let mut port = json!({ "name": sp["name"], "port": target, "protocol": "TCP" });
+                    if let Some(ap) = sp["appProtocol"].as_str() {
+                        port["appProtocol"] = ap.into();
+                    }
+                    port
+                })
+                .collect();
+            api.apply_json(json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": { "name": format!("{svc}-8x2kq"), "namespace": ns, "labels": { "kubernetes.io/service-name": svc } },
+                "addressType": "IPv4",
+                "endpoints": endpoints,
+                "ports": ports,
+            }))?;
         }
         // The CA (file mode) authorizes certificates by pod name, namespace
         // and node: its file names the pods as the API does.
