@@ -96,6 +96,15 @@ pub fn meshhttp_bin() -> Result<PathBuf> {
     )
 }
 
+/// The Gateway API conformance echo app and its client (`$MESHECHO_BIN`).
+pub fn meshecho_bin() -> Result<PathBuf> {
+    find_bin(
+        "meshecho",
+        "MESHECHO_BIN",
+        "run `cargo build -p mesh-e2e --bin meshecho` first",
+    )
+}
+
 /// The `meshotlp` OTLP receiver, found like [`agent_bin`] (`$MESHOTLP_BIN`).
 pub fn meshotlp_bin() -> Result<PathBuf> {
     find_bin(

@@ -33,6 +33,7 @@
 //! | `status` | typed view of the agent's `/status` JSON |
 //! | [`otlp`] | a real OTLP/gRPC trace receiver (`meshotlp`), its output parsed |
 //! | `wait` | deadline-bounded polling |
+//! | [`conformance`] | Gateway API mesh conformance: `manifests.yaml` on the test API server, echo pods, two agents |
 //! | [`kubeapi`] | a Kubernetes API server for tests (list, watch, 410, bookmarks, RBAC denials) |
 //! | [`image`] | the agent's OCI image under podman, run as `deploy/agent.yaml`'s DaemonSet runs it |
 
@@ -40,6 +41,7 @@ mod agent;
 mod ca;
 mod capture;
 mod cgroup;
+pub mod conformance;
 mod config;
 mod host;
 pub mod image;
@@ -59,7 +61,7 @@ pub use config::{
     ENROLL_LABEL, ENROLL_VALUE, LocalConfig, NamespaceEntry, NodeEntry, PeerAuthMode,
     PeerAuthenticationEntry, PodEntry, ServiceEntry, ServicePortEntry,
 };
-pub use host::{agent_bin, cgroup2_mount, meshhttp_bin, meshotlp_bin, meshtest_bin};
+pub use host::{agent_bin, cgroup2_mount, meshecho_bin, meshhttp_bin, meshotlp_bin, meshtest_bin};
 pub use pod::{Pod, PodProcess, RUN_TIMEOUT};
 pub use status::{
     CertificateStatus, ConfigStatus, EbpfStatus, PodCounters, PodEbpf, PodProxy, PodStatus, Status,

@@ -78,8 +78,8 @@ impl Pod {
     }
 
     /// Spawns `program args` in the pod (netns + cgroup), stdin closed,
-    /// stdout and stderr captured. A bare `meshtest` (`meshhttp`) is
-    /// resolved with [`crate::meshtest_bin`] ([`crate::meshhttp_bin`]). The process is killed when the handle drops.
+    /// stdout and stderr captured. A bare `meshtest` (`meshhttp`, `meshecho`) is
+    /// resolved with [`crate::meshtest_bin`] ([`crate::meshhttp_bin`], [`crate::meshecho_bin`]). The process is killed when the handle drops.
     pub fn spawn<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Result<PodProcess>
     where
         I: IntoIterator<Item = S>,
@@ -90,6 +90,8 @@ impl Pod {
             Command::new(host::meshtest_bin()?)
         } else if program == "meshhttp" {
             Command::new(host::meshhttp_bin()?)
+        } else if program == "meshecho" {
+            Command::new(host::meshecho_bin()?)
         } else {
             Command::new(program)
         };
