@@ -5,8 +5,9 @@
 //! | module | job |
 //! | --- | --- |
 //! | [`agents`] | `mesh-agent status --all-nodes`: every agent's `/status` through the API server's pod proxy |
-//! | [`crd`] | the custom resources as Rust types; `deploy/crds.yaml` is generated from them |
-//! | [`convert`] | Kubernetes objects to state values (pure) |
+//! | [`crd`] | the mesh's own custom resource (routes) as Rust types; `deploy/crds.yaml` is generated from them |
+//! | [`istio`] | Istio's `security.istio.io` kinds as stored (raw spec; the CRDs are Istio's) |
+//! | [`convert`] | Kubernetes objects to state values (pure; Istio's through [`crate::objects`]) |
 //! | [`source`] | watchers + reflectors, the state builder, `/status` numbers |
 //! | [`status`] | the `Accepted` condition on the mesh's objects |
 //! | [`podpaths`] | a pod's netns and cgroup on a real node, from /proc and the runtime's cgroup layout |
@@ -15,6 +16,7 @@
 pub mod agents;
 pub mod convert;
 pub mod crd;
+pub mod istio;
 pub mod podpaths;
 pub mod source;
 pub mod status;

@@ -4,6 +4,16 @@
 //! ConfigMap volume does (inotify on the file would miss those). An invalid
 //! edit is rejected with a message naming the file, the field and the reason,
 //! and the last good state keeps serving.
+//!
+//! The file is a YAML stream: at most one document without `apiVersion` is
+//! the mesh file (nodes, namespaces, pods, services, and the compact
+//! `authorizationPolicies` / `peerAuthentications` / `httpRoutes`); every
+//! document with `apiVersion` and `kind` is a Kubernetes object of a kind
+//! [`crate::objects::KINDS`] lists (Istio's AuthorizationPolicy and
+//! PeerAuthentication), converted by the same code as in a cluster, so the
+//! YAML a user applies with kubectl works here unchanged. Unlike the
+//! cluster, a refused object rejects the whole edit (the last good state
+//! keeps serving), DENY policies included.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -31,6 +41,9 @@ pub enum Error {
     Invalid { file: PathBuf, field: String, reason: String },
     #[error("{file} {message}")]
     Node { file: PathBuf, message: String },
+    /// A Kubernetes object of the stream (`document` counts from 1).
+    #[error("{file}: document {document} ({kind} {name}): {message}")]
+    Object { file: PathBuf, document: usize, kind: String, name: String, message: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,11 +162,118 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
 /// Parses and validates file content; a namespace's value of the
 /// enrollment label's key must be its value or `disabled`.
 pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshState, Error> {
-    let enrollment = &scope.enrollment;
-    let file: File = serde_yaml::from_str(text).map_err(|e| Error::Parse {
+    let parse_error = |message: String| Error::Parse { file: path.to_owned(), message };
+    let is_object = |v: &serde_yaml::Value| v.get("apiVersion").is_some() || v.get("kind").is_some();
+    // One mesh document alone (the usual file), or text that is not YAML,
+    // is read from the text as it always was, so that messages keep their
+    // line and column.
+    let stream_error = match documents(text) {
+        Ok(docs) if docs.len() > 1 || docs.iter().any(|(_, v)| is_object(v)) => Ok(docs),
+        Ok(_) => Err(None),
+        Err(e) => Err(Some(e)),
+    };
+    let docs = match stream_error {
+        Ok(docs) => docs,
+        Err(stream) => {
+            let file: File = serde_yaml::from_str(text).map_err(|e| match stream {
+                // A stream of several documents, one of them broken: say which.
+                Some(s) if e.to_string().contains("more than one document") => parse_error(s.to_string()),
+                _ => parse_error(e.to_string()),
+            })?;
+            return build(path, file, Vec::new(), scope);
+        }
+    };
+    let mut mesh_docs = docs.iter().filter(|(_, v)| !is_object(v));
+    let mesh_doc = mesh_docs.next();
+    if let Some((n, _)) = mesh_docs.next() {
+        return Err(parse_error(format!(
+            "document {n}: a second document without `apiVersion`: a file holds at most one mesh document, and Kubernetes objects with `apiVersion` and `kind`"
+        )));
+    }
+    let file: File = match mesh_doc {
+        Some((n, v)) => serde_path_to_error::deserialize(v.clone()).map_err(|e| parse_error(format!("document {n}: {}: {}", e.path(), e.inner())))?,
+        None => serde_yaml::from_value(serde_yaml::Value::Mapping(Default::default())).expect("every field has a default"),
+    };
+    let objects: Vec<Object> = docs
+        .iter()
+        .filter(|(_, v)| is_object(v))
+        .map(|(n, v)| object(path, *n, v))
+        .collect::<Result<_, _>>()?;
+    build(path, file, objects, scope)
+}
+
+/// The stream's non-empty documents, numbered from 1; the first error ends
+/// it (serde_yaml's document iterator does not end after one).
+fn documents(text: &str) -> Result<Vec<(usize, serde_yaml::Value)>, serde_yaml::Error> {
+    let mut docs = Vec::new();
+    for (i, d) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let v = serde_yaml::Value::deserialize(d)?;
+        if !v.is_null() {
+            docs.push((i + 1, v));
+        }
+    }
+    Ok(docs)
+}
+
+/// A Kubernetes object of the stream, converted.
+struct Object {
+    document: usize,
+    kind: &'static str,
+    namespace: String,
+    name: String,
+    value: crate::objects::Converted,
+}
+
+/// What the local file reads of an object: Kubernetes' envelope; `status`
+/// is allowed (an object copied from a cluster) and ignored.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Envelope {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMetadata,
+    #[serde(default)]
+    spec: serde_json::Value,
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: serde_json::Value,
+}
+
+/// Labels and the like are allowed and ignored; the namespace is required
+/// (there is no `kubectl -n` here).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ObjectMetadata {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+fn object(path: &Path, document: usize, v: &serde_yaml::Value) -> Result<Object, Error> {
+    let s = |k: &str| v.get(k).and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+    let m = |k: &str| v.get("metadata").and_then(|m| m.get(k)).and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+    let fail = |message: String| Error::Object {
         file: path.to_owned(),
-        message: e.to_string(),
-    })?;
+        document,
+        kind: s("kind"),
+        name: format!("{}/{}", m("namespace"), m("name")),
+        message,
+    };
+    let env: Envelope = serde_path_to_error::deserialize(v.clone()).map_err(|e| fail(format!("{}: {}", e.path(), e.inner())))?;
+    let kind = crate::objects::find(&env.api_version, &env.kind).map_err(&fail)?;
+    for (field, value) in [("metadata.name", &env.metadata.name), ("metadata.namespace", &env.metadata.namespace)] {
+        check_dns_label(field, value).map_err(|r| fail(format!("{field}: {r}")))?;
+    }
+    let meta = crate::objects::Meta { name: &env.metadata.name, namespace: &env.metadata.namespace, annotations: &env.metadata.annotations };
+    let value = kind.convert(&meta, &env.spec).map_err(|r| fail(r.message))?;
+    Ok(Object { document, kind: kind.kind, namespace: env.metadata.namespace, name: env.metadata.name, value })
+}
+
+fn build(path: &Path, file: File, objects: Vec<Object>, scope: &state::Scope) -> Result<MeshState, Error> {
+    let enrollment = &scope.enrollment;
     let invalid = |field: String, reason: String| Error::Invalid {
         file: path.to_owned(),
         field,
@@ -300,10 +420,12 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
 
     let mut peer_auths = Vec::new();
     let mut pa_keys = HashSet::new();
+    // Policies may be in the root namespace (mesh-wide) without declaring it.
+    let policy_ns = |ns: &str| ns_names.contains(ns) || ns == scope.root_namespace;
     for (i, pa) in file.peer_authentications.iter().enumerate() {
         let at = |f: &str| format!("peerAuthentications[{i}].{f}");
         check_dns_label(&at("name"), &pa.name).map_err(|r| invalid(at("name"), r))?;
-        if !ns_names.contains(&pa.namespace) {
+        if !policy_ns(&pa.namespace) {
             return Err(invalid(
                 at("namespace"),
                 format!("namespace {:?} is not declared under `namespaces`", pa.namespace),
@@ -320,6 +442,7 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
             namespace: pa.namespace.clone(),
             selector: pa.selector.clone(),
             mode: pa.mode,
+            port_level: BTreeMap::new(),
         });
     }
 
@@ -327,7 +450,7 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
     for (i, ap) in file.authorization_policies.iter().enumerate() {
         let at = |f: &str| format!("authorizationPolicies[{i}].{f}");
         check_dns_label(&at("name"), &ap.name).map_err(|r| invalid(at("name"), r))?;
-        if !ns_names.contains(&ap.namespace) {
+        if !policy_ns(&ap.namespace) {
             return Err(invalid(
                 at("namespace"),
                 format!("namespace {:?} is not declared under `namespaces`", ap.namespace),
@@ -337,6 +460,31 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
             return Err(invalid(at("name"), format!("policy {}/{} is declared twice", ap.namespace, ap.name)));
         }
         crate::policy::validate(ap).map_err(|e| invalid(at(&e.field), e.reason))?;
+    }
+
+    let mut authorization_policies = file.authorization_policies;
+    for o in objects {
+        let fail = |message: String| Error::Object {
+            file: path.to_owned(),
+            document: o.document,
+            kind: o.kind.into(),
+            name: format!("{}/{}", o.namespace, o.name),
+            message,
+        };
+        if !policy_ns(&o.namespace) {
+            return Err(fail(format!("metadata.namespace: namespace {:?} is not declared under `namespaces`", o.namespace)));
+        }
+        let keys = match o.value {
+            crate::objects::Converted::AuthorizationPolicy(_) => &mut authz_keys,
+            crate::objects::Converted::PeerAuthentication(_) => &mut pa_keys,
+        };
+        if !keys.insert((o.namespace.clone(), o.name.clone())) {
+            return Err(fail(format!("metadata.name: {} {}/{} is declared twice", o.kind, o.namespace, o.name)));
+        }
+        match o.value {
+            crate::objects::Converted::AuthorizationPolicy(p) => authorization_policies.push(p),
+            crate::objects::Converted::PeerAuthentication(p) => peer_auths.push(p),
+        }
     }
 
     let mut route_keys = HashSet::new();
@@ -364,7 +512,7 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
 
     Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services)
         .with_peer_authentications(peer_auths)
-        .with_authorization_policies(file.authorization_policies)
+        .with_authorization_policies(authorization_policies)
         .with_routes(file.http_routes)
         .with_scope(scope.clone()))
 }

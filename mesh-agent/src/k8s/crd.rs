@@ -1,10 +1,12 @@
-//! The mesh's custom resources, group `nodemesh.io`, version `v1alpha1`.
+//! The mesh's custom resources, group `nodemesh.io`, version `v1alpha1`:
+//! the route. (Authorization and peer authentication are Istio's own kinds,
+//! [`super::istio`]; the `nodemesh.io` ones are retired, see the README's
+//! "Moving from nodemesh.io policies".)
 //!
-//! The specs reuse the local file's schema types ([`crate::state`] for
-//! authorization and peer authentication, [`crate::route`] for routes), so a
-//! policy means the same thing whichever source carries it, and the same
-//! validation ([`crate::policy::validate`], [`crate::route::validate`])
-//! applies. Name and namespace come from the object's metadata.
+//! The spec reuses the local file's schema types ([`crate::route`]), so a
+//! route means the same thing whichever source carries it, and the same
+//! validation ([`crate::route::validate`]) applies. Name and namespace come
+//! from the object's metadata.
 //!
 //! The CRD YAML in `deploy/crds.yaml` is generated from these types
 //! (`cargo xtask crds`), and a test fails when it drifts.
@@ -18,61 +20,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     route::{CircuitBreaker, OutlierDetection, RouteRule},
-    state::{AuthzAction, AuthzRule, Labels, PeerAuthMode},
+    state::Labels,
 };
 
 pub const GROUP: &str = "nodemesh.io";
 pub const VERSION: &str = "v1alpha1";
-
-/// Who may do what to the selected workloads: Istio AuthorizationPolicy
-/// semantics (ALLOW and DENY, DENY first, default deny once an ALLOW selects
-/// a workload).
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "nodemesh.io",
-    version = "v1alpha1",
-    kind = "AuthorizationPolicy",
-    namespaced,
-    status = "MeshStatus",
-    shortname = "nmauthz",
-    category = "nodemesh",
-    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
-    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
-)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthorizationPolicySpec {
-    /// Pod labels of the workloads the policy applies to; omitted: the whole namespace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<Labels>,
-    pub action: AuthzAction,
-    /// The policy matches when any rule matches; no rules: it matches nothing.
-    #[serde(default)]
-    pub rules: Vec<AuthzRule>,
-    /// Compare paths ASCII case-insensitively.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub ignore_path_case: bool,
-}
-
-/// Whether the selected workloads accept plaintext from outside the mesh.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "nodemesh.io",
-    version = "v1alpha1",
-    kind = "PeerAuthentication",
-    namespaced,
-    status = "MeshStatus",
-    shortname = "nmpeerauth",
-    category = "nodemesh",
-    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
-    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
-)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PeerAuthenticationSpec {
-    /// Pod labels of the workloads the policy applies to; omitted: the whole namespace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<Labels>,
-    pub mode: PeerAuthMode,
-}
 
 /// HTTP routing for one service of the namespace: ordered rules, weighted
 /// backends over pod-label subsets, timeouts, retries, circuit breaking and
@@ -115,7 +67,7 @@ pub struct MeshStatus {
 
 /// The CRDs, in the order `deploy/crds.yaml` lists them.
 pub fn definitions() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
-    vec![AuthorizationPolicy::crd(), PeerAuthentication::crd(), MeshHTTPRoute::crd()]
+    vec![MeshHTTPRoute::crd()]
 }
 
 /// `deploy/crds.yaml`: every CRD as one multi-document YAML, with a header
@@ -169,19 +121,16 @@ mod tests {
     fn objects_parse_with_the_local_file_schema() {
         let yaml = r#"
 apiVersion: nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: shop}
+kind: MeshHTTPRoute
+metadata: {name: canary, namespace: shop}
 spec:
-  selector: {app: server}
-  action: ALLOW
-  rules:
-    - from: [{principals: ["spiffe://cluster.local/ns/shop/sa/client"]}]
-      to: [{ports: [9000], methods: [GET]}]
+  service: web
+  rules: [{backends: [{subset: {version: v1}}]}]
 "#;
-        let p: AuthorizationPolicy = serde_yaml::from_str(yaml).unwrap();
-        assert_eq!(p.spec.action, AuthzAction::Allow);
-        let bad = yaml.replace("action: ALLOW", "action: ALLOW\n  colour: blue");
-        let e = serde_yaml::from_str::<AuthorizationPolicy>(&bad).unwrap_err().to_string();
+        let r: MeshHTTPRoute = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(r.spec.service, "web");
+        let bad = yaml.replace("service: web", "service: web\n  colour: blue");
+        let e = serde_yaml::from_str::<MeshHTTPRoute>(&bad).unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");
     }
 }

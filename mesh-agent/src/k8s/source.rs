@@ -15,12 +15,22 @@
 //! | Pods, `spec.nodeName=<node>` | this node | the pods this agent enrolls (netns and cgroup found on the node) |
 //! | Pods | cluster | destinations on other nodes: address, labels, service account (the identity to expect) |
 //! | Services, EndpointSlices | cluster | virtual IPs, ports, `appProtocol`, ready endpoints |
-//! | the three CRDs | cluster | policies and routes |
+//! | `security.istio.io/v1` AuthorizationPolicy, PeerAuthentication | cluster | policies (Istio's kinds, [`crate::objects`]) |
+//! | `nodemesh.io` MeshHTTPRoute | cluster | routes |
 //!
 //! A mesh object that cannot be read (unknown field, wrong type) or fails
-//! validation is left out and reported on its status; if an earlier version
-//! of the same object was valid, that version stays in force, so a bad edit
-//! never changes enforcement.
+//! validation is reported on its status; if an earlier version of the same
+//! object was valid, that version stays in force, so a bad edit never
+//! changes enforcement. Otherwise it is left out, unless leaving it out
+//! would open access: a DENY policy, or a STRICT peer authentication, then
+//! stands in a fail-closed form ([`crate::objects::istio`]).
+//!
+//! Istio's CRDs may be absent (a cluster without Istio): the API answers 404
+//! for their lists. Nobody can have created such objects then, so "no
+//! policies" is exactly right: the agent logs it once, builds its state
+//! without them, and its watch keeps retrying with backoff, so policies
+//! apply as soon as the CRDs are installed. Any other error (a 403, the API
+//! down) keeps the state from being built until the list succeeds.
 
 use std::{
     collections::BTreeMap,
@@ -50,8 +60,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Notify, watch};
 
 use super::{
-    convert::{self, Refused},
-    crd,
+    convert::{self, Refused, Rejected},
+    crd, istio,
     status::{self, Verdict},
 };
 use crate::{
@@ -106,8 +116,11 @@ pub struct StatsView {
     pub built: bool,
     /// States built and published.
     pub generation: u64,
-    /// Mesh objects left out, by `kind namespace/name`, with the reason.
+    /// Mesh objects refused, by `kind namespace/name`, with the reason.
     pub refused: BTreeMap<String, String>,
+    /// Optional inputs whose resource the API does not have (Istio's CRDs
+    /// not installed): they hold nothing.
+    pub absent: Vec<&'static str>,
     /// Pods of this node left out of the state, with the reason.
     pub unlocated_pods: BTreeMap<String, String>,
 }
@@ -145,8 +158,8 @@ const LOCAL_PODS: Input = Input { name: "pods (this node)", group: "", resource:
 const PODS: Input = Input { name: "pods", group: "", resource: "pods" };
 const SERVICES: Input = Input { name: "services", group: "", resource: "services" };
 const SLICES: Input = Input { name: "endpointslices", group: "discovery.k8s.io", resource: "endpointslices" };
-const AUTHZ: Input = Input { name: "authorizationpolicies", group: crd::GROUP, resource: "authorizationpolicies" };
-const PEER_AUTH: Input = Input { name: "peerauthentications", group: crd::GROUP, resource: "peerauthentications" };
+const AUTHZ: Input = Input { name: "authorizationpolicies", group: crate::objects::istio::SECURITY_GROUP, resource: "authorizationpolicies" };
+const PEER_AUTH: Input = Input { name: "peerauthentications", group: crate::objects::istio::SECURITY_GROUP, resource: "peerauthentications" };
 const ROUTES: Input = Input { name: "meshhttproutes", group: crd::GROUP, resource: "meshhttproutes" };
 
 /// Every (group, resource, verb) the watchers use (cluster-wide), with or
@@ -195,6 +208,10 @@ pub fn describe(input: &str, group: &str, resource: &str, e: &watcher::Error) ->
         Some((404, msg)) if group == crd::GROUP => format!(
             "{input}: the API has no {resource}.{group}: are the CRDs installed (kubectl apply -f deploy/crds.yaml)? API server said: {msg}"
         ),
+        Some((404, msg)) if group == crate::objects::istio::SECURITY_GROUP => format!(
+            "{input}: the API has no {resource}.{group}: Istio's CRDs are not installed, so there are no such policies; \
+             watching on, they apply once the CRDs are installed. API server said: {msg}"
+        ),
         _ => format!("{input}: {}", crate::error_chain(e)),
     }
 }
@@ -211,7 +228,17 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
 
     macro_rules! input {
         ($api:expr, $cfg:expr, $what:expr) => {{
-            let (store, fut) = reflect($api, $cfg, $what, stats.clone(), wake.clone());
+            let (store, fut) = reflect($api, $cfg, $what, None, stats.clone(), wake.clone());
+            tasks.push(Box::pin(fut));
+            store
+        }};
+    }
+    // Istio's kinds: a 404 (CRDs not installed) counts as listed, empty.
+    let (authz_absent, authz_absent_rx) = watch::channel(false);
+    let (peer_absent, peer_absent_rx) = watch::channel(false);
+    macro_rules! optional {
+        ($api:expr, $what:expr, $absent:expr) => {{
+            let (store, fut) = reflect($api, watcher::Config::default(), $what, Some($absent), stats.clone(), wake.clone());
             tasks.push(Box::pin(fut));
             store
         }};
@@ -223,8 +250,8 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
         pods: input!(Api::<Pod>::all(client.clone()), watcher::Config::default(), PODS),
         services: (!opts.pods_only).then(|| input!(Api::<Service>::all(client.clone()), watcher::Config::default(), SERVICES)),
         slices: (!opts.pods_only).then(|| input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES)),
-        authz: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), AUTHZ)),
-        peer_auth: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), PEER_AUTH)),
+        authz: (!opts.pods_only).then(|| (optional!(Api::all(client.clone()), AUTHZ, authz_absent), authz_absent_rx)),
+        peer_auth: (!opts.pods_only).then(|| (optional!(Api::all(client.clone()), PEER_AUTH, peer_absent), peer_absent_rx)),
         routes: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), ROUTES)),
     };
     let builder = build_loop(client, opts, stores, tx, stats.clone(), wake);
@@ -257,10 +284,13 @@ fn slim_pod(p: &mut Pod) {
     }
 }
 
+/// `absent`: for an optional input, set while the API has no such resource
+/// (404), which counts as listed and empty.
 fn reflect<K>(
     api: Api<K>,
     cfg: watcher::Config,
     what: Input,
+    absent: Option<watch::Sender<bool>>,
     stats: Arc<Stats>,
     wake: Arc<Notify>,
 ) -> (Store<K>, impl Future<Output = ()> + Send)
@@ -280,6 +310,10 @@ where
             match ev {
                 Ok(ev) => {
                     let done = matches!(ev, watcher::Event::InitDone);
+                    if done && let Some(a) = &absent {
+                        a.send_replace(false);
+                        stats.update(|s| s.absent.retain(|n| *n != what.name));
+                    }
                     stats.update(|s| {
                         let w = s.watches.entry(what.name).or_default();
                         w.events += 1;
@@ -295,6 +329,17 @@ where
                 }
                 Err(e) => {
                     let msg = describe(what.name, what.group, what.resource, &e);
+                    if let Some(a) = &absent
+                        && matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404)
+                    {
+                        // Logged once per absence, not at every retry.
+                        if !a.send_replace(true) {
+                            tracing::info!("{msg}");
+                            stats.update(|s| s.absent.push(what.name));
+                            wake.notify_one();
+                        }
+                        continue;
+                    }
                     tracing::warn!("kubernetes watch failed (retrying with backoff): {msg}");
                     stats.update(|s| {
                         let w = s.watches.entry(what.name).or_default();
@@ -325,6 +370,19 @@ impl Slim for EndpointSlice {
     }
 }
 impl<K> Slim for DeserializeGuard<K> {}
+impl Slim for istio::AuthorizationPolicy {
+    fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+impl Slim for istio::PeerAuthentication {
+    fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+
+/// An optional input: its store, and whether its resource is absent.
+type Optional<K> = (Store<K>, watch::Receiver<bool>);
 
 struct Stores {
     namespaces: Store<Namespace>,
@@ -332,8 +390,8 @@ struct Stores {
     pods: Store<Pod>,
     services: Option<Store<Service>>,
     slices: Option<Store<EndpointSlice>>,
-    authz: Option<Store<DeserializeGuard<crd::AuthorizationPolicy>>>,
-    peer_auth: Option<Store<DeserializeGuard<crd::PeerAuthentication>>>,
+    authz: Option<Optional<istio::AuthorizationPolicy>>,
+    peer_auth: Option<Optional<istio::PeerAuthentication>>,
     routes: Option<Store<DeserializeGuard<crd::MeshHTTPRoute>>>,
 }
 
@@ -354,6 +412,27 @@ where
     }
 }
 
+/// Listed, or known absent.
+async fn optional_ready<K: Clone + kube::runtime::reflector::Lookup>(input: &Option<Optional<K>>)
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    if let Some((store, absent)) = input {
+        let mut absent = absent.clone();
+        tokio::select! {
+            _ = store.wait_until_ready() => {}
+            _ = absent.wait_for(|a| *a) => {}
+        }
+    }
+}
+
+fn optional_objects<K: Clone + kube::runtime::reflector::Lookup>(input: &Option<Optional<K>>) -> Vec<Arc<K>>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    input.as_ref().map(|(s, _)| s.state()).unwrap_or_default()
+}
+
 impl Stores {
     async fn wait_until_ready(&self) {
         let _ = self.namespaces.wait_until_ready().await;
@@ -363,8 +442,8 @@ impl Stores {
         let _ = self.pods.wait_until_ready().await;
         ready(&self.services).await;
         ready(&self.slices).await;
-        ready(&self.authz).await;
-        ready(&self.peer_auth).await;
+        optional_ready(&self.authz).await;
+        optional_ready(&self.peer_auth).await;
         ready(&self.routes).await;
     }
 }
@@ -387,52 +466,61 @@ struct Judged<T> {
 }
 
 impl<T: Clone> LastValid<T> {
-    /// Judges every object of a store, remembering the valid ones.
-    fn judge<K>(
+    /// Judges every object of a store, remembering the valid ones. A
+    /// refused object with no earlier valid version enforces its stand-in,
+    /// if it has one (never remembered: it is judged again each time).
+    fn judge<O>(
         &mut self,
         kind: &'static str,
-        objects: Vec<Arc<DeserializeGuard<K>>>,
-        convert: impl Fn(&K) -> Result<T, Refused>,
-    ) -> Judged<T>
-    where
-        K: Resource<DynamicType = ()> + Clone,
-    {
+        objects: Vec<Arc<O>>,
+        convert: impl Fn(&O) -> (k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, Result<T, Rejected<T>>),
+    ) -> Judged<T> {
         let mut verdicts = Vec::new();
         let mut seen = BTreeMap::new();
+        let mut stand_ins = Vec::new();
         for obj in objects {
-            let (meta, result) = match &obj.0 {
-                Ok(o) => (o.meta().clone(), convert(o)),
-                Err(invalid) => (
-                    invalid.metadata.clone(),
-                    Err(Refused {
-                        reason: "Invalid",
-                        message: format!("cannot read the object: {}", invalid.error),
-                    }),
-                ),
-            };
+            let (meta, result) = convert(&obj);
             let key = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
             let uid = meta.uid.clone().unwrap_or_default();
             seen.insert(key.clone(), ());
-            let refused = match result {
+            let (refused, fails_closed) = match result {
                 Ok(t) => {
                     self.by_key.insert(key.clone(), (uid, t));
-                    None
+                    (None, false)
                 }
-                Err(r) => {
+                Err(Rejected { refused, stand_in }) => {
                     // An earlier valid version of this same object stays.
                     if self.by_key.get(&key).is_some_and(|(u, _)| *u != uid) {
                         self.by_key.remove(&key);
                     }
-                    Some(r)
+                    let earlier = self.by_key.contains_key(&key);
+                    let fails_closed = !earlier && stand_in.is_some();
+                    if fails_closed {
+                        stand_ins.extend(stand_in.map(|s| *s));
+                    }
+                    (Some(refused), fails_closed)
                 }
             };
-            verdicts.push(Verdict { kind, meta, refused });
+            verdicts.push(Verdict { kind, meta, refused, fails_closed });
         }
         self.by_key.retain(|k, _| seen.contains_key(k));
-        Judged {
-            in_force: self.by_key.values().map(|(_, t)| t.clone()).collect(),
-            verdicts,
-        }
+        let mut in_force: Vec<T> = self.by_key.values().map(|(_, t)| t.clone()).collect();
+        in_force.extend(stand_ins);
+        Judged { in_force, verdicts }
+    }
+}
+
+/// A mesh object as a watcher stored it: read, or the reason it could not be.
+fn guarded<K, T>(obj: &DeserializeGuard<K>, convert: impl Fn(&K) -> Result<T, Refused>) -> (k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, Result<T, Rejected<T>>)
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    match &obj.0 {
+        Ok(o) => (o.meta().clone(), convert(o).map_err(Rejected::from)),
+        Err(invalid) => (
+            invalid.metadata.clone(),
+            Err(Refused { reason: "Invalid", message: format!("cannot read the object: {}", invalid.error) }.into()),
+        ),
     }
 }
 
@@ -539,9 +627,9 @@ fn build(
         })
         .collect();
 
-    let a = authz.judge("AuthorizationPolicy", objects(&stores.authz), convert::authorization_policy);
-    let p = peer_auth.judge("PeerAuthentication", objects(&stores.peer_auth), convert::peer_authentication);
-    let mut r = routes.judge("MeshHTTPRoute", objects(&stores.routes), convert::route);
+    let a = authz.judge("AuthorizationPolicy", optional_objects(&stores.authz), |o| (o.metadata.clone(), convert::authorization_policy(o)));
+    let p = peer_auth.judge("PeerAuthentication", optional_objects(&stores.peer_auth), |o| (o.metadata.clone(), convert::peer_authentication(o)));
+    let mut r = routes.judge("MeshHTTPRoute", objects(&stores.routes), |o| guarded(o, convert::route));
 
     // Routes whose service is missing are left out (and reported); two
     // routes for one service: the older one wins.
