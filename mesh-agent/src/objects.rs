@@ -14,6 +14,8 @@ use crate::state;
 pub mod istio;
 
 #[cfg(test)]
+mod schema_tests;
+#[cfg(test)]
 mod tests;
 
 /// On an Istio AuthorizationPolicy, `"true"` compares its paths without
