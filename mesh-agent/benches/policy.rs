@@ -25,6 +25,10 @@ fn strings(v: &[String]) -> Option<Vec<String>> {
     Some(v.to_vec())
 }
 
+// Documentation addresses: the source pod's and the workload's.
+const SOURCE: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
+const DESTINATION: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 20));
+
 fn policy(i: usize, action: AuthzAction, rules: Vec<AuthzRule>) -> AuthorizationPolicy {
     AuthorizationPolicy {
         name: format!("p{i}"),
@@ -37,6 +41,8 @@ fn policy(i: usize, action: AuthzAction, rules: Vec<AuthzRule>) -> Authorization
         action,
         rules,
         ignore_path_case: false,
+        target_services: None,
+        refused: None,
     }
 }
 
@@ -149,6 +155,7 @@ fn mix() -> Vec<AuthorizationPolicy> {
                         }]),
                         when: Some(vec![AuthzCondition {
                             header: "x-debug".into(),
+                            key: None,
                             values: strings(&[format!("on-{}", k(j))]),
                             not_values: None,
                         }]),
@@ -203,10 +210,14 @@ fn bench(c: &mut Criterion) {
     let conn = Connection {
         peer: Some(&caller),
         port: 8080,
+        source: SOURCE,
+        destination: DESTINATION,
     };
     let stranger_conn = Connection {
         peer: Some(&stranger),
         port: 8080,
+        source: SOURCE,
+        destination: DESTINATION,
     };
     let req = |method, path| Request {
         method,
@@ -237,6 +248,8 @@ fn bench(c: &mut Criterion) {
     let tcp = Connection {
         peer: Some(&caller),
         port: 20_950,
+        source: SOURCE,
+        destination: DESTINATION,
     };
     assert!(
         tcp_wp.check_connection(&tcp).allowed,

@@ -26,6 +26,7 @@ pub const ENV_RUN_DIR: &str = "MESH_RUN_DIR";
 pub const ENV_FAILURE_POLICY: &str = "MESH_FAILURE_POLICY";
 pub const ENV_ENROLLMENT_LABEL: &str = "MESH_ENROLLMENT_LABEL";
 pub const ENV_CLUSTER_ID: &str = "MESH_CLUSTER_ID";
+pub const ENV_ROOT_NAMESPACE: &str = "MESH_ROOT_NAMESPACE";
 /// `--enrollment-label`'s default: [`crate::state::DATAPLANE_MODE_LABEL`]`=enabled`.
 pub const DEFAULT_ENROLLMENT_LABEL: &str = "nodemesh.io/dataplane-mode=enabled";
 /// Where programs, links and maps are pinned (under `nodemesh/<node>/`).
@@ -255,13 +256,19 @@ pub struct EnrollmentArgs {
     #[arg(long = "enrollment-label", value_name = "KEY=VALUE", env = ENV_ENROLLMENT_LABEL,
           default_value = DEFAULT_ENROLLMENT_LABEL, value_parser = crate::state::Enrollment::parse)]
     pub label: crate::state::Enrollment,
+    /// The namespace whose AuthorizationPolicy and PeerAuthentication
+    /// objects apply mesh-wide, as Istio's `rootNamespace` (beside it here
+    /// because the local file's check follows it too). The same on every agent.
+    #[arg(long = "root-namespace", value_name = "NAMESPACE", env = ENV_ROOT_NAMESPACE,
+          default_value = crate::state::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
 }
 
 impl EnrollmentArgs {
     /// The scope of a reader that reports no metrics (`check`, `ca`): the
     /// default cluster id.
     pub fn scope(&self) -> crate::state::Scope {
-        crate::state::Scope { enrollment: self.label.clone(), ..Default::default() }
+        crate::state::Scope { enrollment: self.label.clone(), root_namespace: self.root_namespace.clone(), ..Default::default() }
     }
 }
 
@@ -336,7 +343,11 @@ impl RunArgs {
             fail_open: self.failure_policy == FailurePolicy::Open,
             max_connections: self.max_connections,
             max_app_connections: self.max_app_connections,
-            scope: crate::state::Scope { enrollment: self.enrollment.label, cluster_id: self.cluster_id },
+            scope: crate::state::Scope {
+                enrollment: self.enrollment.label,
+                cluster_id: self.cluster_id,
+                root_namespace: self.enrollment.root_namespace,
+            },
         }
     }
 }
@@ -404,7 +415,7 @@ mod tests {
 
     #[test]
     fn run_flags_make_the_config() {
-        for var in [ENV_SOURCE, ENV_FAILURE_POLICY, ENV_CONFIG, ENV_ENROLLMENT_LABEL, ENV_CLUSTER_ID] {
+        for var in [ENV_SOURCE, ENV_FAILURE_POLICY, ENV_CONFIG, ENV_ENROLLMENT_LABEL, ENV_CLUSTER_ID, ENV_ROOT_NAMESPACE] {
             if std::env::var_os(var).is_some() {
                 return; // set by the caller: the defaults below do not apply
             }
@@ -419,6 +430,9 @@ mod tests {
         let c = run_args(&["--config", "/m.yaml", "--enrollment-label", "mesh.example.com/member=yes", "--cluster-id", "east"]).unwrap();
         assert_eq!((c.scope.enrollment.key.as_str(), c.scope.enrollment.value.as_str()), ("mesh.example.com/member", "yes"));
         assert_eq!(c.scope.cluster_id, "east");
+        assert_eq!(c.scope.root_namespace, "istio-system");
+        let c = run_args(&["--config", "/m.yaml", "--root-namespace", "mesh-root"]).unwrap();
+        assert_eq!(c.scope.root_namespace, "mesh-root");
         let c = run_args(&["--source", "kube", "--accelerate", "on", "--failure-policy", "open", "--data-threads", "0"]).unwrap();
         assert!(c.accelerate && c.fail_open);
         assert_eq!(c.data_threads, 1);

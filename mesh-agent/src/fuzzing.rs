@@ -2,7 +2,15 @@
 //! parsers where hostile bytes come in, as pure functions. Each panics
 //! only on a bug (a broken invariant asserted here or a crash below).
 
-use std::{net::SocketAddr, path::Path, sync::OnceLock};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    sync::OnceLock,
+};
+
+// Documentation addresses for the policy checks.
+const FUZZ_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
+const FUZZ_DESTINATION: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 20));
 
 use crate::{
     identity::{Authority, SpiffeId, WorkloadCert},
@@ -57,9 +65,9 @@ pub fn front_door(data: &[u8]) {
     let peer = Peer::new(&id);
     crate::proxy::fuzz_hooks::front_door(rest, usize::from(split % 64) + 1, &|req, path| {
         let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
-        let conn = Connection { peer: Some(&peer), port: 8080 };
+        let conn = Connection { peer: Some(&peer), port: 8080, source: FUZZ_SOURCE, destination: FUZZ_DESTINATION };
         let _ = policy().check_http(&conn, &Request { method: req.method().as_str(), path, host, headers: req.headers() });
-        let _ = policy().check_http(&Connection { peer: None, port: 8080 }, &Request { method: req.method().as_str(), path, host, headers: req.headers() });
+        let _ = policy().check_http(&Connection { peer: None, port: 8080, source: FUZZ_SOURCE, destination: FUZZ_DESTINATION }, &Request { method: req.method().as_str(), path, host, headers: req.headers() });
     });
 }
 
@@ -93,7 +101,7 @@ pub fn localfile(text: &str) {
         // must not panic either.
         let _ = crate::policy::Authorizer::from_state(&state);
         for pod in state.pods.values() {
-            let _ = state.peer_auth_mode(&pod.key);
+            let _ = state.peer_auth_mode(&pod.key, 8080);
         }
     }
 }

@@ -5,8 +5,9 @@
 //! | module | job |
 //! | --- | --- |
 //! | [`agents`] | `mesh-agent status --all-nodes`: every agent's `/status` through the API server's pod proxy |
-//! | [`crd`] | the custom resources as Rust types; `deploy/crds.yaml` is generated from them |
-//! | [`convert`] | Kubernetes objects to state values (pure) |
+//! | [`crd`] | the status type of the `Accepted` condition; `deploy/crds.yaml` (the mesh ships no CRD of its own any more) is generated from it |
+//! | [`istio`] | Istio's `security.istio.io` kinds as stored (raw spec; the CRDs are Istio's) |
+//! | [`convert`] | Kubernetes objects to state values (pure; Istio's through [`crate::objects`]) |
 //! | [`gateway`] | Gateway API `HTTPRoute` / `GRPCRoute` as kube resources, their route status (`status.parents`) |
 //! | [`source`] | watchers + reflectors, the state builder, `/status` numbers |
 //! | [`status`] | the `Accepted` condition on the mesh's objects |
@@ -17,6 +18,7 @@ pub mod agents;
 pub mod convert;
 pub mod crd;
 pub mod gateway;
+pub mod istio;
 pub mod podpaths;
 pub mod source;
 pub mod status;

@@ -4,6 +4,7 @@
 //! | --- | --- |
 //! | [`config`] | the agent's own settings, validated |
 //! | [`state`] | the in-memory mesh state (pure), with the route and authorization schemas: the bottom layer |
+//! | [`objects`] | Kubernetes-shaped objects (Istio's security kinds) into `state`, for both sources |
 //! | [`localfile`] | the YAML source that writes `state` |
 //! | [`k8s`] | the Kubernetes source that writes `state`: CRDs, watchers (the only kube user) |
 //! | [`spiffe`] | SPIFFE IDs: `spiffe://<td>/ns/<ns>/sa/<sa>`, strictly parsed |
@@ -49,6 +50,7 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod netns;
+pub mod objects;
 pub mod policy;
 pub mod proxy;
 pub mod route;

@@ -4,6 +4,16 @@
 //! ConfigMap volume does (inotify on the file would miss those). An invalid
 //! edit is rejected with a message naming the file, the field and the reason,
 //! and the last good state keeps serving.
+//!
+//! The file is a YAML stream: at most one document without `apiVersion` is
+//! the mesh file (nodes, namespaces, pods, services, and the compact
+//! `authorizationPolicies` / `peerAuthentications` / `httpRoutes`); every
+//! document with `apiVersion` and `kind` is a Kubernetes object of a kind
+//! [`crate::objects::KINDS`] lists (Istio's AuthorizationPolicy and
+//! PeerAuthentication), converted by the same code as in a cluster, so the
+//! YAML a user applies with kubectl works here unchanged. Unlike the
+//! cluster, a refused object rejects the whole edit (the last good state
+//! keeps serving), DENY policies included.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -32,6 +42,9 @@ pub enum Error {
     Invalid { file: PathBuf, field: String, reason: String },
     #[error("{file} {message}")]
     Node { file: PathBuf, message: String },
+    /// A Kubernetes object of the stream (`document` counts from 1).
+    #[error("{file}: document {document} ({kind} {name}): {message}")]
+    Object { file: PathBuf, document: usize, kind: String, name: String, message: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,13 +163,138 @@ pub fn parse(path: &Path, text: &str) -> Result<MeshState, Error> {
 /// Parses and validates file content; a namespace's value of the
 /// enrollment label's key must be its value or `disabled`.
 pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshState, Error> {
+    let parse_error = |message: String| Error::Parse { file: path.to_owned(), message };
+    let is_object = |v: &serde_yaml::Value| v.get("apiVersion").is_some() || v.get("kind").is_some();
+    // One mesh document alone (the usual file), or text that is not YAML,
+    // is read from the text as it always was, so that messages keep their
+    // line and column.
+    let stream_error = match documents(text) {
+        Ok(docs) if docs.len() > 1 || docs.iter().any(|(_, v)| is_object(v)) => Ok(docs),
+        Ok(_) => Err(None),
+        Err(e) => Err(Some(e)),
+    };
+    let docs = match stream_error {
+        Ok(docs) => docs,
+        Err(stream) => {
+            let file: File = serde_yaml::from_str(text).map_err(|e| match stream {
+                // A stream of several documents, one of them broken: say which.
+                Some(s) if e.to_string().contains("more than one document") => parse_error(s.to_string()),
+                _ => parse_error(e.to_string()),
+            })?;
+            return build(path, file, Vec::new(), objects::Objects::default(), scope);
+        }
+    };
+    let mut mesh_docs = docs.iter().filter(|(_, v)| !is_object(v));
+    let mesh_doc = mesh_docs.next();
+    if let Some((n, _)) = mesh_docs.next() {
+        return Err(parse_error(format!(
+            "document {n}: a second document without `apiVersion`: a file holds at most one mesh document, and Kubernetes objects with `apiVersion` and `kind`"
+        )));
+    }
+    let file: File = match mesh_doc {
+        Some((n, v)) => serde_path_to_error::deserialize(v.clone()).map_err(|e| parse_error(format!("document {n}: {}: {}", e.path(), e.inner())))?,
+        None => serde_yaml::from_value(serde_yaml::Value::Mapping(Default::default())).expect("every field has a default"),
+    };
+    // Istio's kinds convert through [`crate::objects`] (shared with the
+    // Kubernetes source); Gateway API's through [`objects`], whose
+    // messages number documents from 0 (`documents[i]`).
+    let mut istio = Vec::new();
+    let mut gateway = objects::Objects::default();
+    for (n, v) in docs.iter().filter(|(_, v)| is_object(v)) {
+        let api_version = v.get("apiVersion").and_then(serde_yaml::Value::as_str).unwrap_or_default();
+        if api_version.starts_with(GATEWAY_API_PREFIX) {
+            objects::add(&mut gateway, n - 1, v.clone()).map_err(|(field, reason)| Error::Invalid { file: path.to_owned(), field, reason })?;
+        } else {
+            istio.push(object(path, *n, v)?);
+        }
+    }
+    build(path, file, istio, gateway, scope)
+}
+
+/// Objects of this API group are Gateway API routes ([`objects`]).
+const GATEWAY_API_PREFIX: &str = "gateway.networking.k8s.io/";
+
+/// The stream's non-empty documents, numbered from 1; the first error ends
+/// it (serde_yaml's document iterator does not end after one).
+fn documents(text: &str) -> Result<Vec<(usize, serde_yaml::Value)>, serde_yaml::Error> {
+    let mut docs = Vec::new();
+    for (i, d) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let v = serde_yaml::Value::deserialize(d)?;
+        if !v.is_null() {
+            docs.push((i + 1, v));
+        }
+    }
+    Ok(docs)
+}
+
+/// A Kubernetes object of the stream, converted.
+struct Object {
+    document: usize,
+    kind: &'static str,
+    namespace: String,
+    name: String,
+    value: crate::objects::Converted,
+}
+
+/// What the local file reads of an object: Kubernetes' envelope; `status`
+/// is allowed (an object copied from a cluster) and ignored.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Envelope {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMetadata,
+    #[serde(default)]
+    spec: serde_json::Value,
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: serde_json::Value,
+}
+
+/// Labels and the like are allowed and ignored; the namespace is required
+/// (there is no `kubectl -n` here).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ObjectMetadata {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+fn object(path: &Path, document: usize, v: &serde_yaml::Value) -> Result<Object, Error> {
+    let s = |k: &str| v.get(k).and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+    let m = |k: &str| v.get("metadata").and_then(|m| m.get(k)).and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+    let fail = |message: String| Error::Object {
+        file: path.to_owned(),
+        document,
+        kind: s("kind"),
+        name: format!("{}/{}", m("namespace"), m("name")),
+        message,
+    };
+    let env: Envelope = serde_path_to_error::deserialize(v.clone()).map_err(|e| fail(format!("{}: {}", e.path(), e.inner())))?;
+    let kind = crate::objects::find(&env.api_version, &env.kind).map_err(|e| match e.strip_suffix(')') {
+        // An unknown kind: the list of what is read names Gateway API's too.
+        Some(list) if e.contains("is not a kind the mesh reads") => fail(format!("{list}, {})", objects::kinds().join(", "))),
+        _ => fail(e),
+    })?;
+    for (field, value) in [("metadata.name", &env.metadata.name), ("metadata.namespace", &env.metadata.namespace)] {
+        check_dns_label(field, value).map_err(|r| fail(format!("{field}: {r}")))?;
+    }
+    let meta = crate::objects::Meta { name: &env.metadata.name, namespace: &env.metadata.namespace, annotations: &env.metadata.annotations };
+    let value = kind.convert(&meta, &env.spec).map_err(|r| fail(r.message))?;
+    Ok(Object { document, kind: kind.kind, namespace: env.metadata.namespace, name: env.metadata.name, value })
+}
+
+fn build(path: &Path, file: File, istio: Vec<Object>, gateway: objects::Objects, scope: &state::Scope) -> Result<MeshState, Error> {
     let enrollment = &scope.enrollment;
     let invalid = |field: String, reason: String| Error::Invalid {
         file: path.to_owned(),
         field,
         reason,
     };
-    let (file, objects) = documents(path, text)?;
 
     check_dns_label("trustDomain", &file.trust_domain.replace('.', "-")).map_err(|r| invalid("trustDomain".into(), r))?;
 
@@ -298,10 +436,12 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
 
     let mut peer_auths = Vec::new();
     let mut pa_keys = HashSet::new();
+    // Policies may be in the root namespace (mesh-wide) without declaring it.
+    let policy_ns = |ns: &str| ns_names.contains(ns) || ns == scope.root_namespace;
     for (i, pa) in file.peer_authentications.iter().enumerate() {
         let at = |f: &str| format!("peerAuthentications[{i}].{f}");
         check_dns_label(&at("name"), &pa.name).map_err(|r| invalid(at("name"), r))?;
-        if !ns_names.contains(&pa.namespace) {
+        if !policy_ns(&pa.namespace) {
             return Err(invalid(
                 at("namespace"),
                 format!("namespace {:?} is not declared under `namespaces`", pa.namespace),
@@ -318,6 +458,7 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
             namespace: pa.namespace.clone(),
             selector: pa.selector.clone(),
             mode: pa.mode,
+            port_level: BTreeMap::new(),
         });
     }
 
@@ -325,7 +466,7 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
     for (i, ap) in file.authorization_policies.iter().enumerate() {
         let at = |f: &str| format!("authorizationPolicies[{i}].{f}");
         check_dns_label(&at("name"), &ap.name).map_err(|r| invalid(at("name"), r))?;
-        if !ns_names.contains(&ap.namespace) {
+        if !policy_ns(&ap.namespace) {
             return Err(invalid(
                 at("namespace"),
                 format!("namespace {:?} is not declared under `namespaces`", ap.namespace),
@@ -335,6 +476,31 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
             return Err(invalid(at("name"), format!("policy {}/{} is declared twice", ap.namespace, ap.name)));
         }
         crate::policy::validate(ap).map_err(|e| invalid(at(&e.field), e.reason))?;
+    }
+
+    let mut authorization_policies = file.authorization_policies;
+    for o in istio {
+        let fail = |message: String| Error::Object {
+            file: path.to_owned(),
+            document: o.document,
+            kind: o.kind.into(),
+            name: format!("{}/{}", o.namespace, o.name),
+            message,
+        };
+        if !policy_ns(&o.namespace) {
+            return Err(fail(format!("metadata.namespace: namespace {:?} is not declared under `namespaces`", o.namespace)));
+        }
+        let keys = match o.value {
+            crate::objects::Converted::AuthorizationPolicy(_) => &mut authz_keys,
+            crate::objects::Converted::PeerAuthentication(_) => &mut pa_keys,
+        };
+        if !keys.insert((o.namespace.clone(), o.name.clone())) {
+            return Err(fail(format!("metadata.name: {} {}/{} is declared twice", o.kind, o.namespace, o.name)));
+        }
+        match o.value {
+            crate::objects::Converted::AuthorizationPolicy(p) => authorization_policies.push(p),
+            crate::objects::Converted::PeerAuthentication(p) => peer_auths.push(p),
+        }
     }
 
     let mut route_keys = HashSet::new();
@@ -361,59 +527,13 @@ pub fn parse_with(path: &Path, text: &str, scope: &state::Scope) -> Result<MeshS
     }
 
     let mut routes = file.http_routes;
-    routes.extend(gateway_routes(&objects, &ns_names, &services).map_err(|(f, r)| invalid(f, r))?);
+    routes.extend(gateway_routes(&gateway, &ns_names, &services).map_err(|(f, r)| invalid(f, r))?);
 
     Ok(MeshState::new(file.trust_domain, nodes, namespaces, pods, services)
         .with_peer_authentications(peer_auths)
-        .with_authorization_policies(file.authorization_policies)
+        .with_authorization_policies(authorization_policies)
         .with_routes(routes)
         .with_scope(scope.clone()))
-}
-
-/// The file as a YAML stream: the mesh document (at most one document
-/// without `apiVersion` and `kind`; none: an empty mesh) and the
-/// Kubernetes objects ([`objects`]).
-fn documents(path: &Path, text: &str) -> Result<(File, objects::Objects), Error> {
-    let parse = |e: serde_yaml::Error| Error::Parse { file: path.to_owned(), message: e.to_string() };
-    let mut mesh_doc = None;
-    let mut objects = objects::Objects::default();
-    let mut count = 0;
-    for (i, d) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        count += 1;
-        let v = match serde_yaml::Value::deserialize(d) {
-            Ok(v) => v,
-            // Read as the mesh document, so its message is the one the
-            // field-by-field reading gives (unknown fields before a
-            // duplicate key, as always).
-            Err(e) => {
-                let d = serde_yaml::Deserializer::from_str(text).nth(i).expect("this document");
-                File::deserialize(d).map_err(parse)?;
-                return Err(parse(e));
-            }
-        };
-        if v.is_null() {
-            continue;
-        }
-        if objects::is_object(&v) {
-            objects::add(&mut objects, i, v).map_err(|(field, reason)| Error::Invalid { file: path.to_owned(), field, reason })?;
-        } else if let Some(first) = mesh_doc.replace(i) {
-            return Err(Error::Invalid {
-                file: path.to_owned(),
-                field: format!("documents[{i}]"),
-                reason: format!("a second mesh document (the first is documents[{first}]); every other document must be a Kubernetes object (apiVersion, kind)"),
-            });
-        }
-    }
-    let file = match mesh_doc {
-        // Read again from its own text, so messages keep their lines.
-        Some(i) => {
-            let d = serde_yaml::Deserializer::from_str(text).nth(i).expect("counted above");
-            File::deserialize(d).map_err(parse)?
-        }
-        None if count <= 1 => serde_yaml::from_str(text).map_err(parse)?,
-        None => serde_yaml::from_str("{}").map_err(parse)?,
-    };
-    Ok((file, objects))
 }
 
 /// The Gateway API routes of the file, converted as the cluster's are

@@ -25,13 +25,19 @@
 //! # Semantics (Istio's, with the choices Istio leaves open made explicit)
 //!
 //! - **Selection**: a policy applies to the workloads of its namespace that
-//!   its `selector` labels match; without a selector, to every workload of
-//!   the namespace. An empty selector is refused (ambiguous).
+//!   its `selector` labels match, or that its `target_services` select
+//!   (Istio `targetRefs` of kind Service); without either, to every workload
+//!   of the namespace. A policy of the root namespace (`--root-namespace`,
+//!   Istio's `istio-system`) selects in every namespace (by labels; its
+//!   Service targets only in its own). An empty selector is refused
+//!   (ambiguous; Istio's empty `matchLabels` is converted to none).
 //! - **Order**: DENY policies first: if any matches, the request is denied,
 //!   naming the first matching policy in config order. Then, if any ALLOW
 //!   policy selects the workload, the request must match one of them, else it
 //!   is denied by default ("no ALLOW policy matched"). With no ALLOW policy
-//!   selecting the workload, it is allowed.
+//!   selecting the workload, it is allowed. AUDIT policies never change the
+//!   decision: the first that matches is reported with it
+//!   ([`Decision::audit`]).
 //! - **Rules**: a policy matches when any of its rules does; an ALLOW policy
 //!   with no rules therefore matches nothing (it only switches the workload
 //!   to default-deny), and the empty rule `{}` matches everything. A rule
@@ -70,6 +76,13 @@
 //!   header matches `notValues` only. A condition needs at least one of the
 //!   two lists.
 //! - **Ports** are the workload's own (target) ports.
+//! - **Addresses** (`ipBlocks`, `remoteIpBlocks` and their `not*` forms,
+//!   conditions on `source.ip`, `remote.ip`, `destination.ip`): IPs or
+//!   CIDRs, against the peer's address (the source pod's over the tunnel,
+//!   the client's for plaintext; no proxy protocol or `X-Forwarded-For` is
+//!   trusted, so `remote` is the peer) and the workload address the
+//!   connection came to. Known at L4 too, as are the conditions on
+//!   `source.namespace`, `source.principal` and `destination.port`.
 //! - **L4** (non-HTTP traffic, checked at connection time): only the peer
 //!   identity, namespace and port are known. A field that needs HTTP
 //!   (`methods`, `paths`, `hosts`, their `not*`, `when` headers) evaluates to
@@ -83,7 +96,9 @@
 //!   rejects the whole edit and keeps the last good state). A policy that
 //!   still reaches [`Authorizer::new`] unvalidated is replaced by a DENY of
 //!   everything it selects ([`Reason::InvalidPolicy`]), never dropped: a lost
-//!   DENY, or a lost last ALLOW, would open access.
+//!   DENY, or a lost last ALLOW, would open access. A source's fail-closed
+//!   stand-in for a refused object (`refused` set, see
+//!   [`crate::objects::istio`]) decides with the same reason.
 //!
 //! # Path normalization ([`normalize_path`])
 //!
@@ -127,13 +142,13 @@
 //! (~15 ns), so a config with hundreds of them pays for it; the benchmark
 //! (`benches/policy.rs`) measures both.
 
-use std::{borrow::Cow, collections::HashMap, fmt, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, fmt, net::IpAddr, sync::Arc};
 
 use http::HeaderMap;
 
 use crate::{
     spiffe::SpiffeId,
-    state::{AuthorizationPolicy, AuthzAction, Labels, MeshState, Selector},
+    state::{AuthorizationPolicy, AuthzAction, Labels, MeshState, Selector, Service},
 };
 
 mod index;
@@ -181,12 +196,17 @@ impl From<&SpiffeId> for Peer {
     }
 }
 
-/// What is known of a connection: who (`None`: plaintext, unauthenticated)
-/// and to which of the workload's ports.
+/// What is known of a connection: who (`None`: plaintext, unauthenticated),
+/// from which address, and to which of the workload's addresses and ports.
 #[derive(Clone, Copy, Debug)]
 pub struct Connection<'a> {
     pub peer: Option<&'a Peer>,
     pub port: u16,
+    /// The peer's address: the source pod's over the tunnel, the client's
+    /// for plaintext (`ipBlocks`, `source.ip`, `remote.ip`).
+    pub source: IpAddr,
+    /// The workload's address the connection is for (`destination.ip`).
+    pub destination: IpAddr,
 }
 
 /// One HTTP request, as the proxy will forward it.
@@ -213,7 +233,8 @@ pub enum Reason {
     NoAllowMatched,
     /// No DENY matched and no ALLOW policy selects the workload.
     NoAllowPolicy,
-    /// The policy did not compile; it stands as a DENY of everything.
+    /// The policy did not compile, or a source refused it and keeps it as a
+    /// DENY that fails closed.
     InvalidPolicy,
 }
 
@@ -226,19 +247,21 @@ impl fmt::Display for Reason {
                 "no ALLOW policy matched (ALLOW policies select this workload, so anything they do not allow is denied)"
             }
             Self::NoAllowPolicy => "no policy denies it and no ALLOW policy selects this workload",
-            Self::InvalidPolicy => "the policy is invalid, so it denies everything it selects until it is fixed",
+            Self::InvalidPolicy => "the policy is invalid or unsupported, so it fails closed and denies until it is fixed",
         })
     }
 }
 
 /// The outcome of a check. `policy` (`namespace/name`) borrows from the
 /// [`WorkloadPolicy`] so that a check allocates nothing; `to_owned()` it to
-/// keep it.
+/// keep it. `audit` is the first AUDIT policy that matched, whatever the
+/// decision: AUDIT never changes it, it is reported with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision<'a> {
     pub allowed: bool,
     pub policy: Option<&'a str>,
     pub reason: Reason,
+    pub audit: Option<&'a str>,
 }
 
 /// "allowed by shop/get-only: an ALLOW policy matched", or "denied: no ALLOW
@@ -249,31 +272,58 @@ impl fmt::Display for Decision<'_> {
         if let Some(p) = self.policy {
             write!(f, " by {p}")?;
         }
-        write!(f, ": {}", self.reason)
+        write!(f, ": {}", self.reason)?;
+        if let Some(a) = self.audit {
+            write!(f, " (audited by {a})")?;
+        }
+        Ok(())
     }
 }
 
 /// Every policy of a snapshot, compiled, by namespace.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Authorizer {
     by_namespace: HashMap<Box<str>, Vec<Arc<CompiledPolicy>>>,
     invalid: Vec<(String, InvalidPolicy)>,
+    /// Its policies select workloads of every namespace (Istio's root
+    /// namespace, `--root-namespace`).
+    root_namespace: Box<str>,
+}
+
+impl Default for Authorizer {
+    fn default() -> Self {
+        Self::new(&[])
+    }
 }
 
 impl Authorizer {
     pub fn from_state(state: &MeshState) -> Self {
-        Self::new(&state.authorization_policies)
+        Self::build(&state.authorization_policies, &state.root_namespace, &state.services)
     }
 
     /// Compiles `policies` (config order is kept: decisions name the first
-    /// match). Invalid ones become DENY-all stand-ins, see the module doc.
+    /// match), with Istio's default root namespace. Invalid ones become
+    /// DENY-all stand-ins, see the module doc.
     pub fn new(policies: &[AuthorizationPolicy]) -> Self {
-        let mut me = Self::default();
+        Self::build(policies, crate::state::DEFAULT_ROOT_NAMESPACE, &[])
+    }
+
+    /// `services` resolve the policies' `target_services` (to the pods the
+    /// services select, in the policy's namespace).
+    pub fn build(policies: &[AuthorizationPolicy], root_namespace: &str, services: &[Service]) -> Self {
+        let mut me = Self { by_namespace: HashMap::new(), invalid: Vec::new(), root_namespace: root_namespace.into() };
         for p in policies {
-            let compiled = rule::compile(p).unwrap_or_else(|e| {
+            let mut compiled = rule::compile(p).unwrap_or_else(|e| {
                 me.invalid.push((format!("{}/{}", p.namespace, p.name), e));
                 rule::deny_all(p)
             });
+            if let Some(names) = &p.target_services {
+                let selectors = services
+                    .iter()
+                    .filter(|s| s.namespace == p.namespace && names.contains(&s.name) && !s.selector.is_empty())
+                    .map(|s| s.selector.clone());
+                compiled.services = Some(selectors.collect());
+            }
             me.by_namespace
                 .entry(p.namespace.as_str().into())
                 .or_default()
@@ -287,15 +337,20 @@ impl Authorizer {
         &self.invalid
     }
 
-    /// The policies that select one workload, indexed. Build it once per
-    /// workload and snapshot, not per request.
+    /// The policies that select one workload, indexed: the root namespace's
+    /// (mesh-wide) first, then its namespace's. Build it once per workload
+    /// and snapshot, not per request.
     pub fn for_workload(&self, namespace: &str, labels: &Labels) -> WorkloadPolicy {
-        let policies: Vec<Arc<CompiledPolicy>> = self
-            .by_namespace
-            .get(namespace)
+        let root = (namespace != &*self.root_namespace).then(|| self.by_namespace.get(&*self.root_namespace)).flatten();
+        let selects = |p: &CompiledPolicy| p.selector.as_ref().is_none_or(|s| Selector(s).matches(labels));
+        // A Service selects pods of its own namespace only.
+        let by_service = |p: &CompiledPolicy| p.services.as_ref().is_none_or(|ss| ss.iter().any(|s| Selector(s).matches(labels)));
+        let policies: Vec<Arc<CompiledPolicy>> = root
             .into_iter()
             .flatten()
-            .filter(|p| p.selector.as_ref().is_none_or(|s| Selector(s).matches(labels)))
+            .filter(|p| p.services.is_none())
+            .chain(self.by_namespace.get(namespace).into_iter().flatten())
+            .filter(|p| selects(p) && by_service(p))
             .cloned()
             .collect();
         WorkloadPolicy::new(policies)
@@ -312,6 +367,7 @@ pub struct WorkloadPolicy {
     http: Index,
     l4: Index,
     has_allow: bool,
+    has_audit: bool,
     uses_http: bool,
 }
 
@@ -330,6 +386,7 @@ impl WorkloadPolicy {
         let http = Index::build(iter(), Mode::Http);
         let l4 = Index::build(iter(), Mode::L4);
         let has_allow = policies.iter().any(|p| p.action == AuthzAction::Allow);
+        let has_audit = policies.iter().any(|p| p.action == AuthzAction::Audit);
         let uses_http = iter().any(|(r, _)| r.has_http_fields());
         Self {
             policies,
@@ -337,6 +394,7 @@ impl WorkloadPolicy {
             http,
             l4,
             has_allow,
+            has_audit,
             uses_http,
         }
     }
@@ -369,6 +427,8 @@ impl WorkloadPolicy {
         let ctx = Ctx {
             peer: conn.peer,
             port: conn.port,
+            source: conn.source.to_canonical(),
+            destination: conn.destination.to_canonical(),
             http: Some(HttpCtx {
                 method: &method,
                 path: req.path.path(),
@@ -384,6 +444,8 @@ impl WorkloadPolicy {
         let ctx = Ctx {
             peer: conn.peer,
             port: conn.port,
+            source: conn.source.to_canonical(),
+            destination: conn.destination.to_canonical(),
             http: None,
         };
         self.evaluate(&self.l4, &ctx)
@@ -391,9 +453,22 @@ impl WorkloadPolicy {
 
     fn evaluate(&self, index: &Index, ctx: &Ctx<'_>) -> Decision<'_> {
         const NONE: u32 = u32::MAX;
-        let (mut deny, mut allow) = (NONE, NONE);
+        let (mut deny, mut allow, mut audit) = (NONE, NONE, NONE);
         if !self.rules.is_empty() {
             index.candidates(ctx, |bucket| {
+                // AUDIT first and on its own: it never changes the decision,
+                // so finding a DENY must not stop it.
+                if self.has_audit {
+                    for &id in &bucket.audit {
+                        if id >= audit {
+                            break;
+                        }
+                        if self.rule(id).matches(ctx, AuthzAction::Audit) {
+                            audit = id;
+                            break;
+                        }
+                    }
+                }
                 // Lists are ascending: the first match is the bucket's
                 // earliest, and a later one cannot beat the best so far.
                 for &id in &bucket.deny {
@@ -419,6 +494,8 @@ impl WorkloadPolicy {
                 }
             });
         }
+        let audit = (audit != NONE).then(|| &*self.policy_of(audit).id);
+        let decide = |allowed, policy, reason| Decision { allowed, policy, reason, audit };
         if deny != NONE {
             let p = self.policy_of(deny);
             let reason = if p.invalid {
@@ -426,31 +503,15 @@ impl WorkloadPolicy {
             } else {
                 Reason::DenyMatched
             };
-            return Decision {
-                allowed: false,
-                policy: Some(&p.id),
-                reason,
-            };
+            return decide(false, Some(&p.id), reason);
         }
         if allow != NONE {
-            return Decision {
-                allowed: true,
-                policy: Some(&self.policy_of(allow).id),
-                reason: Reason::AllowMatched,
-            };
+            return decide(true, Some(&self.policy_of(allow).id), Reason::AllowMatched);
         }
         if self.has_allow {
-            return Decision {
-                allowed: false,
-                policy: None,
-                reason: Reason::NoAllowMatched,
-            };
+            return decide(false, None, Reason::NoAllowMatched);
         }
-        Decision {
-            allowed: true,
-            policy: None,
-            reason: Reason::NoAllowPolicy,
-        }
+        decide(true, None, Reason::NoAllowPolicy)
     }
 
     fn rule(&self, id: u32) -> &rule::Rule {

@@ -52,18 +52,29 @@ impl Default for Enrollment {
 /// Istio's default cluster id, for `--cluster-id`.
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 
+/// Istio's default root namespace, for `--root-namespace`: policies there
+/// (authorization, peer authentication) apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
 /// What the agent's flags, not the source, decide of a state: which label
-/// enrolls, and the cluster's name in metrics.
+/// enrolls, the cluster's name in metrics, and the namespace whose policies
+/// apply mesh-wide.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scope {
     pub enrollment: Enrollment,
     /// `source_cluster` / `destination_cluster` of the pods (`--cluster-id`).
     pub cluster_id: String,
+    /// `--root-namespace`, as Istio's `rootNamespace` mesh setting.
+    pub root_namespace: String,
 }
 
 impl Default for Scope {
     fn default() -> Self {
-        Self { enrollment: Enrollment::default(), cluster_id: DEFAULT_CLUSTER_ID.into() }
+        Self {
+            enrollment: Enrollment::default(),
+            cluster_id: DEFAULT_CLUSTER_ID.into(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
+        }
     }
 }
 
@@ -250,7 +261,10 @@ impl Service {
 }
 
 /// How a workload accepts inbound connections that do not come through the
-/// mesh tunnel (plaintext, captured on the agent's 15006 listener).
+/// mesh tunnel (plaintext, captured on the agent's 15006 listener), Istio's
+/// `PeerAuthentication` modes. Mesh peers always come over the mutual-TLS
+/// tunnel, whatever the mode: this mesh never downgrades its own tunnel, so
+/// `DISABLE` only means what `PERMISSIVE` does for plaintext from outside.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PeerAuthMode {
@@ -259,10 +273,16 @@ pub enum PeerAuthMode {
     Permissive,
     /// Only mTLS from mesh peers; plaintext is refused.
     Strict,
+    /// Plaintext accepted, as `PERMISSIVE` (mesh peers still use the tunnel).
+    Disable,
+    /// Inherit: the namespace's policy, then the mesh-wide one (root
+    /// namespace), else `PERMISSIVE`. Never the effective mode of a pod.
+    Unset,
 }
 
 /// A peer-authentication policy: namespace-wide, or for the pods its
-/// selector matches. A workload-selecting policy beats a namespace-wide one.
+/// selector matches; in the root namespace without a selector, mesh-wide.
+/// Precedence: workload > namespace > mesh (see [`MeshState::peer_auth_mode`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerAuthentication {
@@ -270,6 +290,10 @@ pub struct PeerAuthentication {
     pub namespace: String,
     pub selector: Option<Labels>,
     pub mode: PeerAuthMode,
+    /// Per target port of the workload (Istio `portLevelMtls`); only with a
+    /// selector.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level: BTreeMap<u16, PeerAuthMode>,
 }
 
 /// What an authorization policy does with the requests its rules match.
@@ -278,6 +302,9 @@ pub struct PeerAuthentication {
 pub enum AuthzAction {
     Allow,
     Deny,
+    /// Never changes a decision: a matching AUDIT policy is reported with it
+    /// (Istio's AUDIT, with the decision's log line as the audit sink).
+    Audit,
 }
 
 /// An authorization policy, Istio `AuthorizationPolicy`-like: namespace-wide,
@@ -304,6 +331,15 @@ pub struct AuthorizationPolicy {
     /// routing ignores case, where `/ADMIN` would otherwise escape a DENY.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_path_case: bool,
+    /// The services of the namespace whose pods the policy applies to
+    /// (Istio `targetRefs` of kind Service), instead of `selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_services: Option<Vec<String>>,
+    /// Set by a source for a refused object that still stands, failing
+    /// closed (a DENY that could not be read denies everything it selects):
+    /// why it was refused. Decisions by it say so.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// A rule matches when every part it sets matches: any `from` entry, any
@@ -319,10 +355,24 @@ pub struct AuthzRule {
     pub when: Option<Vec<AuthzCondition>>,
 }
 
-/// Who the peer is (from its verified SPIFFE ID). Every set field must match.
+/// Who the peer is (from its verified SPIFFE ID, and its address). Every set
+/// field must match.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthzSource {
+    /// The peer's address (the source pod's over the tunnel, the client's
+    /// for plaintext): IPs or CIDRs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ip_blocks: Option<Vec<String>>,
+    /// Istio's original-client address (X-Forwarded-For, proxy protocol):
+    /// the mesh trusts neither, so the original client is the peer, and
+    /// these are `ipBlocks` by another name (both must match when both set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_remote_ip_blocks: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principals: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -358,11 +408,17 @@ pub struct AuthzOperation {
     pub not_paths: Option<Vec<String>>,
 }
 
-/// A request-header condition (HTTP-only).
+/// A condition: on a request header (`header`, HTTP-only), or on one of
+/// Istio's condition keys (`key`: `request.headers[NAME]`, `source.ip`,
+/// `remote.ip`, `source.namespace`, `source.principal`, `destination.ip`,
+/// `destination.port`). Exactly one of the two.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthzCondition {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub header: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -386,6 +442,8 @@ pub struct MeshState {
     pub enrollment_label: Enrollment,
     /// The cluster its pods are in, as metrics name it (`--cluster-id`).
     pub cluster_id: String,
+    /// Policies of this namespace apply mesh-wide (`--root-namespace`).
+    pub root_namespace: String,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, PodKey>,
 }
@@ -422,6 +480,7 @@ impl MeshState {
             routes: Vec::new(),
             enrollment_label: Enrollment::default(),
             cluster_id: DEFAULT_CLUSTER_ID.into(),
+            root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
             by_ip,
         }
     }
@@ -449,6 +508,7 @@ impl MeshState {
     pub fn with_scope(mut self, scope: Scope) -> Self {
         self.enrollment_label = scope.enrollment;
         self.cluster_id = scope.cluster_id;
+        self.root_namespace = scope.root_namespace;
         self
     }
 
@@ -464,22 +524,29 @@ impl MeshState {
             .and_then(ServicePort::http_version)
     }
 
-    /// The peer-authentication mode that applies to `pod`: the first policy
-    /// selecting it by labels, else the namespace-wide one, else PERMISSIVE.
-    pub fn peer_auth_mode(&self, pod: &PodKey) -> PeerAuthMode {
+    /// The peer-authentication mode for connections to `port` (a target
+    /// port) of `pod`, as Istio resolves it: the first policy of the pod's
+    /// namespace whose selector matches it (its `portLevel` entry for the
+    /// port, else its mode), then the namespace-wide policy, then the
+    /// mesh-wide one (root namespace, no selector), else PERMISSIVE; `UNSET`
+    /// at any level defers to the next. Never returns `Unset`.
+    pub fn peer_auth_mode(&self, pod: &PodKey, port: u16) -> PeerAuthMode {
         let Some(p) = self.pods.get(pod) else {
             return PeerAuthMode::default();
         };
-        let in_ns = self.peer_authentications.iter().filter(|a| a.namespace == pod.namespace);
-        let mut namespace_wide = None;
-        for a in in_ns {
-            match &a.selector {
-                Some(sel) if Selector(sel).matches(&p.labels) => return a.mode,
-                Some(_) => {}
-                None => namespace_wide = namespace_wide.or(Some(a.mode)),
-            }
+        let set = |m: PeerAuthMode| (m != PeerAuthMode::Unset).then_some(m);
+        fn in_ns<'a>(all: &'a [PeerAuthentication], ns: &'a str) -> impl Iterator<Item = &'a PeerAuthentication> + 'a {
+            all.iter().filter(move |a| a.namespace == ns)
         }
-        namespace_wide.unwrap_or_default()
+        let all = &self.peer_authentications;
+        let workload = in_ns(all, &pod.namespace)
+            .find(|a| a.selector.as_ref().is_some_and(|sel| Selector(sel).matches(&p.labels)))
+            .and_then(|a| a.port_level.get(&port).copied().and_then(set).or_else(|| set(a.mode)));
+        let namespace_wide = |ns: &str| in_ns(all, ns).find(|a| a.selector.is_none()).and_then(|a| set(a.mode));
+        workload
+            .or_else(|| namespace_wide(&pod.namespace))
+            .or_else(|| namespace_wide(&self.root_namespace))
+            .unwrap_or_default()
     }
 
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {

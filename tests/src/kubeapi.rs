@@ -52,8 +52,8 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
     ("ServiceAccount", "", "v1", "serviceaccounts", true),
     ("ConfigMap", "", "v1", "configmaps", true),
     ("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices", true),
-    ("AuthorizationPolicy", "nodemesh.io", "v1alpha1", "authorizationpolicies", true),
-    ("PeerAuthentication", "nodemesh.io", "v1alpha1", "peerauthentications", true),
+    ("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies", true),
+    ("PeerAuthentication", "security.istio.io", "v1", "peerauthentications", true),
     ("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes", true),
     ("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes", true),
 ];
@@ -76,6 +76,8 @@ struct Inner {
     /// Changes at or below this were compacted away.
     compacted: u64,
     denied: HashSet<(String, String)>,
+    /// Resources (plurals) the server does not have, as without their CRD.
+    uninstalled: HashSet<String>,
     down: bool,
     tokens: HashMap<String, Value>,
     /// Requests seen, `VERB path?query`, for tests that check what a client did.
@@ -277,6 +279,16 @@ impl ApiServer {
         self.inner.lock().expect("poisoned").denied.insert((verb.into(), resource.into()));
     }
 
+    /// Every request for `resource` (a plural) answers 404, as when its
+    /// CRD is not installed; `install` undoes it.
+    pub fn uninstall(&self, resource: &str) {
+        self.inner.lock().expect("poisoned").uninstalled.insert(resource.into());
+    }
+
+    pub fn install(&self, resource: &str) {
+        self.inner.lock().expect("poisoned").uninstalled.remove(resource);
+    }
+
     pub fn allow(&self, verb: &str, resource: &str) {
         self.inner.lock().expect("poisoned").denied.remove(&(verb.to_owned(), resource.to_owned()));
     }
@@ -376,6 +388,9 @@ impl Ctx {
         let Some(t) = parse_path(&path) else {
             return status(StatusCode::NOT_FOUND, "NotFound", format!("the server could not find the requested resource ({path})"));
         };
+        if self.inner.lock().expect("poisoned").uninstalled.contains(t.kind.3) {
+            return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource".into());
+        }
         let watching = q.get("watch").is_some_and(|v| v == "true" || v == "1");
         let verb = match (&method, &t.name, watching) {
             (&hyper::Method::GET, None, true) => "watch",

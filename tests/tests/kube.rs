@@ -224,6 +224,7 @@ async fn a_configured_enrollment_label_enrolls_and_istio_ambient_keeps_its_pods(
     let scope = mesh_agent::state::Scope {
         enrollment: mesh_agent::state::Enrollment::parse("mesh.example.com/member=yes").unwrap(),
         cluster_id: "east".into(),
+        ..Default::default()
     };
     let mut agent = start_agent_with(&api, "node-a", scope);
     let s = agent.until("m2 enrolled", |s| s.pods.len() == 3 && enrolled(s, "mixed", "m2")).await;
@@ -348,16 +349,19 @@ async fn until_condition(api: &ApiServer, kind: &str, name: &str, status: &str, 
     found.unwrap()
 }
 
+const ISTIO: &str = "security.istio.io/v1";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
+    use mesh_agent::state::AuthzAction;
     let api = ApiServer::start().await.unwrap();
     api.apply(&namespace("shop", &[ENROLL])).unwrap();
     let policy = |extra: Value| {
-        let mut spec = json!({"action": "DENY", "rules": [{"to": [{"ports": [9000]}]}]});
+        let mut spec = json!({"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9000"]}}]}]});
         for (k, v) in extra.as_object().unwrap() {
             spec[k] = v.clone();
         }
-        json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+        json!({"apiVersion": ISTIO, "kind": "AuthorizationPolicy",
                "metadata": {"name": "deny-admin", "namespace": "shop"}, "spec": spec})
     };
     api.apply_json(policy(json!({}))).unwrap();
@@ -372,24 +376,35 @@ async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
     assert!(c["message"].as_str().unwrap().contains("colour"), "{c}");
     assert_eq!(agent.state.borrow().authorization_policies, good.authorization_policies);
 
-    // An impossible value in a new object: refused with the field named.
-    api.apply_json(json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+    // An impossible value in a new ALLOW: refused with the field named, left out.
+    api.apply_json(json!({"apiVersion": ISTIO, "kind": "AuthorizationPolicy",
         "metadata": {"name": "bad-port", "namespace": "shop"},
-        "spec": {"action": "ALLOW", "rules": [{"to": [{"ports": [70000]}]}]}}))
+        "spec": {"action": "ALLOW", "rules": [{"to": [{"operation": {"ports": ["70000"]}}]}]}}))
     .unwrap();
     let c = until_condition(&api, "AuthorizationPolicy", "bad-port", "False", 1).await;
-    assert!(c["message"].as_str().unwrap().starts_with("spec.rules[0].to[0].ports"), "{c}");
-    // A wrong type and a route to a service that does not exist.
-    api.apply_json(json!({"apiVersion": "nodemesh.io/v1alpha1", "kind": "PeerAuthentication",
-        "metadata": {"name": "strict", "namespace": "shop"}, "spec": {"mode": 3}}))
+    assert!(c["message"].as_str().unwrap().starts_with("spec.rules[0].to[0].operation.ports[0]"), "{c}");
+    assert!(c["message"].as_str().unwrap().contains("the object is ignored"), "{c}");
+    // An unsupported field in a new ALLOW: refused, named.
+    api.apply_json(json!({"apiVersion": ISTIO, "kind": "AuthorizationPolicy",
+        "metadata": {"name": "jwt-only", "namespace": "shop"},
+        "spec": {"rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]}}))
+    .unwrap();
+    let c = until_condition(&api, "AuthorizationPolicy", "jwt-only", "False", 1).await;
+    assert_eq!(c["reason"], "Unsupported");
+    assert!(c["message"].as_str().unwrap().starts_with("spec.rules[0].from[0].source.requestPrincipals"), "{c}");
+    // A wrong type (a PERMISSIVE one: left out) and a route to a service
+    // that does not exist.
+    api.apply_json(json!({"apiVersion": ISTIO, "kind": "PeerAuthentication",
+        "metadata": {"name": "permissive", "namespace": "shop"}, "spec": {"mtls": {"mode": 3}}}))
     .unwrap();
     api.apply_json(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
         "metadata": {"name": "canary", "namespace": "shop"},
         "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "nowhere"}, {"name": "some-gateway"}],
                  "rules": [{"backendRefs": [{"name": "nowhere", "port": 80}]}]}}))
     .unwrap();
-    let c = until_condition(&api, "PeerAuthentication", "strict", "False", 1).await;
+    let c = until_condition(&api, "PeerAuthentication", "permissive", "False", 1).await;
     assert_eq!(c["reason"], "Invalid");
+    assert!(c["message"].as_str().unwrap().starts_with("spec.mtls.mode"), "{c}");
     // Gateway API route status: one entry, ours (the Gateway parent is not).
     let mut parents = Value::Null;
     until("HTTPRoute canary: status.parents written", || {
@@ -406,16 +421,90 @@ async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
     assert_eq!(s.authorization_policies, good.authorization_policies, "enforcement unchanged");
     assert!(s.peer_authentications.is_empty() && s.routes.is_empty());
     let refused = agent.stats.view().refused;
-    assert_eq!(refused.len(), 4, "{refused:#?}");
+    assert_eq!(refused.len(), 5, "{refused:#?}");
 
     // A valid edit applies again.
     api.apply_json(policy(json!({"action": "ALLOW"}))).unwrap();
     agent
-        .until("the fixed policy", |s| {
-            s.authorization_policies.len() == 1 && s.authorization_policies[0].action == mesh_agent::state::AuthzAction::Allow
-        })
+        .until("the fixed policy", |s| s.authorization_policies.iter().any(|p| p.name == "deny-admin" && p.action == AuthzAction::Allow))
         .await;
     until_condition(&api, "AuthorizationPolicy", "deny-admin", "True", 3).await;
+}
+
+/// Refusing a DENY would open what it denies: a new DENY that cannot be
+/// used stands as a DENY of everything it selects, a DENY with an
+/// unsupported field is enforced without it, and a STRICT peer
+/// authentication that cannot be read stays STRICT; each says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_deny_policies_and_strict_peer_authentication_fail_closed() {
+    use mesh_agent::state::{AuthzAction, PeerAuthMode};
+    let api = ApiServer::start().await.unwrap();
+    api.apply(&namespace("shop", &[ENROLL])).unwrap();
+    api.apply(&pod("shop", "api", "node-a", "198.51.100.11", &[("app", "api")])).unwrap();
+    api.apply_json(json!({"apiVersion": ISTIO, "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-ops", "namespace": "shop"},
+        "spec": {"action": "DENY", "selector": {"matchLabels": {"app": "api"}}, "rules": [{"from": [{"source": {"namespaces": "ops"}}]}]}}))
+    .unwrap();
+    api.apply_json(json!({"apiVersion": ISTIO, "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-jwt", "namespace": "shop"},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["batch"], "notRequestPrincipals": ["*"]}}]}]}}))
+    .unwrap();
+    api.apply_json(json!({"apiVersion": ISTIO, "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "shop"}, "spec": {"mtls": {"mode": "STRICT", "colour": "blue"}}}))
+    .unwrap();
+    let mut agent = start_agent(&api, "node-a");
+    let s = agent.until("the stand-ins", |s| s.authorization_policies.len() == 2 && s.peer_authentications.len() == 1).await;
+    let deny_ops = s.authorization_policies.iter().find(|p| p.name == "deny-ops").unwrap();
+    assert_eq!(deny_ops.action, AuthzAction::Deny);
+    assert_eq!(deny_ops.rules, vec![Default::default()], "denies everything");
+    assert_eq!(deny_ops.selector, Some([("app".to_string(), "api".to_string())].into()), "that it selects");
+    let deny_jwt = s.authorization_policies.iter().find(|p| p.name == "deny-jwt").unwrap();
+    assert_eq!(deny_jwt.rules[0].from.as_ref().unwrap()[0].namespaces, Some(vec!["batch".to_string()]), "kept without the JWT field");
+    assert_eq!(s.peer_auth_mode(&key("shop", "api"), 8080), PeerAuthMode::Strict);
+    for (kind, name, reason, says) in [
+        ("AuthorizationPolicy", "deny-ops", "Invalid", "spec.rules[0].from[0].source.namespaces"),
+        ("AuthorizationPolicy", "deny-jwt", "Unsupported", "spec.rules[0].from[0].source.notRequestPrincipals"),
+        ("PeerAuthentication", "strict", "Invalid", "spec.mtls"),
+    ] {
+        let c = until_condition(&api, kind, name, "False", 1).await;
+        assert_eq!(c["reason"], reason, "{c}");
+        let m = c["message"].as_str().unwrap();
+        assert!(m.starts_with(says) && m.contains("fails closed"), "{c}");
+    }
+    // Fixed: the real policy replaces the stand-in.
+    api.apply_json(json!({"apiVersion": ISTIO, "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-ops", "namespace": "shop"},
+        "spec": {"action": "DENY", "selector": {"matchLabels": {"app": "api"}}, "rules": [{"from": [{"source": {"namespaces": ["ops"]}}]}]}}))
+    .unwrap();
+    agent
+        .until("the fixed DENY", |s| s.authorization_policies.iter().any(|p| p.name == "deny-ops" && p.refused.is_none()))
+        .await;
+    until_condition(&api, "AuthorizationPolicy", "deny-ops", "True", 2).await;
+}
+
+/// Without Istio's CRDs the API answers 404: nobody can have created such
+/// policies, so the state is built without them (the agent neither waits
+/// nor spins), and they apply once the CRDs are installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absent_istio_crds_mean_no_policies_until_installed() {
+    let api = ApiServer::start().await.unwrap();
+    api.uninstall("authorizationpolicies");
+    api.uninstall("peerauthentications");
+    api.apply(&namespace("shop", &[ENROLL])).unwrap();
+    api.apply(&pod("shop", "api", "node-a", "198.51.100.11", &[("app", "api")])).unwrap();
+    let mut agent = start_agent(&api, "node-a");
+    let s = agent.until("a state without Istio's kinds", |s| enrolled(s, "shop", "api")).await;
+    assert!(s.authorization_policies.is_empty() && s.peer_authentications.is_empty());
+    let mut view = agent.stats.view();
+    assert!(view.built);
+    view.absent.sort();
+    assert_eq!(view.absent, vec!["authorizationpolicies", "peerauthentications"], "{view:#?}");
+    api.install("authorizationpolicies");
+    api.apply_json(json!({"apiVersion": ISTIO, "kind": "AuthorizationPolicy",
+        "metadata": {"name": "allow-nothing", "namespace": "shop"}, "spec": {}}))
+    .unwrap();
+    agent.until("the policy, once its CRD is there", |s| s.authorization_policies.len() == 1).await;
+    assert_eq!(agent.stats.view().absent, vec!["peerauthentications"]);
 }
 
 mod ca {
@@ -439,7 +528,7 @@ mod ca {
     async fn certificates_only_for_reviewed_tokens_and_pods_on_the_callers_node() {
         let api = ApiServer::start().await.unwrap();
         api.apply(&namespace("shop", &[ENROLL])).unwrap();
-        api.apply(&pod("shop", "web-a", "node-a", "10.1.0.11", &[])).unwrap();
+        api.apply(&pod("shop", "web-a", "node-a", "198.51.100.11", &[])).unwrap();
         api.apply(&pod("shop", "web-b", "node-b", "10.1.0.21", &[])).unwrap();
         api.set_token("token-node-a", review(AGENT, "node-a", "nodemesh-ca"));
         api.set_token("token-for-the-apiserver", review(AGENT, "node-a", "https://kubernetes.default.svc"));

@@ -96,6 +96,24 @@ fn labelling_a_namespace_through_the_api_sends_a_pods_traffic_through_the_agent(
     ensure!(p["proxy"]["outboundTunneled"].as_u64() >= Some(1), "not tunneled: {p}");
     ensure!(counter(&agent, "shop", &server_name, "proxy.inbound")? >= 1, "the server's agent did not deliver it");
 
+    // An Istio AuthorizationPolicy through the API, as Istio documents it:
+    // the connection is refused while it exists, and its status says Accepted.
+    api.apply_json(serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-default-sa", "namespace": "shop"},
+        "spec": {"action": "DENY", "rules": [{
+            "from": [{"source": {"principals": ["cluster.local/ns/shop/sa/default"]}}],
+            "to": [{"operation": {"ports": [ECHO_PORT.to_string()]}}]}]}
+    }))?;
+    wait_until(SETTLE, || {
+        let accepted = api.get("AuthorizationPolicy", "shop", "deny-default-sa").is_some_and(|o| o["status"]["conditions"][0]["status"] == "True");
+        Ok(accepted && common::send_refused(&client, &to, 1024).is_ok())
+    })
+    .with_context(|| format!("the Istio DENY was never enforced: {}", agent.log()))?;
+    ensure!(agent.log().contains("connection denied by authorization policy"), "the denial was not logged");
+    api.delete("AuthorizationPolicy", "shop", "deny-default-sa")?;
+    wait_until(SETTLE, || Ok(send(&client, &to, 1024).is_ok()))?;
+
     // Un-labelled: new connections go direct again.
     api.apply(&namespace(false))?;
     wait_enrolled(&agent, "shop", &client_name, false)?;

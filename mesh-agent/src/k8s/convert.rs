@@ -1,9 +1,10 @@
 //! Kubernetes objects to mesh-state values: pure functions, no I/O.
 //!
 //! Core objects (validated by the API server) are converted leniently: what
-//! the mesh cannot use is left out with a reason. The mesh's own objects are
-//! validated with the local file's rules and either accepted or refused with
-//! a reason for their status.
+//! the mesh cannot use is left out with a reason. The mesh's own objects and
+//! Istio's are validated with the local file's rules (Istio's by the same
+//! code, [`crate::objects`]) and either accepted or refused with a reason for
+//! their status.
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
@@ -16,7 +17,7 @@ use k8s_openapi::{
 };
 
 use super::crd;
-use crate::state;
+use crate::{objects, state};
 
 /// EndpointSlices name their service with this label.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -173,44 +174,52 @@ pub struct Refused {
     pub message: String,
 }
 
-impl Refused {
-    fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
-        Self {
-            reason: "Invalid",
-            message: format!("spec.{field}: {reason}"),
-        }
-    }
-}
-
 fn name_and_namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
     (meta.name.clone().unwrap_or_default(), meta.namespace.clone().unwrap_or_default())
 }
 
-pub fn authorization_policy(obj: &crd::AuthorizationPolicy) -> Result<state::AuthorizationPolicy, Refused> {
-    let (name, namespace) = name_and_namespace(&obj.metadata);
-    let spec = obj.spec.clone();
-    let policy = state::AuthorizationPolicy {
-        name,
-        namespace,
-        selector: spec.selector,
-        action: spec.action,
-        rules: spec.rules,
-        ignore_path_case: spec.ignore_path_case,
-    };
-    crate::policy::validate(&policy).map_err(|e| Refused::invalid(&e.field, e.reason))?;
-    Ok(policy)
+/// A refused object and what, if anything, enforces in its place (see
+/// [`crate::objects::Refused::stand_in`]).
+#[derive(Clone, Debug)]
+pub struct Rejected<T> {
+    pub refused: Refused,
+    pub stand_in: Option<Box<T>>,
 }
 
-pub fn peer_authentication(obj: &crd::PeerAuthentication) -> Result<state::PeerAuthentication, Refused> {
-    let (name, namespace) = name_and_namespace(&obj.metadata);
-    if obj.spec.selector.as_ref().is_some_and(|s| s.is_empty()) {
-        return Err(Refused::invalid("selector", "an empty selector is ambiguous: omit it for a namespace-wide policy"));
+impl<T> From<Refused> for Rejected<T> {
+    fn from(refused: Refused) -> Self {
+        Self { refused, stand_in: None }
     }
-    Ok(state::PeerAuthentication {
-        name,
-        namespace,
-        selector: obj.spec.selector.clone(),
-        mode: obj.spec.mode,
+}
+
+/// An Istio object, converted exactly as the local file converts it.
+fn istio_object<T>(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: &serde_json::Value,
+    pick: fn(objects::Converted) -> Option<T>,
+) -> Result<T, Rejected<T>> {
+    let (name, namespace) = name_and_namespace(meta);
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let k = objects::find(&format!("{}/{}", objects::istio::SECURITY_GROUP, super::istio::VERSION), kind).expect("a kind of the table");
+    let m = objects::Meta { name: &name, namespace: &namespace, annotations: &annotations };
+    k.convert(&m, spec).map(|c| pick(c).expect("the kind converts to its own value")).map_err(|r| Rejected {
+        refused: Refused { reason: r.reason, message: r.message },
+        stand_in: r.stand_in.and_then(|c| pick(*c)).map(Box::new),
+    })
+}
+
+pub fn authorization_policy(obj: &super::istio::AuthorizationPolicy) -> Result<state::AuthorizationPolicy, Rejected<state::AuthorizationPolicy>> {
+    istio_object("AuthorizationPolicy", &obj.metadata, &obj.spec, |c| match c {
+        objects::Converted::AuthorizationPolicy(p) => Some(p),
+        _ => None,
+    })
+}
+
+pub fn peer_authentication(obj: &super::istio::PeerAuthentication) -> Result<state::PeerAuthentication, Rejected<state::PeerAuthentication>> {
+    istio_object("PeerAuthentication", &obj.metadata, &obj.spec, |c| match c {
+        objects::Converted::PeerAuthentication(p) => Some(p),
+        _ => None,
     })
 }
 

@@ -15,19 +15,24 @@
 //! | Pods, `spec.nodeName=<node>` | this node | the pods this agent enrolls (netns and cgroup found on the node) |
 //! | Pods | cluster | destinations on other nodes: address, labels, service account (the identity to expect) |
 //! | Services, EndpointSlices | cluster | virtual IPs, ports, `appProtocol`, ready endpoints |
-//! | the mesh's CRDs | cluster | policies |
-//! | Gateway API `HTTPRoute`, `GRPCRoute` | cluster | routes (GAMMA: parentRefs to Services); optional, see below |
+//! | `security.istio.io/v1` AuthorizationPolicy, PeerAuthentication | cluster | policies (Istio's kinds, [`crate::objects`]); optional, see below |
+//! | Gateway API `HTTPRoute`, `GRPCRoute` | cluster | routes (GAMMA: parentRefs to Services, [`super::gateway`]); optional, see below |
 //!
 //! A mesh object that cannot be read (unknown field, wrong type) or fails
-//! validation is left out and reported on its status; if an earlier version
-//! of the same object was valid, that version stays in force, so a bad edit
-//! never changes enforcement.
+//! validation is reported on its status; if an earlier version of the same
+//! object was valid, that version stays in force, so a bad edit never
+//! changes enforcement. Otherwise it is left out, unless leaving it out
+//! would open access: a DENY policy, or a STRICT peer authentication, then
+//! stands in a fail-closed form ([`crate::objects::istio`]).
 //!
-//! Gateway API's CRDs are the cluster operator's to install: while the API
-//! has no `httproutes` / `grpcroutes` (a 404), the state is built without
-//! them, the agent says so once, and the watch keeps retrying, so routes
-//! are read as soon as the CRDs appear. Route status is written as the
-//! spec says ([`super::gateway`]).
+//! Istio's and Gateway API's CRDs are the cluster operator's to install,
+//! and may be absent: the API answers 404 for their lists. Nobody can have
+//! created such objects then, so "no policies" / "no routes" is exactly
+//! right: the agent logs it once, builds its state without them, and the
+//! watch keeps retrying with backoff, so they apply as soon as the CRDs are
+//! installed. Any other error (a 403, the API down) keeps the state from
+//! being built until the list succeeds. Route status is written as the
+//! Gateway API spec says ([`super::gateway`]).
 
 use std::{
     collections::BTreeMap,
@@ -57,8 +62,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Notify, watch};
 
 use super::{
-    convert::{self, Refused},
-    crd, gateway,
+    convert::{self, Rejected},
+    gateway, istio,
     status::{self, Verdict},
 };
 use crate::{
@@ -113,8 +118,11 @@ pub struct StatsView {
     pub built: bool,
     /// States built and published.
     pub generation: u64,
-    /// Mesh objects left out, by `kind namespace/name`, with the reason.
+    /// Mesh objects refused, by `kind namespace/name`, with the reason.
     pub refused: BTreeMap<String, String>,
+    /// Optional inputs whose resource the API does not have (Istio's CRDs
+    /// not installed): they hold nothing.
+    pub absent: Vec<&'static str>,
     /// Pods of this node left out of the state, with the reason.
     pub unlocated_pods: BTreeMap<String, String>,
 }
@@ -152,8 +160,8 @@ const LOCAL_PODS: Input = Input { name: "pods (this node)", group: "", resource:
 const PODS: Input = Input { name: "pods", group: "", resource: "pods" };
 const SERVICES: Input = Input { name: "services", group: "", resource: "services" };
 const SLICES: Input = Input { name: "endpointslices", group: "discovery.k8s.io", resource: "endpointslices" };
-const AUTHZ: Input = Input { name: "authorizationpolicies", group: crd::GROUP, resource: "authorizationpolicies" };
-const PEER_AUTH: Input = Input { name: "peerauthentications", group: crd::GROUP, resource: "peerauthentications" };
+const AUTHZ: Input = Input { name: "authorizationpolicies", group: crate::objects::istio::SECURITY_GROUP, resource: "authorizationpolicies" };
+const PEER_AUTH: Input = Input { name: "peerauthentications", group: crate::objects::istio::SECURITY_GROUP, resource: "peerauthentications" };
 const HTTP_ROUTES: Input = Input { name: "httproutes", group: crate::route::gateway::api::GROUP, resource: "httproutes" };
 const GRPC_ROUTES: Input = Input { name: "grpcroutes", group: crate::route::gateway::api::GROUP, resource: "grpcroutes" };
 
@@ -204,8 +212,9 @@ pub fn describe(input: &str, group: &str, resource: &str, e: &watcher::Error) ->
             "{input}: the API has no {resource}.{group}: Gateway API's CRDs are not installed, so no routes are read \
              (the agent works on without them and reads them once they are installed). API server said: {msg}"
         ),
-        Some((404, msg)) if group == crd::GROUP => format!(
-            "{input}: the API has no {resource}.{group}: are the CRDs installed (kubectl apply -f deploy/crds.yaml)? API server said: {msg}"
+        Some((404, msg)) if group == crate::objects::istio::SECURITY_GROUP => format!(
+            "{input}: the API has no {resource}.{group}: Istio's CRDs are not installed, so there are no such policies; \
+             watching on, they apply once the CRDs are installed. API server said: {msg}"
         ),
         _ => format!("{input}: {}", crate::error_chain(e)),
     }
@@ -223,21 +232,21 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
 
     macro_rules! input {
         ($api:expr, $cfg:expr, $what:expr) => {{
-            let (store, fut) = reflect($api, $cfg, $what, stats.clone(), wake.clone(), None);
+            let (store, fut) = reflect($api, $cfg, $what, None, stats.clone(), wake.clone());
             tasks.push(Box::pin(fut));
             store
         }};
     }
-    // Inputs whose kind may not exist in the API (Gateway API's CRDs).
+    // Istio's and Gateway API's kinds: a 404 (CRDs not installed) counts
+    // as listed, empty.
     macro_rules! optional {
-        ($api:expr, $what:expr, $absent:ident) => {{
-            let (store, fut) = reflect($api, watcher::Config::default(), $what, stats.clone(), wake.clone(), Some($absent.clone()));
+        ($api:expr, $what:expr) => {{
+            let (absent, absent_rx) = watch::channel(false);
+            let (store, fut) = reflect($api, watcher::Config::default(), $what, Some(absent), stats.clone(), wake.clone());
             tasks.push(Box::pin(fut));
-            store
+            (store, absent_rx)
         }};
     }
-    let http_absent = Arc::new(Absent::default());
-    let grpc_absent = Arc::new(Absent::default());
     let local_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
     let stores = Stores {
         namespaces: input!(Api::<Namespace>::all(client.clone()), watcher::Config::default(), NAMESPACES),
@@ -245,12 +254,10 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
         pods: input!(Api::<Pod>::all(client.clone()), watcher::Config::default(), PODS),
         services: (!opts.pods_only).then(|| input!(Api::<Service>::all(client.clone()), watcher::Config::default(), SERVICES)),
         slices: (!opts.pods_only).then(|| input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES)),
-        authz: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), AUTHZ)),
-        peer_auth: (!opts.pods_only).then(|| input!(Api::all(client.clone()), watcher::Config::default(), PEER_AUTH)),
-        http_routes: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), HTTP_ROUTES, http_absent)),
-        grpc_routes: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), GRPC_ROUTES, grpc_absent)),
-        http_absent,
-        grpc_absent,
+        authz: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), AUTHZ)),
+        peer_auth: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), PEER_AUTH)),
+        http_routes: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), HTTP_ROUTES)),
+        grpc_routes: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), GRPC_ROUTES)),
     };
     let builder = build_loop(client, opts, stores, tx, stats.clone(), wake);
     let fut = async move {
@@ -282,13 +289,15 @@ fn slim_pod(p: &mut Pod) {
     }
 }
 
+/// `absent`: for an optional input, set while the API has no such resource
+/// (404), which counts as listed and empty.
 fn reflect<K>(
     api: Api<K>,
     cfg: watcher::Config,
     what: Input,
+    absent: Option<watch::Sender<bool>>,
     stats: Arc<Stats>,
     wake: Arc<Notify>,
-    absent: Option<Arc<Absent>>,
 ) -> (Store<K>, impl Future<Output = ()> + Send)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static + Slim,
@@ -306,6 +315,13 @@ where
             match ev {
                 Ok(ev) => {
                     let done = matches!(ev, watcher::Event::InitDone);
+                    if done
+                        && let Some(a) = &absent
+                        && a.send_replace(false)
+                    {
+                        tracing::info!(input = what.name, "the API serves {} now: they are read", what.resource);
+                        stats.update(|s| s.absent.retain(|n| *n != what.name));
+                    }
                     stats.update(|s| {
                         let w = s.watches.entry(what.name).or_default();
                         w.events += 1;
@@ -316,28 +332,22 @@ where
                     });
                     if done {
                         tracing::debug!(input = what.name, "listed");
-                        if let Some(a) = &absent
-                            && a.flag.swap(false, std::sync::atomic::Ordering::SeqCst)
-                        {
-                            tracing::info!(input = what.name, "the API serves {} now: routes are read", what.resource);
-                        }
                     }
                     wake.notify_one();
                 }
-                Err(e) if absent.is_some() && is_not_found(&e) => {
-                    let a = absent.as_ref().expect("checked");
-                    if !a.flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                        tracing::warn!("{}", describe(what.name, what.group, what.resource, &e));
-                        a.notify.notify_waiters();
-                        wake.notify_one();
-                    }
-                    stats.update(|s| {
-                        let w = s.watches.entry(what.name).or_default();
-                        w.last_error = Some(format!("{} not installed (optional)", what.resource));
-                    });
-                }
                 Err(e) => {
                     let msg = describe(what.name, what.group, what.resource, &e);
+                    if let Some(a) = &absent
+                        && is_not_found(&e)
+                    {
+                        // Logged once per absence, not at every retry.
+                        if !a.send_replace(true) {
+                            tracing::info!("{msg}");
+                            stats.update(|s| s.absent.push(what.name));
+                            wake.notify_one();
+                        }
+                        continue;
+                    }
                     tracing::warn!("kubernetes watch failed (retrying with backoff): {msg}");
                     stats.update(|s| {
                         let w = s.watches.entry(what.name).or_default();
@@ -349,26 +359,6 @@ where
         }
     };
     (store, fut)
-}
-
-/// An optional input's kind is missing from the API (a 404), so the state
-/// is built without it; cleared when it lists.
-#[derive(Default)]
-struct Absent {
-    flag: std::sync::atomic::AtomicBool,
-    notify: Notify,
-}
-
-impl Absent {
-    async fn wait(&self) {
-        loop {
-            let n = self.notify.notified();
-            if self.flag.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            n.await;
-        }
-    }
 }
 
 fn is_not_found(e: &watcher::Error) -> bool {
@@ -398,6 +388,19 @@ impl Slim for EndpointSlice {
     }
 }
 impl<K> Slim for DeserializeGuard<K> {}
+impl Slim for istio::AuthorizationPolicy {
+    fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+impl Slim for istio::PeerAuthentication {
+    fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+
+/// An optional input: its store, and whether its resource is absent.
+type Optional<K> = (Store<K>, watch::Receiver<bool>);
 
 struct Stores {
     namespaces: Store<Namespace>,
@@ -405,12 +408,10 @@ struct Stores {
     pods: Store<Pod>,
     services: Option<Store<Service>>,
     slices: Option<Store<EndpointSlice>>,
-    authz: Option<Store<DeserializeGuard<crd::AuthorizationPolicy>>>,
-    peer_auth: Option<Store<DeserializeGuard<crd::PeerAuthentication>>>,
-    http_routes: Option<Store<DeserializeGuard<gateway::HttpRoute>>>,
-    grpc_routes: Option<Store<DeserializeGuard<gateway::GrpcRoute>>>,
-    http_absent: Arc<Absent>,
-    grpc_absent: Arc<Absent>,
+    authz: Option<Optional<istio::AuthorizationPolicy>>,
+    peer_auth: Option<Optional<istio::PeerAuthentication>>,
+    http_routes: Option<Optional<DeserializeGuard<gateway::HttpRoute>>>,
+    grpc_routes: Option<Optional<DeserializeGuard<gateway::GrpcRoute>>>,
 }
 
 /// A store's objects; none for an input not watched.
@@ -430,6 +431,27 @@ where
     }
 }
 
+/// Listed, or known absent.
+async fn optional_ready<K: Clone + kube::runtime::reflector::Lookup>(input: &Option<Optional<K>>)
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    if let Some((store, absent)) = input {
+        let mut absent = absent.clone();
+        tokio::select! {
+            _ = store.wait_until_ready() => {}
+            _ = absent.wait_for(|a| *a) => {}
+        }
+    }
+}
+
+fn optional_objects<K: Clone + kube::runtime::reflector::Lookup>(input: &Option<Optional<K>>) -> Vec<Arc<K>>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    input.as_ref().map(|(s, _)| s.state()).unwrap_or_default()
+}
+
 impl Stores {
     async fn wait_until_ready(&self) {
         let _ = self.namespaces.wait_until_ready().await;
@@ -439,16 +461,10 @@ impl Stores {
         let _ = self.pods.wait_until_ready().await;
         ready(&self.services).await;
         ready(&self.slices).await;
-        ready(&self.authz).await;
-        ready(&self.peer_auth).await;
-        tokio::select! {
-            _ = ready(&self.http_routes) => {}
-            _ = self.http_absent.wait() => {}
-        }
-        tokio::select! {
-            _ = ready(&self.grpc_routes) => {}
-            _ = self.grpc_absent.wait() => {}
-        }
+        optional_ready(&self.authz).await;
+        optional_ready(&self.peer_auth).await;
+        optional_ready(&self.http_routes).await;
+        optional_ready(&self.grpc_routes).await;
     }
 }
 
@@ -470,52 +486,47 @@ struct Judged<T> {
 }
 
 impl<T: Clone> LastValid<T> {
-    /// Judges every object of a store, remembering the valid ones.
-    fn judge<K>(
+    /// Judges every object of a store, remembering the valid ones. A
+    /// refused object with no earlier valid version enforces its stand-in,
+    /// if it has one (never remembered: it is judged again each time).
+    fn judge<O>(
         &mut self,
         kind: &'static str,
-        objects: Vec<Arc<DeserializeGuard<K>>>,
-        convert: impl Fn(&K) -> Result<T, Refused>,
-    ) -> Judged<T>
-    where
-        K: Resource<DynamicType = ()> + Clone,
-    {
+        objects: Vec<Arc<O>>,
+        convert: impl Fn(&O) -> (k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, Result<T, Rejected<T>>),
+    ) -> Judged<T> {
         let mut verdicts = Vec::new();
         let mut seen = BTreeMap::new();
+        let mut stand_ins = Vec::new();
         for obj in objects {
-            let (meta, result) = match &obj.0 {
-                Ok(o) => (o.meta().clone(), convert(o)),
-                Err(invalid) => (
-                    invalid.metadata.clone(),
-                    Err(Refused {
-                        reason: "Invalid",
-                        message: format!("cannot read the object: {}", invalid.error),
-                    }),
-                ),
-            };
+            let (meta, result) = convert(&obj);
             let key = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
             let uid = meta.uid.clone().unwrap_or_default();
             seen.insert(key.clone(), ());
-            let refused = match result {
+            let (refused, fails_closed) = match result {
                 Ok(t) => {
                     self.by_key.insert(key.clone(), (uid, t));
-                    None
+                    (None, false)
                 }
-                Err(r) => {
+                Err(Rejected { refused, stand_in }) => {
                     // An earlier valid version of this same object stays.
                     if self.by_key.get(&key).is_some_and(|(u, _)| *u != uid) {
                         self.by_key.remove(&key);
                     }
-                    Some(r)
+                    let earlier = self.by_key.contains_key(&key);
+                    let fails_closed = !earlier && stand_in.is_some();
+                    if fails_closed {
+                        stand_ins.extend(stand_in.map(|s| *s));
+                    }
+                    (Some(refused), fails_closed)
                 }
             };
-            verdicts.push(Verdict { kind, meta, refused });
+            verdicts.push(Verdict { kind, meta, refused, fails_closed });
         }
         self.by_key.retain(|k, _| seen.contains_key(k));
-        Judged {
-            in_force: self.by_key.values().map(|(_, t)| t.clone()).collect(),
-            verdicts,
-        }
+        let mut in_force: Vec<T> = self.by_key.values().map(|(_, t)| t.clone()).collect();
+        in_force.extend(stand_ins);
+        Judged { in_force, verdicts }
     }
 }
 
@@ -633,8 +644,8 @@ fn build(
         })
         .collect();
 
-    let a = authz.judge("AuthorizationPolicy", objects(&stores.authz), convert::authorization_policy);
-    let p = peer_auth.judge("PeerAuthentication", objects(&stores.peer_auth), convert::peer_authentication);
+    let a = authz.judge("AuthorizationPolicy", optional_objects(&stores.authz), |o| (o.metadata.clone(), convert::authorization_policy(o)));
+    let p = peer_auth.judge("PeerAuthentication", optional_objects(&stores.peer_auth), |o| (o.metadata.clone(), convert::peer_authentication(o)));
     let (mut in_force, route_status, route_refusals) = gateway_routes(stores, routes, &services);
     let mut authz_in_force = a.in_force;
     authz_in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
@@ -693,8 +704,8 @@ fn gateway_routes(stores: &Stores, memory: &mut RouteMemory, services: &[state::
             }
         }
     }
-    read("HTTPRoute", objects(&stores.http_routes), services, &mut judged, &mut refusals);
-    read("GRPCRoute", objects(&stores.grpc_routes), services, &mut judged, &mut refusals);
+    read("HTTPRoute", optional_objects(&stores.http_routes), services, &mut judged, &mut refusals);
+    read("GRPCRoute", optional_objects(&stores.grpc_routes), services, &mut judged, &mut refusals);
     let mut in_force = Vec::new();
     let mut writes = Vec::new();
     let mut seen = BTreeMap::new();

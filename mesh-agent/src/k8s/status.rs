@@ -14,7 +14,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 
-use super::{convert::Refused, crd};
+use super::{convert::Refused, istio};
 
 pub const CONDITION: &str = "Accepted";
 
@@ -24,6 +24,9 @@ pub struct Verdict {
     pub kind: &'static str,
     pub meta: ObjectMeta,
     pub refused: Option<Refused>,
+    /// Refused, with no earlier valid version, and enforced in a
+    /// fail-closed form instead of being left out.
+    pub fails_closed: bool,
 }
 
 impl Verdict {
@@ -40,6 +43,7 @@ impl Verdict {
     pub fn condition(&self) -> (&'static str, &'static str, String) {
         match &self.refused {
             None => ("True", "Accepted", "applied by the mesh agents".to_owned()),
+            Some(r) if self.fails_closed => ("False", r.reason, format!("{}; until it is fixed it fails closed as this message says", r.message)),
             Some(r) => ("False", r.reason, format!("{}; the object is ignored (an earlier valid version, if any, stays in force)", r.message)),
         }
     }
@@ -106,16 +110,16 @@ async fn patch(client: Client, v: Verdict, status: &'static str, reason: &'stati
     });
     let pp = PatchParams::default();
     let patch = Patch::Merge(&body);
-    let (resource, result) = match v.kind {
-        "AuthorizationPolicy" => ("authorizationpolicies", Api::<crd::AuthorizationPolicy>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
-        _ => ("peerauthentications", Api::<crd::PeerAuthentication>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
+    let istio = crate::objects::istio::SECURITY_GROUP;
+    let (group, resource, result) = match v.kind {
+        "AuthorizationPolicy" => (istio, "authorizationpolicies", Api::<istio::AuthorizationPolicy>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
+        _ => (istio, "peerauthentications", Api::<istio::PeerAuthentication>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
     };
     match result {
         Ok(()) => {}
         Err(kube::Error::Api(s)) if s.code == 403 => tracing::warn!(
             object = %v.describe(),
-            "cannot report the object's status: the agent's service account may not patch {resource}/status (API group {:?}); grant `patch` on {resource}/status in its ClusterRole",
-            crd::GROUP
+            "cannot report the object's status: the agent's service account may not patch {resource}/status (API group {group:?}); grant `patch` on {resource}/status in its ClusterRole",
         ),
         Err(e) => tracing::warn!(object = %v.describe(), "cannot report the object's status: {}", crate::error_chain(&e)),
     }

@@ -70,9 +70,9 @@ fn spec_of<S: serde::de::DeserializeOwned>(v: serde_yaml::Value) -> Result<S, St
     serde_yaml::from_value(v).map_err(|e| format!("spec: {e}"))
 }
 
-/// Whether a document is a Kubernetes object (has `apiVersion` and `kind`).
-pub fn is_object(doc: &serde_yaml::Value) -> bool {
-    doc.get("apiVersion").is_some() && doc.get("kind").is_some()
+/// The kinds of [`KINDS`], as `group/version Kind`, for messages.
+pub fn kinds() -> Vec<String> {
+    KINDS.iter().flat_map(|(g, k, versions, _)| versions.iter().map(move |v| format!("{g}/{v} {k}"))).collect()
 }
 
 /// Adds document number `index` (a Kubernetes object) to `objects`.

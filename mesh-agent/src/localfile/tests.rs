@@ -322,3 +322,84 @@ async fn invalid_route_edit_keeps_the_last_good_state() {
     task.abort();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Istio's objects in the same YAML stream as the mesh document, as
+/// `kubectl apply -f` takes them.
+const ISTIO_OBJECTS: &str = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-get
+  namespace: legacy
+  labels: {team: web}
+spec:
+  selector:
+    matchLabels: {app: server}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/default"]
+    to:
+    - operation:
+        methods: ["GET"]
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+"#;
+
+#[test]
+fn kubernetes_objects_share_the_stream() {
+    let s = parse(Path::new("x"), &format!("{GOOD}{ISTIO_OBJECTS}")).unwrap();
+    assert_eq!(s.authorization_policies.len(), 1);
+    let p = &s.authorization_policies[0];
+    assert_eq!((p.name.as_str(), p.namespace.as_str()), ("allow-get", "legacy"));
+    assert_eq!(p.rules[0].from.as_ref().unwrap()[0].principals, Some(vec!["spiffe://cluster.local/ns/shop/sa/default".to_string()]));
+    // The root namespace needs no declaring; its policy is mesh-wide.
+    assert_eq!(s.peer_authentications[0].namespace, "istio-system");
+    let server = PodKey { namespace: "legacy".into(), name: "server".into() };
+    assert_eq!(s.peer_auth_mode(&server, 8080), crate::state::PeerAuthMode::Strict);
+    // The objects alone, then the mesh document after them: the same state.
+    let reordered = format!("{}\n---\n{GOOD}", ISTIO_OBJECTS.trim_start_matches("\n---\n"));
+    assert_eq!(parse(Path::new("x"), &reordered).unwrap(), s);
+    // The compact form and Istio's side by side.
+    let both = format!("{GOOD}{POLICIES}{ISTIO_OBJECTS}");
+    assert_eq!(parse(Path::new("x"), &both).unwrap().authorization_policies.len(), 3);
+}
+
+#[test]
+fn kubernetes_object_errors_name_document_kind_object_and_field() {
+    let with = |from: &str, to: &str| {
+        assert!(ISTIO_OBJECTS.contains(from), "{from}");
+        err(&format!("{GOOD}{}", ISTIO_OBJECTS.replace(from, to)))
+    };
+    #[rustfmt::skip]
+    let table: &[(&str, &str, &str)] = &[
+        ("methods: [\"GET\"]", "methods: [\"GET /\"]", "/etc/mesh.yaml: document 2 (AuthorizationPolicy legacy/allow-get): spec.rules[0].to[0].operation.methods[0]: \"GET /\" is not an HTTP method"),
+        ("methods: [\"GET\"]", "verbs: [\"GET\"]", "/etc/mesh.yaml: document 2 (AuthorizationPolicy legacy/allow-get): spec.rules[0].to[0].operation"),
+        ("principals: [\"cluster.local/ns/shop/sa/default\"]", "requestPrincipals: [\"*\"]", "/etc/mesh.yaml: document 2 (AuthorizationPolicy legacy/allow-get): spec.rules[0].from[0].source.requestPrincipals: not supported"),
+        ("action: ALLOW", "action: CUSTOM", "/etc/mesh.yaml: document 2 (AuthorizationPolicy legacy/allow-get): spec.action: CUSTOM"),
+        ("namespace: legacy", "namespace: nope", "/etc/mesh.yaml: document 2 (AuthorizationPolicy nope/allow-get): metadata.namespace: namespace \"nope\" is not declared"),
+        ("namespace: legacy\n", "\n", "/etc/mesh.yaml: document 2 (AuthorizationPolicy /allow-get): metadata.namespace: \"\" is not a valid name"),
+        ("kind: PeerAuthentication", "kind: RequestAuthentication", "/etc/mesh.yaml: document 3 (RequestAuthentication istio-system/default): security.istio.io/v1beta1 RequestAuthentication is not a kind the mesh reads"),
+        ("security.istio.io/v1beta1", "security.istio.io/v2", "/etc/mesh.yaml: document 3 (PeerAuthentication istio-system/default): PeerAuthentication: version \"v2\""),
+    ];
+    for (from, to, want) in table {
+        let e = with(from, to);
+        assert!(e.starts_with(want), "{from} -> {to}:\n  got  {e}\n  want {want}");
+    }
+    let e = with("mtls: {mode: STRICT}", "mtls: {mode: STRICT}\nextra: 1");
+    assert!(e.starts_with("/etc/mesh.yaml: document 3 (PeerAuthentication istio-system/default): ") && e.contains("unknown field `extra`"), "{e}");
+    // Twice the same object; a second mesh document.
+    let e = err(&format!("{GOOD}{ISTIO_OBJECTS}{}", ISTIO_OBJECTS.replace("v1beta1", "v1")));
+    assert!(e.starts_with("/etc/mesh.yaml: document 4 (AuthorizationPolicy legacy/allow-get): metadata.name: AuthorizationPolicy legacy/allow-get is declared twice"), "{e}");
+    let e = err(&format!("{GOOD}---\n{GOOD}"));
+    assert!(e.contains("document 2: a second document without `apiVersion`"), "{e}");
+    // The mesh document alone keeps serde's line and column.
+    let e = err(&format!("{GOOD}colour: blue\n"));
+    assert!(e.contains("line"), "{e}");
+}

@@ -27,6 +27,7 @@ use crate::state::AuthzAction;
 pub(crate) struct Bucket {
     pub(crate) deny: Vec<u32>,
     pub(crate) allow: Vec<u32>,
+    pub(crate) audit: Vec<u32>,
 }
 
 impl Bucket {
@@ -34,6 +35,7 @@ impl Bucket {
         let list = match action {
             AuthzAction::Deny => &mut self.deny,
             AuthzAction::Allow => &mut self.allow,
+            AuthzAction::Audit => &mut self.audit,
         };
         // Ids arrive in ascending order; a rule filed twice under one key
         // (two patterns with the same cut) is kept once.
@@ -168,7 +170,7 @@ impl Index {
         };
         for (id, (rule, action)) in rules.enumerate() {
             let id = u32::try_from(id).expect("fewer than 2^32 rules");
-            if mode == Mode::L4 && action == AuthzAction::Allow && !rule.can_allow_at_l4() {
+            if mode == Mode::L4 && action != AuthzAction::Deny && !rule.can_allow_at_l4() {
                 continue;
             }
             ix.file(rule, action, id, mode);
@@ -219,8 +221,8 @@ impl Index {
             }
             return;
         }
-        if http && let Some(c) = rule.when.iter().find(|c| c.values.is_some()) {
-            self.headers.entry(c.name.clone()).or_default().push(action, id);
+        if http && let Some(name) = rule.when.iter().find_map(|c| c.required_header()) {
+            self.headers.entry(name.clone()).or_default().push(action, id);
             return;
         }
         if http
@@ -277,7 +279,7 @@ impl Index {
     /// namespaces, ports, headers, methods, and the rules filed nowhere.
     pub(crate) fn family_sizes(&self) -> [usize; 8] {
         let s = |i: &StrIndex| i.exact.len() + i.prefix.len() + i.suffix.len();
-        let rest = self.rest.deny.len() + self.rest.allow.len();
+        let rest = self.rest.deny.len() + self.rest.allow.len() + self.rest.audit.len();
         [
             s(&self.principals),
             s(&self.paths),

@@ -221,6 +221,59 @@ pub(crate) fn header_value(s: &str) -> Result<Pattern, String> {
     Pattern::parse(s)
 }
 
+/// An IP address or CIDR block (`198.51.100.7`, `198.51.100.0/24`,
+/// `2001:db8::/32`); a single address is its own /32 or /128. Host bits set
+/// below the prefix are refused: `198.51.100.7/24` is probably a typo.
+pub(crate) fn ip_block(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(ipnet::IpNet::from(ip));
+    }
+    let net: ipnet::IpNet = s.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+    if net.trunc() != net {
+        return Err(format!("{s:?} has bits set past its prefix length (did you mean {}?)", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// The condition keys of Istio's `when` that apply here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Key<'a> {
+    Header(&'a str),
+    /// `source.ip` and `remote.ip`: without a proxy protocol or trusted
+    /// `X-Forwarded-For`, the original client is the peer.
+    SourceIp,
+    DestinationIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationPort,
+}
+
+/// Parses a condition key; refuses Istio's keys that need what the mesh has
+/// not (request authentication, SNI, Envoy filter metadata).
+pub(crate) fn condition_key(key: &str) -> Result<Key<'_>, String> {
+    if let Some(rest) = key.strip_prefix("request.headers[") {
+        return match rest.strip_suffix(']') {
+            Some(name) if !name.is_empty() => Ok(Key::Header(name)),
+            _ => Err(format!("{key:?}: write request.headers[NAME]")),
+        };
+    }
+    Ok(match key {
+        "source.ip" | "remote.ip" => Key::SourceIp,
+        "destination.ip" => Key::DestinationIp,
+        "source.namespace" => Key::SourceNamespace,
+        "source.principal" => Key::SourcePrincipal,
+        "destination.port" => Key::DestinationPort,
+        k if k.starts_with("request.auth.") => {
+            return Err(format!("{k:?} is not supported: request authentication (JWT) is not implemented by this mesh"));
+        }
+        "connection.sni" => {
+            return Err("\"connection.sni\" is not supported: the mesh tunnel carries no SNI and the agent does not terminate the workload's own TLS".into());
+        }
+        k if k.starts_with("experimental.") => return Err(format!("{k:?} is not supported: Envoy filter metadata does not exist here")),
+        k => return Err(format!("{k:?} is not a condition key this mesh knows")),
+    })
+}
+
 /// RFC 9110 `tchar`.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)

@@ -2,7 +2,10 @@
 //! narrowed) and how one rule matches. Validation is compilation: a policy is
 //! valid exactly when it compiles.
 
+use std::net::IpAddr;
+
 use http::{HeaderMap, HeaderName};
+use ipnet::IpNet;
 
 use super::{
     Peer,
@@ -25,9 +28,13 @@ pub(crate) struct CompiledPolicy {
     /// `namespace/name`, as decisions and logs name it.
     pub(crate) id: Box<str>,
     pub(crate) selector: Option<Labels>,
+    /// `target_services` resolved to those services' selectors when the
+    /// authorizer is built (a name with no such service selects nothing).
+    pub(crate) services: Option<Vec<Labels>>,
     pub(crate) action: AuthzAction,
     pub(crate) rules: Box<[Rule]>,
-    /// A stand-in for a policy that did not compile: DENY everything.
+    /// A stand-in for a policy that did not compile (DENY everything), or a
+    /// refused policy a source keeps in force to fail closed.
     pub(crate) invalid: bool,
 }
 
@@ -40,6 +47,10 @@ pub(crate) struct Rule {
 
 #[derive(Debug)]
 pub(crate) struct Source {
+    pub(crate) ip_blocks: Option<Box<[IpNet]>>,
+    pub(crate) not_ip_blocks: Option<Box<[IpNet]>>,
+    pub(crate) remote_ip_blocks: Option<Box<[IpNet]>>,
+    pub(crate) not_remote_ip_blocks: Option<Box<[IpNet]>>,
     pub(crate) principals: Option<Patterns>,
     pub(crate) not_principals: Option<Patterns>,
     pub(crate) namespaces: Option<Patterns>,
@@ -60,17 +71,29 @@ pub(crate) struct Operation {
     http: bool,
 }
 
+/// A `when` condition: what it looks at, and the values it wants (any of
+/// `values`, none of `notValues`).
 #[derive(Debug)]
-pub(crate) struct Condition {
-    pub(crate) name: HeaderName,
-    pub(crate) values: Option<Patterns>,
-    not_values: Option<Patterns>,
+pub(crate) enum Condition {
+    /// A request header (HTTP-only). Its name is the index's key.
+    Header { name: HeaderName, values: Option<Patterns>, not_values: Option<Patterns> },
+    /// `source.ip` / `remote.ip` (the peer's address), `destination.ip`.
+    Ip { destination: bool, values: Option<Box<[IpNet]>>, not_values: Option<Box<[IpNet]>> },
+    /// `source.namespace` / `source.principal`: of the verified peer; a
+    /// plaintext peer has neither.
+    Peer { principal: bool, values: Option<Patterns>, not_values: Option<Patterns> },
+    /// `destination.port`.
+    Port { values: Option<Box<[u16]>>, not_values: Option<Box<[u16]>> },
 }
 
 /// What is known when a rule is evaluated. `http` is `None` at L4.
 pub(crate) struct Ctx<'a> {
     pub(crate) peer: Option<&'a Peer>,
     pub(crate) port: u16,
+    /// The peer's address (canonical: IPv4-mapped addresses as IPv4).
+    pub(crate) source: IpAddr,
+    /// The workload's address the connection came to.
+    pub(crate) destination: IpAddr,
     pub(crate) http: Option<HttpCtx<'a>>,
 }
 
@@ -90,21 +113,17 @@ impl Rule {
     pub(crate) fn matches(&self, ctx: &Ctx<'_>, action: AuthzAction) -> bool {
         self.from
             .as_ref()
-            .is_none_or(|ss| ss.iter().any(|s| s.matches(ctx.peer)))
+            .is_none_or(|ss| ss.iter().any(|s| s.matches(ctx.peer, ctx.source)))
             && self
                 .to
                 .as_ref()
                 .is_none_or(|os| os.iter().any(|o| o.matches(ctx, action)))
-            && (self.when.is_empty()
-                || match &ctx.http {
-                    Some(h) => self.when.iter().all(|c| c.matches(h.headers)),
-                    None => action == AuthzAction::Deny,
-                })
+            && self.when.iter().all(|c| c.matches(ctx, action))
     }
 
     /// Whether an ALLOW rule can match at all without HTTP attributes.
     pub(crate) fn can_allow_at_l4(&self) -> bool {
-        self.when.is_empty()
+        !self.when.iter().any(Condition::is_http)
             && self
                 .to
                 .as_ref()
@@ -112,7 +131,7 @@ impl Rule {
     }
 
     pub(crate) fn has_http_fields(&self) -> bool {
-        !self.when.is_empty()
+        self.when.iter().any(Condition::is_http)
             || self
                 .to
                 .as_ref()
@@ -123,7 +142,12 @@ impl Rule {
 impl Source {
     /// A plaintext peer (`None`) has no principal and no namespace: positive
     /// fields never match it, negated ones always do.
-    fn matches(&self, peer: Option<&Peer>) -> bool {
+    fn matches(&self, peer: Option<&Peer>, source: IpAddr) -> bool {
+        if !ips_match(&self.ip_blocks, &self.not_ip_blocks, source)
+            || !ips_match(&self.remote_ip_blocks, &self.not_remote_ip_blocks, source)
+        {
+            return false;
+        }
         let Some(peer) = peer else {
             return self.principals.is_none() && self.namespaces.is_none();
         };
@@ -174,14 +198,56 @@ impl Operation {
 }
 
 impl Condition {
-    /// Each value of a repeated header is compared on its own: `values`
-    /// needs one of them to match, `notValues` needs none to. (Joining them
-    /// with ',' as Envoy does would let `x: bad` + `x: ok` slip past a DENY
-    /// on `bad`.) An absent header matches only `notValues`.
-    fn matches(&self, headers: &HeaderMap) -> bool {
-        let any = |ps: &Patterns| headers.get_all(&self.name).iter().any(|v| ps.any_matches(v.as_bytes()));
-        self.values.as_ref().is_none_or(any) && self.not_values.as_ref().is_none_or(|ps| !any(ps))
+    pub(crate) fn is_http(&self) -> bool {
+        matches!(self, Self::Header { .. })
     }
+
+    /// At L4 a header condition is unknown: true in a DENY rule, false in
+    /// an ALLOW one (the L4 stance of the module doc). The others are known
+    /// on every connection.
+    fn matches(&self, ctx: &Ctx<'_>, action: AuthzAction) -> bool {
+        match self {
+            Self::Header { name, values, not_values } => match &ctx.http {
+                // Each value of a repeated header is compared on its own:
+                // `values` needs one of them to match, `notValues` needs none
+                // to. (Joining them with ',' as Envoy does would let `x: bad`
+                // + `x: ok` slip past a DENY on `bad`.) An absent header
+                // matches only `notValues`.
+                Some(h) => {
+                    let any = |ps: &Patterns| h.headers.get_all(name).iter().any(|v| ps.any_matches(v.as_bytes()));
+                    values.as_ref().is_none_or(any) && not_values.as_ref().is_none_or(|ps| !any(ps))
+                }
+                None => action == AuthzAction::Deny,
+            },
+            Self::Ip { destination, values, not_values } => {
+                ips_match(values, not_values, if *destination { ctx.destination } else { ctx.source })
+            }
+            Self::Peer { principal, values, not_values } => {
+                let Some(peer) = ctx.peer else {
+                    return values.is_none();
+                };
+                let v = if *principal { peer.principal() } else { peer.namespace() }.as_bytes();
+                values.as_ref().is_none_or(|ps| ps.any_matches(v)) && not_values.as_ref().is_none_or(|ps| !ps.any_matches(v))
+            }
+            Self::Port { values, not_values } => {
+                values.as_ref().is_none_or(|ps| ps.contains(&ctx.port))
+                    && not_values.as_ref().is_none_or(|ps| !ps.contains(&ctx.port))
+            }
+        }
+    }
+
+    /// The header a condition needs present (it has `values`), for the index.
+    pub(crate) fn required_header(&self) -> Option<&HeaderName> {
+        match self {
+            Self::Header { name, values: Some(_), .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+fn ips_match(values: &Option<Box<[IpNet]>>, not_values: &Option<Box<[IpNet]>>, ip: IpAddr) -> bool {
+    values.as_ref().is_none_or(|ns| ns.iter().any(|n| n.contains(&ip)))
+        && not_values.as_ref().is_none_or(|ns| !ns.iter().any(|n| n.contains(&ip)))
 }
 
 /// Checks and compiles a policy.
@@ -202,6 +268,14 @@ pub(crate) fn compile(p: &AuthorizationPolicy) -> Result<CompiledPolicy, Invalid
             "an empty selector is ambiguous: omit it for a namespace-wide policy".into(),
         ));
     }
+    if let Some(names) = &p.target_services {
+        if p.selector.is_some() {
+            return Err(invalid("targetServices", "a policy has a selector or target services, not both".into()));
+        }
+        if names.is_empty() {
+            return Err(invalid("targetServices", "an empty list is ambiguous: omit it for a namespace-wide policy".into()));
+        }
+    }
     let rules = p
         .rules
         .iter()
@@ -211,9 +285,10 @@ pub(crate) fn compile(p: &AuthorizationPolicy) -> Result<CompiledPolicy, Invalid
     Ok(CompiledPolicy {
         id: format!("{}/{}", p.namespace, p.name).into(),
         selector: p.selector.clone(),
+        services: None,
         action: p.action,
         rules,
-        invalid: false,
+        invalid: p.refused.is_some(),
     })
 }
 
@@ -224,6 +299,7 @@ pub(crate) fn deny_all(p: &AuthorizationPolicy) -> CompiledPolicy {
     CompiledPolicy {
         id: format!("{}/{}", p.namespace, p.name).into(),
         selector: p.selector.clone().filter(|s| !s.is_empty()),
+        services: None,
         action: AuthzAction::Deny,
         rules: Box::new([Rule::default()]),
         invalid: true,
@@ -245,6 +321,10 @@ fn compile_rule(at: &str, r: &AuthzRule, ignore_path_case: bool) -> Result<Rule,
 
 fn compile_source(at: &str, s: &AuthzSource) -> Result<Source, InvalidPolicy> {
     Ok(Source {
+        ip_blocks: ip_list(&format!("{at}.ipBlocks"), &s.ip_blocks)?,
+        not_ip_blocks: ip_list(&format!("{at}.notIpBlocks"), &s.not_ip_blocks)?,
+        remote_ip_blocks: ip_list(&format!("{at}.remoteIpBlocks"), &s.remote_ip_blocks)?,
+        not_remote_ip_blocks: ip_list(&format!("{at}.notRemoteIpBlocks"), &s.not_remote_ip_blocks)?,
         principals: patterns(&format!("{at}.principals"), &s.principals, pattern::principal, false)?,
         not_principals: patterns(
             &format!("{at}.notPrincipals"),
@@ -296,21 +376,60 @@ fn compile_operation(at: &str, o: &AuthzOperation, ignore_path_case: bool) -> Re
 }
 
 fn compile_condition(at: &str, c: &AuthzCondition) -> Result<Condition, InvalidPolicy> {
-    let name = pattern::header_name(&c.header).map_err(|reason| InvalidPolicy {
-        field: format!("{at}.header"),
-        reason,
-    })?;
+    let invalid = |field: String, reason: String| InvalidPolicy { field, reason };
     if c.values.is_none() && c.not_values.is_none() {
-        return Err(InvalidPolicy {
-            field: at.into(),
-            reason: "a condition needs `values` or `notValues`".into(),
-        });
+        return Err(invalid(at.into(), "a condition needs `values` or `notValues`".into()));
     }
-    Ok(Condition {
+    let (values, not_values) = (format!("{at}.values"), format!("{at}.notValues"));
+    let header = match (c.header.is_empty(), &c.key) {
+        (false, None) => c.header.as_str(),
+        (true, Some(key)) => match pattern::condition_key(key).map_err(|r| invalid(format!("{at}.key"), r))? {
+            pattern::Key::Header(name) => name,
+            pattern::Key::SourceIp | pattern::Key::DestinationIp => {
+                let destination = key == "destination.ip";
+                return Ok(Condition::Ip {
+                    destination,
+                    values: ip_list(&values, &c.values)?,
+                    not_values: ip_list(&not_values, &c.not_values)?,
+                });
+            }
+            pattern::Key::SourceNamespace => {
+                return Ok(Condition::Peer {
+                    principal: false,
+                    values: patterns(&values, &c.values, pattern::namespace, false)?,
+                    not_values: patterns(&not_values, &c.not_values, pattern::namespace, false)?,
+                });
+            }
+            pattern::Key::SourcePrincipal => {
+                return Ok(Condition::Peer {
+                    principal: true,
+                    values: patterns(&values, &c.values, pattern::principal, false)?,
+                    not_values: patterns(&not_values, &c.not_values, pattern::principal, false)?,
+                });
+            }
+            pattern::Key::DestinationPort => {
+                let port = |at: &str, p: &String| {
+                    p.parse::<u32>()
+                        .map_err(|_| format!("{p:?} is not a port number"))
+                        .and_then(pattern::port)
+                        .map_err(|reason| invalid(at.into(), reason))
+                };
+                return Ok(Condition::Port { values: list(&values, &c.values, port)?, not_values: list(&not_values, &c.not_values, port)? });
+            }
+        },
+        _ => return Err(invalid(at.into(), "a condition names exactly one of `header` and `key`".into())),
+    };
+    let field = if c.key.is_some() { format!("{at}.key") } else { format!("{at}.header") };
+    let name = pattern::header_name(header).map_err(|reason| invalid(field, reason))?;
+    Ok(Condition::Header {
         name,
-        values: patterns(&format!("{at}.values"), &c.values, pattern::header_value, false)?,
-        not_values: patterns(&format!("{at}.notValues"), &c.not_values, pattern::header_value, false)?,
+        values: patterns(&values, &c.values, pattern::header_value, false)?,
+        not_values: patterns(&not_values, &c.not_values, pattern::header_value, false)?,
     })
+}
+
+fn ip_list(field: &str, v: &Option<Vec<String>>) -> Result<Option<Box<[IpNet]>>, InvalidPolicy> {
+    list(field, v, |at, s: &String| pattern::ip_block(s).map_err(|reason| InvalidPolicy { field: at.into(), reason }))
 }
 
 /// A set list: refused when empty (see `state::AuthorizationPolicy`), each

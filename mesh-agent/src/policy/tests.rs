@@ -1,15 +1,109 @@
+use std::net::IpAddr;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::*;
 
 const TD: &str = "spiffe://cluster.local";
+/// Documentation addresses: a source pod's, and the workload's.
+const SOURCE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
+const DESTINATION: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 20));
+
+std::thread_local! {
+    /// Set by the `as_istio` copies of the tests: policies are written as
+    /// Istio objects and converted back, so the same tables check both forms.
+    static ISTIO_FORM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 fn policies(yaml: &str) -> Vec<AuthorizationPolicy> {
     let ps: Vec<AuthorizationPolicy> = serde_yaml::from_str(yaml).unwrap();
     for p in &ps {
         validate(p).unwrap_or_else(|e| panic!("{}: {e}", p.name));
     }
-    ps
+    if ISTIO_FORM.get() { ps.iter().map(through_istio).collect() } else { ps }
+}
+
+/// `p` written as a `security.istio.io/v1` AuthorizationPolicy (principals
+/// without `spiffe://`, `from[].source`, `to[].operation`, ports as strings,
+/// headers as `request.headers[NAME]` keys), converted as a source would.
+fn through_istio(p: &AuthorizationPolicy) -> AuthorizationPolicy {
+    use serde_json::{Value, json};
+    let bare = |v: &Option<Vec<String>>| v.as_ref().map(|v| v.iter().map(|s| s.strip_prefix("spiffe://").unwrap_or(s).to_owned()).collect::<Vec<_>>());
+    let ports = |v: &Option<Vec<u32>>| v.as_ref().map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>());
+    let rules: Vec<Value> = p
+        .rules
+        .iter()
+        .map(|r| {
+            let from = r.from.as_ref().map(|f| {
+                f.iter()
+                    .map(|s| {
+                        json!({"source": {"principals": bare(&s.principals), "notPrincipals": bare(&s.not_principals),
+                                          "namespaces": s.namespaces, "notNamespaces": s.not_namespaces,
+                                          "ipBlocks": s.ip_blocks, "notIpBlocks": s.not_ip_blocks}})
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let to = r.to.as_ref().map(|t| {
+                t.iter()
+                    .map(|o| {
+                        json!({"operation": {"hosts": o.hosts, "notHosts": o.not_hosts, "ports": ports(&o.ports), "notPorts": ports(&o.not_ports),
+                                             "methods": o.methods, "notMethods": o.not_methods, "paths": o.paths, "notPaths": o.not_paths}})
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let when = r.when.as_ref().map(|w| {
+                w.iter()
+                    .map(|c| {
+                        let key = c.key.clone().unwrap_or_else(|| format!("request.headers[{}]", c.header));
+                        let principal = key == "source.principal";
+                        let values = |v: &Option<Vec<String>>| if principal { bare(v) } else { v.clone() };
+                        json!({"key": key, "values": values(&c.values), "notValues": values(&c.not_values)})
+                    })
+                    .collect::<Vec<_>>()
+            });
+            json!({"from": from, "to": to, "when": when})
+        })
+        .collect();
+    let action = match p.action {
+        AuthzAction::Allow => "ALLOW",
+        AuthzAction::Deny => "DENY",
+        AuthzAction::Audit => "AUDIT",
+    };
+    let spec = json!({"selector": p.selector.as_ref().map(|s| json!({"matchLabels": s})), "action": action, "rules": rules});
+    let annotations: std::collections::BTreeMap<String, String> =
+        [(crate::objects::IGNORE_PATH_CASE_ANNOTATION.to_string(), p.ignore_path_case.to_string())].into();
+    let meta = crate::objects::Meta { name: &p.name, namespace: &p.namespace, annotations: &annotations };
+    let kind = crate::objects::find("security.istio.io/v1", "AuthorizationPolicy").unwrap();
+    match kind.convert(&meta, &spec) {
+        Ok(crate::objects::Converted::AuthorizationPolicy(q)) => {
+            assert_eq!((&q.name, &q.namespace, &q.selector, q.action, q.ignore_path_case), (&p.name, &p.namespace, &p.selector, p.action, p.ignore_path_case));
+            assert_eq!(q.rules.len(), p.rules.len());
+            q
+        }
+        other => panic!("{}: {other:?}\n{spec:#}", p.name),
+    }
+}
+
+/// The decision tables again, with every policy in Istio's form.
+mod as_istio {
+    macro_rules! istio_form {
+        ($($test:ident),* $(,)?) => {$(
+            #[test]
+            fn $test() {
+                super::ISTIO_FORM.set(true);
+                super::$test();
+            }
+        )*};
+    }
+    istio_form!(
+        http_decisions,
+        l4_decisions,
+        l4_identity_rules_without_http_denies,
+        bypass_attempts_are_denied_or_refused,
+        paths_are_case_sensitive_by_default,
+        first_matching_policy_in_config_order_is_named,
+        an_invalid_policy_denies_what_it_selects,
+    );
 }
 
 fn labels(app: &str) -> Labels {
@@ -45,6 +139,8 @@ fn http(
     let conn = Connection {
         peer: peer.as_ref(),
         port,
+        source: SOURCE,
+        destination: DESTINATION,
     };
     let req = Request {
         method,
@@ -62,6 +158,8 @@ fn tcp(wp: &WorkloadPolicy, who: &str, port: u16) -> (bool, Option<String>, Reas
     let d = wp.check_connection(&Connection {
         peer: peer.as_ref(),
         port,
+        source: SOURCE,
+        destination: DESTINATION,
     });
     (d.allowed, d.policy.map(str::to_owned), d.reason)
 }
@@ -351,7 +449,7 @@ fn bypass_attempts_are_denied_or_refused() {
             Ok(path) => {
                 assert!(!refused, "{target:?} was accepted as {path}, expected a 400");
                 for method in ["GET", "POST"] {
-                    let conn = Connection { peer: None, port: 80 };
+                    let conn = Connection { peer: None, port: 80, source: SOURCE, destination: DESTINATION };
                     let headers = HeaderMap::new();
                     let req = Request {
                         method,
@@ -498,7 +596,7 @@ fn index_agrees_with_a_linear_scan() {
     let sizes = wp.http.family_sizes();
     assert!(sizes.iter().all(|&n| n > 0), "every family is exercised: {sizes:?}");
     let pick = |rng: &mut StdRng, xs: &[&'static str]| xs[rng.gen_range(0..xs.len())];
-    let (mut allowed, mut denied) = (0, 0);
+    let (mut allowed, mut denied, mut audited) = (0, 0, 0);
     for _ in 0..5000 {
         let who = format!(
             "{}/{}",
@@ -514,6 +612,7 @@ fn index_agrees_with_a_linear_scan() {
         let method = pick(&mut rng, &["GET", "POST", "DELETE", "get", "Post"]);
         let upper = method.to_ascii_uppercase();
         let port = [80, 8080, 9090][rng.gen_range(0..3)];
+        let source: IpAddr = pick(&mut rng, &["198.51.100.7", "198.51.100.9", "198.51.100.12", "203.0.113.5", "2001:db8::5"]).parse().unwrap();
         let host = pick(
             &mut rng,
             &["api.shop", "API.Example.com:80", "x.example.com", "example.com"],
@@ -528,6 +627,8 @@ fn index_agrees_with_a_linear_scan() {
         let conn = Connection {
             peer: peer.as_ref(),
             port,
+            source,
+            destination: DESTINATION,
         };
         let req = Request {
             method,
@@ -538,6 +639,8 @@ fn index_agrees_with_a_linear_scan() {
         let ctx_http = Ctx {
             peer: conn.peer,
             port,
+            source,
+            destination: DESTINATION,
             http: Some(HttpCtx {
                 method: &upper,
                 path: path.path(),
@@ -548,10 +651,13 @@ fn index_agrees_with_a_linear_scan() {
         let ctx_l4 = Ctx {
             peer: conn.peer,
             port,
+            source,
+            destination: DESTINATION,
             http: None,
         };
         let d = wp.check_http(&conn, &req);
         assert_eq!(d, linear(&wp, &ctx_http), "{who} {method} {target} :{port}");
+        audited += usize::from(d.audit.is_some());
         if d.allowed {
             allowed += 1
         } else {
@@ -560,8 +666,8 @@ fn index_agrees_with_a_linear_scan() {
         assert_eq!(wp.check_connection(&conn), linear(&wp, &ctx_l4), "L4 {who} :{port}");
     }
     assert!(
-        allowed > 100 && denied > 100,
-        "a table that exercises both: {allowed} allowed, {denied} denied"
+        allowed > 100 && denied > 100 && audited > 100,
+        "a table that exercises all: {allowed} allowed, {denied} denied, {audited} audited"
     );
 }
 
@@ -569,6 +675,8 @@ fn linear<'a>(wp: &'a WorkloadPolicy, ctx: &Ctx<'_>) -> Decision<'a> {
     let first = |action| {
         (0..wp.rules.len() as u32).find(|&id| wp.policy_of(id).action == action && wp.rule(id).matches(ctx, action))
     };
+    let audit = first(AuthzAction::Audit).map(|id| &*wp.policy_of(id).id);
+    let decide = |allowed, policy, reason| Decision { allowed, policy, reason, audit };
     if let Some(id) = first(AuthzAction::Deny) {
         let p = wp.policy_of(id);
         let reason = if p.invalid {
@@ -576,30 +684,14 @@ fn linear<'a>(wp: &'a WorkloadPolicy, ctx: &Ctx<'_>) -> Decision<'a> {
         } else {
             Reason::DenyMatched
         };
-        return Decision {
-            allowed: false,
-            policy: Some(&p.id),
-            reason,
-        };
+        return decide(false, Some(&p.id), reason);
     }
     if let Some(id) = first(AuthzAction::Allow) {
-        return Decision {
-            allowed: true,
-            policy: Some(&wp.policy_of(id).id),
-            reason: Reason::AllowMatched,
-        };
+        return decide(true, Some(&wp.policy_of(id).id), Reason::AllowMatched);
     }
     match wp.has_allow {
-        true => Decision {
-            allowed: false,
-            policy: None,
-            reason: Reason::NoAllowMatched,
-        },
-        false => Decision {
-            allowed: true,
-            policy: None,
-            reason: Reason::NoAllowPolicy,
-        },
+        true => decide(false, None, Reason::NoAllowMatched),
+        false => decide(true, None, Reason::NoAllowPolicy),
     }
 }
 
@@ -659,20 +751,43 @@ fn generated_policies(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<Authorizati
                     crate::state::AuthzCondition {
                         header,
                         values,
-                        not_values: None,
+                        ..Default::default()
                     }
                 } else {
                     crate::state::AuthzCondition {
                         header,
-                        values: None,
                         not_values: values,
+                        ..Default::default()
                     }
                 }]);
             }
-            let action = if rng.gen_bool(0.1) {
-                AuthzAction::Deny
-            } else {
-                AuthzAction::Allow
+            // Istio's other condition keys, known at L4 too.
+            if rng.gen_bool(0.15) {
+                let (key, value) = [
+                    ("source.ip", "198.51.100.0/28"),
+                    ("destination.ip", "198.51.100.20"),
+                    ("destination.port", "8080"),
+                    ("source.namespace", "shop"),
+                    ("source.principal", "*/sa/sa1"),
+                ][rng.gen_range(0..5)];
+                let values = Some(vec![value.to_string()]);
+                let c = if rng.gen_bool(0.6) {
+                    crate::state::AuthzCondition { key: Some(key.into()), values, ..Default::default() }
+                } else {
+                    crate::state::AuthzCondition { key: Some(key.into()), not_values: values, ..Default::default() }
+                };
+                rule.when.get_or_insert_with(Vec::new).push(c);
+            }
+            if rng.gen_bool(0.1) {
+                src.ip_blocks = Some(vec![["198.51.100.0/29", "198.51.100.9", "2001:db8::/32"][rng.gen_range(0..3)].to_string()]);
+            }
+            if rng.gen_bool(0.05) {
+                src.not_ip_blocks = Some(vec!["198.51.100.8/29".to_string()]);
+            }
+            let action = match rng.gen_range(0..20) {
+                0 | 1 => AuthzAction::Deny,
+                2 => AuthzAction::Audit,
+                _ => AuthzAction::Allow,
             };
             if action == AuthzAction::Deny && rng.gen_bool(0.8) {
                 // Mostly narrow denies, or nothing would ever be allowed.
@@ -691,6 +806,8 @@ fn generated_policies(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<Authorizati
                 action,
                 rules: vec![rule],
                 ignore_path_case: false,
+                target_services: None,
+                refused: None,
             }
         })
         .collect()

@@ -14,6 +14,7 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{Arc, Mutex},
 };
 
@@ -57,6 +58,11 @@ impl Cache {
     }
 }
 
+/// What policy knows of a connection.
+pub(super) fn connection(peer: Option<&Peer>, client: SocketAddr, target: SocketAddr) -> Connection<'_> {
+    Connection { peer, port: target.port(), source: client.ip(), destination: target.ip() }
+}
+
 /// A connection refused by authorization policy: the decision, as
 /// [`crate::policy::Decision`] words it (for the refusal's header and logs).
 #[derive(Debug, thiserror::Error)]
@@ -76,15 +82,17 @@ pub(super) enum L4Verdict {
 }
 
 impl Inbound {
-    pub(super) fn check_l4(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> L4Verdict {
+    /// `client` is the peer's address (the source pod's over the tunnel),
+    /// `target` the pod's address and port it asked for.
+    pub(super) fn check_l4(&self, pod: &PodHandle, peer: Option<&Peer>, client: SocketAddr, target: SocketAddr) -> L4Verdict {
         let snapshot = self.inputs.state.borrow().clone();
         let wp = self.authz.workload(&snapshot, &pod.key);
-        if wp.check_connection(&Connection { peer, port }).allowed {
+        if wp.check_connection(&connection(peer, client, target)).allowed {
             L4Verdict::Allow
         } else if wp.uses_http_attributes() {
             L4Verdict::DependsOnHttp
         } else {
-            match self.authorize_connection(pod, peer, port) {
+            match self.authorize_connection(pod, peer, client, target) {
                 Ok(()) => L4Verdict::Allow,
                 Err(reason) => L4Verdict::Deny(reason),
             }
@@ -93,10 +101,14 @@ impl Inbound {
 
     /// `Err` when policy refuses a connection from `peer` (None:
     /// plaintext) to `port` of `pod`; counted and logged with the policy.
-    pub(super) fn authorize_connection(&self, pod: &PodHandle, peer: Option<&Peer>, port: u16) -> Result<(), Denied> {
+    pub(super) fn authorize_connection(&self, pod: &PodHandle, peer: Option<&Peer>, client: SocketAddr, target: SocketAddr) -> Result<(), Denied> {
         let snapshot = self.inputs.state.borrow().clone();
         let wp = self.authz.workload(&snapshot, &pod.key);
-        let decision = wp.check_connection(&Connection { peer, port });
+        let decision = wp.check_connection(&connection(peer, client, target));
+        let port = target.port();
+        if let Some(audit) = decision.audit {
+            tracing::info!(pod = %pod.key, peer = ?peer.map(Peer::principal), port, %audit, allowed = decision.allowed, "connection audited by authorization policy");
+        }
         if decision.allowed {
             return Ok(());
         }

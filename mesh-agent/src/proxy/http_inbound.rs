@@ -43,7 +43,7 @@ use super::{
 };
 use crate::{
     identity::SpiffeId,
-    policy::{self, Connection, Peer, WorkloadPolicy},
+    policy::{self, Peer, WorkloadPolicy},
     state::{AppHttp, Snapshot},
     telemetry::trace::{SpanKind, attr},
 };
@@ -342,8 +342,11 @@ impl<S> Authorize<S> {
         let host = authority.or(host_header).unwrap_or_default();
         let snapshot = self.inbound.inputs.state.borrow().clone();
         let wp = self.policy(&snapshot);
-        let c = Connection { peer: conn.peer.as_ref().map(|(_, p)| p), port: conn.target.port() };
+        let c = super::authz::connection(conn.peer.as_ref().map(|(_, p)| p), conn.client, conn.target);
         let d = wp.check_http(&c, &policy::Request { method: req.method().as_str(), path: &path, host, headers: req.headers() });
+        if let Some(audit) = d.audit {
+            tracing::info!(pod = %pod.key, method = %req.method(), path = path.as_str(), %audit, allowed = d.allowed, "request audited by authorization policy");
+        }
         if d.allowed {
             return (Decision("allow", d.policy.map(str::to_owned)), None);
         }

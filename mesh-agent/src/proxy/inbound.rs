@@ -28,7 +28,7 @@ impl Inbound {
                 return;
             }
         };
-        let mode = self.inputs.state.borrow().peer_auth_mode(&pod.key);
+        let mode = self.inputs.state.borrow().peer_auth_mode(&pod.key, target.port());
         if mode == PeerAuthMode::Strict {
             pod.stats.inbound_plaintext_refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%client, %target, pod = %pod.key, "plaintext connection refused: the pod's peer authentication is STRICT");
@@ -41,7 +41,7 @@ impl Inbound {
             self.clone().serve_http(conn, pod, client, None, target, app).await;
             return;
         }
-        match self.check_l4(&pod, None, target.port()) {
+        match self.check_l4(&pod, None, client, target) {
             L4Verdict::Allow => {}
             L4Verdict::Deny(_) => {
                 let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
@@ -55,7 +55,7 @@ impl Inbound {
                         self.clone().serve_http(io, pod, client, None, target, app).await;
                     }
                     None => {
-                        let _ = self.authorize_connection(&pod, None, target.port());
+                        let _ = self.authorize_connection(&pod, None, client, target);
                     }
                 }
                 return;

@@ -107,7 +107,7 @@ impl Inbound {
         // must not refuse the whole connection).
         let mut detect = false;
         if app_http.is_none() {
-            match self.check_l4(&pod, Some(&peer), target.port()) {
+            match self.check_l4(&pod, Some(&peer), client, target) {
                 L4Verdict::Allow => {}
                 L4Verdict::Deny(reason) => {
                     let mut res = Response::new(Empty::new());
@@ -140,7 +140,7 @@ impl Inbound {
                     Some(app) => this.serve_http(io, pod, client, Some(client_id), target, app).await,
                     None => {
                         let peer = crate::policy::Peer::new(&client_id);
-                        let _ = this.authorize_connection(&pod, Some(&peer), target.port());
+                        let _ = this.authorize_connection(&pod, Some(&peer), client, target);
                     }
                 }
             });

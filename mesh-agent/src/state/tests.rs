@@ -174,22 +174,62 @@ fn resolve_pods_and_services() {
     assert!(matches!(d, Destination::MeshPod { .. }));
 }
 
+fn pa(name: &str, ns: &str, selector: Option<&str>, mode: PeerAuthMode, ports: &[(u16, PeerAuthMode)]) -> PeerAuthentication {
+    PeerAuthentication {
+        name: name.into(),
+        namespace: ns.into(),
+        selector: selector.map(|app| [("app".to_string(), app.to_string())].into()),
+        mode,
+        port_level: ports.iter().copied().collect(),
+    }
+}
+
 #[test]
 fn peer_authentication_workload_beats_namespace() {
+    use PeerAuthMode::*;
     let key = |n: &str| PodKey { namespace: "shop".into(), name: n.into() };
     let s = state().with_peer_authentications(vec![
-        PeerAuthentication { name: "ns".into(), namespace: "shop".into(), selector: None, mode: PeerAuthMode::Strict },
-        PeerAuthentication {
-            name: "b".into(),
-            namespace: "shop".into(),
-            selector: Some([("app".to_string(), "b".to_string())].into()),
-            mode: PeerAuthMode::Permissive,
-        },
+        pa("ns", "shop", None, Strict, &[]),
+        pa("b", "shop", Some("b"), Permissive, &[(9000, Strict)]),
     ]);
-    assert_eq!(s.peer_auth_mode(&key("a")), PeerAuthMode::Strict);
-    assert_eq!(s.peer_auth_mode(&key("b1")), PeerAuthMode::Permissive);
+    assert_eq!(s.peer_auth_mode(&key("a"), 80), Strict);
+    assert_eq!(s.peer_auth_mode(&key("b1"), 80), Permissive);
+    assert_eq!(s.peer_auth_mode(&key("b1"), 9000), Strict, "portLevelMtls");
     let legacy = PodKey { namespace: "legacy".into(), name: "c".into() };
-    assert_eq!(s.peer_auth_mode(&legacy), PeerAuthMode::Permissive, "default");
+    assert_eq!(s.peer_auth_mode(&legacy, 80), Permissive, "default");
+}
+
+/// Istio's precedence: workload (port, then the policy's mode) > namespace >
+/// mesh-wide (root namespace, no selector) > PERMISSIVE; UNSET defers.
+#[test]
+fn peer_authentication_precedence_and_unset() {
+    use PeerAuthMode::*;
+    let key = |n: &str| PodKey { namespace: "shop".into(), name: n.into() };
+    let mesh = |m| pa("default", DEFAULT_ROOT_NAMESPACE, None, m, &[]);
+    let s = state().with_peer_authentications(vec![mesh(Strict)]);
+    assert_eq!(s.peer_auth_mode(&key("a"), 80), Strict, "mesh-wide applies to every namespace");
+    let s = state().with_peer_authentications(vec![mesh(Strict), pa("ns", "shop", None, Disable, &[])]);
+    assert_eq!(s.peer_auth_mode(&key("a"), 80), Disable, "namespace beats mesh");
+    let s = state().with_peer_authentications(vec![mesh(Strict), pa("ns", "shop", None, Unset, &[])]);
+    assert_eq!(s.peer_auth_mode(&key("a"), 80), Strict, "UNSET in the namespace inherits the mesh's");
+    let s = state().with_peer_authentications(vec![
+        mesh(Permissive),
+        pa("ns", "shop", None, Strict, &[]),
+        pa("b", "shop", Some("b"), Unset, &[(9000, Disable), (9001, Unset)]),
+    ]);
+    assert_eq!(s.peer_auth_mode(&key("b1"), 80), Strict, "UNSET workload inherits the namespace's");
+    assert_eq!(s.peer_auth_mode(&key("b1"), 9000), Disable);
+    assert_eq!(s.peer_auth_mode(&key("b1"), 9001), Strict, "UNSET port inherits");
+    // A selector in the root namespace selects only that namespace's pods.
+    let s = state().with_peer_authentications(vec![pa("sel", DEFAULT_ROOT_NAMESPACE, Some("a"), Strict, &[])]);
+    assert_eq!(s.peer_auth_mode(&key("a"), 80), Permissive);
+    // Another root namespace (--root-namespace).
+    let scope = Scope { root_namespace: "mesh-root".into(), ..Scope::default() };
+    let s = state().with_scope(scope).with_peer_authentications(vec![mesh(Strict), pa("d", "mesh-root", None, Strict, &[])]);
+    assert_eq!(s.root_namespace, "mesh-root");
+    assert_eq!(s.peer_auth_mode(&key("a"), 80), Strict);
+    let s = state().with_scope(Scope { root_namespace: "mesh-root".into(), ..Scope::default() }).with_peer_authentications(vec![mesh(Strict)]);
+    assert_eq!(s.peer_auth_mode(&key("a"), 80), Permissive, "istio-system is an ordinary namespace then");
 }
 
 #[test]

@@ -62,19 +62,30 @@ fn services_resolve_named_ports_and_ready_endpoints_from_slices() {
 
 #[test]
 fn mesh_objects_are_validated_with_the_local_file_rules() {
-    let ap: crd::AuthorizationPolicy = obj(serde_json::json!({
-        "apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy",
-        "metadata": {"name": "p", "namespace": "shop"},
-        "spec": {"action": "ALLOW", "rules": [{"to": [{"ports": [70000]}]}]}
+    let ap: super::super::istio::AuthorizationPolicy = obj(serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "shop", "annotations": {"nodemesh.io/ignore-path-case": "true"}},
+        "spec": {"action": "ALLOW", "rules": [{"to": [{"operation": {"ports": ["70000"]}}]}]}
     }));
     let e = authorization_policy(&ap).unwrap_err();
-    assert_eq!(e.reason, "Invalid");
-    assert!(e.message.starts_with("spec.rules[0].to[0].ports"), "{}", e.message);
+    assert_eq!(e.refused.reason, "Invalid");
+    assert!(e.refused.message.starts_with("spec.rules[0].to[0].operation.ports[0]"), "{}", e.refused.message);
+    assert!(e.stand_in.is_none(), "an ALLOW is left out");
+    let mut deny = ap.clone();
+    deny.spec["action"] = "DENY".into();
+    let e = authorization_policy(&deny).unwrap_err();
+    let s = *e.stand_in.expect("a DENY fails closed");
+    assert_eq!((s.action, s.selector, s.refused.is_some()), (crate::state::AuthzAction::Deny, None, true));
+    deny.spec["rules"][0]["to"][0]["operation"]["ports"][0] = "8080".into();
+    let p = authorization_policy(&deny).unwrap();
+    assert!(p.ignore_path_case, "annotations are read");
 
-    let pa: crd::PeerAuthentication = obj(serde_json::json!({
-        "apiVersion": "nodemesh.io/v1alpha1", "kind": "PeerAuthentication",
+    let pa: super::super::istio::PeerAuthentication = obj(serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
         "metadata": {"name": "s", "namespace": "shop"},
-        "spec": {"mode": "STRICT", "selector": {}}
+        "spec": {"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}
     }));
-    assert!(peer_authentication(&pa).unwrap_err().message.starts_with("spec.selector"));
+    let e = peer_authentication(&pa).unwrap_err();
+    assert!(e.refused.message.starts_with("spec.portLevelMtls"), "{}", e.refused.message);
+    assert_eq!(e.stand_in.map(|s| s.mode), Some(crate::state::PeerAuthMode::Strict), "STRICT stays STRICT");
 }

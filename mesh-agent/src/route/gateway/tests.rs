@@ -316,7 +316,7 @@ fn unsupported_fields_refuse_the_route_naming_the_field() {
     let e = refused("---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec: {}\n");
     assert!(e.contains("apiVersion"), "{e}");
     let e = refused("---\napiVersion: example.com/v1\nkind: Widget\nmetadata: {name: r, namespace: shop}\n");
-    assert!(e.contains("documents[1].kind: Widget"), "{e}");
+    assert!(e.contains("example.com/v1 Widget is not a kind the mesh reads") && e.contains("gateway.networking.k8s.io/v1 HTTPRoute"), "{e}");
 }
 
 #[test]
