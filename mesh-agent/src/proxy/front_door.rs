@@ -12,7 +12,6 @@ use std::{
 
 use http::Request;
 use hyper::body::Incoming;
-use tower::ServiceExt as _;
 
 use super::{
     PodStats,
@@ -51,6 +50,6 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for CheckFrontDoor<S> {
             let res = reply::refuse(&v, req.version(), &self.stats, self.side);
             return Box::pin(async move { Ok(res) });
         }
-        Box::pin(self.inner.clone().oneshot(req))
+        self.inner.call(req)
     }
 }

@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
 
 use crate::state::AppHttp;
 
@@ -54,7 +53,9 @@ pub(super) type HttpFuture = BoxFuture<Result<Response<RespBody>, Infallible>>;
 /// out. It never fails: whatever goes wrong below becomes the mesh's own
 /// reply ([`super::reply`]) on the way up, so every layer above sees, and
 /// counts, an answer. Always ready: the limits (circuit breaker, caps)
-/// answer at once instead of applying back-pressure.
+/// answer at once instead of applying back-pressure, so a layer calls the
+/// one below directly, without `poll_ready`, and does its own part of the
+/// work in `call` before it (a pass-through costs no future of its own).
 pub(super) trait HttpService:
     tower::Service<Request<Incoming>, Response = Response<RespBody>, Error = Infallible, Future = HttpFuture>
     + Clone
@@ -89,12 +90,12 @@ where
     let svc_drain = drain.clone();
     let svc_draining = draining.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let stack = stack.clone();
+        let mut stack = stack.clone();
         let drain = svc_drain.clone();
         let draining = svc_draining.clone();
         async move {
             let version = drain.saw(&req);
-            let res = stack.oneshot(req).await?;
+            let res = stack.call(req).await?;
             Ok::<_, Infallible>(drain.mark(&draining, version, res))
         }
     });

@@ -29,7 +29,7 @@ use http::{HeaderValue, Request, Response, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tower::{ServiceBuilder, ServiceExt as _};
+use tower::ServiceBuilder;
 
 use super::{
     Inbound, PodHandle,
@@ -148,22 +148,23 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Telemetry<S> {
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> HttpFuture {
-        let (inbound, conn, series, inner) = (self.inbound.clone(), self.conn.clone(), self.series.clone(), self.inner.clone());
+        let start = std::time::Instant::now();
+        let protocol = super::observe::protocol(req.headers());
+        let request_bytes = hyper::body::Body::size_hint(req.body()).exact().unwrap_or(0);
+        // The server span: child of the source agent's client span (or
+        // of the plaintext client's context); the app sees it as its
+        // parent.
+        let tracer = &self.inbound.inputs.telemetry.tracer;
+        let parent = tracer.extract(req.headers());
+        let mut span = tracer.start_span(SpanKind::Server, "inbound", parent.as_ref());
+        span.inject(req.headers_mut());
+        let mut info = RequestInfo::of(&req, &span);
+        info.upstream = Some(self.conn.target);
+        let run = self.inner.call(req);
+        let (inbound, conn, series) = (self.inbound.clone(), self.conn.clone(), self.series.clone());
         Box::pin(async move {
             let inputs = &inbound.inputs;
-            let start = std::time::Instant::now();
-            let protocol = super::observe::protocol(req.headers());
-            let request_bytes = hyper::body::Body::size_hint(req.body()).exact().unwrap_or(0);
-            // The server span: child of the source agent's client span (or
-            // of the plaintext client's context); the app sees it as its
-            // parent.
-            let tracer = &inputs.telemetry.tracer;
-            let parent = tracer.extract(req.headers());
-            let mut span = tracer.start_span(SpanKind::Server, "inbound", parent.as_ref());
-            span.inject(req.headers_mut());
-            let mut info = RequestInfo::of(&req, &span);
-            info.upstream = Some(conn.target);
-            let res = inner.oneshot(req).await?;
+            let res = run.await?;
             info.decision = res.extensions().get::<Decision>().map(|d| (d.0, d.1.clone()));
             let snapshot = inputs.state.borrow().clone();
             let code = res.status().as_u16();
@@ -253,7 +254,7 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Normalize<S> {
 
     fn call(&mut self, mut req: Request<Incoming>) -> HttpFuture {
         match self.normalize(&mut req) {
-            Ok(()) => Box::pin(self.inner.clone().oneshot(req)),
+            Ok(()) => self.inner.call(req),
             Err(res) => Box::pin(async move { Ok(*res) }),
         }
     }
@@ -287,7 +288,7 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for IdentityHeader<S> {
         if let Some(v) = &self.peer {
             req.headers_mut().insert(PEER_IDENTITY_HEADER, v.clone());
         }
-        Box::pin(self.inner.clone().oneshot(req))
+        self.inner.call(req)
     }
 }
 
@@ -374,7 +375,7 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Authorize<S> {
             res.extensions_mut().insert(decision);
             return Box::pin(async move { Ok(res) });
         }
-        let run = self.inner.clone().oneshot(req);
+        let run = self.inner.call(req);
         Box::pin(async move {
             let mut res = run.await?;
             res.extensions_mut().insert(decision);

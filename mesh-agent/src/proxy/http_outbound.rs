@@ -37,7 +37,7 @@ use http::{Request, Response, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use tokio::net::TcpStream;
-use tower::{ServiceBuilder, ServiceExt as _};
+use tower::ServiceBuilder;
 
 use super::{
     Outbound, PodHandle,
@@ -206,26 +206,27 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Telemetry<S> {
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> HttpFuture {
-        let (outbound, conn, series, inner) = (self.outbound.clone(), self.conn.clone(), self.series.clone(), self.inner.clone());
+        let start = std::time::Instant::now();
+        let protocol = super::observe::protocol(req.headers());
+        let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+        // A client span, child of the app's context; the destination's
+        // server span will be its child.
+        let tracer = &self.outbound.inputs.telemetry.tracer;
+        let parent = tracer.extract(req.headers());
+        let mut span = tracer.start_span(SpanKind::Client, "outbound", parent.as_ref());
+        span.inject(req.headers_mut());
+        let mut info = RequestInfo::of(&req, &span);
+        if span.is_recording() {
+            span.set_attribute(attr::HTTP_REQUEST_METHOD, info.method.clone());
+            span.set_attribute(attr::URL_PATH, info.path.clone());
+            span.set_attribute(attr::SERVER_ADDRESS, info.authority.clone());
+            span.set_attribute(attr::MESH_SOURCE_WORKLOAD, self.conn.pod.key.to_string());
+        }
+        let run = self.inner.call(req);
+        let (outbound, conn, series) = (self.outbound.clone(), self.conn.clone(), self.series.clone());
         Box::pin(async move {
             let inputs = &outbound.inputs;
-            let start = std::time::Instant::now();
-            let protocol = super::observe::protocol(req.headers());
-            let request_bytes = req.body().size_hint().exact().unwrap_or(0);
-            // A client span, child of the app's context; the destination's
-            // server span will be its child.
-            let tracer = &inputs.telemetry.tracer;
-            let parent = tracer.extract(req.headers());
-            let mut span = tracer.start_span(SpanKind::Client, "outbound", parent.as_ref());
-            span.inject(req.headers_mut());
-            let mut info = RequestInfo::of(&req, &span);
-            if span.is_recording() {
-                span.set_attribute(attr::HTTP_REQUEST_METHOD, info.method.clone());
-                span.set_attribute(attr::URL_PATH, info.path.clone());
-                span.set_attribute(attr::SERVER_ADDRESS, info.authority.clone());
-                span.set_attribute(attr::MESH_SOURCE_WORKLOAD, conn.pod.key.to_string());
-            }
-            let res = inner.oneshot(req).await?;
+            let res = run.await?;
             let dest = res.extensions().get::<Answered>().map(|a| a.0.clone());
             let snapshot = inputs.state.borrow().clone();
             let code = res.status().as_u16();
@@ -293,11 +294,14 @@ impl<S> Route<S> {
             return Err(Box::new(local(LocalReply::NotAService { orig: conn.orig })));
         };
         let (ns, name) = (target.service.namespace.as_str(), target.service.name.as_str());
-        let raw = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        // The filters below change `req`: the target is read from a copy
+        // of its URI (shared bytes, no allocation).
+        let uri = req.uri().clone();
+        let raw = uri.path_and_query().map_or("/", |p| p.as_str());
         // Matched on the normalized path; forwarded as sent (the
         // destination agent normalizes what it authorizes and forwards),
         // unless a rewrite says otherwise.
-        let path = policy::normalize_path(&raw)
+        let path = policy::normalize_path(raw)
             .map_err(|e| Box::new(reply::refuse(&Violation::Target(e.to_string()), req.version(), &conn.pod.stats, "outbound")))?;
         let view = RequestView {
             method: req.method(),
@@ -393,9 +397,9 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Route<S> {
         match self.decide(&mut req) {
             Ok((r, response_headers)) => {
                 req.extensions_mut().insert(Arc::new(r));
-                let run = self.inner.clone().oneshot(req);
+                let run = self.inner.call(req);
                 if response_headers.is_empty() {
-                    return Box::pin(run);
+                    return run;
                 }
                 Box::pin(async move {
                     let mut res = run.await?;
@@ -434,15 +438,20 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for CircuitBreaker<S> {
 
     fn call(&mut self, req: Request<Incoming>) -> HttpFuture {
         let r = routed(&req);
-        let inner = self.inner.clone();
+        let max = r.policy.circuit_breaker.max_requests;
+        let Some(active) = services::admit(&r.svc, max) else {
+            r.svc.overflow_requests.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(service = %r.service, limit = max, "circuit breaker: too many requests");
+            let res = local(LocalReply::TooManyRequests { service: r.service.clone() });
+            return Box::pin(async move { Ok(res) });
+        };
+        // Admitted before anything below runs; the slot is held until the
+        // response head.
+        let run = self.inner.call(req);
         Box::pin(async move {
-            let max = r.policy.circuit_breaker.max_requests;
-            let Some(_active) = services::acquire(&r.svc.active, max) else {
-                r.svc.overflow_requests.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(service = %r.service, limit = max, "circuit breaker: too many requests");
-                return Ok(local(LocalReply::TooManyRequests { service: r.service.clone() }));
-            };
-            inner.oneshot(req).await
+            let res = run.await;
+            drop(active);
+            res
         })
     }
 }
@@ -471,8 +480,8 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Timeout<S> {
 
     fn call(&mut self, req: Request<Incoming>) -> HttpFuture {
         let r = routed(&req);
-        let run = self.inner.clone().oneshot(req);
-        let Some(t) = r.timeout else { return Box::pin(run) };
+        let run = self.inner.call(req);
+        let Some(t) = r.timeout else { return run };
         Box::pin(async move {
             match tokio::time::timeout(t, run).await {
                 Ok(res) => res,

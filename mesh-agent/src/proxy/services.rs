@@ -50,10 +50,27 @@ impl Drop for Gauge<'_> {
 
 /// Takes a slot in `gauge` unless it is at `max` already.
 pub fn acquire(gauge: &AtomicU32, max: u32) -> Option<Gauge<'_>> {
-    gauge
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-        .ok()
-        .map(|_| Gauge(gauge))
+    // Lazily: a `Gauge` made and dropped on refusal would release a slot.
+    take(gauge, max).then(|| Gauge(gauge))
+}
+
+fn take(gauge: &AtomicU32, max: u32) -> bool {
+    gauge.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+}
+
+/// A request the circuit breaker admitted: its slot in the service's
+/// `active`, owned so that it travels with the request's future.
+pub struct Admitted(Arc<ServiceState>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Admits a request unless `max` requests of the service are active.
+pub fn admit(svc: &Arc<ServiceState>, max: u32) -> Option<Admitted> {
+    take(&svc.active, max).then(|| Admitted(svc.clone()))
 }
 
 /// Takes a slot whatever the count (gauges that only report).

@@ -9,7 +9,6 @@ use std::{
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tower::ServiceExt as _;
 
 use super::{
     Conn, Outbound, Routed,
@@ -71,14 +70,14 @@ impl<S: PickedService> tower::Service<Try> for Balance<S> {
     }
 
     fn call(&mut self, t: Try) -> Self::Future {
-        let (outbound, inner) = (self.outbound.clone(), self.inner.clone());
+        let (outbound, mut inner) = (self.outbound.clone(), self.inner.clone());
         Box::pin(async move {
             let r = t.routed;
             let cursor = (r.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&r.svc.cursor);
             let Some((dest, _in_use)) = outbound.balancer.pick(&r.endpoints, &t.exclude, cursor) else {
                 return Err(Failure { error: TryError::NoEndpointLeft, dest: None });
             };
-            let result = inner.oneshot(Picked { req: t.req, dest: dest.clone(), routed: r.clone() }).await;
+            let result = inner.call(Picked { req: t.req, dest: dest.clone(), routed: r.clone() }).await;
             // A try the client's broken body ended says nothing of the
             // endpoint.
             if !(result.is_err() && t.fault.get().is_some())
@@ -135,9 +134,9 @@ impl<S: PickedService> tower::Service<Picked> for PerTryTimeout<S> {
 
     fn call(&mut self, p: Picked) -> PickedFuture {
         let limit = p.routed.retry.per_try_timeout;
-        let run = self.inner.clone().oneshot(p);
+        let run = self.inner.call(p);
         match limit {
-            None => Box::pin(run),
+            None => run,
             Some(t) => Box::pin(async move { tokio::time::timeout(t.0, run).await.unwrap_or(Err(TryError::Reset(ResetCause::PerTryTimeout(t)))) }),
         }
     }

@@ -14,7 +14,6 @@ use std::{
 use http::{Request, Response};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Body as _, Incoming};
-use tower::ServiceExt as _;
 
 use super::{Conn, MAX_RETRY_BODY, Outbound, Routed, answered, local, routed};
 use crate::{
@@ -97,7 +96,7 @@ impl<S: TryService> tower::Service<Request<Incoming>> for Retry<S> {
     }
 }
 
-async fn send<S: TryService>(outbound: &Outbound, conn: &Conn, inner: S, req: Request<Incoming>) -> Response<RespBody> {
+async fn send<S: TryService>(outbound: &Outbound, conn: &Conn, mut inner: S, req: Request<Incoming>) -> Response<RespBody> {
     let r = routed(&req);
     let retry = &r.retry;
     let (mut parts, body) = req.into_parts();
@@ -131,7 +130,7 @@ async fn send<S: TryService>(outbound: &Outbound, conn: &Conn, inner: S, req: Re
         *req.extensions_mut() = http::Extensions::new();
         // A retry prefers an endpoint not tried yet.
         let exclude = if tried.len() < r.endpoints.len() { tried.clone() } else { Vec::new() };
-        let result = inner.clone().oneshot(Try { req, exclude, routed: r.clone(), fault: fault.clone() }).await;
+        let result = inner.call(Try { req, exclude, routed: r.clone(), fault: fault.clone() }).await;
         let dest = match &result {
             Ok(a) => Some(a.dest.clone()),
             Err(f) => f.dest.clone(),

@@ -13,7 +13,6 @@ use std::{
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use tower::ServiceExt as _;
 
 use super::{Conn, Outbound, answered, local, routed, upstream_response};
 use crate::{
@@ -49,7 +48,7 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Upgrades<S> {
 
     fn call(&mut self, req: Request<Incoming>) -> HttpFuture {
         if !(is_upgrade(&req) && self.conn.version == AppHttp::Http1) {
-            return Box::pin(self.inner.clone().oneshot(req));
+            return self.inner.call(req);
         }
         let (outbound, conn) = (self.outbound.clone(), self.conn.clone());
         Box::pin(async move { Ok(upgrade(&outbound, &conn, req).await) })
