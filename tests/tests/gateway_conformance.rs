@@ -187,11 +187,24 @@ impl Case {
     }
 }
 
-/// Starts the base, applies `file`, waits for `Accepted`.
+/// Starts the base, applies `file`, waits for `Accepted`; every parent
+/// entry must also say `ResolvedRefs: True` (all backendRefs of the set
+/// exist, but for `grpcroute-weight.yaml`'s `echo-v3`: `False`,
+/// `BackendNotFound`, as the spec says for a missing Service).
 fn cluster(test: &str, file: &str) -> Result<Cluster> {
     let c = Cluster::start(test, &dir().join("manifests.yaml"))?;
     let routes = c.apply_file(&dir().join(file))?;
-    c.wait_accepted(&routes)?;
+    let statuses = c.wait_accepted(&routes)?;
+    let want = if file == "grpcroute-weight.yaml" { ("False", "BackendNotFound") } else { ("True", "ResolvedRefs") };
+    for (route, status) in routes.iter().zip(&statuses) {
+        for parent in status["parents"].as_array().into_iter().flatten() {
+            let resolved = parent["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "ResolvedRefs");
+            let got = resolved.map(|c| (c["status"].as_str().unwrap_or_default(), c["reason"].as_str().unwrap_or_default()));
+            if got != Some(want) {
+                bail!("{route:?}: ResolvedRefs {got:?} (want {want:?}) in {status}");
+            }
+        }
+    }
     Ok(c)
 }
 
