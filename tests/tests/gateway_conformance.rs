@@ -10,7 +10,8 @@
 //! (`conformance/tests/mesh/*.go` in kubernetes-sigs/gateway-api) states:
 //! the status code, which backend answered (pod name prefix and namespace),
 //! the path, host, method and headers the backend saw, response headers and
-//! a redirect's `Location`. As upstream, a table must pass as a whole while
+//! a redirect's `Location`; and that each request a backend answered came
+//! through the mesh (its agent names the client's SPIFFE identity). As upstream, a table must pass as a whole while
 //! the routes come into force ("eventually consistent"): here twice in a
 //! row within [`SETTLE`]. Weighted splits are checked statistically as
 //! upstream does (500 requests, each backend within 5 points of its share,
@@ -215,10 +216,19 @@ fn expect(c: &Cluster, from: &EchoPod, cases: &[Case]) -> Result<()> {
     let mut passes = 0;
     loop {
         let answers = c.send(from, &reqs)?;
+        // Through the mesh: the backend's agent names the client's identity
+        // (mTLS from the client's agent) on every request it delivers.
+        let identity = format!("spiffe://cluster.local/ns/{}/sa/default", from.namespace);
         let bad: Vec<String> = cases
             .iter()
             .zip(&answers)
-            .flat_map(|(case, a)| case.check(a).into_iter().map(move |b| format!("{}: {b}\n    answer: {} {:?} {}", case.label(), a.status, a.headers, a.body)))
+            .flat_map(|(case, a)| {
+                let mut bad = case.check(a);
+                if bad.is_empty() && case.backend.is_some() && a.seen_header("x-mesh-peer-identity").as_deref() != Some(identity.as_str()) {
+                    bad.push(format!("backend saw x-mesh-peer-identity {:?} (want {identity})", a.seen_header("x-mesh-peer-identity")));
+                }
+                bad.into_iter().map(move |b| format!("{}: {b}\n    answer: {} {:?} {}", case.label(), a.status, a.headers, a.body))
+            })
             .collect();
         if bad.is_empty() {
             passes += 1;
