@@ -193,7 +193,12 @@ impl Case {
 /// exist, but for `grpcroute-weight.yaml`'s `echo-v3`: `False`,
 /// `BackendNotFound`, as the spec says for a missing Service).
 fn cluster(test: &str, file: &str) -> Result<Cluster> {
-    let c = Cluster::start(test, &dir().join("manifests.yaml"))?;
+    cluster_with(test, file, None)
+}
+
+/// [`cluster`] with `replicas` pods per Deployment.
+fn cluster_with(test: &str, file: &str, replicas: Option<u64>) -> Result<Cluster> {
+    let c = Cluster::start_with(test, &dir().join("manifests.yaml"), replicas)?;
     let routes = c.apply_file(&dir().join(file))?;
     let statuses = c.wait_accepted(&routes)?;
     let want = if file == "grpcroute-weight.yaml" { ("False", "BackendNotFound") } else { ("True", "ResolvedRefs") };
@@ -346,7 +351,8 @@ fn mesh_httproute_query_param_matching() -> Result<()> {
 
 #[test]
 fn mesh_httproute_weight() -> Result<()> {
-    let c = cluster("gw-weight", "httproute-weight.yaml")?;
+    // Two pods per Deployment: the split is between Services, whichever pod.
+    let c = cluster_with("gw-weight", "httproute-weight.yaml", Some(2))?;
     weights(&c, c.pod(MESH, "echo-v1")?, get("/"), &[("echo-v1", 0.7), ("echo-v2", 0.3)])
 }
 
@@ -632,7 +638,7 @@ fn mesh_grpcroute_request_header_modifier() -> Result<()> {
 
 #[test]
 fn mesh_grpcroute_weight() -> Result<()> {
-    let c = cluster("gw-grpcweight", "grpcroute-weight.yaml")?;
+    let c = cluster_with("gw-grpcweight", "grpcroute-weight.yaml", Some(2))?;
     // echo-v3 (weight 0) does not exist and must never be picked.
     weights(&c, c.pod(MESH, "echo-v1")?, grpc("echo:7070"), &[("echo-v1", 0.7), ("echo-v2", 0.3)])
 }

@@ -86,6 +86,9 @@ async fn serve(pod: String, namespace: String, ports: Vec<u16>) -> Result<()> {
         tasks.spawn(async move {
             loop {
                 let Ok((stream, _)) = l.accept().await else { continue };
+                // Small frames (gRPC: headers, message, trailers) without
+                // waiting for the peer's delayed ACKs.
+                let _ = stream.set_nodelay(true);
                 let who = who.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -219,6 +222,7 @@ enum Conn {
 
 async fn connect(addr: SocketAddr, h2: bool) -> Result<Conn> {
     let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    let _ = tcp.set_nodelay(true);
     if h2 {
         let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
         tokio::spawn(c);
