@@ -14,6 +14,10 @@
 //! as its listeners are open, before its certificate arrives: meanwhile its
 //! connections to mesh destinations fail (no identity to present), never go
 //! around the mesh, and the agent is not ready.
+//!
+//! The kernel is reached only through [`Kernel`] ([`kernel`]): the eBPF
+//! datapath on a node, an in-memory one in tests, so this module runs
+//! without root in `enroll/tests.rs` and in the in-process agents.
 
 use std::{
     collections::BTreeMap,
@@ -71,7 +75,7 @@ impl<N> ManagedPod<N> {
     }
 }
 
-/// What `ensure` needs besides the datapath and the pod.
+/// What `ensure` needs besides the kernel and the pod.
 struct EnsureCtx<'a> {
     proxy: &'a Arc<Proxy>,
     outbound_port: u16,
@@ -101,7 +105,7 @@ impl Changes {
 pub struct Enrollment<K: Kernel> {
     node: String,
     /// The eBPF datapath on a node; in tests, an in-memory one.
-    datapath: K,
+    kernel: K,
     proxy: Arc<Proxy>,
     outbound_port: u16,
     /// The mesh-wide failure policy (`--failure-policy`); a namespace label
@@ -151,10 +155,10 @@ struct EbpfCounters {
 }
 
 impl<K: Kernel> Enrollment<K> {
-    pub fn new(node: String, datapath: K, proxy: Arc<Proxy>, outbound_port: u16, fail_open: bool) -> Self {
+    pub fn new(node: String, kernel: K, proxy: Arc<Proxy>, outbound_port: u16, fail_open: bool) -> Self {
         Self {
             node,
-            datapath,
+            kernel,
             proxy,
             outbound_port,
             fail_open,
@@ -223,7 +227,7 @@ impl<K: Kernel> Enrollment<K> {
             let ctx = EnsureCtx { proxy: &self.proxy, outbound_port: self.outbound_port, wake: &self.wake, fail_open, inherited };
             mp.wanted = enrolled;
             mp.fail_open = fail_open;
-            let result = id.and_then(|id| Self::ensure(&mut self.datapath, ctx, key, mp, enrolled, id));
+            let result = id.and_then(|id| Self::ensure(&mut self.kernel, ctx, key, mp, enrolled, id));
             match result {
                 Ok(ch) => {
                     if ch.changed > 0 {
@@ -258,7 +262,7 @@ impl<K: Kernel> Enrollment<K> {
             let Some(ns) = &mp.netns else { return };
             keep.push(KeepPod { cgroup: &mp.cgroup, cookie: ns.network(), ips: &mp.ips });
         }
-        let Some(removed) = self.datapath.retain(&keep) else { return };
+        let Some(removed) = self.kernel.retain(&keep) else { return };
         if removed > 0 || !self.pruned {
             tracing::info!(removed, "pinned state checked against this node's pods");
         }
@@ -269,7 +273,7 @@ impl<K: Kernel> Enrollment<K> {
     /// the changes made; the ones that undid drift (state the agent had set
     /// up and found gone) are repairs.
     fn ensure(
-        datapath: &mut K,
+        kernel: &mut K,
         ctx: EnsureCtx<'_>,
         key: &PodKey,
         mp: &mut ManagedPod<K::Netns>,
@@ -279,24 +283,24 @@ impl<K: Kernel> Enrollment<K> {
         let EnsureCtx { proxy, outbound_port, wake, fail_open, inherited } = ctx;
         let mut ch = Changes::default();
         if mp.netns.is_none() {
-            mp.netns = Some(Arc::new(datapath.open_netns(&mp.netns_path, &mp.ips).map_err(|e| e.to_string())?));
+            mp.netns = Some(Arc::new(kernel.open_netns(&mp.netns_path, &mp.ips).map_err(|e| e.to_string())?));
             ch.changed += 1;
         }
         let netns = mp.netns.clone().expect("opened above");
         // The kernel's cookie for the namespace: what the programs key on.
         let cookie = netns.network();
 
-        let n = datapath.attach(&mp.cgroup).map_err(|e| crate::error_chain(&e))?;
+        let n = kernel.attach(&mp.cgroup).map_err(|e| crate::error_chain(&e))?;
         if n > 0 {
             ch.note(mp.set_up, format!("{n} cgroup program(s) attached to {}", mp.cgroup.display()));
         }
-        if datapath
+        if kernel
             .attach_netns(&netns, &mp.netns_path)
             .map_err(|e| crate::error_chain(&e))?
         {
             ch.note(mp.set_up, format!("inbound capture attached to {}", mp.netns_path.display()));
         }
-        datapath.track(cookie).map_err(|e| e.to_string())?;
+        kernel.track(cookie).map_err(|e| e.to_string())?;
 
         if enrolled {
             // The certificate is fetched in the background (and rotated);
@@ -346,13 +350,13 @@ impl<K: Kernel> Enrollment<K> {
             }
             let listeners = mp.listeners.as_ref().expect("opened above");
             for ip in &mp.ips {
-                if !datapath.has_inbound_listener(*ip) {
-                    datapath
+                if !kernel.has_inbound_listener(*ip) {
+                    kernel
                         .set_inbound_listener(*ip, listeners.plaintext.as_fd())
                         .map_err(|e| e.to_string())?;
                     ch.note(mp.enrolled, format!("inbound capture entry for {ip} set"));
                 }
-                if !datapath.set_captured(*ip, fail_open).map_err(|e| e.to_string())? {
+                if !kernel.set_captured(*ip, fail_open).map_err(|e| e.to_string())? {
                     ch.note(mp.enrolled, format!("capture mark for {ip} set"));
                 }
             }
@@ -365,8 +369,8 @@ impl<K: Kernel> Enrollment<K> {
             }
             mp.cert_pending = !has_cert;
             let entry = ebpf::pod_entry(&mp.ips, outbound_port, fail_open);
-            if datapath.enrollment(cookie) != Some(entry) {
-                datapath.enroll(cookie, entry).map_err(|e| e.to_string())?;
+            if kernel.enrollment(cookie) != Some(entry) {
+                kernel.enroll(cookie, entry).map_err(|e| e.to_string())?;
                 if !mp.enrolled {
                     tracing::info!(pod = %key, "pod enrolled: its new connections go through the agent");
                 }
@@ -374,14 +378,14 @@ impl<K: Kernel> Enrollment<K> {
             }
             mp.enrolled = true;
         } else {
-            if mp.enrolled || datapath.enrollment(cookie).is_some() {
-                datapath.unenroll(cookie).map_err(|e| e.to_string())?;
+            if mp.enrolled || kernel.enrollment(cookie).is_some() {
+                kernel.unenroll(cookie).map_err(|e| e.to_string())?;
                 tracing::info!(pod = %key, "pod left the mesh: its new connections go direct");
                 ch.changed += 1;
             }
             for ip in &mp.ips {
-                datapath.remove_captured(*ip);
-                datapath.remove_inbound_listener(*ip);
+                kernel.remove_captured(*ip);
+                kernel.remove_inbound_listener(*ip);
             }
             mp.enrolled = false;
             mp.cert_pending = false;
@@ -402,17 +406,17 @@ impl<K: Kernel> Enrollment<K> {
     /// then programs, counters, certificate and listeners.
     fn forget_pod(&mut self, key: &PodKey, mut mp: ManagedPod<K::Netns>) {
         if let Some(ns) = &mp.netns {
-            if let Err(e) = self.datapath.unenroll(ns.network()) {
+            if let Err(e) = self.kernel.unenroll(ns.network()) {
                 tracing::warn!(pod = %key, error = %e, "removing enrollment failed");
             }
-            self.datapath.detach_netns(ns.network());
-            self.datapath.untrack(ns.network());
+            self.kernel.detach_netns(ns.network());
+            self.kernel.untrack(ns.network());
         }
         for ip in &mp.ips {
-            self.datapath.remove_captured(*ip);
-            self.datapath.remove_inbound_listener(*ip);
+            self.kernel.remove_captured(*ip);
+            self.kernel.remove_inbound_listener(*ip);
         }
-        if let Err(e) = self.datapath.detach(&mp.cgroup) {
+        if let Err(e) = self.kernel.detach(&mp.cgroup) {
             tracing::warn!(pod = %key, error = %e, "detach failed");
         }
         if let Some(l) = mp.listeners.take() {
@@ -476,12 +480,18 @@ impl<K: Kernel> Enrollment<K> {
         }
     }
 
+    /// The addresses `pod`'s listeners are bound to; none while it is not
+    /// served.
+    pub fn listener_addrs(&self, pod: &PodKey) -> Vec<std::net::SocketAddr> {
+        self.pods.get(pod).and_then(|mp| mp.listeners.as_ref()).map(|l| l.addrs.clone()).unwrap_or_default()
+    }
+
     pub fn accelerating(&self) -> bool {
-        self.datapath.accelerating()
+        self.kernel.accelerating()
     }
 
     pub fn accelerated_sockets(&self) -> usize {
-        self.datapath.accelerated_sockets()
+        self.kernel.accelerated_sockets()
     }
 
     /// Ready when every local pod is set up and every pod the state puts in
@@ -519,7 +529,7 @@ impl<K: Kernel> Enrollment<K> {
                 let counters = mp
                     .netns
                     .as_ref()
-                    .map(|ns| self.datapath.counters(ns.network()))
+                    .map(|ns| self.kernel.counters(ns.network()))
                     .unwrap_or_default();
                 PodStatus {
                     name: key.name.clone(),
@@ -528,9 +538,9 @@ impl<K: Kernel> Enrollment<K> {
                     enrolled: mp.enrolled,
                     certificate_pending: mp.cert_pending,
                     failure_policy: if mp.fail_open { "open" } else { "closed" },
-                    attached: self.datapath.is_attached(&mp.cgroup),
-                    inbound_capture: mp.netns.as_ref().is_some_and(|ns| self.datapath.is_netns_attached(ns))
-                        && mp.ips.iter().all(|ip| self.datapath.has_inbound_listener(*ip)),
+                    attached: self.kernel.is_attached(&mp.cgroup),
+                    inbound_capture: mp.netns.as_ref().is_some_and(|ns| self.kernel.is_netns_attached(ns))
+                        && mp.ips.iter().all(|ip| self.kernel.has_inbound_listener(*ip)),
                     listeners: mp
                         .listeners
                         .as_ref()

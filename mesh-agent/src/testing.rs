@@ -1,24 +1,31 @@
-//! The agent's data path in-process, for tests: real [`Proxy`]s (one per
-//! node), their real listeners, tunnel, mTLS and HTTP layers, over real
-//! loopback TCP, without root, namespaces or eBPF.
+//! The agent in-process, for tests, at two sizes, without root,
+//! namespaces or eBPF:
+//! - [`Mesh`] and [`Agent`]: the data path alone, real [`Proxy`]s (one per
+//!   node) serving the pods the state puts on their node, with their real
+//!   listeners, tunnel, mTLS and HTTP layers over real loopback TCP;
+//! - [`FileMesh`] and [`Node`]: whole agents, each built by
+//!   [`crate::app::build`] from a config as the binary builds it (a real
+//!   local file, run directory, admin and metrics listeners, enrollment),
+//!   on the in-memory kernel [`MemoryKernel`].
 //!
 //! What stands in for the kernel and the control plane:
 //! - a pod is a loopback address of its own ([`Loopback`]): its listeners
 //!   listen there (so the agents of two "nodes" share the host's network
 //!   namespace without sharing a port) and its connections start there;
-//! - the connect hooks' original-destination map is a table the harness
-//!   fills before an app's connection reaches the outbound listener
-//!   ([`Agent::connect`]);
-//! - the CA is one in-memory [`Authority`] both agents get certificates
+//! - the connect hooks' original-destination map is a table filled before
+//!   an app's connection reaches the outbound listener ([`Agent::connect`],
+//!   [`MemoryKernel::connect`]);
+//! - the CA is one in-memory [`Authority`] the agents get certificates
 //!   from, through the same [`CertManager`] the agent uses;
-//! - the mesh state is a local-file YAML text whose addresses are written
-//!   `NET.n`: each [`Mesh`] gets its own `127.x.y.0/24` for them, so tests
-//!   run side by side.
+//! - the mesh state is local-file YAML whose addresses are written `NET.n`:
+//!   each mesh gets its own `127.x.y.0/24` for them, so tests run side by
+//!   side.
 //!
 //! Not covered (the kernel's part, tested end to end in `tests/`):
 //! redirection itself, `sk_lookup` capture of plaintext connections (the
 //! plaintext listener listens, but a connection to it names the listener,
-//! not the app), socket acceleration, enrollment.
+//! not the app), the hooks' refusal while no agent serves, failure policy
+//! `open`, socket acceleration.
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -19,7 +19,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_agent::testing::{FileMesh, Node};
+use mesh_agent::{
+    app,
+    state::PodKey,
+    testing::{FileMesh, MemoryKernel, Node},
+};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot},
@@ -42,6 +46,9 @@ httpRoutes:
     rules:
       - matches: [{headers: [{name: x-canary, exact: "1"}]}]
         backends: [{subset: {version: v2}}]
+      - matches: [{path: {prefix: /slow}}]
+        backends: [{subset: {version: v1}}]
+        timeout: 200ms
       - backends: [{subset: {version: v1}}]
 authorizationPolicies:
   - name: deny-admin
@@ -57,6 +64,10 @@ const CLIENT: &str = "  - {name: client, namespace: shop, node: node-a, serviceA
 const BATCH: &str = "  - {name: batch, namespace: shop, node: node-a, serviceAccount: batch, labels: {app: batch}, ip: NET.12, netns: /run/netns/batch, cgroup: /cg/batch}\n";
 const WEB_V1: &str = "  - {name: web-v1, namespace: shop, node: node-b, serviceAccount: web, labels: {app: web, version: v1}, ip: NET.21, netns: /run/netns/web-v1, cgroup: /cg/web-v1}\n";
 const WEB_V2: &str = "  - {name: web-v2, namespace: shop, node: node-b, serviceAccount: web, labels: {app: web, version: v2}, ip: NET.22, netns: /run/netns/web-v2, cgroup: /cg/web-v2}\n";
+
+fn client() -> PodKey {
+    PodKey { namespace: "shop".into(), name: "client".into() }
+}
 
 fn mesh_file(pods: &[&str]) -> String {
     let mut y = HEAD.to_owned();
@@ -103,8 +114,8 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-/// An app on `addr`: answers `200 <name>`; a request to `/hold` gets its
-/// answer when the test sends on the channel it is given.
+/// An app on `addr`: answers `200 <name>`; a request to `/hold` or
+/// `/slow` gets its answer when the test sends on the channel it is given.
 struct App {
     held: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 }
@@ -119,7 +130,7 @@ async fn app(addr: SocketAddr, name: &'static str) -> App {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let tx = tx.clone();
                 async move {
-                    if req.uri().path() == "/hold" {
+                    if ["/hold", "/slow"].contains(&req.uri().path()) {
                         let (release, released) = oneshot::channel();
                         let _ = tx.send(release);
                         let _ = released.await;
@@ -189,7 +200,7 @@ async fn the_built_agent_serves_its_admin_and_reports_ready() {
     assert_eq!(pods[0]["identity"], "spiffe://cluster.local/ns/shop/sa/client");
     let listeners: Vec<String> = [15001, 15008, 15006].map(|p| mesh.addr(11, p).to_string()).into();
     assert_eq!(pods[0]["listeners"], serde_json::json!(listeners));
-    assert_eq!(a.bound.pod_listeners("shop/client"), [15001, 15008, 15006].map(|p| mesh.addr(11, p)));
+    assert_eq!(a.bound.pod_listeners(&client()), [15001, 15008, 15006].map(|p| mesh.addr(11, p)));
 
     let metrics = admin_get(admin, "/metrics").await;
     assert_eq!(metric(&metrics.body, "nodemesh_enrolled_pods"), Some(1.0), "{}", metrics.body);
@@ -281,23 +292,27 @@ async fn requests_cross_two_built_agents_routed_and_authorized() {
     let denied = send(&mut c, "/admin/users", &[]).await;
     assert_eq!((denied.status, denied.reply.as_deref()), (StatusCode::FORBIDDEN, Some("denied")));
     assert!(denied.body.contains("deny-admin"), "{}", denied.body);
+    // The route's timeout, answered by the source agent.
+    let slow = send(&mut c, "/slow", &[]).await;
+    assert_eq!((slow.status, slow.reply.as_deref()), (StatusCode::GATEWAY_TIMEOUT, Some("timeout")));
 
-    // Each agent counted its side, over mutual TLS.
-    let count = |text: &str, reporter: &str, code: &str| {
+    // Each agent counted its side, over mutual TLS; the timeout by the
+    // source alone, with its flag.
+    let count = |text: &str, labels: &[&str]| {
         text.lines()
-            .filter(|l| {
-                l.starts_with("istio_requests_total{")
-                    && l.contains(&format!("reporter=\"{reporter}\""))
-                    && l.contains(&format!("response_code=\"{code}\""))
-                    && l.contains("connection_security_policy=\"mutual_tls\"")
-            })
+            .filter(|l| l.starts_with("istio_requests_total{") && labels.iter().all(|want| l.contains(want)))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum::<u64>()
     };
+    let mtls = "connection_security_policy=\"mutual_tls\"";
     let source = admin_get(t.a.bound.admin_addr(), "/metrics").await.body;
     let destination = admin_get(t.b.bound.metrics_addr().unwrap(), "/metrics").await.body;
-    assert_eq!((count(&source, "source", "200"), count(&source, "source", "403")), (2, 1), "{source}");
-    assert_eq!((count(&destination, "destination", "200"), count(&destination, "destination", "403")), (2, 1));
+    for (text, reporter) in [(&source, "reporter=\"source\""), (&destination, "reporter=\"destination\"")] {
+        let ok = count(text, &[reporter, mtls, "response_code=\"200\""]);
+        let denied = count(text, &[reporter, mtls, "response_code=\"403\""]);
+        assert_eq!((ok, denied), (2, 1), "{reporter}: {text}");
+    }
+    assert_eq!(count(&source, &["reporter=\"source\"", "response_code=\"504\"", "response_flags=\"UT\""]), 1, "{source}");
     let status = admin_get(t.a.bound.admin_addr(), "/status").await.json();
     // One pooled mTLS connection per destination pod (v1, v2), the second
     // request to v1 on the first one's.
@@ -322,7 +337,7 @@ async fn stopping_drains_in_flight_requests_then_closes_every_listener() {
 
     // What SIGTERM does.
     let (admin, metrics) = (t.a.bound.admin_addr(), t.a.bound.metrics_addr().unwrap());
-    let listeners = t.a.bound.pod_listeners("shop/client");
+    let listeners = t.a.bound.pod_listeners(&client());
     assert_eq!(listeners.len(), 3);
     t.a.bound.shutdown_trigger().trigger();
     let stopped = tokio::spawn(t.a.bound.wait());
@@ -365,7 +380,7 @@ async fn a_second_agent_for_the_same_node_takes_over_without_refusing() {
     let mesh = FileMesh::new(&mesh_file(&[CLIENT]));
     let first = mesh.start("node-a").await;
     first.ready().await;
-    let (listeners, admin) = (first.bound.pod_listeners("shop/client"), first.bound.admin_addr());
+    let (listeners, admin) = (first.bound.pod_listeners(&client()), first.bound.admin_addr());
     // Serving, as the binary does, until told to stop or taken over.
     let first_done = tokio::spawn(first.bound.wait());
 
@@ -373,7 +388,7 @@ async fn a_second_agent_for_the_same_node_takes_over_without_refusing() {
     // handoff, not a second owner.
     let second = mesh.build(mesh.config("node-a"), first.kernel.clone()).await.expect("the successor starts");
     second.ready().await;
-    assert_eq!(second.bound.pod_listeners("shop/client"), listeners, "the very sockets, handed over");
+    assert_eq!(second.bound.pod_listeners(&client()), listeners, "the very sockets, handed over");
     assert_eq!(second.bound.admin_addr(), admin, "and the admin listener (port 0: whatever the first had)");
     tokio::time::timeout(PATIENCE, first_done).await.expect("the first agent stops once taken over").unwrap().unwrap();
     for l in &listeners {
@@ -382,4 +397,23 @@ async fn a_second_agent_for_the_same_node_takes_over_without_refusing() {
     let status = admin_get(admin, "/status").await.json();
     assert_eq!((&status["pods"][0]["enrolled"], &status["ready"]), (&true.into(), &true.into()), "{status}");
     assert!(second.kernel.state().entry_of(mesh.ip(11)).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_admin_port_stops_the_agent_before_the_kernel_is_touched() {
+    let mesh = FileMesh::new(&mesh_file(&[CLIENT]));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = mesh.config("node-a");
+    cfg.admin_addr = taken.local_addr().unwrap();
+    let kernel = MemoryKernel::new();
+    let err = mesh.build(cfg, kernel.clone()).await.err().expect("the port is taken");
+    assert!(matches!(err, app::Error::Bind { flag: "admin", .. }), "{err}");
+    assert!(err.to_string().contains("Nothing was loaded or attached to the kernel"), "{err}");
+    let k = kernel.state();
+    assert!(k.namespaces.is_empty() && k.attached.is_empty() && k.enrolled.is_empty(), "{k:?}");
+
+    // The node is free again: an agent on a free port starts.
+    let a = mesh.build(mesh.config("node-a"), kernel.clone()).await.expect("the next agent starts");
+    a.ready().await;
+    assert_eq!(kernel.state().enrolled_ips(), [mesh.ip(11)].into());
 }

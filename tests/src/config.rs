@@ -202,7 +202,7 @@ pub(crate) fn build(
 
 /// Write to a sibling temp file, fsync, rename: readers see the old or the
 /// new file, never a torn one.
-pub(crate) fn write_atomic(path: &Path, contents: &str) -> Result<()> {
+pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -59,7 +59,7 @@ pub use ca::{Ca, CaOptions};
 pub use capture::{Capture, Frames, TcpSegment};
 pub use config::{
     ENROLL_LABEL, ENROLL_VALUE, LocalConfig, NamespaceEntry, NodeEntry, PeerAuthMode,
-    PeerAuthenticationEntry, PodEntry, ServiceEntry, ServicePortEntry,
+    PeerAuthenticationEntry, PodEntry, ServiceEntry, ServicePortEntry, write_atomic,
 };
 pub use host::{agent_bin, cgroup2_mount, meshecho_bin, meshhttp_bin, meshotlp_bin, meshtest_bin};
 pub use pod::{Pod, PodProcess, RUN_TIMEOUT};

@@ -153,7 +153,8 @@ fn invalid_edit_is_rejected_and_traffic_unaffected() -> Result<()> {
     let good = std::fs::read_to_string(&path)?;
     let bad = good.replacen("ip: 198.51.100.12", "ip: 198.51.100.11", 1);
     ensure!(bad != good, "test edit did not apply");
-    std::fs::write(&path, &bad)?;
+    // Atomically: a reader must never see a cut-off file (which may parse).
+    mesh_e2e::write_atomic(&path, &bad)?;
     wait_until(SETTLE, || Ok(m.a.status()?["config"]["rejected"] == 1))?;
     let status = m.a.status()?;
     let err = status["config"]["lastError"].as_str().context("no lastError")?;
@@ -162,7 +163,7 @@ fn invalid_edit_is_rejected_and_traffic_unaffected() -> Result<()> {
     send(&m.shop_client, &server(&m.shop_server), 1 << 20)?;
     ensure!(counter(&m.a, "shop", "shop-client", "proxy.outboundTunneled")? == 1);
     // A valid edit afterwards is accepted and clears the error.
-    std::fs::write(&path, good.replace("labels: {}", "labels: {team: legacy}"))?;
+    mesh_e2e::write_atomic(&path, &good.replace("labels: {}", "labels: {team: legacy}"))?;
     wait_until(SETTLE, || Ok(m.a.status()?["config"]["generation"] == 2))?;
     ensure!(m.a.status()?["config"]["lastError"].is_null());
     Ok(())

@@ -15,12 +15,13 @@ use crate::{
     enroll::{Enrollment, Kernel},
     lifecycle::handoff,
     proxy::Proxy,
+    state::PodKey,
     telemetry::trace::Tracer,
 };
 
 /// What SIGTERM does to a [`Bound`] agent: stop accepting, drain, stop.
 /// Cloned freely; triggering twice is triggering once.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Shutdown(pub(super) CancellationToken);
 
 impl Shutdown {
@@ -103,16 +104,10 @@ impl<K: Kernel> Bound<K> {
         self.shutdown.clone()
     }
 
-    /// The addresses a local pod's listeners are bound to (`namespace/name`);
-    /// none while it is not served.
-    pub fn pod_listeners(&self, pod: &str) -> Vec<SocketAddr> {
-        let status = serde_json::to_value(self.enrollment.lock().expect("poisoned").status()).unwrap_or_default();
-        let pods = status.as_array().map(Vec::as_slice).unwrap_or_default();
-        pods.iter()
-            .filter(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")) == pod)
-            .flat_map(|p| p["listeners"].as_array().cloned().unwrap_or_default())
-            .filter_map(|a| a.as_str()?.parse().ok())
-            .collect()
+    /// The addresses a local pod's listeners are bound to; none while it
+    /// is not served.
+    pub fn pod_listeners(&self, pod: &PodKey) -> Vec<SocketAddr> {
+        self.enrollment.lock().expect("poisoned").listener_addrs(pod)
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
