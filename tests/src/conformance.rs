@@ -132,6 +132,12 @@ impl Cluster {
     /// Applies `manifests` (the conformance base) and starts the agents;
     /// returns once every pod is enrolled with its certificate.
     pub fn start(test: &str, manifests: &Path) -> Result<Cluster> {
+        Self::start_with(test, manifests, None)
+    }
+
+    /// [`Self::start`] with every Deployment at `replicas` pods instead of
+    /// its `spec.replicas`.
+    pub fn start_with(test: &str, manifests: &Path, replicas: Option<u64>) -> Result<Cluster> {
         let text = std::fs::read_to_string(manifests).with_context(|| format!("reading {}", manifests.display()))?;
         let objects = docs(&text)?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
@@ -187,7 +193,7 @@ impl Cluster {
                         .filter_map(|p| p["containerPort"].as_u64().and_then(|n| u16::try_from(n).ok()))
                         .collect();
                     ensure!(!ports.is_empty(), "Deployment {ns}/{deployment}: no containerPort to serve");
-                    let replicas = obj["spec"]["replicas"].as_u64().unwrap_or(1);
+                    let replicas = replicas.or(obj["spec"]["replicas"].as_u64()).unwrap_or(1);
                     for r in 0..replicas {
                         let i = pods.len();
                         let uid = format!("{:08x}-{:04x}-4000-8000-{:012x}", std::process::id(), cluster_n & 0xffff, i);

@@ -10,7 +10,8 @@
 //! (`conformance/tests/mesh/*.go` in kubernetes-sigs/gateway-api) states:
 //! the status code, which backend answered (pod name prefix and namespace),
 //! the path, host, method and headers the backend saw, response headers and
-//! a redirect's `Location`. As upstream, a table must pass as a whole while
+//! a redirect's `Location`; and that each request a backend answered came
+//! through the mesh (its agent names the client's SPIFFE identity). As upstream, a table must pass as a whole while
 //! the routes come into force ("eventually consistent"): here twice in a
 //! row within [`SETTLE`]. Weighted splits are checked statistically as
 //! upstream does (500 requests, each backend within 5 points of its share,
@@ -187,11 +188,29 @@ impl Case {
     }
 }
 
-/// Starts the base, applies `file`, waits for `Accepted`.
+/// Starts the base, applies `file`, waits for `Accepted`; every parent
+/// entry must also say `ResolvedRefs: True` (all backendRefs of the set
+/// exist, but for `grpcroute-weight.yaml`'s `echo-v3`: `False`,
+/// `BackendNotFound`, as the spec says for a missing Service).
 fn cluster(test: &str, file: &str) -> Result<Cluster> {
-    let c = Cluster::start(test, &dir().join("manifests.yaml"))?;
+    cluster_with(test, file, None)
+}
+
+/// [`cluster`] with `replicas` pods per Deployment.
+fn cluster_with(test: &str, file: &str, replicas: Option<u64>) -> Result<Cluster> {
+    let c = Cluster::start_with(test, &dir().join("manifests.yaml"), replicas)?;
     let routes = c.apply_file(&dir().join(file))?;
-    c.wait_accepted(&routes)?;
+    let statuses = c.wait_accepted(&routes)?;
+    let want = if file == "grpcroute-weight.yaml" { ("False", "BackendNotFound") } else { ("True", "ResolvedRefs") };
+    for (route, status) in routes.iter().zip(&statuses) {
+        for parent in status["parents"].as_array().into_iter().flatten() {
+            let resolved = parent["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "ResolvedRefs");
+            let got = resolved.map(|c| (c["status"].as_str().unwrap_or_default(), c["reason"].as_str().unwrap_or_default()));
+            if got != Some(want) {
+                bail!("{route:?}: ResolvedRefs {got:?} (want {want:?}) in {status}");
+            }
+        }
+    }
     Ok(c)
 }
 
@@ -202,10 +221,19 @@ fn expect(c: &Cluster, from: &EchoPod, cases: &[Case]) -> Result<()> {
     let mut passes = 0;
     loop {
         let answers = c.send(from, &reqs)?;
+        // Through the mesh: the backend's agent names the client's identity
+        // (mTLS from the client's agent) on every request it delivers.
+        let identity = format!("spiffe://cluster.local/ns/{}/sa/default", from.namespace);
         let bad: Vec<String> = cases
             .iter()
             .zip(&answers)
-            .flat_map(|(case, a)| case.check(a).into_iter().map(move |b| format!("{}: {b}\n    answer: {} {:?} {}", case.label(), a.status, a.headers, a.body)))
+            .flat_map(|(case, a)| {
+                let mut bad = case.check(a);
+                if bad.is_empty() && case.backend.is_some() && a.seen_header("x-mesh-peer-identity").as_deref() != Some(identity.as_str()) {
+                    bad.push(format!("backend saw x-mesh-peer-identity {:?} (want {identity})", a.seen_header("x-mesh-peer-identity")));
+                }
+                bad.into_iter().map(move |b| format!("{}: {b}\n    answer: {} {:?} {}", case.label(), a.status, a.headers, a.body))
+            })
             .collect();
         if bad.is_empty() {
             passes += 1;
@@ -323,7 +351,8 @@ fn mesh_httproute_query_param_matching() -> Result<()> {
 
 #[test]
 fn mesh_httproute_weight() -> Result<()> {
-    let c = cluster("gw-weight", "httproute-weight.yaml")?;
+    // Two pods per Deployment: the split is between Services, whichever pod.
+    let c = cluster_with("gw-weight", "httproute-weight.yaml", Some(2))?;
     weights(&c, c.pod(MESH, "echo-v1")?, get("/"), &[("echo-v1", 0.7), ("echo-v2", 0.3)])
 }
 
@@ -609,7 +638,7 @@ fn mesh_grpcroute_request_header_modifier() -> Result<()> {
 
 #[test]
 fn mesh_grpcroute_weight() -> Result<()> {
-    let c = cluster("gw-grpcweight", "grpcroute-weight.yaml")?;
+    let c = cluster_with("gw-grpcweight", "grpcroute-weight.yaml", Some(2))?;
     // echo-v3 (weight 0) does not exist and must never be picked.
     weights(&c, c.pod(MESH, "echo-v1")?, grpc("echo:7070"), &[("echo-v1", 0.7), ("echo-v2", 0.3)])
 }

@@ -86,6 +86,9 @@ async fn serve(pod: String, namespace: String, ports: Vec<u16>) -> Result<()> {
         tasks.spawn(async move {
             loop {
                 let Ok((stream, _)) = l.accept().await else { continue };
+                // Small frames (gRPC: headers, message, trailers) without
+                // waiting for the peer's delayed ACKs.
+                let _ = stream.set_nodelay(true);
                 let who = who.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -219,6 +222,7 @@ enum Conn {
 
 async fn connect(addr: SocketAddr, h2: bool) -> Result<Conn> {
     let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    let _ = tcp.set_nodelay(true);
     if h2 {
         let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
         tokio::spawn(c);
@@ -336,4 +340,36 @@ fn grpc_message(data: &mut Bytes) -> Result<String> {
         }
     }
     bail!("no message field")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip() {
+        for v in [0u64, 1, 127, 128, 300, 16_383, 16_384, u64::from(u32::MAX), u64::MAX] {
+            let mut b = BytesMut::new();
+            put_varint(&mut b, v);
+            assert_eq!(get_varint(&mut b.freeze()), Some(v), "{v}");
+        }
+        assert_eq!(get_varint(&mut Bytes::from_static(&[0x80])), None, "truncated");
+    }
+
+    #[test]
+    fn a_grpc_answer_carries_the_json_as_field_one() {
+        let json = "x".repeat(300); // a two-byte length
+        let resp = grpc_answer(json.clone());
+        assert_eq!(resp.headers()[http::header::CONTENT_TYPE], "application/grpc");
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let collected = rt.block_on(resp.into_body().collect()).unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        let mut data = collected.to_bytes();
+        assert_eq!(grpc_message(&mut data).unwrap(), json);
+        // Other fields before it are skipped; no field 1 is an error.
+        let mut other = Bytes::from_static(&[0, 0, 0, 0, 7, 0x08, 0x05, 0x0a, 0x02, b'h', b'i', 0x00]);
+        assert_eq!(grpc_message(&mut other).unwrap(), "hi");
+        assert!(grpc_message(&mut Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 0x01])).is_err());
+        assert!(grpc_message(&mut Bytes::from_static(&[0, 0])).is_err());
+    }
 }
