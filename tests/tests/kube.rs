@@ -376,15 +376,17 @@ async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
     assert!(c["message"].as_str().unwrap().contains("colour"), "{c}");
     assert_eq!(agent.state.borrow().authorization_policies, good.authorization_policies);
 
-    // An impossible value in a new ALLOW: refused with the field named, left out.
+    // An impossible value in a new ALLOW: refused with the field named; it
+    // allows nothing meanwhile (what it selects stays default-deny).
     api.apply_json(json!({"apiVersion": ISTIO, "kind": "AuthorizationPolicy",
         "metadata": {"name": "bad-port", "namespace": "shop"},
         "spec": {"action": "ALLOW", "rules": [{"to": [{"operation": {"ports": ["70000"]}}]}]}}))
     .unwrap();
     let c = until_condition(&api, "AuthorizationPolicy", "bad-port", "False", 1).await;
     assert!(c["message"].as_str().unwrap().starts_with("spec.rules[0].to[0].operation.ports[0]"), "{c}");
-    assert!(c["message"].as_str().unwrap().contains("the object is ignored"), "{c}");
-    // An unsupported field in a new ALLOW: refused, named.
+    assert!(c["message"].as_str().unwrap().contains("fails closed"), "{c}");
+    // An unsupported field in a new ALLOW: refused, named; enforced
+    // without the rule that sets it.
     api.apply_json(json!({"apiVersion": ISTIO, "kind": "AuthorizationPolicy",
         "metadata": {"name": "jwt-only", "namespace": "shop"},
         "spec": {"rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]}}))
@@ -418,7 +420,13 @@ async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
     let accepted = &parents[0]["conditions"][0];
     assert_eq!((&accepted["type"], &accepted["status"], &accepted["reason"]), (&json!("Accepted"), &json!("False"), &json!("NoMatchingParent")), "{parents}");
     let s = agent.state.borrow().clone();
-    assert_eq!(s.authorization_policies, good.authorization_policies, "enforcement unchanged");
+    let kept: Vec<_> = s.authorization_policies.iter().filter(|p| p.name == "deny-admin").cloned().collect();
+    assert_eq!(kept, good.authorization_policies, "the refused edit changed nothing");
+    for name in ["bad-port", "jwt-only"] {
+        let p = s.authorization_policies.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("{name} stands in: {s:?}"));
+        assert!(p.action == AuthzAction::Allow && p.rules.is_empty(), "{name} allows nothing: {p:?}");
+    }
+    assert_eq!(s.authorization_policies.len(), 3, "{:?}", s.authorization_policies);
     assert!(s.peer_authentications.is_empty() && s.routes.is_empty());
     let refused = agent.stats.view().refused;
     assert_eq!(refused.len(), 5, "{refused:#?}");

@@ -10,9 +10,13 @@
 //!
 //! # Refusals, and what stands in
 //!
-//! - An ALLOW or AUDIT policy that is invalid, or sets a field this mesh
-//!   does not support, is refused and left out: enforcing part of an ALLOW
-//!   could allow what it did not mean to.
+//! - An ALLOW policy that sets a field this mesh does not support is
+//!   enforced **without the rules that set it** (they could never match:
+//!   it allows less, never more); one that is invalid or cannot be read
+//!   allows nothing, so what it selects still denies what no other ALLOW
+//!   allows (its mere presence does that in Istio). Leaving it out would
+//!   open what it was written to close. An AUDIT policy is left out (it
+//!   never changes a decision).
 //! - A DENY policy that sets an unsupported field (`requestPrincipals`,
 //!   `request.auth.*`, ...) is enforced **without that field**: the rule
 //!   then matches more and denies more, never less (Istio's "the rule
@@ -241,8 +245,14 @@ fn convert_authz(meta: &Meta<'_>, s: &AuthorizationPolicySpec) -> Result<Convert
         refused: None,
     };
     let mut unsupported = Vec::new();
+    // Rules that set an unsupported field: an ALLOW enforces without them.
+    let mut unusable = Vec::new();
     for (i, r) in s.rules.iter().flatten().enumerate() {
+        let before = unsupported.len();
         policy.rules.push(rule(&format!("spec.rules[{i}]"), r, &mut unsupported)?);
+        if unsupported.len() > before {
+            unusable.push(i);
+        }
     }
     crate::policy::validate(&policy).map_err(|e| Refused::invalid(format!("{}: {}", istio_field(&e.field), e.reason)))?;
     if action == Action::Custom {
@@ -264,14 +274,29 @@ fn convert_authz(meta: &Meta<'_>, s: &AuthorizationPolicySpec) -> Result<Convert
         policy.refused = Some(message.clone());
         return Err(Refused { stand_in: Some(Box::new(Converted::AuthorizationPolicy(policy))), ..Refused::unsupported(message) });
     }
-    Err(Refused {
-        stand_in: None,
-        ..Refused::unsupported(format!(
-            "{}: not supported: {}; an {} policy is not enforced in part, so it is left out",
+    if action == Action::Allow {
+        // Such a rule can never match (Istio: the rule is ignored, stricter,
+        // never looser): the policy stands without it, so the workloads it
+        // selects still deny what no rule allows. Leaving the policy out
+        // would let through everything it was written to deny.
+        let message = format!(
+            "{}: not supported: {}; the ALLOW policy is enforced without the rules that use {}, so it allows less, never more",
             first.field,
             first.why,
-            if action == Action::Allow { "ALLOW" } else { "AUDIT" }
-        ))
+            if fields.len() == 1 { "it".to_owned() } else { format!("any of {}", fields.join(", ")) }
+        );
+        let mut i = 0;
+        policy.rules.retain(|_| {
+            i += 1;
+            !unusable.contains(&(i - 1))
+        });
+        policy.refused = Some(message.clone());
+        return Err(Refused { stand_in: Some(Box::new(Converted::AuthorizationPolicy(policy))), ..Refused::unsupported(message) });
+    }
+    // An AUDIT policy never changes a decision: left out, nothing opens.
+    Err(Refused {
+        stand_in: None,
+        ..Refused::unsupported(format!("{}: not supported: {}; an AUDIT policy is not enforced in part, so it is left out", first.field, first.why))
     })
 }
 
@@ -474,7 +499,11 @@ fn istio_field(field: &str) -> String {
 /// DENY everything its selector (or targets, or else namespace) covers,
 /// read from the raw spec as far as it can be. `None` for other actions.
 fn fail_closed_authz(meta: &Meta<'_>, spec: &Value) -> Option<state::AuthorizationPolicy> {
-    let action = spec.get("action").and_then(Value::as_str);
+    // Istio's default action is ALLOW.
+    let action = spec.get("action").map_or(Some("ALLOW"), Value::as_str);
+    if action == Some("ALLOW") {
+        return fail_closed_allow(meta, spec);
+    }
     if !matches!(action, Some("DENY" | "CUSTOM")) {
         return None;
     }
@@ -497,6 +526,39 @@ fn fail_closed_authz(meta: &Meta<'_>, spec: &Value) -> Option<state::Authorizati
         ignore_path_case: false,
         target_services: targets,
         refused: Some("the policy cannot be used as written, so it denies everything it selects".into()),
+    })
+}
+
+/// An ALLOW policy that cannot be read: it allows nothing, so the
+/// workloads it selects (read from the raw object as far as it goes; a
+/// selector that cannot be read: the whole namespace) deny what no other
+/// ALLOW policy allows, as its mere presence makes them do in Istio. Not
+/// for a policy that targets something other than Services (a gateway or
+/// waypoint policy is not about this mesh's pods).
+fn fail_closed_allow(meta: &Meta<'_>, spec: &Value) -> Option<state::AuthorizationPolicy> {
+    let refs: Vec<&Value> = match (spec.get("targetRefs"), spec.get("targetRef")) {
+        (Some(Value::Array(rs)), _) => rs.iter().collect(),
+        (None, Some(r)) => vec![r],
+        (None, None) => Vec::new(),
+        _ => return None,
+    };
+    if !refs.iter().all(|r| r.get("kind").and_then(Value::as_str) == Some("Service")) {
+        return None;
+    }
+    let targets: Vec<String> = refs.iter().filter_map(|r| r.get("name")?.as_str().map(str::to_owned)).collect();
+    if targets.len() != refs.len() {
+        return None;
+    }
+    let targets = Some(targets).filter(|t| !t.is_empty());
+    Some(state::AuthorizationPolicy {
+        name: meta.name.to_owned(),
+        namespace: meta.namespace.to_owned(),
+        selector: raw_selector(spec).filter(|_| targets.is_none()),
+        action: AuthzAction::Allow,
+        rules: Vec::new(),
+        ignore_path_case: false,
+        target_services: targets,
+        refused: Some("the ALLOW policy cannot be used as written, so it allows nothing: what it selects is denied unless another policy allows it".into()),
     })
 }
 

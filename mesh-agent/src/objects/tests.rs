@@ -287,7 +287,11 @@ fn request_principals_are_refused_or_make_a_deny_stricter() {
     let e = convert_ap("p", json!({"action": "ALLOW", "rules": [rule]})).unwrap_err();
     assert_eq!(e.reason, "Unsupported");
     assert!(e.message.starts_with("spec.rules[0].from[0].source.requestPrincipals: not supported: request authentication"), "{e}");
-    assert!(e.stand_in.is_none());
+    // An ALLOW stands without the rule: it allows nothing, ops included.
+    let s = stand_in(&e).unwrap();
+    assert_eq!((s.action, s.rules.len()), (crate::state::AuthzAction::Allow, 0));
+    assert!(s.refused.as_deref().is_some_and(|m| m.contains("allows less, never more")), "{s:?}");
+    assert!(GET.allowed(&[]) && !GET.allowed(&[s]), "the workload is default-deny, as with the policy");
     // A DENY is enforced without the field: it denies ops whatever the JWT.
     let e = convert_ap("p", json!({"action": "DENY", "rules": [rule]})).unwrap_err();
     assert!(e.message.contains("deny more, never less"), "{e}");
@@ -426,13 +430,19 @@ fn root_namespace_policies_apply_mesh_wide() {
 }
 
 /// An unknown field or wrong type: refused with its path; a DENY that
-/// cannot be read denies all it selects; an ALLOW is left out.
+/// cannot be read denies all it selects; an ALLOW allows nothing (what it
+/// selects stays default-deny).
 #[test]
 fn unreadable_objects_fail_closed_when_they_deny() {
-    let e = convert_ap("p", json!({"action": "ALLOW", "rules": [{"to": [{"operation": {"ports": ["80"]}}], "colour": 1}]})).unwrap_err();
+    let e = convert_ap("p", json!({"action": "ALLOW", "selector": {"matchLabels": {"app": "api"}}, "rules": [{"to": [{"operation": {"ports": ["80"]}}], "colour": 1}]})).unwrap_err();
     assert_eq!(e.reason, "Invalid");
     assert!(e.message.starts_with("spec.rules[0]") && e.message.contains("unknown field `colour`"), "{e}");
-    assert!(e.stand_in.is_none());
+    let s = stand_in(&e).unwrap();
+    assert_eq!((s.action, s.rules.len()), (crate::state::AuthzAction::Allow, 0));
+    assert_eq!(s.selector, Some([("app".to_string(), "api".to_string())].into()));
+    // No action: Istio's default, ALLOW.
+    let e = convert_ap("p", json!({"rules": [{"colour": 1}]})).unwrap_err();
+    assert_eq!(stand_in(&e).map(|s| (s.action, s.rules.len(), s.selector)), Some((crate::state::AuthzAction::Allow, 0, None)));
     let e = convert_ap("p", json!({"action": "DENY", "selector": {"matchLabels": {"app": "api"}}, "rules": [{"from": "ops"}]})).unwrap_err();
     assert!(e.message.starts_with("spec.rules[0].from: invalid type"), "{e}");
     let s = stand_in(&e).unwrap();
