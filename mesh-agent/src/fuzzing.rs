@@ -100,6 +100,8 @@ pub fn localfile(text: &str) {
         // What was accepted is usable: resolving and authorizing over it
         // must not panic either.
         let _ = crate::policy::Authorizer::from_state(&state);
+        // Routes, Istio's resolved against the services included.
+        let _ = crate::route::RouteTable::from_state(&state);
         for pod in state.pods.values() {
             let _ = state.peer_auth_mode(&pod.key, 8080);
         }

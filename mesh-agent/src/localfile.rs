@@ -262,6 +262,9 @@ struct ObjectMetadata {
     namespace: String,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+    /// RFC 3339; orders VirtualServices of one host (oldest first).
+    #[serde(default)]
+    creation_timestamp: Option<String>,
 }
 
 fn object(path: &Path, document: usize, v: &serde_yaml::Value) -> Result<Object, Error> {
@@ -283,7 +286,12 @@ fn object(path: &Path, document: usize, v: &serde_yaml::Value) -> Result<Object,
     for (field, value) in [("metadata.name", &env.metadata.name), ("metadata.namespace", &env.metadata.namespace)] {
         check_dns_label(field, value).map_err(|r| fail(format!("{field}: {r}")))?;
     }
-    let meta = crate::objects::Meta { name: &env.metadata.name, namespace: &env.metadata.namespace, annotations: &env.metadata.annotations };
+    let meta = crate::objects::Meta {
+        name: &env.metadata.name,
+        namespace: &env.metadata.namespace,
+        annotations: &env.metadata.annotations,
+        created: env.metadata.creation_timestamp.as_deref(),
+    };
     let value = kind.convert(&meta, &env.spec).map_err(|r| fail(r.message))?;
     Ok(Object { document, kind: kind.kind, namespace: env.metadata.namespace, name: env.metadata.name, value })
 }
@@ -479,6 +487,8 @@ fn build(path: &Path, file: File, istio: Vec<Object>, gateway: objects::Objects,
     }
 
     let mut authorization_policies = file.authorization_policies;
+    let (mut vs_keys, mut dr_keys) = (HashSet::new(), HashSet::new());
+    let (mut virtual_services, mut destination_rules) = (Vec::new(), Vec::new());
     for o in istio {
         let fail = |message: String| Error::Object {
             file: path.to_owned(),
@@ -493,6 +503,8 @@ fn build(path: &Path, file: File, istio: Vec<Object>, gateway: objects::Objects,
         let keys = match o.value {
             crate::objects::Converted::AuthorizationPolicy(_) => &mut authz_keys,
             crate::objects::Converted::PeerAuthentication(_) => &mut pa_keys,
+            crate::objects::Converted::VirtualService(_) => &mut vs_keys,
+            crate::objects::Converted::DestinationRule(_) => &mut dr_keys,
         };
         if !keys.insert((o.namespace.clone(), o.name.clone())) {
             return Err(fail(format!("metadata.name: {} {}/{} is declared twice", o.kind, o.namespace, o.name)));
@@ -500,6 +512,8 @@ fn build(path: &Path, file: File, istio: Vec<Object>, gateway: objects::Objects,
         match o.value {
             crate::objects::Converted::AuthorizationPolicy(p) => authorization_policies.push(p),
             crate::objects::Converted::PeerAuthentication(p) => peer_auths.push(p),
+            crate::objects::Converted::VirtualService(v) => virtual_services.push(v),
+            crate::objects::Converted::DestinationRule(d) => destination_rules.push(d),
         }
     }
 
@@ -533,6 +547,7 @@ fn build(path: &Path, file: File, istio: Vec<Object>, gateway: objects::Objects,
         .with_peer_authentications(peer_auths)
         .with_authorization_policies(authorization_policies)
         .with_routes(routes)
+        .with_istio_traffic(virtual_services, destination_rules)
         .with_scope(scope.clone()))
 }
 

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use crate::state;
 
 pub mod istio;
+pub mod istio_traffic;
 
 #[cfg(test)]
 mod schema_tests;
@@ -29,6 +30,8 @@ pub struct Meta<'a> {
     pub name: &'a str,
     pub namespace: &'a str,
     pub annotations: &'a BTreeMap<String, String>,
+    /// `metadata.creationTimestamp` (RFC 3339), where precedence goes by age.
+    pub created: Option<&'a str>,
 }
 
 /// The state value an object becomes.
@@ -36,6 +39,8 @@ pub struct Meta<'a> {
 pub enum Converted {
     AuthorizationPolicy(state::AuthorizationPolicy),
     PeerAuthentication(state::PeerAuthentication),
+    VirtualService(state::traffic::VirtualService),
+    DestinationRule(state::traffic::DestinationRule),
 }
 
 /// Why an object is refused. `message` names the field from the object's
@@ -91,6 +96,9 @@ pub const KINDS: &[Kind] = &[
     // v1beta1 has the same schema as v1 (Istio serves both).
     Kind { group: istio::SECURITY_GROUP, versions: &["v1", "v1beta1"], kind: "AuthorizationPolicy", convert: istio::authorization_policy },
     Kind { group: istio::SECURITY_GROUP, versions: &["v1", "v1beta1"], kind: "PeerAuthentication", convert: istio::peer_authentication },
+    // v1alpha3 and v1beta1 have the same schema as v1 (Istio serves all three).
+    Kind { group: istio_traffic::NETWORKING_GROUP, versions: &["v1", "v1beta1", "v1alpha3"], kind: "VirtualService", convert: istio_traffic::virtual_service },
+    Kind { group: istio_traffic::NETWORKING_GROUP, versions: &["v1", "v1beta1", "v1alpha3"], kind: "DestinationRule", convert: istio_traffic::destination_rule },
 ];
 
 /// The kind an object's `apiVersion` and `kind` name, or why none.

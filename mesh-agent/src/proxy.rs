@@ -348,7 +348,29 @@ impl Proxy {
                 p.prune();
             }
         });
+        // Each new snapshot's policies and routes are compiled on a
+        // blocking thread, not by the data path's first connection.
+        let weak = Arc::downgrade(&proxy);
+        let mut state = proxy.inputs.state.clone();
+        proxy.inputs.runtime.spawn(async move {
+            loop {
+                let snapshot = state.borrow_and_update().clone();
+                let Some(p) = weak.upgrade() else { return };
+                let _ = tokio::task::spawn_blocking(move || p.warm(&snapshot)).await;
+                if state.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         proxy
+    }
+
+    /// Compiles `snapshot`'s authorization policies and routes ahead of the
+    /// data path, unless a newer snapshot (or a connection) got there first.
+    fn warm(&self, snapshot: &Snapshot) {
+        let current = || Arc::ptr_eq(&*self.inputs.state.borrow(), snapshot);
+        self.inbound.authz.warm(snapshot, current);
+        self.outbound.routes.warm(snapshot, current);
     }
 
     /// Opens the pod's listeners in its namespace and starts serving them on

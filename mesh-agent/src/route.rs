@@ -12,7 +12,7 @@
 //!                              req = RequestView { method, path: path.path(), query, headers, client_namespace, port }
 //!                              sel = routes.select(ns, name, &req, rand_below_100)
 //!   NoRoute:                   no route or no rule matched: any endpoint, default_retry_policy(), no timeout
-//!   Unmatched:                 Gateway API routes attached, no rule matched: 404
+//!   Unmatched:                 Gateway API routes attached (or an Istio VirtualService), no rule matched: 404
 //!   Rule(sel):                 sel.rule.filters (redirect: answer; mirror, rewrite, headers), then
 //!                              endpoints = the backend's service (sel.backend.service, else this one)
 //!                              filtered by sel.backend.selects(&pod.labels); no backend or an invalid one: 500
@@ -136,6 +136,7 @@
 //!   invalid route rejects the whole edit: the previous state keeps serving.
 
 pub mod gateway;
+pub mod istio;
 mod table;
 mod validate;
 

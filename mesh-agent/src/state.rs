@@ -15,6 +15,7 @@ use std::{
 use serde::Serialize;
 
 pub mod route;
+pub mod traffic;
 
 /// The default enrollment label (`--enrollment-label`): on a namespace, with
 /// the value [`DATAPLANE_MODE_ENABLED`], it puts the namespace's pods in the
@@ -438,6 +439,12 @@ pub struct MeshState {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// HTTP routes, in config order; semantics in [`crate::route`].
     pub routes: Vec<route::HttpRoute>,
+    /// Istio `VirtualService`s, resolved into routes by [`crate::route::istio`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub virtual_services: Vec<traffic::VirtualService>,
+    /// Istio `DestinationRule`s: subsets and service-level policies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destination_rules: Vec<traffic::DestinationRule>,
     /// The label that enrolls a namespace (`--enrollment-label`).
     pub enrollment_label: Enrollment,
     /// The cluster its pods are in, as metrics name it (`--cluster-id`).
@@ -478,6 +485,8 @@ impl MeshState {
             peer_authentications: Vec::new(),
             authorization_policies: Vec::new(),
             routes: Vec::new(),
+            virtual_services: Vec::new(),
+            destination_rules: Vec::new(),
             enrollment_label: Enrollment::default(),
             cluster_id: DEFAULT_CLUSTER_ID.into(),
             root_namespace: DEFAULT_ROOT_NAMESPACE.into(),
@@ -497,6 +506,12 @@ impl MeshState {
 
     pub fn with_routes(mut self, routes: Vec<route::HttpRoute>) -> Self {
         self.routes = routes;
+        self
+    }
+
+    pub fn with_istio_traffic(mut self, virtual_services: Vec<traffic::VirtualService>, destination_rules: Vec<traffic::DestinationRule>) -> Self {
+        self.virtual_services = virtual_services;
+        self.destination_rules = destination_rules;
         self
     }
 

@@ -324,7 +324,11 @@ impl Cluster {
     pub fn apply_file(&self, path: &Path) -> Result<Vec<(String, String, String)>> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut out = Vec::new();
-        for obj in docs(&text)? {
+        for mut obj in docs(&text)? {
+            // As `kubectl apply` in the `default` namespace.
+            if obj["metadata"]["namespace"].as_str().is_none_or(str::is_empty) {
+                obj["metadata"]["namespace"] = "default".into();
+            }
             let id = (
                 obj["kind"].as_str().unwrap_or_default().to_owned(),
                 obj["metadata"]["namespace"].as_str().unwrap_or("default").to_owned(),

@@ -54,6 +54,8 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
     ("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices", true),
     ("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies", true),
     ("PeerAuthentication", "security.istio.io", "v1", "peerauthentications", true),
+    ("VirtualService", "networking.istio.io", "v1", "virtualservices", true),
+    ("DestinationRule", "networking.istio.io", "v1", "destinationrules", true),
     ("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes", true),
     ("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes", true),
 ];

@@ -439,6 +439,53 @@ async fn invalid_mesh_objects_are_reported_and_never_change_enforcement() {
     until_condition(&api, "AuthorizationPolicy", "deny-admin", "True", 3).await;
 }
 
+/// Istio's traffic kinds from the cluster: an accepted VirtualService and
+/// DestinationRule say so; an edit the mesh cannot apply is refused with
+/// the field named and the earlier version stays in force; a new object
+/// that cannot be read is left out; a valid edit applies again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_traffic_objects_are_judged_and_a_refused_edit_keeps_the_last_good_version() {
+    const NET: &str = "networking.istio.io/v1";
+    let api = ApiServer::start().await.unwrap();
+    api.apply(&namespace("shop", &[ENROLL])).unwrap();
+    let vs = |http: Value| {
+        json!({"apiVersion": NET, "kind": "VirtualService", "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"hosts": ["web"], "http": http}})
+    };
+    let route_v1 = json!([{"route": [{"destination": {"host": "web", "subset": "v1"}}]}]);
+    api.apply_json(vs(route_v1.clone())).unwrap();
+    api.apply_json(json!({"apiVersion": NET, "kind": "DestinationRule", "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"host": "web", "subsets": [{"name": "v1", "labels": {"version": "v1"}}],
+                 "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 5}}}}}))
+    .unwrap();
+    let mut agent = start_agent(&api, "node-a");
+    let good = agent.until("the VirtualService and DestinationRule", |s| s.virtual_services.len() == 1 && s.destination_rules.len() == 1).await;
+    until_condition(&api, "VirtualService", "web", "True", 1).await;
+    until_condition(&api, "DestinationRule", "web", "True", 1).await;
+
+    // An unsupported field: refused, named, the previous version in force.
+    api.apply_json(vs(json!([{"corsPolicy": {"allowOrigins": [{"exact": "x"}]}, "route": [{"destination": {"host": "web", "subset": "v2"}}]}]))).unwrap();
+    let c = until_condition(&api, "VirtualService", "web", "False", 2).await;
+    assert_eq!(c["reason"], "Unsupported");
+    assert!(c["message"].as_str().unwrap().starts_with("spec.http[0].corsPolicy"), "{c}");
+    assert_eq!(agent.state.borrow().virtual_services, good.virtual_services, "the refused edit changed nothing");
+    // An invalid value in a new object: refused, left out.
+    api.apply_json(json!({"apiVersion": NET, "kind": "DestinationRule", "metadata": {"name": "bad", "namespace": "shop"},
+        "spec": {"host": "api", "trafficPolicy": {"outlierDetection": {"baseEjectionTime": "soon"}}}}))
+    .unwrap();
+    let c = until_condition(&api, "DestinationRule", "bad", "False", 1).await;
+    assert_eq!(c["reason"], "Invalid");
+    assert!(c["message"].as_str().unwrap().starts_with("spec.trafficPolicy.outlierDetection.baseEjectionTime"), "{c}");
+    assert_eq!(agent.state.borrow().destination_rules, good.destination_rules);
+    let refused = agent.stats.view().refused;
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+
+    // A valid edit applies again.
+    api.apply_json(vs(json!([{"timeout": "2s", "route": [{"destination": {"host": "web", "subset": "v1"}}]}]))).unwrap();
+    agent.until("the fixed VirtualService", |s| s.virtual_services.first().is_some_and(|v| v.rules[0].timeout.is_some())).await;
+    until_condition(&api, "VirtualService", "web", "True", 3).await;
+}
+
 /// Refusing a DENY would open what it denies: a new DENY that cannot be
 /// used stands as a DENY of everything it selects, a DENY with an
 /// unsupported field is enforced without it, and a STRICT peer

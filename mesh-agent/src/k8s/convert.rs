@@ -201,8 +201,13 @@ fn istio_object<T>(
 ) -> Result<T, Rejected<T>> {
     let (name, namespace) = name_and_namespace(meta);
     let annotations = meta.annotations.clone().unwrap_or_default();
-    let k = objects::find(&format!("{}/{}", objects::istio::SECURITY_GROUP, super::istio::VERSION), kind).expect("a kind of the table");
-    let m = objects::Meta { name: &name, namespace: &namespace, annotations: &annotations };
+    let group = match kind {
+        "VirtualService" | "DestinationRule" => objects::istio_traffic::NETWORKING_GROUP,
+        _ => objects::istio::SECURITY_GROUP,
+    };
+    let k = objects::find(&format!("{group}/{}", super::istio::VERSION), kind).expect("a kind of the table");
+    let created = meta.creation_timestamp.as_ref().map(|t| t.0.to_string());
+    let m = objects::Meta { name: &name, namespace: &namespace, annotations: &annotations, created: created.as_deref() };
     k.convert(&m, spec).map(|c| pick(c).expect("the kind converts to its own value")).map_err(|r| Rejected {
         refused: Refused { reason: r.reason, message: r.message },
         stand_in: r.stand_in.and_then(|c| pick(*c)).map(Box::new),
@@ -212,6 +217,20 @@ fn istio_object<T>(
 pub fn authorization_policy(obj: &super::istio::AuthorizationPolicy) -> Result<state::AuthorizationPolicy, Rejected<state::AuthorizationPolicy>> {
     istio_object("AuthorizationPolicy", &obj.metadata, &obj.spec, |c| match c {
         objects::Converted::AuthorizationPolicy(p) => Some(p),
+        _ => None,
+    })
+}
+
+pub fn virtual_service(obj: &super::istio::VirtualService) -> Result<state::traffic::VirtualService, Rejected<state::traffic::VirtualService>> {
+    istio_object("VirtualService", &obj.metadata, &obj.spec, |c| match c {
+        objects::Converted::VirtualService(v) => Some(v),
+        _ => None,
+    })
+}
+
+pub fn destination_rule(obj: &super::istio::DestinationRule) -> Result<state::traffic::DestinationRule, Rejected<state::traffic::DestinationRule>> {
+    istio_object("DestinationRule", &obj.metadata, &obj.spec, |c| match c {
+        objects::Converted::DestinationRule(d) => Some(d),
         _ => None,
     })
 }

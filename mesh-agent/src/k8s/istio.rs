@@ -1,4 +1,4 @@
-//! Istio's `security.istio.io/v1` kinds as the watchers store them: the
+//! Istio's `security.istio.io/v1` and `networking.istio.io/v1` kinds as the watchers store them: the
 //! metadata, and the spec as raw JSON so that an object that does not read
 //! (an unknown field, a wrong type) is still stored and judged by
 //! [`crate::objects`], which can then fail closed on it. The cluster's CRDs
@@ -10,13 +10,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::{Deserialize, Serialize};
 
-use crate::objects::istio::SECURITY_GROUP;
+use crate::objects::{istio::SECURITY_GROUP, istio_traffic::NETWORKING_GROUP};
 
 /// The version watched (v1beta1 objects are served as v1 by the API).
 pub const VERSION: &str = "v1";
 
 macro_rules! istio_kind {
-    ($ty:ident, $kind:literal, $plural:literal) => {
+    ($ty:ident, $group:ident, $kind:literal, $plural:literal) => {
         #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
         pub struct $ty {
             pub metadata: ObjectMeta,
@@ -33,7 +33,7 @@ macro_rules! istio_kind {
                 $kind.into()
             }
             fn group(_: &()) -> Cow<'_, str> {
-                SECURITY_GROUP.into()
+                $group.into()
             }
             fn version(_: &()) -> Cow<'_, str> {
                 VERSION.into()
@@ -51,5 +51,7 @@ macro_rules! istio_kind {
     };
 }
 
-istio_kind!(AuthorizationPolicy, "AuthorizationPolicy", "authorizationpolicies");
-istio_kind!(PeerAuthentication, "PeerAuthentication", "peerauthentications");
+istio_kind!(AuthorizationPolicy, SECURITY_GROUP, "AuthorizationPolicy", "authorizationpolicies");
+istio_kind!(PeerAuthentication, SECURITY_GROUP, "PeerAuthentication", "peerauthentications");
+istio_kind!(VirtualService, NETWORKING_GROUP, "VirtualService", "virtualservices");
+istio_kind!(DestinationRule, NETWORKING_GROUP, "DestinationRule", "destinationrules");

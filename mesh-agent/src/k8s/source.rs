@@ -162,6 +162,8 @@ const SERVICES: Input = Input { name: "services", group: "", resource: "services
 const SLICES: Input = Input { name: "endpointslices", group: "discovery.k8s.io", resource: "endpointslices" };
 const AUTHZ: Input = Input { name: "authorizationpolicies", group: crate::objects::istio::SECURITY_GROUP, resource: "authorizationpolicies" };
 const PEER_AUTH: Input = Input { name: "peerauthentications", group: crate::objects::istio::SECURITY_GROUP, resource: "peerauthentications" };
+const VIRTUAL_SERVICES: Input = Input { name: "virtualservices", group: crate::objects::istio_traffic::NETWORKING_GROUP, resource: "virtualservices" };
+const DESTINATION_RULES: Input = Input { name: "destinationrules", group: crate::objects::istio_traffic::NETWORKING_GROUP, resource: "destinationrules" };
 const HTTP_ROUTES: Input = Input { name: "httproutes", group: crate::route::gateway::api::GROUP, resource: "httproutes" };
 const GRPC_ROUTES: Input = Input { name: "grpcroutes", group: crate::route::gateway::api::GROUP, resource: "grpcroutes" };
 
@@ -169,7 +171,7 @@ const GRPC_ROUTES: Input = Input { name: "grpcroutes", group: crate::route::gate
 /// without [`Options::pods_only`].
 pub fn watch_permissions(pods_only: bool) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
-    let inputs: &[Input] = if pods_only { &[NAMESPACES, PODS] } else { &[NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, HTTP_ROUTES, GRPC_ROUTES] };
+    let inputs: &[Input] = if pods_only { &[NAMESPACES, PODS] } else { &[NAMESPACES, PODS, SERVICES, SLICES, AUTHZ, PEER_AUTH, VIRTUAL_SERVICES, DESTINATION_RULES, HTTP_ROUTES, GRPC_ROUTES] };
     for i in inputs {
         for verb in ["list", "watch"] {
             out.push((i.group.to_owned(), i.resource.to_owned(), verb.to_owned()));
@@ -180,7 +182,7 @@ pub fn watch_permissions(pods_only: bool) -> Vec<(String, String, String)> {
 
 /// What reporting the mesh objects' status takes (`write_status`).
 pub fn status_permissions() -> Vec<(String, String, String)> {
-    [AUTHZ, PEER_AUTH, HTTP_ROUTES, GRPC_ROUTES]
+    [AUTHZ, PEER_AUTH, VIRTUAL_SERVICES, DESTINATION_RULES, HTTP_ROUTES, GRPC_ROUTES]
         .iter()
         .map(|i| (i.group.to_owned(), format!("{}/status", i.resource), "patch".to_owned()))
         .collect()
@@ -256,6 +258,8 @@ pub fn start(client: Client, opts: Options) -> (watch::Receiver<Snapshot>, Arc<S
         slices: (!opts.pods_only).then(|| input!(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), SLICES)),
         authz: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), AUTHZ)),
         peer_auth: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), PEER_AUTH)),
+        virtual_services: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), VIRTUAL_SERVICES)),
+        destination_rules: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), DESTINATION_RULES)),
         http_routes: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), HTTP_ROUTES)),
         grpc_routes: (!opts.pods_only).then(|| optional!(Api::all(client.clone()), GRPC_ROUTES)),
     };
@@ -398,6 +402,16 @@ impl Slim for istio::PeerAuthentication {
         self.metadata.managed_fields = None;
     }
 }
+impl Slim for istio::VirtualService {
+    fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+impl Slim for istio::DestinationRule {
+    fn slim(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
 
 /// An optional input: its store, and whether its resource is absent.
 type Optional<K> = (Store<K>, watch::Receiver<bool>);
@@ -410,6 +424,8 @@ struct Stores {
     slices: Option<Store<EndpointSlice>>,
     authz: Option<Optional<istio::AuthorizationPolicy>>,
     peer_auth: Option<Optional<istio::PeerAuthentication>>,
+    virtual_services: Option<Optional<istio::VirtualService>>,
+    destination_rules: Option<Optional<istio::DestinationRule>>,
     http_routes: Option<Optional<DeserializeGuard<gateway::HttpRoute>>>,
     grpc_routes: Option<Optional<DeserializeGuard<gateway::GrpcRoute>>>,
 }
@@ -463,6 +479,8 @@ impl Stores {
         ready(&self.slices).await;
         optional_ready(&self.authz).await;
         optional_ready(&self.peer_auth).await;
+        optional_ready(&self.virtual_services).await;
+        optional_ready(&self.destination_rules).await;
         optional_ready(&self.http_routes).await;
         optional_ready(&self.grpc_routes).await;
     }
@@ -542,10 +560,11 @@ async fn build_loop(
     tracing::info!("kubernetes inputs listed; building the mesh state");
     let mut authz = LastValid::default();
     let mut peer_auth = LastValid::default();
+    let mut traffic = (LastValid::default(), LastValid::default());
     let mut routes = RouteMemory::new();
     let statuses = status::Writer::new(client.clone(), opts.write_status);
     loop {
-        let built = build(&opts, &stores, &mut authz, &mut peer_auth, &mut routes);
+        let built = build(&opts, &stores, &mut authz, &mut peer_auth, &mut traffic, &mut routes);
         let unlocated = !built.unlocated.is_empty();
         stats.update(|s| {
             s.refused = built
@@ -601,6 +620,7 @@ fn build(
     stores: &Stores,
     authz: &mut LastValid<state::AuthorizationPolicy>,
     peer_auth: &mut LastValid<state::PeerAuthentication>,
+    traffic: &mut (LastValid<state::traffic::VirtualService>, LastValid<state::traffic::DestinationRule>),
     routes: &mut RouteMemory,
 ) -> Built {
     let namespaces: Vec<_> = stores.namespaces.state().iter().filter_map(|n| convert::namespace(n)).collect();
@@ -646,12 +666,18 @@ fn build(
 
     let a = authz.judge("AuthorizationPolicy", optional_objects(&stores.authz), |o| (o.metadata.clone(), convert::authorization_policy(o)));
     let p = peer_auth.judge("PeerAuthentication", optional_objects(&stores.peer_auth), |o| (o.metadata.clone(), convert::peer_authentication(o)));
+    let vs = traffic.0.judge("VirtualService", optional_objects(&stores.virtual_services), |o| (o.metadata.clone(), convert::virtual_service(o)));
+    let dr = traffic.1.judge("DestinationRule", optional_objects(&stores.destination_rules), |o| (o.metadata.clone(), convert::destination_rule(o)));
     let (mut in_force, route_status, route_refusals) = gateway_routes(stores, routes, &services);
     let mut authz_in_force = a.in_force;
     authz_in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
     let mut peer_in_force = p.in_force;
     peer_in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
     in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+    let mut vs_in_force = vs.in_force;
+    vs_in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+    let mut dr_in_force = dr.in_force;
+    dr_in_force.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
 
     let state = MeshState::new(
         opts.trust_domain.clone(),
@@ -663,9 +689,12 @@ fn build(
     .with_peer_authentications(peer_in_force)
     .with_authorization_policies(authz_in_force)
     .with_routes(in_force)
+    .with_istio_traffic(vs_in_force, dr_in_force)
     .with_scope(opts.scope.clone());
     let mut verdicts = a.verdicts;
     verdicts.extend(p.verdicts);
+    verdicts.extend(vs.verdicts);
+    verdicts.extend(dr.verdicts);
     Built { state, verdicts, unlocated, route_status, route_refusals }
 }
 

@@ -111,8 +111,11 @@ async fn patch(client: Client, v: Verdict, status: &'static str, reason: &'stati
     let pp = PatchParams::default();
     let patch = Patch::Merge(&body);
     let istio = crate::objects::istio::SECURITY_GROUP;
+    let networking = crate::objects::istio_traffic::NETWORKING_GROUP;
     let (group, resource, result) = match v.kind {
         "AuthorizationPolicy" => (istio, "authorizationpolicies", Api::<istio::AuthorizationPolicy>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
+        "VirtualService" => (networking, "virtualservices", Api::<istio::VirtualService>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
+        "DestinationRule" => (networking, "destinationrules", Api::<istio::DestinationRule>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
         _ => (istio, "peerauthentications", Api::<istio::PeerAuthentication>::namespaced(client, &ns).patch_status(&name, &pp, &patch).await.map(|_| ())),
     };
     match result {

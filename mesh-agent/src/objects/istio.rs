@@ -186,7 +186,7 @@ struct Condition {
 
 /// Reads a spec with the path of a bad field in the message
 /// (`spec.rules[0].to[0].operation.ports[0]: invalid type ...`).
-fn read<T: serde::de::DeserializeOwned + Default>(spec: &Value) -> Result<T, Refused> {
+pub(super) fn read<T: serde::de::DeserializeOwned + Default>(spec: &Value) -> Result<T, Refused> {
     if spec.is_null() {
         return Ok(T::default());
     }

@@ -22,13 +22,13 @@ fn yaml_docs(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// `(kind, version) -> openAPIV3Schema` of Istio's security CRDs.
+/// `(kind, version) -> openAPIV3Schema` of Istio's security and networking CRDs.
 fn istio_schema(kind: &str) -> Value {
     let path = root().join("../shared/apis/istio/customresourcedefinitions.gen.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (Istio's CRDs, beside the repository)", path.display()));
     let crd = yaml_docs(&text)
         .into_iter()
-        .find(|d| d["spec"]["group"] == "security.istio.io" && d["spec"]["names"]["kind"] == kind)
+        .find(|d| matches!(d["spec"]["group"].as_str(), Some("security.istio.io" | "networking.istio.io")) && d["spec"]["names"]["kind"] == kind)
         .unwrap_or_else(|| panic!("no {kind} CRD"));
     let v1 = crd["spec"]["versions"].as_array().unwrap().iter().find(|v| v["name"] == "v1").expect("v1").clone();
     v1["schema"]["openAPIV3Schema"].clone()
@@ -88,12 +88,13 @@ fn errors(obj: &Value) -> Vec<String> {
     errors
 }
 
-/// The documents of `text` that are Istio security objects.
+/// The documents of `text` that are Istio security or networking objects.
 fn istio_objects(text: &str) -> Vec<Value> {
-    if !text.contains("apiVersion: security.istio.io/") {
+    if !text.contains("apiVersion: security.istio.io/") && !text.contains("apiVersion: networking.istio.io/") {
         return Vec::new(); // not YAML of ours (e.g. a test's Python app)
     }
-    yaml_docs(text).into_iter().filter(|d| d["apiVersion"].as_str().is_some_and(|a| a.starts_with("security.istio.io/"))).collect()
+    let istio = |a: &str| a.starts_with("security.istio.io/") || a.starts_with("networking.istio.io/");
+    yaml_docs(text).into_iter().filter(|d| d["apiVersion"].as_str().is_some_and(istio)).collect()
 }
 
 #[test]
@@ -128,14 +129,27 @@ fn the_examples_we_apply_are_istio_objects() {
         let yaml = raw.split("\"#").next().unwrap();
         objects.extend(istio_objects(yaml));
     }
-    assert!(objects.len() >= 6, "found only {} objects", objects.len());
+    // Istio's traffic task files, applied unchanged by tests/tests/istio_traffic.rs.
+    let tasks = root().join("tests/istio-tasks");
+    let mut traffic = 0;
+    for entry in std::fs::read_dir(&tasks).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let found = istio_objects(&std::fs::read_to_string(&path).unwrap());
+            traffic += found.len();
+            objects.extend(found);
+        }
+    }
+    assert!(traffic >= 15, "found only {traffic} traffic objects in {}", tasks.display());
+    assert!(objects.len() >= 21, "found only {} objects", objects.len());
     for obj in &objects {
         let e = errors(obj);
         assert!(e.is_empty(), "{}: {e:?}", obj["metadata"]["name"]);
         // And the mesh accepts each as written.
         let kind = super::find(obj["apiVersion"].as_str().unwrap(), obj["kind"].as_str().unwrap()).unwrap();
         let annotations = Default::default();
-        let meta = super::Meta { name: obj["metadata"]["name"].as_str().unwrap(), namespace: obj["metadata"]["namespace"].as_str().unwrap(), annotations: &annotations };
+        // Istio's samples name no namespace (`kubectl apply -n`).
+        let meta = super::Meta { name: obj["metadata"]["name"].as_str().unwrap(), namespace: obj["metadata"]["namespace"].as_str().unwrap_or("default"), annotations: &annotations, created: None };
         kind.convert(&meta, &obj["spec"]).unwrap_or_else(|e| panic!("{}: {e}", meta.name));
     }
 }

@@ -16,7 +16,7 @@ use crate::{
 };
 
 fn meta<'a>(name: &'a str, namespace: &'a str, annotations: &'a BTreeMap<String, String>) -> Meta<'a> {
-    Meta { name, namespace, annotations }
+    Meta { name, namespace, annotations, created: None }
 }
 
 /// An Istio AuthorizationPolicy `shop/NAME` with `spec`, converted.

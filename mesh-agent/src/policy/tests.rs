@@ -72,7 +72,7 @@ fn through_istio(p: &AuthorizationPolicy) -> AuthorizationPolicy {
     let spec = json!({"selector": p.selector.as_ref().map(|s| json!({"matchLabels": s})), "action": action, "rules": rules});
     let annotations: std::collections::BTreeMap<String, String> =
         [(crate::objects::IGNORE_PATH_CASE_ANNOTATION.to_string(), p.ignore_path_case.to_string())].into();
-    let meta = crate::objects::Meta { name: &p.name, namespace: &p.namespace, annotations: &annotations };
+    let meta = crate::objects::Meta { name: &p.name, namespace: &p.namespace, annotations: &annotations, created: None };
     let kind = crate::objects::find("security.istio.io/v1", "AuthorizationPolicy").unwrap();
     match kind.convert(&meta, &spec) {
         Ok(crate::objects::Converted::AuthorizationPolicy(q)) => {

@@ -101,6 +101,14 @@ impl Drop for InUse<'_> {
     }
 }
 
+/// How [`Balancer::pick_as`] chooses among the healthy candidates.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    LeastOfTwo,
+    InTurn(&'a AtomicU64),
+    Random,
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointView {
@@ -120,9 +128,30 @@ impl Balancer {
         z ^ (z >> 31)
     }
 
+    /// A draw that falls in a share of `per_million` (mirrors, faults).
+    pub fn chance(&self, per_million: u32) -> bool {
+        self.random() % 1_000_000 < u64::from(per_million)
+    }
+
     /// Picks one of `candidates` not in `exclude` (already tried), or None:
     /// least requests of two, or in turn with a round-robin `cursor`.
     pub fn pick<'a>(&'a self, candidates: &[Destination], exclude: &[SocketAddr], cursor: Option<&AtomicU64>) -> Option<(Destination, InUse<'a>)> {
+        self.pick_as(candidates, exclude, cursor.map_or(Mode::LeastOfTwo, Mode::InTurn))
+    }
+
+    /// [`Self::pick`] as a service's load balancer setting says: round
+    /// robin over `cursor`, uniformly at random, or least requests of two.
+    pub fn pick_by<'a>(&'a self, candidates: &[Destination], exclude: &[SocketAddr], lb: crate::route::LoadBalancer, cursor: &AtomicU64) -> Option<(Destination, InUse<'a>)> {
+        use crate::route::LoadBalancer as Lb;
+        let mode = match lb {
+            Lb::LeastRequest => Mode::LeastOfTwo,
+            Lb::RoundRobin => Mode::InTurn(cursor),
+            Lb::Random => Mode::Random,
+        };
+        self.pick_as(candidates, exclude, mode)
+    }
+
+    fn pick_as<'a>(&'a self, candidates: &[Destination], exclude: &[SocketAddr], mode: Mode<'_>) -> Option<(Destination, InUse<'a>)> {
         let mut eps = self.endpoints.lock().expect("poisoned");
         let now = Instant::now();
         let open: Vec<&Destination> = candidates.iter().filter(|d| !exclude.contains(&d.addr())).collect();
@@ -137,8 +166,10 @@ impl Balancer {
         let pool = if healthy.is_empty() { open } else { healthy };
         let chosen = if pool.len() == 1 {
             pool[0]
-        } else if let Some(c) = cursor {
+        } else if let Mode::InTurn(c) = mode {
             pool[(c.fetch_add(1, Ordering::Relaxed) % pool.len() as u64) as usize]
+        } else if let Mode::Random = mode {
+            pool[(self.random() % pool.len() as u64) as usize]
         } else {
             let n = pool.len() as u64;
             let a = (self.random() % n) as usize;

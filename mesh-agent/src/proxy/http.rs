@@ -87,18 +87,7 @@ where
     S: HttpService,
 {
     let drain = DrainHttp::default();
-    let svc_drain = drain.clone();
-    let svc_draining = draining.clone();
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let mut stack = stack.clone();
-        let drain = svc_drain.clone();
-        let draining = svc_draining.clone();
-        async move {
-            let version = drain.saw(&req);
-            let res = stack.call(req).await?;
-            Ok::<_, Infallible>(drain.mark(&draining, version, res))
-        }
-    });
+    let svc = Serve { stack: std::cell::RefCell::new(stack), drain: Arc::new((drain.clone(), draining.clone())) };
     let server = http_server();
     let conn = server.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let result = super::until_drained(conn, draining, |c| {
@@ -110,6 +99,48 @@ where
     count_http_end(result, stats, at, side);
 }
 
+/// A connection's stack as hyper's service. hyper calls a service through
+/// `&self`, a stack's layers through `&mut self`: the stack sits in a
+/// `RefCell` instead of being cloned (every layer's `Arc`s) per request.
+/// It is borrowed only inside `call`, which returns a `'static` future
+/// without calling back into hyper, so no two borrows overlap.
+struct Serve<S> {
+    stack: std::cell::RefCell<S>,
+    /// The connection's drain state and the agent's draining token, shared
+    /// with each response's future (one reference count per request).
+    drain: Arc<(DrainHttp, CancellationToken)>,
+}
+
+impl<S: HttpService> hyper::service::Service<Request<Incoming>> for Serve<S> {
+    type Response = Response<RespBody>;
+    type Error = Infallible;
+    type Future = Marked;
+
+    fn call(&self, req: Request<Incoming>) -> Marked {
+        let version = self.drain.0.saw(&req);
+        let run = self.stack.borrow_mut().call(req);
+        Marked { run, version, drain: self.drain.clone() }
+    }
+}
+
+/// The stack's response, marked for draining ([`DrainHttp::mark`]) when it
+/// comes.
+struct Marked {
+    run: HttpFuture,
+    version: http::Version,
+    drain: Arc<(DrainHttp, CancellationToken)>,
+}
+
+impl Future for Marked {
+    type Output = Result<Response<RespBody>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let res = std::task::ready!(self.run.as_mut().poll(cx))?;
+        let (drain, draining) = &*self.drain;
+        std::task::Poll::Ready(Ok(drain.mark(draining, self.version, res)))
+    }
+}
+
 /// Puts a request in the form of the HTTP version the application speaks
 /// (RFC 9110 7.2, RFC 9113 8.3.1): to HTTP/1.1 an origin-form target and
 /// a `Host` header; to HTTP/2 scheme and `:authority` in the URI and no
@@ -117,27 +148,34 @@ where
 /// the address the request goes to). Hop-by-hop headers go first.
 pub(super) fn to_app_version(parts: &mut http::request::Parts, version: AppHttp, fallback: SocketAddr) {
     strip_hop_by_hop(&mut parts.headers);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
-        .unwrap_or_else(|| fallback.to_string());
     let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     match version {
         AppHttp::Http1 => {
-            if !parts.headers.contains_key(header::HOST)
-                && let Ok(v) = HeaderValue::from_str(&authority)
-            {
-                parts.headers.insert(header::HOST, v);
+            // A Host the client sent is kept; else the URI's authority,
+            // else the address (no copy of the authority on the way).
+            if !parts.headers.contains_key(header::HOST) {
+                let host = match parts.uri.authority() {
+                    Some(a) => HeaderValue::from_str(a.as_str()),
+                    None => HeaderValue::from_str(&fallback.to_string()),
+                };
+                if let Ok(v) = host {
+                    parts.headers.insert(header::HOST, v);
+                }
             }
             parts.uri = http::Uri::from(pq);
             parts.version = http::Version::HTTP_11;
         }
         AppHttp::Http2 => {
+            let authority = match parts.uri.authority() {
+                Some(a) => Some(a.clone()),
+                None => match parts.headers.get(header::HOST) {
+                    Some(h) => h.to_str().map_or_else(|_| fallback.to_string().parse().ok(), |h| h.parse().ok()),
+                    None => fallback.to_string().parse().ok(),
+                },
+            };
             let mut p = http::uri::Parts::default();
             p.scheme = Some(parts.uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP));
-            p.authority = authority.parse().ok();
+            p.authority = authority;
             p.path_and_query = Some(pq);
             if let Ok(uri) = http::Uri::from_parts(p) {
                 parts.uri = uri;
@@ -170,6 +208,11 @@ fn count_http_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>, 
 const HOP_BY_HOP: [&str; 7] = ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "proxy-authorization"];
 
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none of them (a `Connection` naming others is
+    // one of them): one pass over the names, not a lookup for each.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     let listed: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -52,6 +52,8 @@ struct Key {
 struct Idle<S> {
     sender: S,
     since: Instant,
+    /// Requests the connection has carried (`maxRequestsPerConnection`).
+    used: u32,
 }
 
 #[derive(Default)]
@@ -107,12 +109,13 @@ impl HttpClients {
         (self.h2.lock().expect("poisoned").len(), self.h1.lock().expect("poisoned").len())
     }
 
-    fn idle_h1(&self, key: &Key) -> Option<http1::SendRequest<ReqBody>> {
+    /// An idle HTTP/1.1 connection and the requests it has carried.
+    fn idle_h1(&self, key: &Key) -> Option<(http1::SendRequest<ReqBody>, u32)> {
         let mut h1 = self.h1.lock().expect("poisoned");
         let list = h1.get_mut(key)?;
         while let Some(c) = list.pop() {
             if c.sender.is_ready() {
-                return Some(c.sender);
+                return Some((c.sender, c.used));
             }
         }
         None
@@ -134,12 +137,20 @@ impl Outbound {
         let key = Key { src: pod.key.clone(), endpoint: dest.addr(), version };
         match version {
             AppHttp::Http2 => {
+                let spent = |used: u32| limits.max_requests_per_connection.is_some_and(|m| used >= m);
                 let existing = {
                     let mut h2 = self.http_clients.h2.lock().expect("poisoned");
                     match h2.get_mut(&key) {
                         Some(c) if !c.sender.is_closed() => {
                             c.since = Instant::now();
-                            Some(c.sender.clone())
+                            c.used += 1;
+                            let sender = c.sender.clone();
+                            // Its last request: new ones open another
+                            // connection; this one closes when it ends.
+                            if spent(c.used) {
+                                h2.remove(&key);
+                            }
+                            Some(sender)
                         }
                         _ => None,
                     }
@@ -148,11 +159,13 @@ impl Outbound {
                     Some(s) => s,
                     None => {
                         let s = self.connect_h2(pod, dest, svc, limits).await?;
-                        self.http_clients
-                            .h2
-                            .lock()
-                            .expect("poisoned")
-                            .insert(key, Idle { sender: s.clone(), since: Instant::now() });
+                        if !spent(1) {
+                            self.http_clients
+                                .h2
+                                .lock()
+                                .expect("poisoned")
+                                .insert(key, Idle { sender: s.clone(), since: Instant::now(), used: 1 });
+                        }
                         s
                     }
                 };
@@ -160,12 +173,18 @@ impl Outbound {
                 sender.send_request(req).await.map_err(reset)
             }
             AppHttp::Http1 => {
-                let mut sender = match self.http_clients.idle_h1(&key) {
+                let (mut sender, used) = match self.http_clients.idle_h1(&key) {
                     Some(s) => s,
                     None => self.connect_h1(pod, dest, svc, limits, &key).await?,
                 };
                 let res = sender.send_request(req).await.map_err(reset)?;
-                // Back to the idle list once the response has been read.
+                let used = used + 1;
+                // Back to the idle list once the response has been read,
+                // unless it has carried its share: dropped, it closes and
+                // frees its slot.
+                if limits.max_requests_per_connection.is_some_and(|m| used >= m) {
+                    return Ok(res);
+                }
                 let clients = self.clone();
                 let svc = svc.clone();
                 tokio::spawn(async move {
@@ -177,7 +196,7 @@ impl Outbound {
                             .expect("poisoned")
                             .entry(key)
                             .or_default()
-                            .push(Idle { sender, since: Instant::now() });
+                            .push(Idle { sender, since: Instant::now(), used });
                         svc.connection_freed.notify_waiters();
                     }
                 });
@@ -195,7 +214,7 @@ impl Outbound {
         svc: &Arc<ServiceState>,
         limits: &CircuitBreaker,
         key: &Key,
-    ) -> Result<http1::SendRequest<ReqBody>, TryError> {
+    ) -> Result<(http1::SendRequest<ReqBody>, u32), TryError> {
         let _pending = pending_request(svc, limits)?;
         loop {
             let freed = svc.connection_freed.notified();
@@ -211,7 +230,7 @@ impl Outbound {
                         tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
                     }
                 });
-                return Ok(sender);
+                return Ok((sender, 0));
             }
             freed.await;
         }

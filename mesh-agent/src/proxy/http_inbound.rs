@@ -164,8 +164,9 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Telemetry<S> {
         let (inbound, conn, series) = (self.inbound.clone(), self.conn.clone(), self.series.clone());
         Box::pin(async move {
             let inputs = &inbound.inputs;
-            let res = run.await?;
-            info.decision = res.extensions().get::<Decision>().map(|d| (d.0, d.1.clone()));
+            let mut res = run.await?;
+            // Taken, not copied: nothing after this layer reads it.
+            info.decision = res.extensions_mut().remove::<Decision>().map(|d| (d.0, d.1));
             let snapshot = inputs.state.borrow().clone();
             let code = res.status().as_u16();
             let flags = reply::flags(&res);

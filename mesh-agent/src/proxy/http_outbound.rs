@@ -9,6 +9,7 @@
 //! | [`Telemetry`] | client span, metrics, access log of what the client got |
 //! | [`CheckFrontDoor`] | 400 for ambiguous requests ([`super::http::validate`]) |
 //! | [`Route`] | the service's rule and weighted backend (a label subset of its endpoints, or another service's port); the rule's Gateway API filters ([`filters`]: header modifiers, rewrites, redirects answered here, mirrors); 400 for a target that cannot be normalized, 404 when Gateway API routes are attached and none matches, 500 for an invalid backend, 503 when the backend has no endpoint |
+//! | [`fault::Fault`] | Istio fault injection: a delay, or the fault's status answered here (`fault-abort`) |
 //! | [`CircuitBreaker`] | `maxRequests`, else 503 `overflow` at once |
 //! | [`upgrade::Upgrades`] | HTTP/1.1 `Upgrade` (WebSocket) sent once and joined |
 //! | [`Timeout`] | the rule's timeout until the response head: 504 |
@@ -55,6 +56,7 @@ use crate::{
 };
 
 mod endpoint;
+mod fault;
 mod filters;
 mod retry;
 mod upgrade;
@@ -80,6 +82,21 @@ impl RouteCache {
                 t
             }
         }
+    }
+
+    /// Compiles `snapshot`'s routes off the data path (see
+    /// [`super::authz::Cache::warm`]: the same rules).
+    pub(super) fn warm(&self, snapshot: &Snapshot, current: impl Fn() -> bool) -> bool {
+        if self.inner.lock().expect("poisoned").as_ref().is_some_and(|(s, _)| Arc::ptr_eq(s, snapshot)) {
+            return false;
+        }
+        let t = Arc::new(RouteTable::from_state(snapshot));
+        let mut inner = self.inner.lock().expect("poisoned");
+        if !current() || inner.as_ref().is_some_and(|(s, _)| Arc::ptr_eq(s, snapshot)) {
+            return false;
+        }
+        *inner = Some((snapshot.clone(), t));
+        true
     }
 }
 
@@ -118,6 +135,8 @@ struct Routed {
     timeout: Option<Duration>,
     /// The selected backend's endpoints (never empty).
     endpoints: Vec<Destination>,
+    /// The rule's Istio fault injection, if any ([`fault::Fault`]).
+    fault: Option<route::Fault>,
 }
 
 /// The endpoint that answered last, if any (a response extension, for
@@ -167,6 +186,10 @@ impl Outbound {
             .layer(CheckFrontDoor::layer(door, conn.pod.stats.clone(), "outbound"))
             // Decides the backend and the limits every layer below applies.
             .layer(Route::layer(self.clone(), conn.clone()))
+            // Before admission, as Envoy's fault filter sits before its
+            // router: an injected abort never counts against the limits, an
+            // injected delay is not part of the rule's timeout.
+            .layer(fault::Fault::layer(self.clone()))
             // Admission before any time is spent: a full service answers at once.
             .layer(CircuitBreaker::layer())
             // An upgrade leaves the request/response model: no timeout, no retry.
@@ -345,10 +368,10 @@ impl<S> Route<S> {
                 // Rule filters first, then the backend's (the spec's order).
                 let (norm, query) = (path.path().to_owned(), path.query().map(str::to_owned));
                 for f in sel.rule.filters.iter().chain(&backend.filters) {
-                    if let route::Filter::RequestMirror { backend: to, per_million } = f
-                        && (outbound.balancer.random() % 1_000_000) < u64::from(*per_million)
+                    if let route::Filter::RequestMirror { backend: to, per_million, subset } = f
+                        && outbound.balancer.chance(*per_million)
                     {
-                        outbound.mirror(conn, req, to);
+                        outbound.mirror(conn, req, to, subset.as_ref());
                     }
                 }
                 filters::apply_to_request(req, &sel.rule.filters, &norm, query.as_deref(), sel.matched_prefix);
@@ -364,7 +387,10 @@ impl<S> Route<S> {
                 }
             }
         };
-        let svc = outbound.services.get(ns, name);
+        // A DestinationRule's port or subset policy counts its limits apart.
+        let subset = selected.and_then(|s| s.backend).and_then(|b| b.subset_name.as_deref());
+        let (policy, key) = routes.policy_for(ns, name, conn.orig.port(), subset);
+        let svc = outbound.services.get(ns, key.unwrap_or(name));
         svc.requests.fetch_add(1, Ordering::Relaxed);
         if endpoints.is_empty() {
             svc.no_endpoint.fetch_add(1, Ordering::Relaxed);
@@ -375,7 +401,13 @@ impl<S> Route<S> {
             service,
             svc,
             route,
-            policy: routes.service_policy(ns, name).clone(),
+            policy: policy.clone(),
+            fault: selected.and_then(|s| {
+                s.rule.filters.iter().find_map(|f| match f {
+                    route::Filter::Fault(f) => Some(f.clone()),
+                    _ => None,
+                })
+            }),
             retry: selected.map_or_else(|| route::default_retry_policy().clone(), |s| s.retry.clone()),
             timeout: selected.and_then(|s| s.timeout),
             endpoints,

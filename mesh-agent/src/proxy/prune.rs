@@ -112,7 +112,9 @@ impl Proxy {
         let snapshot = self.inputs.state.borrow().clone();
         let live = Live::new(&snapshot);
         let endpoints = self.outbound.balancer.retain(|a| live.endpoint(a));
-        let services = self.outbound.services.retain(|ns, name| live.services.contains(&(ns, name)));
+        // An Istio port or subset override counts apart under `name:port/subset`
+        // (a service name has neither character).
+        let services = self.outbound.services.retain(|ns, name| live.services.contains(&(ns, name.split([':', '/']).next().unwrap_or(name))));
         self.outbound.http_clients.retain(|src, a| snapshot.pods.contains_key(src) && live.endpoint(a));
         let series = self.inputs.telemetry.metrics.prune(|l| live.series(l), series_idle, now);
         if endpoints + services + series > 0 {

@@ -70,10 +70,13 @@ pub enum ReplyKind {
     /// A Gateway API `RequestRedirect` (source agent): the status is the
     /// filter's (301, 302, 303, 307, 308), `Location` the target.
     Redirect,
+    /// An Istio fault injection abort (source agent): the status is the
+    /// fault's `httpStatus`.
+    FaultAbort,
 }
 
 impl ReplyKind {
-    pub const ALL: [ReplyKind; 11] = [
+    pub const ALL: [ReplyKind; 12] = [
         Self::BadRequest,
         Self::Denied,
         Self::NoEndpoint,
@@ -85,6 +88,7 @@ impl ReplyKind {
         Self::NoRoute,
         Self::InvalidBackend,
         Self::Redirect,
+        Self::FaultAbort,
     ];
 
     pub fn status(self) -> StatusCode {
@@ -98,6 +102,8 @@ impl ReplyKind {
             Self::InvalidBackend => StatusCode::INTERNAL_SERVER_ERROR,
             // The filter's default; the reply carries its own.
             Self::Redirect => StatusCode::FOUND,
+            // Likewise the fault's.
+            Self::FaultAbort => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -116,6 +122,7 @@ impl ReplyKind {
             Self::NoRoute => "no-route",
             Self::InvalidBackend => "invalid-backend",
             Self::Redirect => "redirect",
+            Self::FaultAbort => "fault-abort",
             Self::AppUnavailable => return None,
         })
     }
@@ -138,6 +145,7 @@ impl ReplyKind {
             Self::Reset => "UR",
             Self::NoRoute => "NR",
             Self::InvalidBackend => "NC",
+            Self::FaultAbort => "FI",
             Self::Redirect | Self::AppUnavailable => "-",
         }
     }
@@ -207,6 +215,9 @@ pub enum LocalReply {
     /// `status` is one of 301, 302, 303, 307, 308 (validated with the route).
     #[error("redirected to {location}")]
     Redirect { status: u16, location: String },
+    /// `status` is 200-599 (validated with the VirtualService).
+    #[error("fault filter abort ({service}, route {route})")]
+    FaultAbort { service: String, route: String, status: u16 },
 }
 
 /// Why an upstream exchange ended before its response head.
@@ -232,6 +243,7 @@ impl LocalReply {
             Self::NoRouteMatched { .. } => ReplyKind::NoRoute,
             Self::InvalidBackend { .. } => ReplyKind::InvalidBackend,
             Self::Redirect { .. } => ReplyKind::Redirect,
+            Self::FaultAbort { .. } => ReplyKind::FaultAbort,
         }
     }
 
@@ -239,6 +251,7 @@ impl LocalReply {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Redirect { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND),
+            Self::FaultAbort { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             _ => self.kind().status(),
         }
     }

@@ -198,6 +198,8 @@ pub fn convert(obj: &RouteObject<'_>, services: &[Service]) -> Converted {
                     outlier_detection: Default::default(),
                     load_balancer: Default::default(),
                     gateway: Some(Attachment { kind, service_namespace: pns.clone(), port, created: obj.created.clone() }),
+                    overrides: Vec::new(),
+                    exhaustive: false,
                 });
                 cond("Accepted", true, "Accepted", format!("applied by the mesh agents to {}", parent_name(p)))
             }
@@ -408,7 +410,7 @@ fn rule_of(
         if filters.iter().any(|x| matches!(x, Filter::RequestRedirect(_) | Filter::UrlRewrite { .. })) {
             return Err(unsupported(format!("{bf}.filters"), "RequestRedirect and URLRewrite apply to a whole rule, not to one backend"));
         }
-        backends.push(Backend { subset: None, weight: Some(weight), service, filters, invalid });
+        backends.push(Backend { subset: None, weight: Some(weight), service, filters, invalid, subset_name: None });
     }
     Ok(RouteRule { matches: Some(matches), backends, timeout: timeout.map(RouteDuration), retries, filters })
 }
@@ -436,6 +438,7 @@ fn http_match(m: &api::HttpRouteMatch) -> Result<HttpMatch, Unsupported> {
         headers: headers(&m.headers)?,
         cookies: None,
         query_params: query_params(&m.query_params)?,
+        source_namespace: None,
     })
 }
 
@@ -599,7 +602,7 @@ fn convert_filters(
                 };
                 let b = &m.backend_ref;
                 match r.resolve(&format!("{mf}.backendRef"), b.group.as_deref(), b.kind.as_deref(), &b.name, b.namespace.as_deref(), b.port)? {
-                    Ok(backend) => Filter::RequestMirror { backend, per_million },
+                    Ok(backend) => Filter::RequestMirror { backend, per_million, subset: None },
                     Err(p) => {
                         // Fire-and-forget: an unresolved mirror is left out.
                         problems.push(p);

@@ -31,8 +31,9 @@ pub struct RequestView<'a> {
 pub enum Selection<'a> {
     /// No route applies to this service (port, client): any endpoint.
     NoRoute,
-    /// Gateway API routes are attached but none of their rules matches:
-    /// 404, as the spec requires.
+    /// Gateway API routes are attached but none of their rules matches, or
+    /// an Istio VirtualService's rules do not: 404, as the spec requires
+    /// (and Envoy answers).
     Unmatched { route: &'a str },
     Rule(Selected<'a>),
 }
@@ -94,6 +95,8 @@ struct Compiled {
     id: Box<str>,
     route: HttpRoute,
     policy: ServicePolicy,
+    /// Each override, its policy, and the key its limits are counted under.
+    overrides: Vec<(super::PolicyOverride, ServicePolicy, String)>,
     rules: Vec<Rule>,
 }
 
@@ -112,6 +115,7 @@ struct Match {
     headers: Vec<(HeaderName, Cond)>,
     cookies: Vec<(String, String)>,
     query: Vec<(String, Cond)>,
+    source_namespace: Option<String>,
 }
 
 #[derive(Debug)]
@@ -119,6 +123,8 @@ enum Path {
     Exact(String),
     /// Without a trailing '/'; empty for `/`.
     Prefix(String),
+    /// Istio's string prefix; `true`: without ASCII case.
+    StartsWith(String, bool),
     Regex(Regex),
 }
 
@@ -164,6 +170,17 @@ impl RouteTable {
                     entry.gateway.push(compile(format!("{}/{}", route.namespace, route.name), route));
                 }
             }
+        }
+        // Istio's VirtualServices and DestinationRules take the slot of
+        // the `httpRoutes` form (rules in order), where it is free.
+        for route in super::istio::routes(state) {
+            let entry = by_service.entry((route.namespace.clone(), route.service.clone())).or_default();
+            let id = format!("{}/{}", route.namespace, route.name);
+            if let Some(other) = &entry.local {
+                tracing::warn!(route = %id, "VirtualService left out: route {} already routes service {}", other.id, route.service);
+                continue;
+            }
+            entry.local = Some(compile(id, &route));
         }
         for routes in by_service.values_mut() {
             routes.ranked = rank(&routes.gateway);
@@ -216,12 +233,24 @@ impl RouteTable {
         let Some(c) = &routes.local else { return Selection::NoRoute };
         for (i, rule) in c.rules.iter().enumerate() {
             let hit = match &rule.matches {
-                None => true,
-                Some(ms) => ms.iter().any(|m| m.matches(req, path, query, &mut cookies)),
+                None => Some(None),
+                Some(ms) => ms.iter().find(|m| m.matches(req, path, query, &mut cookies)).map(Some),
             };
-            if hit {
-                return Selection::Rule(c.selected(i, None, rand));
+            if let Some(m) = hit {
+                // What a string-prefix rewrite replaces: the prefix matched,
+                // `/` when the path was not matched at all (Istio's
+                // implicit prefix), nothing for exact and regex matches.
+                let prefix = match m.and_then(|m| m.path.as_ref()) {
+                    Some(Path::StartsWith(p, _)) => Some(p.as_str()),
+                    Some(Path::Prefix(p)) => Some(p.as_str()),
+                    Some(Path::Exact(_) | Path::Regex(_)) => None,
+                    None => Some("/"),
+                };
+                return Selection::Rule(c.selected(i, prefix, rand));
             }
+        }
+        if c.route.exhaustive {
+            return Selection::Unmatched { route: &c.id };
         }
         Selection::NoRoute
     }
@@ -233,6 +262,28 @@ impl RouteTable {
             .get(&(ns.to_owned(), name.to_owned()))
             .and_then(|r| r.local.as_ref())
             .map_or(&*DEFAULT_POLICY, |c| &c.policy)
+    }
+
+    /// The settings for traffic to `port` of a service and, when the
+    /// backend is an Istio subset, that subset: the most specific of the
+    /// route's overrides (port and subset, then subset, then port), else
+    /// [`Self::service_policy`]. The second value names the override, so
+    /// its limits are counted apart (`None`: the service's).
+    pub fn policy_for(&self, ns: &str, name: &str, port: u16, subset: Option<&str>) -> (&ServicePolicy, Option<&str>) {
+        let Some(c) = self.by_service.get(&(ns.to_owned(), name.to_owned())).and_then(|r| r.local.as_ref()) else {
+            return (&DEFAULT_POLICY, None);
+        };
+        if c.overrides.is_empty() {
+            return (&c.policy, None);
+        }
+        let find = |p: Option<u16>, s: Option<&str>| c.overrides.iter().find(|(o, _, _)| o.port == p && o.subset.as_deref() == s);
+        let hit = subset
+            .and_then(|s| find(Some(port), Some(s)).or_else(|| find(None, Some(s))))
+            .or_else(|| find(Some(port), None));
+        match hit {
+            Some((_, policy, key)) => (policy, Some(key)),
+            None => (&c.policy, None),
+        }
     }
 
     /// The local route (as configured) of a service, if any.
@@ -281,7 +332,7 @@ fn specificity(m: &Match) -> (u8, usize, bool, usize, usize) {
     let (kind, len) = match &m.path {
         Some(Path::Exact(p)) => (3, p.len()),
         // Without the trailing '/', as matched ("/" is the empty prefix).
-        Some(Path::Prefix(p)) => (2, p.len()),
+        Some(Path::Prefix(p) | Path::StartsWith(p, _)) => (2, p.len()),
         Some(Path::Regex(r)) => (1, r.as_str().len()),
         None => (0, 0),
     };
@@ -344,6 +395,24 @@ fn compile(id: String, route: &HttpRoute) -> Compiled {
             outlier_detection: route.outlier_detection.clone(),
             load_balancer: route.load_balancer,
         },
+        overrides: route
+            .overrides
+            .iter()
+            .map(|o| {
+                let policy = ServicePolicy {
+                    circuit_breaker: o.circuit_breaker.clone(),
+                    outlier_detection: o.outlier_detection.clone(),
+                    load_balancer: o.load_balancer,
+                };
+                let key = match (o.port, &o.subset) {
+                    (Some(p), Some(s)) => format!("{}:{p}/{s}", route.service),
+                    (None, Some(s)) => format!("{}/{s}", route.service),
+                    (Some(p), None) => format!("{}:{p}", route.service),
+                    (None, None) => route.service.clone(),
+                };
+                (o.clone(), policy, key)
+            })
+            .collect(),
         rules,
     }
 }
@@ -354,7 +423,11 @@ fn compile_match(m: &super::HttpMatch) -> Match {
     let never = || Path::Regex(Regex::new("[^\\s\\S]").expect("a valid expression"));
     Match {
         path: m.path.as_ref().and_then(|p| match p {
+            PathMatch { exact: Some(p), ignore_case: true, .. } => {
+                Some(Regex::new(&format!("(?i)^{}$", regex::escape(p))).map_or_else(|_| never(), Path::Regex))
+            }
             PathMatch { exact: Some(p), .. } => Some(Path::Exact(p.clone())),
+            PathMatch { starts_with: Some(p), ignore_case, .. } => Some(Path::StartsWith(p.clone(), *ignore_case)),
             PathMatch { prefix: Some(p), .. } => Some(Path::Prefix(p.trim_end_matches('/').to_owned())),
             PathMatch { regex: Some(r), .. } => Some(whole(r).map_or_else(never, Path::Regex)),
             _ => None,
@@ -388,6 +461,7 @@ fn compile_match(m: &super::HttpMatch) -> Match {
                 (q.name.clone(), cond)
             })
             .collect(),
+        source_namespace: m.source_namespace.clone(),
     }
 }
 
@@ -412,8 +486,18 @@ impl Match {
                     return false;
                 }
             }
+            Some(Path::StartsWith(p, ignore_case)) => {
+                let head = path.as_bytes().get(..p.len());
+                let ok = head.is_some_and(|h| if *ignore_case { h.eq_ignore_ascii_case(p.as_bytes()) } else { h == p.as_bytes() });
+                if !ok {
+                    return false;
+                }
+            }
             Some(Path::Regex(r)) if !r.is_match(path) => return false,
             _ => {}
+        }
+        if self.source_namespace.as_deref().is_some_and(|ns| ns != req.client_namespace) {
+            return false;
         }
         if let Some(m) = &self.method
             && !m.as_str().eq_ignore_ascii_case(req.method.as_str())

@@ -172,7 +172,7 @@ fn defaults_and_configured_values() {
     assert_eq!(c.retry.budget_percent, 20);
 
     let sp = table.service_policy("shop", "web");
-    assert_eq!(sp.circuit_breaker, CircuitBreaker { max_connections: 1024, max_pending_requests: 1024, max_requests: 7 });
+    assert_eq!(sp.circuit_breaker, CircuitBreaker { max_connections: 1024, max_pending_requests: 1024, max_requests: 7, max_requests_per_connection: None });
     assert_eq!(sp.outlier_detection, OutlierDetection::default());
     assert_eq!(table.service_policy("shop", "nope"), &ServicePolicy::default());
     let od = OutlierDetection::default();

@@ -126,8 +126,8 @@ fn check_rule(rule: &RouteRule) -> Result<(), InvalidRoute> {
 
 fn check_match(m: &HttpMatch) -> Result<(), InvalidRoute> {
     match &m.path {
-        Some(PathMatch { exact: Some(p), prefix: None, regex: None }) => check_path("path.exact", p)?,
-        Some(PathMatch { exact: None, prefix: Some(p), regex: None }) => check_path("path.prefix", p)?,
+        Some(PathMatch { exact: Some(p), prefix: None, regex: None, starts_with: None, ignore_case: false }) => check_path("path.exact", p)?,
+        Some(PathMatch { exact: None, prefix: Some(p), regex: None, starts_with: None, ignore_case: false }) => check_path("path.prefix", p)?,
         Some(_) => return Err(invalid("path", "set exactly one of `exact`, `prefix`")),
         None => {}
     }

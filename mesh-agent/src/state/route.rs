@@ -40,6 +40,31 @@ pub struct HttpRoute {
     /// rules in order).
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Attachment>,
+    /// Istio DestinationRule subset and port-level policies: the settings
+    /// above replaced, for traffic to one port and/or one subset.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<PolicyOverride>,
+    /// Istio VirtualService: its rules are every route of the host, so a
+    /// request none matches is answered 404 (Envoy's "no route"), not sent
+    /// to any endpoint.
+    #[serde(default, skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
+    pub exhaustive: bool,
+}
+
+/// Service-level settings for part of a service's traffic (Istio: each
+/// port and subset is its own cluster, with its own limits).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyOverride {
+    /// The service port; `None`: every port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The subset ([`Backend::subset_name`]); `None`: every backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    pub circuit_breaker: CircuitBreaker,
+    pub outlier_detection: OutlierDetection,
+    pub load_balancer: LoadBalancer,
 }
 
 /// Which Gateway API kind a route came from.
@@ -88,6 +113,8 @@ pub enum LoadBalancer {
     LeastRequest,
     /// Each endpoint in turn.
     RoundRobin,
+    /// Any endpoint, uniformly at random (Istio `RANDOM`).
+    Random,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -128,7 +155,38 @@ pub enum Filter {
         backend: BackendService,
         /// Share of requests mirrored, in parts per million.
         per_million: u32,
+        /// Istio: the labels of the mirror's subset; `None`: every endpoint.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        subset: Option<Labels>,
     },
+    /// Istio fault injection: a delay before forwarding, or an answer
+    /// instead of forwarding, each for a share of requests.
+    Fault(Fault),
+}
+
+/// Istio `fault`: shares in parts per million, each drawn on its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fault {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    pub fixed: RouteDuration,
+    pub per_million: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// 200-599.
+    pub status: u16,
+    pub per_million: u32,
 }
 
 /// `set` replaces, `add` appends, `remove` deletes; header names without
@@ -147,6 +205,9 @@ pub enum PathModifier {
     ReplaceFullPath(String),
     /// Replaces the part of the path the rule's `PathPrefix` matched.
     ReplacePrefixMatch(String),
+    /// Istio `rewrite.uri` / `redirect.prefixRewrite`: replaces the string
+    /// prefix the rule matched (the whole path when it matched otherwise).
+    ReplaceStringPrefix(String),
 }
 
 /// Gateway API `RequestRedirect`; unset parts keep the request's.
@@ -196,6 +257,10 @@ pub struct HttpMatch {
     #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
     #[schemars(skip)]
     pub query_params: Vec<QueryMatch>,
+    /// Istio `sourceNamespace`: the client pod's namespace.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub source_namespace: Option<String>,
 }
 
 /// A query parameter, by its exact (case-sensitive) name: the first
@@ -222,6 +287,15 @@ pub struct PathMatch {
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub regex: Option<String>,
+    /// Istio `uri.prefix`: the path starts with this string (not by
+    /// segments: `/api` matches `/apix`).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub starts_with: Option<String>,
+    /// Istio `ignoreUriCase`: `exact` and `startsWith` without ASCII case.
+    #[serde(default, skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(skip)]
+    pub ignore_case: bool,
 }
 
 /// `name` plus exactly one of `exact`, `prefix`, `present`.
@@ -273,6 +347,11 @@ pub struct Backend {
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub invalid: Option<String>,
+    /// Istio: the DestinationRule subset `subset` came from, for its
+    /// policy ([`PolicyOverride`]).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub subset_name: Option<String>,
 }
 
 impl Backend {
@@ -367,6 +446,10 @@ pub struct CircuitBreaker {
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
+    /// Requests an upstream connection carries before it is closed;
+    /// `None`: no limit (Istio `maxRequestsPerConnection`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
 }
 
 impl Default for CircuitBreaker {
@@ -375,6 +458,7 @@ impl Default for CircuitBreaker {
             max_connections: 1024,
             max_pending_requests: 1024,
             max_requests: 1024,
+            max_requests_per_connection: None,
         }
     }
 }

@@ -10,7 +10,13 @@
 //!   (`content-type: application/grpc`, any method) gets the same JSON as the
 //!   `message` (field 1) of its one response message, with `grpc-status: 0`
 //!   in the trailers: enough for `proto.EchoTestService/Echo` clients.
-//!   Prints `{"listening":[ports]}` once every port is bound.
+//!   Prints `{"listening":[ports]}` once every port is bound. Two request
+//!   headers make it play a part of an application: `x-echo-hold: PATH`
+//!   holds the answer until the file PATH exists (a test decides when a
+//!   request ends); `x-echo-forward: IP:PORT` (with `x-echo-forward-host`)
+//!   first sends the same GET there, through the pod's mesh agent, with the
+//!   request's other headers (`end-user`, ...), and reports that answer as
+//!   `upstream` (`status`, `body`), as Bookinfo's reviews calls ratings.
 //! - `request --batch JSON`: sends each request of a JSON array
 //!   (`to` IP:port, `host`, `method`, `path`, `headers` as `[[name, value]]`,
 //!   `grpc`: bool) in order, HTTP/1.1 on one keep-alive connection per
@@ -126,7 +132,37 @@ async fn answer(pod: &str, namespace: &str, req: Request<Incoming>) -> Response<
         _ => "HTTP/1.1",
     };
     let grpc = req.headers().get(http::header::CONTENT_TYPE).is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
-    let seen = json!({
+    let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if let Some(path) = header("x-echo-hold") {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !std::path::Path::new(&path).exists() && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let upstream = match header("x-echo-forward") {
+        None => Value::Null,
+        Some(to) => {
+            let forwarded: Vec<(String, String)> = req
+                .headers()
+                .iter()
+                .filter(|(k, _)| !k.as_str().starts_with("x-echo-") && !matches!(k.as_str(), "host" | "content-length" | "connection" | "transfer-encoding"))
+                .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                .collect();
+            let r = Req {
+                to: to.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+                host: header("x-echo-forward-host").unwrap_or_else(|| to.clone()),
+                method: "GET".into(),
+                path: req.uri().path_and_query().map_or("/".into(), |p| p.as_str().to_owned()),
+                headers: forwarded,
+                grpc: false,
+            };
+            match one(&mut HashMap::new(), &r).await {
+                Ok(a) => json!({ "status": a["status"], "body": a["body"], "headers": a["headers"] }),
+                Err(e) => json!({ "status": 0, "error": format!("{e:#}") }),
+            }
+        }
+    };
+    let mut seen = json!({
         "pod": pod,
         "namespace": namespace,
         "method": req.method().as_str(),
@@ -135,6 +171,9 @@ async fn answer(pod: &str, namespace: &str, req: Request<Incoming>) -> Response<
         "proto": proto,
         "headers": headers,
     });
+    if !upstream.is_null() {
+        seen["upstream"] = upstream;
+    }
     // Read the whole request body (a gRPC request message, mostly empty).
     let _ = req.into_body().collect().await;
     if grpc {

@@ -21,7 +21,6 @@ use crate::{
         http_client::{ReqBody, TryError},
         reply::ResetCause,
     },
-    route,
     state::Destination,
 };
 
@@ -73,8 +72,7 @@ impl<S: PickedService> tower::Service<Try> for Balance<S> {
         let (outbound, mut inner) = (self.outbound.clone(), self.inner.clone());
         Box::pin(async move {
             let r = t.routed;
-            let cursor = (r.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&r.svc.cursor);
-            let Some((dest, _in_use)) = outbound.balancer.pick(&r.endpoints, &t.exclude, cursor) else {
+            let Some((dest, _in_use)) = outbound.balancer.pick_by(&r.endpoints, &t.exclude, r.policy.load_balancer, &r.svc.cursor) else {
                 return Err(Failure { error: TryError::NoEndpointLeft, dest: None });
             };
             let result = inner.call(Picked { req: t.req, dest: dest.clone(), routed: r.clone() }).await;

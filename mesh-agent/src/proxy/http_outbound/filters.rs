@@ -31,6 +31,12 @@ pub(super) fn rewrite_path(path: &str, matched_prefix: Option<&str>, m: &PathMod
                 (false, _) => format!("{with}{rest}"),
             }
         }
+        // A string prefix (matched perhaps without case): its length is
+        // what is replaced.
+        PathModifier::ReplaceStringPrefix(with) => match matched_prefix.and_then(|p| path.get(p.len()..)) {
+            Some(rest) => format!("{with}{rest}"),
+            None => with.clone(),
+        },
     }
 }
 
@@ -102,7 +108,7 @@ pub(super) fn apply_to_request(req: &mut Request<Incoming>, filters: &[Filter], 
                 let new_path = modifier.as_ref().map(|m| rewrite_path(path, matched_prefix, m));
                 rewrite_uri(req, hostname.as_deref(), new_path.as_deref(), query);
             }
-            Filter::ResponseHeaderModifier(_) | Filter::RequestRedirect(_) | Filter::RequestMirror { .. } => {}
+            Filter::ResponseHeaderModifier(_) | Filter::RequestRedirect(_) | Filter::RequestMirror { .. } | Filter::Fault(_) => {}
         }
     }
 }
@@ -155,7 +161,7 @@ impl Outbound {
     /// no body, which is never buffered for a copy) to one endpoint of
     /// `to`, and forgets it: its answer, or failure, is logged at debug
     /// level and changes nothing for the client.
-    pub(super) fn mirror(self: &Arc<Self>, conn: &Arc<Conn>, req: &Request<Incoming>, to: &BackendService) {
+    pub(super) fn mirror(self: &Arc<Self>, conn: &Arc<Conn>, req: &Request<Incoming>, to: &BackendService, subset: Option<&crate::state::Labels>) {
         if !req.body().is_end_stream() {
             tracing::debug!(mirror = %to, "request with a body not mirrored");
             return;
@@ -165,7 +171,12 @@ impl Outbound {
             tracing::debug!(mirror = %to, "mirror service gone");
             return;
         };
-        let endpoints: Vec<Destination> = target.endpoints.iter().map(|e| e.dest.clone()).collect();
+        let endpoints: Vec<Destination> = target
+            .endpoints
+            .iter()
+            .filter(|e| subset.is_none_or(|s| crate::state::Selector(s).matches(e.labels)))
+            .map(|e| e.dest.clone())
+            .collect();
         let Some((dest, _)) = self.balancer.pick(&endpoints, &[], None) else {
             tracing::debug!(mirror = %to, "mirror service has no endpoint");
             return;
@@ -209,6 +220,11 @@ mod tests {
             ("/path-and-host", Some("/path-and-host"), prefix("/replacement-prefix"), "/replacement-prefix"),
             ("/a/b", Some(""), prefix("/x"), "/x/a/b"),
             ("/full/one/two", Some("/full/one"), PathModifier::ReplaceFullPath("/one".into()), "/one"),
+            // Istio: the string prefix, not segments; without one, the whole path.
+            ("/apix/y", Some("/api"), PathModifier::ReplaceStringPrefix("/v2".into()), "/v2x/y"),
+            ("/API/y", Some("/api"), PathModifier::ReplaceStringPrefix("/v2".into()), "/v2/y"),
+            ("/reviews/1", Some("/"), PathModifier::ReplaceStringPrefix("/v1/".into()), "/v1/reviews/1"),
+            ("/exact", None, PathModifier::ReplaceStringPrefix("/other".into()), "/other"),
         ];
         for (path, matched, m, want) in cases {
             assert_eq!(rewrite_path(path, matched, &m), want, "{path} {m:?}");

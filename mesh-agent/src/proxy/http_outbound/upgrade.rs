@@ -20,7 +20,6 @@ use crate::{
         http::{HttpFuture, HttpService, RespBody, is_upgrade, join_upgraded, ready, to_app_version},
         reply::LocalReply,
     },
-    route,
     state::AppHttp,
 };
 
@@ -57,8 +56,7 @@ impl<S: HttpService> tower::Service<Request<Incoming>> for Upgrades<S> {
 
 async fn upgrade(outbound: &Arc<Outbound>, conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
     let r = routed(&req);
-    let cursor = (r.policy.load_balancer == route::LoadBalancer::RoundRobin).then_some(&r.svc.cursor);
-    let Some((dest, _in_use)) = outbound.balancer.pick(&r.endpoints, &[], cursor) else {
+    let Some((dest, _in_use)) = outbound.balancer.pick_by(&r.endpoints, &[], r.policy.load_balancer, &r.svc.cursor) else {
         return local(LocalReply::NoEndpointToUpgrade);
     };
     let downstream = hyper::upgrade::on(&mut req);

@@ -21,6 +21,7 @@ fn every_reply_kind_has_its_status_tag_and_flag() {
         (ReplyKind::NoRoute, 404, Some("no-route"), "NR"),
         (ReplyKind::InvalidBackend, 500, Some("invalid-backend"), "NC"),
         (ReplyKind::Redirect, 302, Some("redirect"), "-"),
+        (ReplyKind::FaultAbort, 500, Some("fault-abort"), "FI"),
     ];
     assert_eq!(expected.len(), ReplyKind::ALL.len(), "a kind without a row here");
     for (kind, status, tag, flag) in expected {
@@ -54,6 +55,7 @@ async fn the_builder_gives_status_tag_extension_and_body() {
         LocalReply::NoRouteMatched { service: "shop/web".into(), route: "shop/web".into() },
         LocalReply::InvalidBackend { service: "shop/web".into(), route: "shop/web".into(), why: "no backend".into() },
         LocalReply::Redirect { status: 302, location: "http://web/x".into() },
+        LocalReply::FaultAbort { service: "shop/web".into(), route: "shop/web".into(), status: 500 },
     ];
     let mut kinds = std::collections::HashSet::new();
     for r in &replies {

@@ -348,7 +348,7 @@ fn filters_timeouts_and_defaults_convert() {
         vec![
             Filter::RequestHeaderModifier(HeaderModifier { set: vec![("x-set".into(), "a".into())], add: vec![("x-add".into(), "b".into())], remove: vec!["x-remove".into()] }),
             Filter::UrlRewrite { hostname: Some("example.org".into()), path: Some(PathModifier::ReplacePrefixMatch("/q".into())) },
-            Filter::RequestMirror { backend: BackendService { namespace: "shop".into(), name: "echo-v2".into(), port: 80 }, per_million: 250_000 },
+            Filter::RequestMirror { backend: BackendService { namespace: "shop".into(), name: "echo-v2".into(), port: 80 }, per_million: 250_000, subset: None },
         ]
     );
     assert_eq!(rules[0].backends[0].filters.len(), 1);

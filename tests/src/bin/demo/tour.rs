@@ -16,7 +16,8 @@ pub const WEB_IP: [u8; 4] = [198, 51, 100, 100];
 pub const LIMITED_IP: [u8; 4] = [198, 51, 100, 101];
 const APP_PORT: u16 = 8080;
 
-/// Policies and routes on top of the testbed's generated config. They only
+/// Policies and routes on top of the testbed's generated config, and an
+/// Istio DestinationRule as a document of the same stream. They only
 /// select the `web` pods and services, so the L4 paths shown first are not
 /// affected.
 pub const L7_CONFIG: &str = r#"authorizationPolicies:
@@ -49,12 +50,17 @@ httpRoutes:
       - matches: [{path: {prefix: /flaky}}]
         backends: [{}]
       - backends: [{subset: {version: v1}}]
-  - name: limited
-    namespace: shop
-    service: limited
-    rules:
-      - backends: [{}]
-    circuitBreaker: {maxRequests: 2}
+---
+# Istio's own kind, as `kubectl apply` takes it: the same YAML works here
+# and in a cluster.
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: limited, namespace: shop}
+spec:
+  host: limited
+  trafficPolicy:
+    connectionPool:
+      http: {http2MaxRequests: 2}
 "#;
 
 /// The backends' app: `web.py NAME` on :8080. Answers carry `x-backend:
@@ -173,7 +179,7 @@ impl Tour<'_> {
         ok &= section("STRICT peer authentication", || self.strict());
         ok &= section("Routing at the source: a 90/10 canary and an A/B route", || self.routing());
         ok &= section("Retries: a flaky backend", || self.retries());
-        ok &= section("Circuit breaker: more requests than maxRequests", || self.circuit_breaker());
+        ok &= section("Circuit breaker: an Istio DestinationRule, more requests than http2MaxRequests", || self.circuit_breaker());
         ok
     }
 
@@ -350,7 +356,7 @@ impl Tour<'_> {
 
     fn circuit_breaker(&self) -> Result<()> {
         const PARALLEL: usize = 8;
-        println!("  service `limited` (the same pods): circuitBreaker maxRequests: 2; {PARALLEL} requests at once that each take 1.5 s");
+        println!("  service `limited` (the same pods): DestinationRule `limited`, connectionPool.http.http2MaxRequests: 2; {PARALLEL} requests at once that each take 1.5 s");
         let o0 = self.service_stat("shop/limited", "overflowRequests")?;
         let url = format!("http://{}:80/slow?ms=1500", ip(LIMITED_IP));
         let max = PARALLEL.to_string();
