@@ -127,8 +127,10 @@ pub struct Metrics {
     accept_errors: Family<AcceptLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
     /// Every label set with a series, and when its count last moved: what
-    /// [`Metrics::prune`] walks (the families cannot be iterated).
-    series: std::sync::Mutex<std::collections::HashMap<Labels, Moved>>,
+    /// [`Metrics::prune`] walks (the families cannot be iterated). The key
+    /// is also the one copy of the label set that connections hold (an
+    /// idle connection keeps a pointer, not two dozen strings).
+    series: std::sync::Mutex<std::collections::HashMap<Arc<Labels>, Moved>>,
     /// Bumped whenever series are dropped, so handles cached elsewhere
     /// ([`RequestSeries`]) are looked up again.
     generation: std::sync::atomic::AtomicU64,
@@ -196,7 +198,7 @@ impl Default for Metrics {
 /// it costs no hashing of the labels (a connection keeps its series for the
 /// requests it carries).
 pub struct RequestSeries {
-    pub labels: Labels,
+    pub labels: Arc<Labels>,
     requests: Counter,
     duration: Histogram,
     request_bytes: Histogram,
@@ -218,7 +220,7 @@ impl Metrics {
     /// exported ones until [`Metrics::prune`] drops the series (which bumps
     /// [`Metrics::generation`] so cached handles are looked up again).
     pub fn request_series(&self, labels: Labels) -> RequestSeries {
-        self.track(&labels);
+        let labels = self.track(labels);
         RequestSeries {
             requests: self.requests.get_or_create(&labels).clone(),
             duration: self.duration.get_or_create(&labels).clone(),
@@ -228,16 +230,18 @@ impl Metrics {
         }
     }
 
-    pub fn tcp_opened(&self, labels: &Labels) {
-        self.track(labels);
-        self.tcp_opened.get_or_create(labels).inc();
+    /// A TCP connection opened; returns the labels to close it with.
+    pub fn tcp_opened(&self, labels: Labels) -> Arc<Labels> {
+        let labels = self.track(labels);
+        self.tcp_opened.get_or_create(&labels).inc();
+        labels
     }
 
     /// A TCP connection closed after `received` bytes from the client (the
     /// request direction) and `sent` bytes back to it (the response
     /// direction).
     pub fn tcp_closed(&self, labels: &Labels, sent: u64, received: u64) {
-        self.track(labels);
+        self.track_ref(labels);
         self.tcp_closed.get_or_create(labels).inc();
         self.tcp_sent.get_or_create(labels).inc_by(sent);
         self.tcp_received.get_or_create(labels).inc_by(received);
@@ -266,10 +270,23 @@ impl Metrics {
             .sum()
     }
 
-    fn track(&self, labels: &Labels) {
+    /// Records that `labels` has a series; returns the shared copy.
+    fn track(&self, labels: Labels) -> Arc<Labels> {
+        let mut series = self.series.lock().expect("poisoned");
+        if let Some((shared, _)) = series.get_key_value(&labels) {
+            return shared.clone();
+        }
+        let shared = Arc::new(labels);
+        series.insert(shared.clone(), Moved { count: u64::MAX, since: std::time::Instant::now() });
+        shared
+    }
+
+    /// [`Metrics::track`] for labels held elsewhere (a series pruned while
+    /// its connection was open comes back when the connection closes).
+    fn track_ref(&self, labels: &Labels) {
         let mut series = self.series.lock().expect("poisoned");
         if !series.contains_key(labels) {
-            series.insert(labels.clone(), Moved { count: u64::MAX, since: std::time::Instant::now() });
+            series.insert(Arc::new(labels.clone()), Moved { count: u64::MAX, since: std::time::Instant::now() });
         }
     }
 
@@ -478,6 +495,21 @@ fn cpu_seconds() -> f64 {
 mod tests {
     use super::*;
 
+    /// Connections with the same labels share one copy of them: what an
+    /// idle connection holds for its series is a pointer.
+    #[test]
+    fn connections_share_one_copy_of_a_label_set() {
+        let m = Metrics::default();
+        let l = Labels { request_protocol: "tcp", source_workload: "web".into(), ..Default::default() };
+        let a = m.tcp_opened(l.clone());
+        let b = m.tcp_opened(l.clone());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&m.request_series(l.clone()).labels, &a));
+        let other = m.tcp_opened(Labels { source_workload: "db".into(), ..l });
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert_eq!(m.series_count(), 2);
+    }
+
     #[test]
     fn istio_names_and_health_are_encoded() {
         let m = Metrics::default();
@@ -485,7 +517,7 @@ mod tests {
         // Two connections' handles on the same label set: one series.
         m.request_series(l.clone()).record(Duration::from_millis(3), 10, 2000);
         m.request_series(l.clone()).record(Duration::from_millis(7), 0, 5);
-        m.tcp_opened(&Labels { request_protocol: "tcp", ..l.clone() });
+        m.tcp_opened(Labels { request_protocol: "tcp", ..l.clone() });
         m.tcp_closed(&Labels { request_protocol: "tcp", ..l.clone() }, 100, 7);
         m.register_health(HealthCollector {
             status: Arc::new(|| {

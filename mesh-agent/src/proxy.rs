@@ -37,6 +37,7 @@ use std::{
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
 
 use crate::{
     identity::{CertManager, CertWatch, SpiffeId},
@@ -476,17 +477,15 @@ impl Proxy {
             let this = self.clone();
             let pod = pod.clone();
             let span = tracing::debug_span!("conn", pod = %pod.key, %client, kind = kind.name());
-            let kind = kind.clone();
-            self.inputs.connections.spawn(tracing::Instrument::instrument(
-                async move {
-                    match kind {
-                        Kind::Outbound => this.outbound.clone().serve(stream, client, pod).await,
-                        Kind::Tunnel(tls) => this.inbound.clone().tunnel(stream, client, pod, tls).await,
-                        Kind::Plaintext => this.inbound.clone().plaintext(stream, client, pod).await,
-                    }
-                },
-                span,
-            ));
+            // One task per kind, each the size of its own future: a task
+            // lives as long as its connection, and a future that could be
+            // any of the three would be the size of the largest.
+            let connections = &self.inputs.connections;
+            match &kind {
+                Kind::Outbound => connections.spawn(this.outbound.clone().serve(stream, client, pod).instrument(span)),
+                Kind::Tunnel(tls) => connections.spawn(this.inbound.clone().tunnel(stream, client, pod, tls.clone()).instrument(span)),
+                Kind::Plaintext => connections.spawn(this.inbound.clone().plaintext(stream, client, pod).instrument(span)),
+            };
         }
         tracing::debug!(pod = %pod.key, ?local, kind = kind.name(), "listener closed");
     }

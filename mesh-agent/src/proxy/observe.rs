@@ -330,8 +330,12 @@ pub(super) type SeriesKey = (Option<SocketAddr>, &'static str, u16, &'static str
 #[derive(Default)]
 pub(super) struct SeriesCache(std::sync::Mutex<Option<CachedSeries>>);
 
-/// The series computed under one mesh state and metrics generation.
-type CachedSeries = (Snapshot, u64, Vec<(SeriesKey, Arc<RequestSeries>)>);
+/// The series computed under one mesh state and metrics generation. The
+/// state is held weakly: an idle connection must not keep a replaced mesh
+/// state (its policies, routes, pods) alive. While the `Weak` lives, the
+/// allocation it points to is not reused, so an address match is the same
+/// state.
+type CachedSeries = (std::sync::Weak<MeshState>, u64, Vec<(SeriesKey, Arc<RequestSeries>)>);
 
 impl SeriesCache {
     /// Distinct keys kept per connection (a few codes times a few endpoints).
@@ -342,8 +346,8 @@ impl SeriesCache {
     pub fn get(&self, metrics: &Metrics, snapshot: &Snapshot, key: SeriesKey, labels: impl FnOnce() -> Labels) -> Arc<RequestSeries> {
         let mut guard = self.0.lock().expect("poisoned");
         let generation = metrics.generation();
-        if guard.as_ref().is_none_or(|(s, g, _)| !Arc::ptr_eq(s, snapshot) || *g != generation) {
-            *guard = Some((snapshot.clone(), generation, Vec::new()));
+        if guard.as_ref().is_none_or(|(s, g, _)| !std::ptr::eq(s.as_ptr(), Arc::as_ptr(snapshot)) || *g != generation) {
+            *guard = Some((Arc::downgrade(snapshot), generation, Vec::new()));
         }
         let (_, _, cached) = guard.as_mut().expect("set above");
         if let Some((_, s)) = cached.iter().find(|(k, _)| *k == key) {
@@ -549,6 +553,32 @@ mod tests {
             [l.source_canonical_service, l.source_canonical_revision, l.source_version, l.source_cluster],
             ["unknown", "latest", "unknown", "unknown"]
         );
+    }
+
+    /// A connection's series cache hits under the state it computed the
+    /// series in, misses under a new one, and never keeps a replaced state
+    /// alive (an idle connection would otherwise pin every state it saw).
+    #[test]
+    fn the_series_cache_follows_the_state_without_holding_it() {
+        let metrics = Metrics::default();
+        let cache = SeriesCache::default();
+        let key: SeriesKey = (None, "http", 200, "-");
+        let computed = std::cell::Cell::new(0);
+        let labels = || {
+            computed.set(computed.get() + 1);
+            crate::metrics::Labels::default()
+        };
+        let first: Snapshot = Arc::new(testing::mesh_state());
+        let a = cache.get(&metrics, &first, key, labels);
+        let b = cache.get(&metrics, &first, key, labels);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(computed.get(), 1, "a hit under the same state");
+        let held = Arc::downgrade(&first);
+        drop(first);
+        assert!(held.upgrade().is_none(), "the cache kept the replaced state alive");
+        let second: Snapshot = Arc::new(testing::mesh_state());
+        cache.get(&metrics, &second, key, labels);
+        assert_eq!(computed.get(), 2, "a miss under a new state");
     }
 
     #[test]

@@ -43,8 +43,11 @@ impl Outbound {
         };
         // A service port declared HTTP: routed, balanced and retried per
         // request by the HTTP layer.
+        // Boxed, here and around `establish`: this future lives as long as
+        // the connection, and what only one phase or path needs (the HTTP
+        // server, the handshakes) would otherwise be carried all along.
         if let Some(version) = http {
-            return self.serve_http(app, pod, orig, version).await;
+            return Box::pin(self.serve_http(app, pod, orig, version)).await;
         }
         let pod = &*pod;
         let is_service = candidates.len() > 1;
@@ -65,7 +68,7 @@ impl Outbound {
                 break;
             };
             tried.push(dest.addr());
-            match self.establish(pod, &dest, &trust_domain).await {
+            match Box::pin(self.establish(pod, &dest, &trust_domain)).await {
                 Ok(mut upstream) => {
                     if is_service {
                         self.balancer.report(dest.addr(), Outcome::Success, l4_outlier_detection(), &candidates);
@@ -90,7 +93,7 @@ impl Outbound {
                         }
                         .labels("tcp")
                     };
-                    self.inputs.telemetry.metrics.tcp_opened(&labels);
+                    let labels = self.inputs.telemetry.metrics.tcp_opened(labels);
                     let opened = std::time::Instant::now();
                     let mut span = self.inputs.telemetry.tracer.start_span(crate::telemetry::trace::SpanKind::Client, "tcp outbound", None);
                     if span.is_recording() {

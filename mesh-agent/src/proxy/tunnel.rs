@@ -169,7 +169,7 @@ impl Inbound {
             .labels("tcp")
         };
         let telemetry = self.inputs.telemetry.clone();
-        telemetry.metrics.tcp_opened(&labels);
+        let labels = telemetry.metrics.tcp_opened(labels);
         let opened = std::time::Instant::now();
         let mut span = telemetry.tracer.start_span(crate::telemetry::trace::SpanKind::Server, "tcp inbound", None);
         if span.is_recording() {

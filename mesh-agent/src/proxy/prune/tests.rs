@@ -130,7 +130,7 @@ fn use_endpoint(p: &Proxy, snapshot: &MeshState, i: u32) {
     let m = &p.inputs.telemetry.metrics;
     m.request_series(parties.labels("http")).record(Duration::from_millis(1), 1, 1);
     let tcp = parties.labels("tcp");
-    m.tcp_opened(&tcp);
+    m.tcp_opened(tcp.clone());
     m.tcp_closed(&tcp, 1, 1);
 }
 
