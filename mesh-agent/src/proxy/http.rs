@@ -9,7 +9,6 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, atomic::Ordering},
 };
 
 use bytes::Bytes;
@@ -30,12 +29,18 @@ pub const PEER_IDENTITY_HEADER: &str = "x-mesh-peer-identity";
 /// Largest request header block accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// The server side of the agent's HTTP layers: HTTP/1.1 or h2c (prior
-/// knowledge), header blocks above 64 KiB refused (431), as Envoy's default.
-fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_HEADER_BYTES);
-    builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
+/// The server side of the agent's HTTP layers, one per version: HTTP/1.1
+/// (with upgrades) or h2c (prior knowledge), header blocks above 64 KiB
+/// refused (431), as Envoy's default.
+fn http1_server() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.max_buf_size(MAX_HEADER_BYTES);
+    builder
+}
+
+fn http2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder.max_header_list_size(MAX_HEADER_BYTES as u32);
     builder
 }
 
@@ -86,16 +91,20 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService,
 {
-    let drain = DrainHttp::default();
-    let svc = Serve { stack: std::cell::RefCell::new(stack), drain: Arc::new((drain.clone(), draining.clone())) };
-    let server = http_server();
-    let conn = server.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    let result = super::until_drained(conn, draining, |c| {
-        if drain.is_h2() {
-            c.graceful_shutdown();
+    let (version, io) = match super::sniff::http_version(io).await {
+        Ok(Some(v)) => v,
+        Ok(None) => return,
+        Err(e) => return tracing::debug!(%at, error = %e, side, "HTTP connection ended before its first request"),
+    };
+    let svc = Serve { stack: std::cell::RefCell::new(stack), draining: draining.clone() };
+    let result = match version {
+        AppHttp::Http2 => {
+            let conn = http2_server().serve_connection(TokioIo::new(io), svc);
+            super::until_drained(conn, draining, |c| c.graceful_shutdown()).await
         }
-    })
-    .await;
+        // Drains at its next response ([`drain_mark`]).
+        AppHttp::Http1 => http1_server().serve_connection(TokioIo::new(io), svc).with_upgrades().await,
+    };
     count_http_end(result, stats, at, side);
 }
 
@@ -106,9 +115,8 @@ where
 /// without calling back into hyper, so no two borrows overlap.
 struct Serve<S> {
     stack: std::cell::RefCell<S>,
-    /// The connection's drain state and the agent's draining token, shared
-    /// with each response's future (one reference count per request).
-    drain: Arc<(DrainHttp, CancellationToken)>,
+    /// The agent's draining token, shared with each response's future.
+    draining: CancellationToken,
 }
 
 impl<S: HttpService> hyper::service::Service<Request<Incoming>> for Serve<S> {
@@ -117,18 +125,18 @@ impl<S: HttpService> hyper::service::Service<Request<Incoming>> for Serve<S> {
     type Future = Marked;
 
     fn call(&self, req: Request<Incoming>) -> Marked {
-        let version = self.drain.0.saw(&req);
+        let version = req.version();
         let run = self.stack.borrow_mut().call(req);
-        Marked { run, version, drain: self.drain.clone() }
+        Marked { run, version, draining: self.draining.clone() }
     }
 }
 
-/// The stack's response, marked for draining ([`DrainHttp::mark`]) when it
+/// The stack's response, marked for draining ([`drain_mark`]) when it
 /// comes.
 struct Marked {
     run: HttpFuture,
     version: http::Version,
-    drain: Arc<(DrainHttp, CancellationToken)>,
+    draining: CancellationToken,
 }
 
 impl Future for Marked {
@@ -136,8 +144,7 @@ impl Future for Marked {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let res = std::task::ready!(self.run.as_mut().poll(cx))?;
-        let (drain, draining) = &*self.drain;
-        std::task::Poll::Ready(Ok(drain.mark(draining, self.version, res)))
+        std::task::Poll::Ready(Ok(drain_mark(&self.draining, self.version, res)))
     }
 }
 
@@ -191,12 +198,9 @@ pub(super) fn to_app_version(parts: &mut http::request::Parts, version: AppHttp,
 /// How a served HTTP connection ended: hyper has already answered a
 /// malformed request with 400 (431 for oversized headers) and closed; count
 /// it.
-fn count_http_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>, stats: &super::PodStats, at: SocketAddr, side: &str) {
+fn count_http_end(result: Result<(), hyper::Error>, stats: &super::PodStats, at: SocketAddr, side: &str) {
     let Err(e) = result else { return };
-    let malformed = e
-        .downcast_ref::<hyper::Error>()
-        .is_some_and(|h| h.is_parse() || h.is_parse_too_large());
-    if malformed {
+    if e.is_parse() || e.is_parse_too_large() {
         stats.http_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(%at, error = %e, side, "malformed HTTP request refused");
     } else {
@@ -261,33 +265,13 @@ pub(super) async fn join_upgraded(a: hyper::upgrade::OnUpgrade, b: hyper::upgrad
 /// and the connection closes after it. Closing an idle keep-alive
 /// connection at once instead would race the client's next request (it may
 /// already be on the wire) and fail it; a connection that stays idle ends
-/// at the drain deadline.
-#[derive(Clone, Default)]
-struct DrainHttp(Arc<std::sync::atomic::AtomicBool>);
-
-impl DrainHttp {
-    /// Notes the request's version (HTTP/2 seen: the connection is h2).
-    fn saw<B>(&self, req: &http::Request<B>) -> http::Version {
-        if req.version() == http::Version::HTTP_2 {
-            self.0.store(true, Ordering::Relaxed);
-        }
-        req.version()
+/// at the drain deadline. This is the HTTP/1.x part: while draining, a
+/// response (not an upgrade) says the connection closes after it.
+fn drain_mark<B>(draining: &CancellationToken, version: http::Version, mut res: http::Response<B>) -> http::Response<B> {
+    if draining.is_cancelled() && version < http::Version::HTTP_2 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        res.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     }
-
-    /// While draining, an HTTP/1.x response (not an upgrade) says the
-    /// connection closes after it.
-    fn mark<B>(&self, draining: &CancellationToken, version: http::Version, mut res: http::Response<B>) -> http::Response<B> {
-        if draining.is_cancelled() && version < http::Version::HTTP_2 && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            res.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-        }
-        res
-    }
-
-    /// Whether the connection speaks HTTP/2: it gets GOAWAY when draining
-    /// starts (an HTTP/1.1 one waits for its next response instead).
-    fn is_h2(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
+    res
 }
 
 #[cfg(test)]

@@ -52,7 +52,42 @@ pub async fn detect<IO: AsyncRead + Unpin>(mut io: IO, timeout: Duration) -> (Op
     (verdict, Prefixed { prefix: buf, pos: 0, io })
 }
 
-/// A stream whose first bytes were already read: they come out first.
+/// The most the first read of [`http_version`] takes: a request's first
+/// segment, usually all of it.
+const FIRST_READ: usize = 4096;
+
+/// Which HTTP version a client speaks (h2c with prior knowledge sends the
+/// connection preface first, RFC 9113 3.4; anything else is HTTP/1.x, for
+/// its server to accept or refuse), from the bytes of its first read (more
+/// only while they could still be the preface), with the stream replaying
+/// them. Read on the stack and kept exactly, so that the HTTP server's
+/// first read gets them all at once: given a few bytes first (as hyper's
+/// own version detection gives them), its read buffer grows to twice its
+/// size and stays so for the connection's life. `None`: the client closed
+/// before sending anything.
+pub async fn http_version<IO: AsyncRead + Unpin>(mut io: IO) -> std::io::Result<Option<(AppHttp, Prefixed<IO>)>> {
+    let mut prefix = Vec::new();
+    let version = std::future::poll_fn(|cx| {
+        loop {
+            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+            let mut rb = ReadBuf::uninit(&mut scratch);
+            std::task::ready!(Pin::new(&mut io).poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                return Poll::Ready(Ok::<_, std::io::Error>(None));
+            }
+            prefix.extend_from_slice(rb.filled());
+            if prefix.len() >= PREFACE.len() || !PREFACE.starts_with(&prefix) {
+                let h2 = prefix.starts_with(PREFACE);
+                return Poll::Ready(Ok(Some(if h2 { AppHttp::Http2 } else { AppHttp::Http1 })));
+            }
+        }
+    })
+    .await?;
+    Ok(version.map(|v| (v, Prefixed { prefix, pos: 0, io })))
+}
+
+/// A stream whose first bytes were already read: they come out first (and
+/// their buffer is freed once they have).
 pub struct Prefixed<IO> {
     prefix: Vec<u8>,
     pos: usize,
@@ -66,6 +101,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
             let n = (this.prefix.len() - this.pos).min(buf.remaining());
             buf.put_slice(&this.prefix[this.pos..this.pos + n]);
             this.pos += n;
+            if this.pos == this.prefix.len() {
+                (this.prefix, this.pos) = (Vec::new(), 0);
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
@@ -83,6 +121,14 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
@@ -124,5 +170,42 @@ mod tests {
         let (_client, server) = tokio::io::duplex(1024);
         let (verdict, _) = detect(server, Duration::from_millis(50)).await;
         assert_eq!(verdict, None);
+    }
+
+    /// The client's version from its first bytes, handed on whole in one
+    /// read (what keeps the HTTP server's read buffer at its first size);
+    /// a preface split over reads still says HTTP/2; a client that closes
+    /// first says nothing.
+    #[tokio::test]
+    async fn tells_the_clients_version_and_hands_its_first_bytes_on_whole() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let request = b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n";
+        client.write_all(request).await.unwrap();
+        let (version, mut stream) = http_version(server).await.unwrap().unwrap();
+        assert_eq!(version, AppHttp::Http1);
+        let mut buf = [0u8; 8192];
+        let mut rb = ReadBuf::new(&mut buf);
+        std::future::poll_fn(|cx| Pin::new(&mut stream).poll_read(cx, &mut rb)).await.unwrap();
+        assert_eq!(rb.filled(), request, "one read gives all of it");
+        assert!(stream.prefix.capacity() == 0, "the replayed bytes' buffer is freed");
+        client.write_all(b"more").await.unwrap();
+        let mut more = [0u8; 4];
+        stream.read_exact(&mut more).await.unwrap();
+        assert_eq!(&more, b"more");
+
+        let (mut client, server) = tokio::io::duplex(1024);
+        let version = tokio::spawn(http_version(server));
+        client.write_all(&PREFACE[..9]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client.write_all(&PREFACE[9..]).await.unwrap();
+        let (version, mut stream) = version.await.unwrap().unwrap().unwrap();
+        assert_eq!(version, AppHttp::Http2);
+        let mut all = [0u8; 24];
+        stream.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all[..], PREFACE);
+
+        let (client, server) = tokio::io::duplex(1024);
+        drop(client);
+        assert!(http_version(server).await.unwrap().is_none());
     }
 }
