@@ -100,17 +100,21 @@ impl Outbound {
                         span.set_attribute(crate::telemetry::trace::attr::MESH_SOURCE_WORKLOAD, pod.key.to_string());
                         span.set_attribute(crate::telemetry::trace::attr::NETWORK_PEER_ADDRESS, dest.addr().to_string());
                     }
+                    // What only the choice needed is not kept for the
+                    // connection's life.
+                    let to = dest.addr();
+                    drop((candidates, tried, dest));
                     let mut counted = super::observe::Counted::new(&mut app);
                     let result = match &mut upstream {
                         Upstream::Tunnel(up, _slot) => super::relay::copy_bidirectional(&mut counted, up).await,
                         Upstream::Direct(up) => super::relay::copy_bidirectional(&mut counted, up).await,
                     };
                     let (received, sent) = counted.totals();
-                    self.inputs.telemetry.tcp_done(&labels, opened.elapsed(), sent, received, dest.addr());
+                    self.inputs.telemetry.tcp_done(&labels, opened.elapsed(), sent, received, to);
                     span.end();
                     match result {
-                        Ok(_) => tracing::debug!(%orig, to = %dest.addr(), "outbound connection closed"),
-                        Err(e) => tracing::debug!(%orig, to = %dest.addr(), error = %e, "outbound connection ended with an error"),
+                        Ok(_) => tracing::debug!(%orig, %to, "outbound connection closed"),
+                        Err(e) => tracing::debug!(%orig, %to, error = %e, "outbound connection ended with an error"),
                     }
                     return;
                 }
