@@ -49,7 +49,7 @@ pub async fn detect<IO: AsyncRead + Unpin>(mut io: IO, timeout: Duration) -> (Op
             _ => break None,
         }
     };
-    (verdict, Prefixed { prefix: buf, pos: 0, io })
+    (verdict, Prefixed::new(buf, io))
 }
 
 /// The most the first read of [`http_version`] takes: a request's first
@@ -83,7 +83,7 @@ pub async fn http_version<IO: AsyncRead + Unpin>(mut io: IO) -> std::io::Result<
         }
     })
     .await?;
-    Ok(version.map(|v| (v, Prefixed { prefix, pos: 0, io })))
+    Ok(version.map(|v| (v, Prefixed::new(prefix, io))))
 }
 
 /// A stream whose first bytes were already read: they come out first (and
@@ -92,17 +92,38 @@ pub struct Prefixed<IO> {
     prefix: Vec<u8>,
     pos: usize,
     io: IO,
+    /// An error of the read that followed the last of the prefix in the
+    /// same call, for the next call (that one returned the prefix).
+    deferred: Option<std::io::Error>,
+}
+
+impl<IO> Prefixed<IO> {
+    fn new(prefix: Vec<u8>, io: IO) -> Self {
+        Self { prefix, pos: 0, io, deferred: None }
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.deferred.take() {
+            return Poll::Ready(Err(e));
+        }
         if this.pos < this.prefix.len() {
             let n = (this.prefix.len() - this.pos).min(buf.remaining());
             buf.put_slice(&this.prefix[this.pos..this.pos + n]);
             this.pos += n;
-            if this.pos == this.prefix.len() {
-                (this.prefix, this.pos) = (Vec::new(), 0);
+            if this.pos < this.prefix.len() {
+                return Poll::Ready(Ok(()));
+            }
+            (this.prefix, this.pos) = (Vec::new(), 0);
+            // What has arrived since goes in the same read: a reader that
+            // grows its buffer after a short read (hyper does) gets the
+            // whole first segment at once.
+            if buf.remaining() > 0
+                && let Poll::Ready(Err(e)) = Pin::new(&mut this.io).poll_read(cx, buf)
+            {
+                this.deferred = Some(e);
             }
             return Poll::Ready(Ok(()));
         }
@@ -207,5 +228,17 @@ mod tests {
         let (client, server) = tokio::io::duplex(1024);
         drop(client);
         assert!(http_version(server).await.unwrap().is_none());
+
+        // After detection's short read, the replay carries what has
+        // arrived since in the same read.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let request = b"GET /y HTTP/1.1\r\nhost: b\r\n\r\n";
+        client.write_all(request).await.unwrap();
+        let (verdict, mut stream) = detect(server, Duration::from_secs(5)).await;
+        assert_eq!(verdict, Some(AppHttp::Http1));
+        assert!(stream.prefix.len() < request.len(), "detection reads only what it needs");
+        let mut rb = ReadBuf::new(&mut buf);
+        std::future::poll_fn(|cx| Pin::new(&mut stream).poll_read(cx, &mut rb)).await.unwrap();
+        assert_eq!(rb.filled(), request);
     }
 }
