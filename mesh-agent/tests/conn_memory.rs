@@ -278,10 +278,10 @@ fn idle_connections_cost_each_agent_no_more_than_their_budget() {
         assert!(m.bytes[0] <= a, "{case}: node-a holds {:.0} B per connection, over its budget of {a}", m.bytes[0]);
         assert!(m.bytes[1] <= b, "{case}: node-b holds {:.0} B per connection, over its budget of {b}", m.bytes[1]);
     };
-    // Measured in a debug build (release builds hold less): l4 3.2 kB /
-    // 2.7 kB, l7 at the destination 3.3 kB / 24.5 kB, l7 at both 24 kB / 0.
-    // About a fifth of headroom.
+    // Measured (debug and release builds agree within 1%): l4 3.2 kB /
+    // 2.7 kB, l7 at the destination 3.3 kB / 21.8 kB, l7 at both 21.2 kB /
+    // 0. About a fifth of headroom.
     budget("l4", &l4, 3_900.0, 3_300.0);
-    budget("l7 at the destination", &l7_dst, 3_900.0, 30_000.0);
-    budget("l7 at both", &l7_both, 29_000.0, 1_000.0);
+    budget("l7 at the destination", &l7_dst, 3_900.0, 26_000.0);
+    budget("l7 at both", &l7_both, 26_000.0, 1_000.0);
 }

@@ -100,7 +100,10 @@ where
     let result = match version {
         AppHttp::Http2 => {
             let conn = http2_server().serve_connection(TokioIo::new(io), svc);
-            super::until_drained(conn, draining, |c| c.graceful_shutdown()).await
+            // Boxed: hyper's HTTP/2 connection is twice the size of its
+            // HTTP/1.1 one, and this future is the task of every HTTP
+            // connection, most of them HTTP/1.1.
+            Box::pin(super::until_drained(conn, draining, |c| c.graceful_shutdown())).await
         }
         // Drains at its next response ([`drain_mark`]).
         AppHttp::Http1 => http1_server().serve_connection(TokioIo::new(io), svc).with_upgrades().await,

@@ -276,9 +276,13 @@ impl Outbound {
         Some(ConnectionSlot(svc.clone()))
     }
 
+    /// Boxed: connecting (TCP, the mTLS handshake, the tunnel's HTTP/2
+    /// handshake) is a large future that most requests, on a pooled
+    /// connection, never run; inline, every request's future, boxed and
+    /// moved layer by layer, would carry its size.
     pub(super) async fn upstream_io(&self, pod: &PodHandle, dest: &Destination) -> Result<TokioIo<Upstream>, ConnectError> {
         let trust_domain = self.inputs.state.borrow().trust_domain.clone();
-        self.establish(pod, dest, &trust_domain).await.map(TokioIo::new)
+        Box::pin(self.establish(pod, dest, &trust_domain)).await.map(TokioIo::new)
     }
 }
 
