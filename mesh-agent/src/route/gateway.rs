@@ -314,29 +314,50 @@ impl Resolver<'_> {
 
 type Rules = (Vec<RouteRule>, Vec<RefProblem>);
 
-/// The schema's limits, enforced by the API server; checked here for the
-/// local file.
+/// The schema's limits (the same for HTTPRoute and GRPCRoute), enforced
+/// by the API server; checked here for the local file, which has none.
 const MAX_RULES: usize = 16;
 const MAX_MATCHES: usize = 64;
+/// Filters, backendRefs, a backend's filters, a match's headers and query
+/// parameters.
+const MAX_ITEMS: usize = 16;
 
-fn http_rules(spec: &api::HttpRouteSpec, r: &Resolver<'_>) -> Result<Rules, Unsupported> {
-    let default = vec![api::HttpRouteRule::default()];
-    let rules = spec.rules.as_ref().unwrap_or(&default);
-    if rules.len() > MAX_RULES {
-        return Err(unsupported("spec.rules", format!("{} rules, at most {MAX_RULES}", rules.len())));
+/// `items` within the schema's `maxItems`.
+fn bounded<T>(field: impl std::fmt::Display, items: &[T], max: usize) -> Result<(), Unsupported> {
+    if items.len() > max {
+        return Err(unsupported(field.to_string(), format!("{} items, at most {max}", items.len())));
     }
+    Ok(())
+}
+
+/// The rules of a route (absent: one default rule), each converted by
+/// `rule` with its field name, within the schema's limit.
+fn each_rule<R: Default + Clone>(
+    rules: Option<&Vec<R>>,
+    mut rule: impl FnMut(&str, &R, &mut Vec<RefProblem>) -> Result<RouteRule, Unsupported>,
+) -> Result<Rules, Unsupported> {
+    let default = vec![R::default()];
+    let rules = rules.unwrap_or(&default);
+    bounded("spec.rules", rules, MAX_RULES)?;
     let mut problems = Vec::new();
     let mut out = Vec::new();
-    for (i, rule) in rules.iter().enumerate() {
-        let f = format!("spec.rules[{i}]");
+    for (i, r) in rules.iter().enumerate() {
+        out.push(rule(&format!("spec.rules[{i}]"), r, &mut problems)?);
+    }
+    Ok((out, problems))
+}
+
+/// A rule's matches, converted, within the schema's limit.
+fn converted<M>(f: &str, ms: &[M], convert: impl Fn(&M) -> Result<HttpMatch, Unsupported>) -> Result<Vec<HttpMatch>, Unsupported> {
+    bounded(format_args!("{f}.matches"), ms, MAX_MATCHES)?;
+    ms.iter().enumerate().map(|(j, m)| convert(m).map_err(at(format!("{f}.matches[{j}]")))).collect()
+}
+
+fn http_rules(spec: &api::HttpRouteSpec, r: &Resolver<'_>) -> Result<Rules, Unsupported> {
+    each_rule(spec.rules.as_ref(), |f, rule: &api::HttpRouteRule, problems| {
         let matches = match &rule.matches {
             None => vec![HttpMatch { path: Some(PathMatch { prefix: Some("/".into()), ..Default::default() }), ..Default::default() }],
-            Some(ms) => {
-                if ms.len() > MAX_MATCHES {
-                    return Err(unsupported(format!("{f}.matches"), format!("{} matches, at most {MAX_MATCHES}", ms.len())));
-                }
-                ms.iter().enumerate().map(|(j, m)| http_match(m).map_err(at(format!("{f}.matches[{j}]")))).collect::<Result<_, _>>()?
-            }
+            Some(ms) => converted(f, ms, http_match)?,
         };
         let timeouts = rule.timeouts.clone().unwrap_or_default();
         let request = timeouts.request.as_deref().map(|t| duration(t).map_err(|e| unsupported(format!("{f}.timeouts.request"), e))).transpose()?.flatten();
@@ -347,29 +368,19 @@ fn http_rules(spec: &api::HttpRouteSpec, r: &Resolver<'_>) -> Result<Rules, Unsu
             return Err(unsupported(format!("{f}.timeouts.backendRequest"), format!("{} is longer than the request timeout {}", RouteDuration(be), RouteDuration(req))));
         }
         let retries = RetryPolicy { per_try_timeout: backend.map(RouteDuration), ..Default::default() };
-        out.push(rule_of(&f, matches, &rule.filters, &rule.backend_refs, request, retries, GatewayKind::Http, r, &mut problems)?);
-    }
-    Ok((out, problems))
+        rule_of(f, matches, &rule.filters, &rule.backend_refs, request, retries, GatewayKind::Http, r, problems)
+    })
 }
 
 fn grpc_rules(spec: &api::GrpcRouteSpec, r: &Resolver<'_>) -> Result<Rules, Unsupported> {
-    let default = vec![api::GrpcRouteRule::default()];
-    let rules = spec.rules.as_ref().unwrap_or(&default);
-    if rules.len() > MAX_RULES {
-        return Err(unsupported("spec.rules", format!("{} rules, at most {MAX_RULES}", rules.len())));
-    }
-    let mut problems = Vec::new();
-    let mut out = Vec::new();
-    for (i, rule) in rules.iter().enumerate() {
-        let f = format!("spec.rules[{i}]");
+    each_rule(spec.rules.as_ref(), |f, rule: &api::GrpcRouteRule, problems| {
         let matches = match &rule.matches {
             None => vec![HttpMatch::default()],
             Some(ms) if ms.is_empty() => vec![HttpMatch::default()],
-            Some(ms) => ms.iter().enumerate().map(|(j, m)| grpc_match(m).map_err(at(format!("{f}.matches[{j}]")))).collect::<Result<_, _>>()?,
+            Some(ms) => converted(f, ms, grpc_match)?,
         };
-        out.push(rule_of(&f, matches, &rule.filters, &rule.backend_refs, None, RetryPolicy::default(), GatewayKind::Grpc, r, &mut problems)?);
-    }
-    Ok((out, problems))
+        rule_of(f, matches, &rule.filters, &rule.backend_refs, None, RetryPolicy::default(), GatewayKind::Grpc, r, problems)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -384,6 +395,8 @@ fn rule_of(
     r: &Resolver<'_>,
     problems: &mut Vec<RefProblem>,
 ) -> Result<RouteRule, Unsupported> {
+    bounded(format_args!("{f}.filters"), filters, MAX_ITEMS)?;
+    bounded(format_args!("{f}.backendRefs"), backend_refs, MAX_ITEMS)?;
     let all_prefix = matches.iter().all(|m| m.path.as_ref().is_some_and(|p| p.prefix.is_some()));
     let filters = convert_filters(&format!("{f}.filters"), filters, kind, all_prefix, r, problems)?;
     let redirects = filters.iter().any(|x| matches!(x, Filter::RequestRedirect(_)));
@@ -406,6 +419,7 @@ fn rule_of(
                 (None, Some(m))
             }
         };
+        bounded(format_args!("{bf}.filters"), &b.filters, MAX_ITEMS)?;
         let filters = convert_filters(&format!("{bf}.filters"), &b.filters, kind, all_prefix, r, problems)?;
         if filters.iter().any(|x| matches!(x, Filter::RequestRedirect(_) | Filter::UrlRewrite { .. })) {
             return Err(unsupported(format!("{bf}.filters"), "RequestRedirect and URLRewrite apply to a whole rule, not to one backend"));
@@ -480,6 +494,7 @@ fn grpc_match(m: &api::GrpcRouteMatch) -> Result<HttpMatch, Unsupported> {
 }
 
 fn headers(hs: &[api::ValueMatch]) -> Result<Option<Vec<HeaderMatch>>, Unsupported> {
+    bounded("headers", hs, MAX_ITEMS)?;
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for (k, h) in hs.iter().enumerate() {
@@ -503,6 +518,7 @@ fn headers(hs: &[api::ValueMatch]) -> Result<Option<Vec<HeaderMatch>>, Unsupport
 }
 
 fn query_params(qs: &[api::ValueMatch]) -> Result<Vec<QueryMatch>, Unsupported> {
+    bounded("queryParams", qs, MAX_ITEMS)?;
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for (k, q) in qs.iter().enumerate() {

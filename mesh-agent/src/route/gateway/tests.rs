@@ -306,6 +306,33 @@ fn unsupported_fields_refuse_the_route_naming_the_field() {
         assert_eq!((a.status, a.reason), (false, "UnsupportedValue"), "{rules}");
         assert!(a.message.starts_with(&format!("{field}: ")), "{rules}: {}", a.message);
     }
+    // The schema's maxItems, which the API server enforces and the local
+    // file does not: past them the route is refused, naming the list.
+    let many = |n: usize, item: &str| vec![item; n].join(", ");
+    let hdr = "{name: x-a, value: b}";
+    let limits = [
+        (format!("rules: [{}]", many(17, "{}")), "spec.rules"),
+        (format!("rules: [{{matches: [{}]}}]", many(65, "{path: {value: /}}")), "spec.rules[0].matches"),
+        (format!("rules: [{{matches: [{{headers: [{}]}}]}}]", many(17, hdr)), "spec.rules[0].matches[0].headers"),
+        (format!("rules: [{{matches: [{{queryParams: [{}]}}]}}]", many(17, hdr)), "spec.rules[0].matches[0].queryParams"),
+        (format!("rules: [{{backendRefs: [{}]}}]", many(17, "{name: echo, port: 80}")), "spec.rules[0].backendRefs"),
+        (format!("rules: [{{filters: [{}]}}]", many(17, "{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x, value: y}]}}")), "spec.rules[0].filters"),
+        (format!("rules: [{{backendRefs: [{{name: echo, port: 80, filters: [{}]}}]}}]", many(17, "{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x, value: y}]}}")), "spec.rules[0].backendRefs[0].filters"),
+    ];
+    for (rules, field) in &limits {
+        let spec: api::HttpRouteSpec = serde_yaml::from_str(&format!("parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n{rules}")).unwrap();
+        let out = convert(&RouteObject { namespace: "shop", name: "r", created: None, spec: Spec::Http(&spec) }, &svc);
+        assert!(out.routes.is_empty(), "{field}");
+        assert!(out.parents[0].accepted.message.starts_with(&format!("{field}: ")), "{field}: {}", out.parents[0].accepted.message);
+    }
+    // At the limit: accepted.
+    let spec: api::HttpRouteSpec = serde_yaml::from_str(&format!("parentRefs: [{{group: \"\", kind: Service, name: echo}}]\nrules: [{{matches: [{}]}}]", many(64, "{path: {value: /}}"))).unwrap();
+    assert_eq!(convert(&RouteObject { namespace: "shop", name: "r", created: None, spec: Spec::Http(&spec) }, &svc).routes.len(), 1);
+    // GRPCRoute has the same limits (its matches were not bounded).
+    let spec: api::GrpcRouteSpec = serde_yaml::from_str(&format!("parentRefs: [{{group: \"\", kind: Service, name: echo}}]\nrules: [{{matches: [{}]}}]", many(65, "{method: {service: a.B}}"))).unwrap();
+    let out = convert(&RouteObject { namespace: "shop", name: "r", created: None, spec: Spec::Grpc(&spec) }, &svc);
+    assert!(out.routes.is_empty() && out.parents[0].accepted.message.starts_with("spec.rules[0].matches: "), "{}", out.parents[0].accepted.message);
+
     // The local file says the same, naming the document.
     let doc = route_doc("bad", None, "  - filters: [{type: CORS, cors: {}}]\n");
     let e = refused(&doc);
