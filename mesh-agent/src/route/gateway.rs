@@ -355,9 +355,12 @@ fn converted<M>(f: &str, ms: &[M], convert: impl Fn(&M) -> Result<HttpMatch, Uns
 
 fn http_rules(spec: &api::HttpRouteSpec, r: &Resolver<'_>) -> Result<Rules, Unsupported> {
     each_rule(spec.rules.as_ref(), |f, rule: &api::HttpRouteRule, problems| {
+        // "If no matches are specified, the default is a prefix path match
+        // on "/"": absent and an empty list alike (the API server fills in
+        // the default only for an absent field).
         let matches = match &rule.matches {
-            None => vec![HttpMatch { path: Some(PathMatch { prefix: Some("/".into()), ..Default::default() }), ..Default::default() }],
-            Some(ms) => converted(f, ms, http_match)?,
+            Some(ms) if !ms.is_empty() => converted(f, ms, http_match)?,
+            _ => vec![HttpMatch { path: Some(PathMatch { prefix: Some("/".into()), ..Default::default() }), ..Default::default() }],
         };
         let timeouts = rule.timeouts.clone().unwrap_or_default();
         let request = timeouts.request.as_deref().map(|t| duration(t).map_err(|e| unsupported(format!("{f}.timeouts.request"), e))).transpose()?.flatten();
@@ -375,9 +378,8 @@ fn http_rules(spec: &api::HttpRouteSpec, r: &Resolver<'_>) -> Result<Rules, Unsu
 fn grpc_rules(spec: &api::GrpcRouteSpec, r: &Resolver<'_>) -> Result<Rules, Unsupported> {
     each_rule(spec.rules.as_ref(), |f, rule: &api::GrpcRouteRule, problems| {
         let matches = match &rule.matches {
-            None => vec![HttpMatch::default()],
-            Some(ms) if ms.is_empty() => vec![HttpMatch::default()],
-            Some(ms) => converted(f, ms, grpc_match)?,
+            Some(ms) if !ms.is_empty() => converted(f, ms, grpc_match)?,
+            _ => vec![HttpMatch::default()],
         };
         rule_of(f, matches, &rule.filters, &rule.backend_refs, None, RetryPolicy::default(), GatewayKind::Grpc, r, problems)
     })

@@ -384,6 +384,12 @@ fn filters_timeouts_and_defaults_convert() {
     assert_eq!(rules[1].matches.as_ref().unwrap()[0].path.as_ref().unwrap().prefix.as_deref(), Some("/"));
     assert_eq!(rules[1].timeout, None);
     assert!(matches!(&rules[1].filters[0], Filter::RequestRedirect(Redirect { status_code: 302, scheme: Some(s), .. }) if s == "https"));
+    // An explicitly empty list is "no matches specified" too: every request.
+    let s = state(&route_doc("e", None, "  - matches: []\n    backendRefs: [{name: echo-v1, port: 80}]\n"));
+    let h = HeaderMap::new();
+    let table = RouteTable::from_state(&s);
+    let sel = table.select("shop", "echo", &view(&Method::GET, "/anything", &h, "shop"), 0).rule().expect("matches: [] matched nothing");
+    assert_eq!(backend(&sel), "echo-v1");
 }
 
 #[test]
