@@ -332,7 +332,7 @@ fn bounded<T>(field: impl std::fmt::Display, items: &[T], max: usize) -> Result<
 
 /// The rules of a route (absent: one default rule), each converted by
 /// `rule` with its field name, within the schema's limit.
-fn each_rule<R: Default + Clone>(
+fn each_rule<R: Default>(
     rules: Option<&Vec<R>>,
     mut rule: impl FnMut(&str, &R, &mut Vec<RefProblem>) -> Result<RouteRule, Unsupported>,
 ) -> Result<Rules, Unsupported> {
