@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::AppHttp;
 
+mod idle;
 pub(super) mod validate;
 
 /// The header carrying the verified client identity to the application.
@@ -89,14 +90,14 @@ pub(super) fn ready<E>() -> std::task::Poll<Result<(), E>> {
 pub(super) async fn serve<IO, S>(io: IO, stack: S, draining: &CancellationToken, stats: &super::PodStats, at: SocketAddr, side: &str)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService,
+    S: HttpService + Unpin,
 {
     let (version, io) = match super::sniff::http_version(io).await {
         Ok(Some(v)) => v,
         Ok(None) => return,
         Err(e) => return tracing::debug!(%at, error = %e, side, "HTTP connection ended before its first request"),
     };
-    let svc = Serve { stack: std::cell::RefCell::new(stack), draining: draining.clone() };
+    let svc = Serve { stack: std::cell::RefCell::new(stack), draining: draining.clone(), idle: Default::default() };
     let result = match version {
         AppHttp::Http2 => {
             let conn = http2_server().serve_connection(TokioIo::new(io), svc);
@@ -105,8 +106,9 @@ where
             // connection, most of them HTTP/1.1.
             Box::pin(super::until_drained(conn, draining, |c| c.graceful_shutdown())).await
         }
-        // Drains at its next response ([`drain_mark`]).
-        AppHttp::Http1 => http1_server().serve_connection(TokioIo::new(io), svc).with_upgrades().await,
+        // Drains at its next response ([`drain_mark`]); idle, it holds
+        // none of hyper's buffers ([`idle`]).
+        AppHttp::Http1 => idle::serve(io, svc, &http1_server()).await.0,
     };
     count_http_end(result, stats, at, side);
 }
@@ -120,17 +122,20 @@ struct Serve<S> {
     stack: std::cell::RefCell<S>,
     /// The agent's draining token, shared with each response's future.
     draining: CancellationToken,
+    /// What says when an HTTP/1.1 connection is between requests.
+    idle: std::sync::Arc<idle::Idle>,
 }
 
 impl<S: HttpService> hyper::service::Service<Request<Incoming>> for Serve<S> {
-    type Response = Response<RespBody>;
+    type Response = Response<idle::Tracked>;
     type Error = Infallible;
     type Future = Marked;
 
     fn call(&self, req: Request<Incoming>) -> Marked {
         let version = req.version();
+        let in_flight = self.idle.start(hyper::body::Body::is_end_stream(req.body()));
         let run = self.stack.borrow_mut().call(req);
-        Marked { run, version, draining: self.draining.clone() }
+        Marked { run, version, draining: self.draining.clone(), in_flight: Some(in_flight) }
     }
 }
 
@@ -140,14 +145,18 @@ struct Marked {
     run: HttpFuture,
     version: http::Version,
     draining: CancellationToken,
+    /// Moves into the response's body.
+    in_flight: Option<idle::InFlight>,
 }
 
 impl Future for Marked {
-    type Output = Result<Response<RespBody>, Infallible>;
+    type Output = Result<Response<idle::Tracked>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let res = std::task::ready!(self.run.as_mut().poll(cx))?;
-        std::task::Poll::Ready(Ok(drain_mark(&self.draining, self.version, res)))
+        let in_flight = self.in_flight.take();
+        let res = drain_mark(&self.draining, self.version, res).map(|body| idle::Tracked::new(body, in_flight));
+        std::task::Poll::Ready(Ok(res))
     }
 }
 

@@ -69,13 +69,9 @@ pub async fn http_version<IO: AsyncRead + Unpin>(mut io: IO) -> std::io::Result<
     let mut prefix = Vec::new();
     let version = std::future::poll_fn(|cx| {
         loop {
-            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
-            let mut rb = ReadBuf::uninit(&mut scratch);
-            std::task::ready!(Pin::new(&mut io).poll_read(cx, &mut rb))?;
-            if rb.filled().is_empty() {
+            if std::task::ready!(poll_segment(&mut io, cx, &mut prefix))? == 0 {
                 return Poll::Ready(Ok::<_, std::io::Error>(None));
             }
-            prefix.extend_from_slice(rb.filled());
             if prefix.len() >= PREFACE.len() || !PREFACE.starts_with(&prefix) {
                 let h2 = prefix.starts_with(PREFACE);
                 return Poll::Ready(Ok(Some(if h2 { AppHttp::Http2 } else { AppHttp::Http1 })));
@@ -84,6 +80,16 @@ pub async fn http_version<IO: AsyncRead + Unpin>(mut io: IO) -> std::io::Result<
     })
     .await?;
     Ok(version.map(|v| (v, Prefixed::new(prefix, io))))
+}
+
+/// Reads what `io` has (a segment, at most [`FIRST_READ`] bytes) on the
+/// stack and appends exactly that to `into`; 0 at the end of the stream.
+fn poll_segment<IO: AsyncRead + Unpin>(io: &mut IO, cx: &mut Context<'_>, into: &mut Vec<u8>) -> Poll<std::io::Result<usize>> {
+    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+    let mut rb = ReadBuf::uninit(&mut scratch);
+    std::task::ready!(Pin::new(io).poll_read(cx, &mut rb))?;
+    into.extend_from_slice(rb.filled());
+    Poll::Ready(Ok(rb.filled().len()))
 }
 
 /// A stream whose first bytes were already read: they come out first (and
@@ -100,6 +106,31 @@ pub struct Prefixed<IO> {
 impl<IO> Prefixed<IO> {
     fn new(prefix: Vec<u8>, io: IO) -> Self {
         Self { prefix, pos: 0, io, deferred: None }
+    }
+
+    /// Puts `bytes` back in front of what is still to be read.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        let mut prefix = Vec::with_capacity(bytes.len() + self.prefix.len() - self.pos);
+        prefix.extend_from_slice(bytes);
+        prefix.extend_from_slice(&self.prefix[self.pos..]);
+        (self.prefix, self.pos) = (prefix, 0);
+    }
+}
+
+impl<IO: AsyncRead + Unpin> Prefixed<IO> {
+    /// Waits for the stream's next bytes and keeps them in front, read as
+    /// [`http_version`] reads (kept exactly, so that the next reader gets
+    /// them all at once); `false`: the stream ended.
+    pub async fn fill(&mut self) -> std::io::Result<bool> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
+        if self.pos > 0 {
+            self.prefix.drain(..self.pos);
+            self.pos = 0;
+        }
+        let n = std::future::poll_fn(|cx| poll_segment(&mut self.io, cx, &mut self.prefix)).await?;
+        Ok(n > 0)
     }
 }
 
