@@ -10,20 +10,24 @@
 //! So the agent watches how many descriptors it holds (every connection it
 //! carries costs at least one: accepted from a pod, to an app, to a peer; a
 //! count of its own connection table would miss the tunnel streams a
-//! destination agent carries over one accepted connection). When that fell
-//! by at least [`STORM`] from its last high point and settled, it starts a collection
+//! destination agent carries over one accepted connection). When that moved
+//! by at least [`STORM`] from its last high or low point and settled (many
+//! connections closed, or many opened: their first exchanges' buffers are
+//! freed too), or when many exchanges ended on connections that stay open
+//! (an idle HTTP/1.1 connection frees its server's buffers) and stopped, it
+//! starts a collection
 //! round ([`collect_now`]): each runtime thread collects its own heap the
 //! next time it parks ([`on_park`], installed on the runtimes in `app.rs`),
 //! that is when it has nothing else to do. Cheap: a directory read every
 //! [`CHECK_EVERY`], an atomic load per park, a collection per thread only
-//! after many connections ended.
+//! after a storm settled.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How often the descriptor count is looked at.
-pub const CHECK_EVERY: Duration = Duration::from_secs(5);
+pub const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Descriptors (connections) that must have closed since the high point
 /// before collecting.
@@ -37,26 +41,61 @@ thread_local! {
     static COLLECTED: Cell<u64> = const { Cell::new(0) };
 }
 
+/// Events that each freed about a connection's worth of buffers (16 KiB or
+/// more) while the connections go on: an idle HTTP/1.1 connection letting
+/// its server's buffers go (`proxy::http::idle`), a pooled connection to an
+/// app or a peer closed for idleness. Counted for [`Trimmer`].
+static CHURN: AtomicU64 = AtomicU64::new(0);
+
+/// Churn events since the last collection that make a storm: about 4 MiB
+/// of buffers.
+pub const CHURN_STORM: u64 = 256;
+
+/// Notes an event that freed a connection's transient memory.
+pub fn note_churn() {
+    CHURN.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A pool's `retain` verdict on one of its connections: one dropped is
+/// churn.
+pub fn kept(keep: bool) -> bool {
+    if !keep {
+        note_churn();
+    }
+    keep
+}
+
 /// When to collect, apart from the allocator (so it is tested on its own).
 #[derive(Debug, Default)]
 pub struct Trimmer {
     high: usize,
+    low: usize,
     last: usize,
+    /// [`CHURN`] at the last collection, and at the last look.
+    churn_since: u64,
+    churn_last: u64,
 }
 
 impl Trimmer {
-    /// `open` descriptors now: true when a collection is due: the count
-    /// fell by [`STORM`] or more from the highest count seen since the last
-    /// collection, and has settled (moved by less than a tenth of that
-    /// since the last look). Collected mid-fall, the memory of the
-    /// connections still closing would be freed after the collection and
-    /// stay with idle threads.
-    pub fn observe(&mut self, open: usize) -> bool {
-        let settled = open.abs_diff(self.last) < STORM / 10;
-        self.last = open;
+    /// `open` descriptors and the `churn` count now: true when a
+    /// collection is due. Either the descriptors moved by [`STORM`] or
+    /// more from the highest or the lowest count seen since the last
+    /// collection (many connections closed and freed theirs, or many
+    /// opened and freed what their set-up needed), or [`CHURN_STORM`]
+    /// churn events happened since it; and both counts have settled (each
+    /// moved by less than a tenth of its storm since the last look). Collected mid-storm, the memory of the
+    /// connections still opening, closing or busy would be freed after the
+    /// collection and stay with idle threads; under steady load nothing
+    /// settles and nothing is collected (busy threads reuse what they
+    /// free).
+    pub fn observe(&mut self, open: usize, churn: u64) -> bool {
+        let settled = open.abs_diff(self.last) < STORM / 10 && churn - self.churn_last < CHURN_STORM / 10;
+        (self.last, self.churn_last) = (open, churn);
         self.high = self.high.max(open);
-        if self.high - open >= STORM && settled {
-            self.high = open;
+        self.low = self.low.min(open);
+        let stormed = self.high - open >= STORM || open - self.low >= STORM || churn - self.churn_since >= CHURN_STORM;
+        if settled && stormed {
+            (self.high, self.low, self.churn_since) = (open, open, churn);
             return true;
         }
         false
@@ -71,7 +110,7 @@ pub async fn trim_after_storms() {
     loop {
         tick.tick().await;
         let Some(now) = open_descriptors() else { continue };
-        if trimmer.observe(now) {
+        if trimmer.observe(now, CHURN.load(Ordering::Relaxed)) {
             tracing::debug!(open_descriptors = now, rss_kib = resident_kib(), "connections closed: threads return free memory when idle");
             collect_now();
         }
@@ -123,21 +162,50 @@ mod tests {
     #[test]
     fn collects_once_per_storm_once_settled() {
         let mut t = Trimmer::default();
-        // Rising and small dips: nothing to give back.
-        for open in [0, 10, 500, 480, 1_200, 900, 1_500, 1_500] {
-            assert!(!t.observe(open), "at {open}");
+        let mut look = |open| t.observe(open, 0);
+        // Small moves: nothing to give back.
+        for open in [0, 10, 500, 480, 900, 900] {
+            assert!(!look(open), "at {open}");
         }
+        // Rising: not yet, connections are still opening.
+        assert!(!look(1_500));
+        // 1,000 more than the low point and settled: collect, once.
+        assert!(look(1_520));
+        assert!(!look(1_520));
         // Falling: not yet, connections are still closing.
-        assert!(!t.observe(800));
-        assert!(!t.observe(450));
+        assert!(!look(800));
+        assert!(!look(450));
         // 1,000 fewer than the high point and settled: collect, once.
-        assert!(t.observe(420));
-        assert!(!t.observe(400));
-        // A new storm measured from the new high point.
-        assert!(!t.observe(3_000));
-        assert!(!t.observe(0));
-        assert!(t.observe(0));
-        assert!(!t.observe(0));
+        assert!(look(420));
+        assert!(!look(400));
+        // A new storm measured from where the last one settled, either way.
+        assert!(!look(3_000));
+        assert!(!look(0));
+        assert!(look(0));
+        assert!(!look(0));
+        assert!(!look(600));
+        assert!(!look(1_100));
+        assert!(look(1_100));
+    }
+
+    /// Exchanges ending on connections that stay open: collected once
+    /// they stop, never while they go on.
+    #[test]
+    fn collects_after_churn_settles() {
+        let mut t = Trimmer::default();
+        assert!(!t.observe(50, 0));
+        // Steady load: 5,000 exchanges a look, never settled.
+        for look in 1..=5 {
+            assert!(!t.observe(50, look * 5_000), "look {look}");
+        }
+        // It stops: collect, once.
+        assert!(t.observe(50, 25_010));
+        assert!(!t.observe(50, 25_010));
+        // A little more is not a storm; enough of it, once settled, is.
+        assert!(!t.observe(50, 25_200));
+        assert!(!t.observe(50, 25_200));
+        assert!(!t.observe(50, 25_250));
+        assert!(t.observe(50, 25_270));
     }
 
     #[test]

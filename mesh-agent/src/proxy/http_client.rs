@@ -88,10 +88,10 @@ impl HttpClients {
     /// pool's handle closes an HTTP/2 connection once no request holds it).
     pub fn reap(&self) {
         let now = Instant::now();
-        self.h2.lock().expect("poisoned").retain(|_, c| !c.sender.is_closed() && now - c.since < IDLE_TIMEOUT);
+        self.h2.lock().expect("poisoned").retain(|_, c| crate::memory::kept(!c.sender.is_closed() && now - c.since < IDLE_TIMEOUT));
         let mut h1 = self.h1.lock().expect("poisoned");
         for list in h1.values_mut() {
-            list.retain(|c| !c.sender.is_closed() && now - c.since < IDLE_TIMEOUT);
+            list.retain(|c| crate::memory::kept(!c.sender.is_closed() && now - c.since < IDLE_TIMEOUT));
         }
         h1.retain(|_, l| !l.is_empty());
     }

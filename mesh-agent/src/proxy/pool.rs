@@ -90,9 +90,11 @@ impl Pool {
         let mut conns = self.conns.lock().expect("poisoned");
         conns.retain(|_, list| {
             list.retain(|p| {
-                !p.sender.is_closed()
-                    && (p.usage.streams.load(Ordering::Relaxed) > 0
-                        || p.usage.idle_since.lock().expect("poisoned").elapsed() < idle)
+                crate::memory::kept(
+                    !p.sender.is_closed()
+                        && (p.usage.streams.load(Ordering::Relaxed) > 0
+                            || p.usage.idle_since.lock().expect("poisoned").elapsed() < idle),
+                )
             });
             !list.is_empty()
         });

@@ -212,6 +212,8 @@ where
             End::Parked(parts) => parts,
         };
         parks += 1;
+        // What it freed goes back to the kernel once such exchanges settle.
+        crate::memory::note_churn();
         svc = parts.service;
         io = parts.io.into_inner().io;
         if !parts.read_buf.is_empty() {

@@ -60,7 +60,7 @@ impl AppConnections {
         self.h2.lock().expect("poisoned").retain(|_, s| !s.is_closed());
         let mut h1 = self.h1.lock().expect("poisoned");
         for list in h1.values_mut() {
-            list.retain(|(s, since)| !s.is_closed() && now - *since < crate::proxy::pool::IDLE_TIMEOUT);
+            list.retain(|(s, since)| crate::memory::kept(!s.is_closed() && now - *since < crate::proxy::pool::IDLE_TIMEOUT));
         }
         h1.retain(|_, l| !l.is_empty());
     }

@@ -77,6 +77,14 @@ pub struct Profile {
     /// Idle keep-alive connections held at once, one measurement each.
     #[serde(default)]
     pub idle_conns: Vec<u32>,
+    /// How long a storm of idle connections is given to settle before
+    /// memory is read, and between sizes: the agent's pools close what the
+    /// storm opened once idle for 5 s (looked at every second), then two of
+    /// its memory looks (every 2 s) and its threads' next park, so that
+    /// the reading is what the proxies hold for idle connections, not what
+    /// a burst left in pools or what they freed and have yet to return.
+    #[serde(default)]
+    pub idle_settle_ms: u64,
     /// The rapid reset flood's length (legitimate load during it).
     #[serde(default)]
     pub rapid_reset_secs: u64,
@@ -104,6 +112,7 @@ impl Profile {
                 bulk_bytes: 1 << 30,
                 restart_secs: 12,
                 idle_conns: vec![1000, 10_000],
+                idle_settle_ms: 11_000,
                 rapid_reset_secs: 8,
                 settle_ms: 1000,
                 only: Vec::new(),
@@ -118,6 +127,7 @@ impl Profile {
                 bulk_bytes: 256 << 20,
                 restart_secs: 6,
                 idle_conns: vec![1000, 10_000],
+                idle_settle_ms: 11_000,
                 rapid_reset_secs: 3,
                 settle_ms: 500,
                 only: Vec::new(),
@@ -132,6 +142,8 @@ impl Profile {
                 bulk_bytes: 16 << 20,
                 restart_secs: 4,
                 idle_conns: vec![100],
+                // Too few to be a storm: nothing to wait for.
+                idle_settle_ms: 500,
                 rapid_reset_secs: 1,
                 settle_ms: 200,
                 only: Vec::new(),
@@ -275,12 +287,13 @@ pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], h2_front: bool, p:
 
 /// Per size: `meshtest idle` holds that many keep-alive connections (one
 /// GET each); each proxy's anonymous memory with them minus before, per
-/// connection. Between sizes the proxies get their descriptors back and
-/// time to return freed memory (the agent looks every 5 s).
+/// connection, read once the opening has settled
+/// ([`Profile::idle_settle_ms`]). Between sizes the proxies get their
+/// descriptors back and the same time to return freed memory.
 fn idle_conns(client: &Pod, target: &Target, pids: &[u32], p: &Profile, m: &mut Metrics) -> Result<()> {
     for (i, &n) in p.idle_conns.iter().enumerate() {
         if i > 0 {
-            std::thread::sleep(Duration::from_secs(11));
+            std::thread::sleep(Duration::from_millis(p.idle_settle_ms));
         }
         let before: Vec<f64> = pids.iter().map(|&pid| anon_mb(pid)).collect::<Result<_>>()?;
         let control = std::env::temp_dir().join(format!("bench-idle-{}-{n}", std::process::id()));
@@ -296,8 +309,7 @@ fn idle_conns(client: &Pod, target: &Target, pids: &[u32], p: &Profile, m: &mut 
             .with_context(|| format!("meshtest idle: {}", idle.stderr()))?;
         let opened: Value = serde_json::from_str(&line)?;
         ensure!(opened["failed"] == 0, "idle connections failed: {opened}");
-        // Let the last connections' buffers settle before reading.
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(p.idle_settle_ms));
         for ((side, pid), before) in sides(pids).zip(&before) {
             m.set(&format!("idle_kib_{side}_{n}"), (anon_mb(pid)? - before) * 1024.0 / f64::from(n));
         }
