@@ -250,15 +250,15 @@ const N: usize = 1000;
 /// The cases: `CONN_MEMORY_CASE` name, label, port, by service address,
 /// budget (bytes per held connection, node-a / node-b). Measured (debug and
 /// release builds agree within 1%): l4 3.2 kB / 2.7 kB, l7 at the
-/// destination 3.3 kB / 6.4 kB, l7 at both 5.3 kB / 0 (its destination
+/// destination 3.3 kB / 4.6 kB, l7 at both 3.7 kB / 0 (its destination
 /// shares one pooled connection to the app); an idle HTTP/1.1 connection
 /// holds none of hyper's buffers (`proxy::http::idle`; 21.8 kB and
 /// 21.2 kB before). About a fifth of headroom;
 /// bench/PROFILE.md says where the bytes go.
 const CASES: [(&str, &str, u16, bool, [f64; 2]); 3] = [
     ("l4", "l4", 9000, false, [3_900.0, 3_300.0]),
-    ("l7-destination", "l7 at the destination", 8080, false, [3_900.0, 7_700.0]),
-    ("l7-both", "l7 at both", 8080, true, [6_400.0, 1_000.0]),
+    ("l7-destination", "l7 at the destination", 8080, false, [3_900.0, 5_600.0]),
+    ("l7-both", "l7 at both", 8080, true, [4_500.0, 1_000.0]),
 ];
 
 /// Every case, or only `CONN_MEMORY_CASE=l4|l7-destination|l7-both` (one

@@ -108,7 +108,7 @@ where
         }
         // Drains at its next response ([`drain_mark`]); idle, it holds
         // none of hyper's buffers ([`idle`]).
-        AppHttp::Http1 => idle::serve(io, svc, &http1_server()).await.0,
+        AppHttp::Http1 => idle::serve(io, svc).await.0,
     };
     count_http_end(result, stats, at, side);
 }

@@ -118,19 +118,19 @@ impl<IO> Prefixed<IO> {
 }
 
 impl<IO: AsyncRead + Unpin> Prefixed<IO> {
-    /// Waits for the stream's next bytes and keeps them in front, read as
+    /// Polls for the stream's next bytes and keeps them in front, read as
     /// [`http_version`] reads (kept exactly, so that the next reader gets
     /// them all at once); `false`: the stream ended.
-    pub async fn fill(&mut self) -> std::io::Result<bool> {
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
         if let Some(e) = self.deferred.take() {
-            return Err(e);
+            return Poll::Ready(Err(e));
         }
         if self.pos > 0 {
             self.prefix.drain(..self.pos);
             self.pos = 0;
         }
-        let n = std::future::poll_fn(|cx| poll_segment(&mut self.io, cx, &mut self.prefix)).await?;
-        Ok(n > 0)
+        let n = std::task::ready!(poll_segment(&mut self.io, cx, &mut self.prefix))?;
+        Poll::Ready(Ok(n > 0))
     }
 }
 

@@ -43,12 +43,13 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
     },
     task::{Context, Poll, ready},
+    future::Future,
 };
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{HttpService, RespBody, Serve};
 use crate::proxy::sniff::Prefixed;
@@ -184,66 +185,111 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
 }
 
 type Conn<IO, S> = hyper::server::conn::http1::UpgradeableConnection<TokioIo<Watched<IO>>, Serve<S>>;
-type Parts<IO, S> = hyper::server::conn::http1::Parts<TokioIo<Watched<IO>>, Serve<S>>;
-
-/// How a generation ended.
-enum End<IO, S> {
-    /// The connection is over (hyper's result).
-    Done(Result<(), hyper::Error>),
-    /// Idle between requests: the stream, what hyper read past the last
-    /// request, and the stack.
-    Parked(Parts<IO, S>),
-}
 
 /// Serves HTTP/1.1 on `io` in generations (the module's doc) until the
-/// connection ends; how it ended, and how many times it parked.
-pub(super) async fn serve<IO, S>(mut io: Prefixed<IO>, mut svc: Serve<S>, server: &hyper::server::conn::http1::Builder) -> (Result<(), hyper::Error>, u32)
+/// connection ends; resolves to how it ended and how many times it parked.
+pub(super) fn serve<IO, S>(io: Prefixed<IO>, svc: Serve<S>) -> Http1<IO, S>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService + Unpin,
 {
     let idle = svc.idle.clone();
-    let mut parks = 0;
-    loop {
-        idle.calls.store(0, Relaxed);
-        let mut conn = Some(server.serve_connection(TokioIo::new(Watched { io, idle: idle.clone() }), svc).with_upgrades());
-        let parts = match std::future::poll_fn(|cx| poll_generation(&mut conn, &idle, cx)).await {
-            End::Done(result) => return (result, parks),
-            End::Parked(parts) => parts,
-        };
-        parks += 1;
-        // What it freed goes back to the kernel once such exchanges settle.
-        crate::memory::note_churn();
-        svc = parts.service;
-        io = parts.io.into_inner().io;
-        if !parts.read_buf.is_empty() {
-            // Part of the next request is here already: serve it now.
-            io.unread(&parts.read_buf);
-            continue;
-        }
-        drop(parts.read_buf);
-        match io.fill().await {
-            Ok(true) => {}
-            // The client closed between requests: so does the agent, as
-            // hyper does.
-            Ok(false) => {
-                let _ = io.shutdown().await;
-                return (Ok(()), parks);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "idle HTTP connection failed");
-                return (Ok(()), parks);
+    Http1 { state: State::Serving(generation(io, svc, &idle)), idle, parks: 0 }
+}
+
+/// The connection's task: a state machine written out, so that a parked
+/// connection holds its stream and stack once, and hyper's connection
+/// (boxed, a kilobyte) only while a generation runs.
+pub(super) struct Http1<IO, S: HttpService> {
+    state: State<IO, S>,
+    idle: Arc<Idle>,
+    parks: u32,
+}
+
+enum State<IO, S: HttpService> {
+    Serving(Box<Conn<IO, S>>),
+    /// Parked: waiting for the next request's first bytes.
+    Waiting(Prefixed<IO>, Serve<S>),
+    /// The client closed while parked: so does the agent, as hyper does.
+    Closing(Prefixed<IO>),
+    Done,
+}
+
+/// A new generation's hyper connection.
+fn generation<IO, S>(io: Prefixed<IO>, svc: Serve<S>, idle: &Arc<Idle>) -> Box<Conn<IO, S>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService + Unpin,
+{
+    idle.calls.store(0, Relaxed);
+    Box::new(super::http1_server().serve_connection(TokioIo::new(Watched { io, idle: idle.clone() }), svc).with_upgrades())
+}
+
+impl<IO, S> Future for Http1<IO, S>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService + Unpin,
+{
+    type Output = (Result<(), hyper::Error>, u32);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Serving(conn) => {
+                    let (result, parked) = ready!(poll_generation(conn, &this.idle, cx));
+                    let State::Serving(conn) = std::mem::replace(&mut this.state, State::Done) else { unreachable!() };
+                    let parts = match result {
+                        Ok(()) if parked => conn.into_parts(),
+                        r => return Poll::Ready((r, this.parks)),
+                    };
+                    // `None`: upgraded, the upgrade has the stream.
+                    let Some(hyper::server::conn::http1::Parts { io, read_buf, service, .. }) = parts else {
+                        return Poll::Ready((Ok(()), this.parks));
+                    };
+                    this.parks += 1;
+                    // What it freed goes back to the kernel once such
+                    // exchanges settle.
+                    crate::memory::note_churn();
+                    let mut io = io.into_inner().io;
+                    this.state = if read_buf.is_empty() {
+                        State::Waiting(io, service)
+                    } else {
+                        // Part of the next request is here already: serve
+                        // it now.
+                        io.unread(&read_buf);
+                        State::Serving(generation(io, service, &this.idle))
+                    };
+                }
+                State::Waiting(io, _) => {
+                    let more = ready!(io.poll_fill(cx));
+                    let State::Waiting(io, svc) = std::mem::replace(&mut this.state, State::Done) else { unreachable!() };
+                    match more {
+                        Ok(true) => this.state = State::Serving(generation(io, svc, &this.idle)),
+                        Ok(false) => this.state = State::Closing(io),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "idle HTTP connection failed");
+                            return Poll::Ready((Ok(()), this.parks));
+                        }
+                    }
+                }
+                State::Closing(io) => {
+                    let _ = ready!(Pin::new(io).poll_shutdown(cx));
+                    this.state = State::Done;
+                    return Poll::Ready((Ok(()), this.parks));
+                }
+                State::Done => panic!("an HTTP/1.1 connection polled after its end"),
             }
         }
     }
 }
 
-fn poll_generation<IO, S>(slot: &mut Option<Conn<IO, S>>, idle: &Idle, cx: &mut Context<'_>) -> Poll<End<IO, S>>
+/// Polls a generation; when it ends, its result and whether it parked.
+fn poll_generation<IO, S>(conn: &mut Conn<IO, S>, idle: &Idle, cx: &mut Context<'_>) -> Poll<(Result<(), hyper::Error>, bool)>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService + Unpin,
 {
-    let conn = slot.as_mut().expect("a generation polled after its end");
     let result = match Pin::new(&mut *conn).poll(cx) {
         Poll::Ready(r) => r,
         Poll::Pending => {
@@ -265,12 +311,7 @@ where
             }
         }
     };
-    let parked = idle.parking.swap(false, Relaxed);
-    let conn = slot.take().expect("checked above");
-    Poll::Ready(match result {
-        Ok(()) if parked => conn.into_parts().map_or(End::Done(Ok(())), End::Parked),
-        r => End::Done(r),
-    })
+    Poll::Ready((result, idle.parking.swap(false, Relaxed)))
 }
 
 #[cfg(test)]

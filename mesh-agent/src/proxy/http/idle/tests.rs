@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 use tokio_util::sync::CancellationToken;
 
-use super::super::{HttpFuture, RespBody, Serve, http1_server};
+use super::super::{HttpFuture, RespBody, Serve};
 use crate::proxy::sniff;
 
 fn body(s: impl Into<Bytes>) -> RespBody {
@@ -92,7 +92,7 @@ fn serve_with(draining: CancellationToken) -> Wire {
     let server = tokio::spawn(async move {
         let Some((_, io)) = sniff::http_version(server).await.unwrap() else { return (Ok(()), 0) };
         let svc = Serve { stack: std::cell::RefCell::new(App), draining, idle: Default::default() };
-        let (result, parks) = super::serve(io, svc, &http1_server()).await;
+        let (result, parks) = super::serve(io, svc).await;
         (result.map_err(|e| e.to_string()), parks)
     });
     Wire { io, buf: Vec::new(), server }
