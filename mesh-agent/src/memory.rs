@@ -18,7 +18,8 @@
 //! starts a collection
 //! round ([`collect_now`]): each runtime thread collects its own heap the
 //! next time it parks ([`on_park`], installed on the runtimes in `app.rs`),
-//! that is when it has nothing else to do. Cheap: a directory read every
+//! that is when it has nothing else to do; a second round follows once the
+//! pools have closed the connections the storm left idle. Cheap: a directory read every
 //! [`CHECK_EVERY`], an atomic load per park, a collection per thread only
 //! after a storm settled.
 
@@ -74,7 +75,15 @@ pub struct Trimmer {
     /// [`CHURN`] at the last collection, and at the last look.
     churn_since: u64,
     churn_last: u64,
+    /// Looks left until the follow-up of the last collection.
+    follow_up: Option<u32>,
 }
+
+/// Looks after a storm's collection until a second one: by then the pools
+/// have closed the connections the storm left idle
+/// ([`crate::proxy::pool::IDLE_TIMEOUT`], looked at every second), and what
+/// those held is free too.
+pub const FOLLOW_UP_LOOKS: u32 = (crate::proxy::pool::IDLE_TIMEOUT.as_secs() + 1).div_ceil(CHECK_EVERY.as_secs()) as u32;
 
 impl Trimmer {
     /// `open` descriptors and the `churn` count now: true when a
@@ -87,7 +96,8 @@ impl Trimmer {
     /// connections still opening, closing or busy would be freed after the
     /// collection and stay with idle threads; under steady load nothing
     /// settles and nothing is collected (busy threads reuse what they
-    /// free).
+    /// free). A collection is followed by a second one
+    /// [`FOLLOW_UP_LOOKS`] looks later.
     pub fn observe(&mut self, open: usize, churn: u64) -> bool {
         let settled = open.abs_diff(self.last) < STORM / 10 && churn - self.churn_last < CHURN_STORM / 10;
         (self.last, self.churn_last) = (open, churn);
@@ -96,9 +106,20 @@ impl Trimmer {
         let stormed = self.high - open >= STORM || open - self.low >= STORM || churn - self.churn_since >= CHURN_STORM;
         if settled && stormed {
             (self.high, self.low, self.churn_since) = (open, open, churn);
+            self.follow_up = Some(FOLLOW_UP_LOOKS);
             return true;
         }
-        false
+        match &mut self.follow_up {
+            Some(1) => {
+                self.follow_up = None;
+                true
+            }
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            None => false,
+        }
     }
 }
 
@@ -159,33 +180,43 @@ fn resident_kib() -> u64 {
 mod tests {
     use super::*;
 
+    /// After a collection: nothing for a few looks, then its follow-up,
+    /// then nothing, with `open` descriptors and `churn` unchanged.
+    fn follow_up(t: &mut Trimmer, open: usize, churn: u64) {
+        for look in 1..FOLLOW_UP_LOOKS {
+            assert!(!t.observe(open, churn), "look {look} after a collection");
+        }
+        assert!(t.observe(open, churn), "the follow-up");
+        assert!(!t.observe(open, churn), "after the follow-up");
+    }
+
     #[test]
     fn collects_once_per_storm_once_settled() {
+        assert!(FOLLOW_UP_LOOKS >= 2, "{FOLLOW_UP_LOOKS}");
         let mut t = Trimmer::default();
-        let mut look = |open| t.observe(open, 0);
         // Small moves: nothing to give back.
         for open in [0, 10, 500, 480, 900, 900] {
-            assert!(!look(open), "at {open}");
+            assert!(!t.observe(open, 0), "at {open}");
         }
         // Rising: not yet, connections are still opening.
-        assert!(!look(1_500));
+        assert!(!t.observe(1_500, 0));
         // 1,000 more than the low point and settled: collect, once.
-        assert!(look(1_520));
-        assert!(!look(1_520));
+        assert!(t.observe(1_520, 0));
+        follow_up(&mut t, 1_520, 0);
         // Falling: not yet, connections are still closing.
-        assert!(!look(800));
-        assert!(!look(450));
+        assert!(!t.observe(800, 0));
+        assert!(!t.observe(450, 0));
         // 1,000 fewer than the high point and settled: collect, once.
-        assert!(look(420));
-        assert!(!look(400));
+        assert!(t.observe(420, 0));
+        follow_up(&mut t, 400, 0);
         // A new storm measured from where the last one settled, either way.
-        assert!(!look(3_000));
-        assert!(!look(0));
-        assert!(look(0));
-        assert!(!look(0));
-        assert!(!look(600));
-        assert!(!look(1_100));
-        assert!(look(1_100));
+        assert!(!t.observe(3_000, 0));
+        assert!(!t.observe(0, 0));
+        assert!(t.observe(0, 0));
+        follow_up(&mut t, 0, 0);
+        assert!(!t.observe(600, 0));
+        assert!(!t.observe(1_100, 0));
+        assert!(t.observe(1_100, 0));
     }
 
     /// Exchanges ending on connections that stay open: collected once
@@ -200,7 +231,7 @@ mod tests {
         }
         // It stops: collect, once.
         assert!(t.observe(50, 25_010));
-        assert!(!t.observe(50, 25_010));
+        follow_up(&mut t, 50, 25_010);
         // A little more is not a storm; enough of it, once settled, is.
         assert!(!t.observe(50, 25_200));
         assert!(!t.observe(50, 25_200));

@@ -60,7 +60,7 @@ mod http_outbound;
 mod inbound;
 mod outbound;
 mod observe;
-mod pool;
+pub(crate) mod pool;
 mod prune;
 mod relay;
 mod reply;

@@ -78,11 +78,12 @@ pub struct Profile {
     #[serde(default)]
     pub idle_conns: Vec<u32>,
     /// How long a storm of idle connections is given to settle before
-    /// memory is read, and between sizes: the agent's pools close what the
-    /// storm opened once idle for 5 s (looked at every second), then two of
-    /// its memory looks (every 2 s) and its threads' next park, so that
-    /// the reading is what the proxies hold for idle connections, not what
-    /// a burst left in pools or what they freed and have yet to return.
+    /// memory is read, and between sizes: the agent collects its threads'
+    /// free memory two looks (every 2 s) after a storm settles and again
+    /// three looks later, once its pools have closed what the storm left
+    /// idle (after 5 s), so that the reading is what the proxies hold for
+    /// idle connections, not what a burst left in pools or what they freed
+    /// and have yet to return.
     #[serde(default)]
     pub idle_settle_ms: u64,
     /// The rapid reset flood's length (legitimate load during it).
@@ -112,7 +113,7 @@ impl Profile {
                 bulk_bytes: 1 << 30,
                 restart_secs: 12,
                 idle_conns: vec![1000, 10_000],
-                idle_settle_ms: 11_000,
+                idle_settle_ms: 12_000,
                 rapid_reset_secs: 8,
                 settle_ms: 1000,
                 only: Vec::new(),
@@ -127,7 +128,7 @@ impl Profile {
                 bulk_bytes: 256 << 20,
                 restart_secs: 6,
                 idle_conns: vec![1000, 10_000],
-                idle_settle_ms: 11_000,
+                idle_settle_ms: 12_000,
                 rapid_reset_secs: 3,
                 settle_ms: 500,
                 only: Vec::new(),
