@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn collects_once_per_storm_once_settled() {
-        assert!(FOLLOW_UP_LOOKS >= 2, "{FOLLOW_UP_LOOKS}");
+        const { assert!(FOLLOW_UP_LOOKS >= 2) };
         let mut t = Trimmer::default();
         // Small moves: nothing to give back.
         for open in [0, 10, 500, 480, 900, 900] {
