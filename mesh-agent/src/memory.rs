@@ -79,11 +79,14 @@ pub struct Trimmer {
     follow_up: Option<u32>,
 }
 
-/// Looks after a storm's collection until a second one: by then the pools
-/// have closed the connections the storm left idle
-/// ([`crate::proxy::pool::IDLE_TIMEOUT`], looked at every second), and what
-/// those held is free too.
-pub const FOLLOW_UP_LOOKS: u32 = (crate::proxy::pool::IDLE_TIMEOUT.as_secs() + 1).div_ceil(CHECK_EVERY.as_secs()) as u32;
+/// How long after a storm's collection a second one comes: by then the
+/// pools have closed the connections the storm left idle (their idle
+/// timeout and their reaper's period, which `proxy::pool` checks against
+/// this), and what those held is free too.
+pub const FOLLOW_UP_AFTER: Duration = Duration::from_secs(6);
+
+/// [`FOLLOW_UP_AFTER`] in looks.
+pub const FOLLOW_UP_LOOKS: u32 = FOLLOW_UP_AFTER.as_secs().div_ceil(CHECK_EVERY.as_secs()) as u32;
 
 impl Trimmer {
     /// `open` descriptors and the `churn` count now: true when a

@@ -60,7 +60,7 @@ mod http_outbound;
 mod inbound;
 mod outbound;
 mod observe;
-pub(crate) mod pool;
+mod pool;
 mod prune;
 mod relay;
 mod reply;

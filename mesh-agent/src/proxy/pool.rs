@@ -26,6 +26,10 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 /// must not leave connections (and the peer's resources) behind forever.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
+// The agent's second collection after a storm comes once the pools have
+// closed what it left idle (looked at every second).
+const _: () = assert!(IDLE_TIMEOUT.as_secs() < crate::memory::FOLLOW_UP_AFTER.as_secs());
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src: PodKey,
