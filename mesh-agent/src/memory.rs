@@ -19,9 +19,9 @@
 //! round ([`collect_now`]): each runtime thread collects its own heap the
 //! next time it parks ([`on_park`], installed on the runtimes in `app.rs`),
 //! that is when it has nothing else to do; a second round follows once the
-//! pools have closed the connections the storm left idle. Cheap: a directory read every
-//! [`CHECK_EVERY`], an atomic load per park, a collection per thread only
-//! after a storm settled.
+//! pools have closed the connections the storm left idle. Cheap: a
+//! directory read every [`CHECK_EVERY`], an atomic load per park, a
+//! collection per thread only after a storm settled.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,7 +135,7 @@ pub async fn trim_after_storms() {
         tick.tick().await;
         let Some(now) = open_descriptors() else { continue };
         if trimmer.observe(now, CHURN.load(Ordering::Relaxed)) {
-            tracing::debug!(open_descriptors = now, rss_kib = resident_kib(), "connections closed: threads return free memory when idle");
+            tracing::debug!(open_descriptors = now, rss_kib = resident_kib(), "a connection storm settled (or its follow-up is due): threads return free memory when idle");
             collect_now();
         }
     }
