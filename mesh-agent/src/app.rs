@@ -119,7 +119,7 @@ pub fn run(cfg: Config, on_event: impl FnMut(Event)) -> Result<(), Error> {
         ca = %cfg.ca.endpoint,
         drain_timeout = ?cfg.drain_timeout,
         failure_policy = if cfg.fail_open { "open" } else { "closed" },
-        accelerate = cfg.accelerate,
+        accelerate = cfg.accelerate.name(),
         data_threads = cfg.data_threads,
         bpffs = %cfg.bpffs.display(),
         run_dir = %cfg.run_dir.display(),

@@ -63,8 +63,8 @@ pub struct Config {
     pub config_poll: Duration,
     /// Worker threads of the data-plane runtime.
     pub data_threads: usize,
-    /// Socket-to-socket acceleration of in-pod hops (sockhash + sk_msg).
-    pub accelerate: bool,
+    /// Which connections skip the TCP/IP stack (sockhash + sk_msg).
+    pub accelerate: Acceleration,
     /// How often enrollment is checked against the kernel even without a
     /// state change (drift repair).
     pub reconcile_interval: Duration,
@@ -185,11 +185,15 @@ pub struct RunArgs {
     /// agent needs more than one core.
     #[arg(long, default_value_t = 1)]
     pub data_threads: usize,
-    /// Socket-to-socket acceleration of in-pod hops: on or off. Off by
-    /// default: with it, a blocking reader that shares its socket with a
-    /// writer thread can get spurious EAGAIN from the kernel (README).
-    #[arg(long, value_enum, default_value_t = Switch::Off)]
-    pub accelerate: Switch,
+    /// Socket-to-socket acceleration: `tunnels` (the default) moves the
+    /// bytes of the agent's tunnels between two pods of this node socket
+    /// to socket, past the TCP/IP stack (both ends are the agent's own
+    /// sockets); `on` also the hops between apps and the agent inside a
+    /// pod, where a blocking reader that shares its socket with a writer
+    /// thread can get spurious EAGAIN from the kernel (README); `off`
+    /// neither.
+    #[arg(long, value_enum, default_value_t = Acceleration::Tunnels)]
+    pub accelerate: Acceleration,
     /// How often enrollment is re-checked against the kernel (drift repair).
     #[arg(long, default_value = DEFAULT_RECONCILE_INTERVAL, value_parser = parse_duration)]
     pub reconcile_interval: Duration,
@@ -297,11 +301,26 @@ pub enum Source {
     Kube,
 }
 
-/// An `on`/`off` flag value (`--accelerate`).
+/// `--accelerate`: which connections skip the TCP/IP stack.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Switch {
-    On,
+pub enum Acceleration {
+    // None.
     Off,
+    // The agent's tunnels between two pods of the node.
+    Tunnels,
+    // Those, and the in-pod hops between apps and the agent.
+    On,
+}
+
+impl Acceleration {
+    /// The flag's value, as `/status` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Acceleration::Off => "off",
+            Acceleration::Tunnels => "tunnels",
+            Acceleration::On => "on",
+        }
+    }
 }
 
 /// `--failure-policy`: what an enrolled pod's connections do while no agent
@@ -325,7 +344,7 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             config_poll: self.config_poll,
             data_threads: self.data_threads.max(1),
-            accelerate: self.accelerate == Switch::On,
+            accelerate: self.accelerate,
             reconcile_interval: self.reconcile_interval,
             ca: CaConfig {
                 endpoint: self.ca_endpoint,
@@ -380,7 +399,7 @@ mod tests {
             drain_timeout: parse_duration(DEFAULT_DRAIN_TIMEOUT).unwrap(),
             config_poll: parse_duration(DEFAULT_CONFIG_POLL).unwrap(),
             data_threads: 1,
-            accelerate: true,
+            accelerate: Acceleration::On,
             reconcile_interval: parse_duration(DEFAULT_RECONCILE_INTERVAL).unwrap(),
             ca: CaConfig {
                 endpoint: "https://127.0.0.1:15012".into(),
@@ -421,7 +440,8 @@ mod tests {
             }
         }
         let c = run_args(&["--config", "/m.yaml"]).unwrap();
-        assert!(c.kube.is_none() && !c.accelerate && !c.fail_open);
+        assert!(c.kube.is_none() && !c.fail_open);
+        assert_eq!(c.accelerate, Acceleration::Tunnels, "the agent's own tunnels only, by default");
         assert_eq!(c.config_file, PathBuf::from("/m.yaml"));
         assert_eq!(c.drain_timeout, parse_duration(DEFAULT_DRAIN_TIMEOUT).unwrap());
         assert_eq!(c.scope, crate::state::Scope::default());
@@ -434,7 +454,8 @@ mod tests {
         let c = run_args(&["--config", "/m.yaml", "--root-namespace", "mesh-root"]).unwrap();
         assert_eq!(c.scope.root_namespace, "mesh-root");
         let c = run_args(&["--source", "kube", "--accelerate", "on", "--failure-policy", "open", "--data-threads", "0"]).unwrap();
-        assert!(c.accelerate && c.fail_open);
+        assert!(c.accelerate == Acceleration::On && c.fail_open);
+        assert_eq!(run_args(&["--accelerate", "off"]).unwrap().accelerate, Acceleration::Off);
         assert_eq!(c.data_threads, 1);
         assert_eq!(c.kube.map(|k| k.trust_domain), Some(DEFAULT_TRUST_DOMAIN.to_owned()));
         for bad in [

@@ -30,7 +30,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps},
 };
 use mesh_common::{
-    ACCELERATE_GLOBAL, CAPTURED_MAP, ENROLLED_MAP, INBOUND_LISTENERS_MAP, LOCAL_SOCKS_MAP, ORIG_DST_MAP,
+    ACCELERATE_ALL, ACCELERATE_GLOBAL, ACCELERATE_OFF, ACCELERATE_TUNNELS, CAPTURED_MAP, ENROLLED_MAP, INBOUND_LISTENERS_MAP, LOCAL_SOCKS_MAP, ORIG_DST_MAP,
     PINNED_MAPS, POD_COUNTERS_MAP, POD_FLAG_FAIL_OPEN, POD_FLAG_IPV6, PodCounters, PodEntry, SockAddr, SockPair,
 };
 
@@ -42,6 +42,8 @@ mod query;
 use addr::{from_sock_addr, to_sock_addr};
 pub use link::{PinDir, PinError};
 pub use logger::spawn_logger;
+
+use crate::config::Acceleration;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
@@ -134,8 +136,9 @@ impl ProgIds {
 /// Options fixed at load time.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Socket-to-socket acceleration (sockhash + sk_msg) for in-pod hops.
-    pub accelerate: bool,
+    /// Which connections socket-to-socket acceleration (sockhash +
+    /// sk_msg) takes.
+    pub accelerate: Acceleration,
     /// The bpf filesystem to pin under (`--bpffs`).
     pub bpffs: PathBuf,
     /// This node's name: its directory under `bpffs`.
@@ -164,7 +167,7 @@ pub struct Datapath {
     /// belongs to this process.
     agent_sock_ops: Option<aya::programs::sock_ops::SockOpsLinkId>,
     ids: ProgIds,
-    accelerate: bool,
+    accelerate: Acceleration,
     nr_cpus: usize,
     /// Pinned links found at start and switched to this agent's programs.
     pub adopted: usize,
@@ -277,7 +280,11 @@ impl Datapath {
         }
         let pins = PinDir::new(&opts.bpffs, &opts.node, true)?;
         check_pinned_maps(&pins)?;
-        let accelerate = u8::from(opts.accelerate);
+        let accelerate = match opts.accelerate {
+            Acceleration::Off => ACCELERATE_OFF,
+            Acceleration::Tunnels => ACCELERATE_TUNNELS,
+            Acceleration::On => ACCELERATE_ALL,
+        };
         let map_paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pins.maps().join(m))).collect();
         let mut loader = EbpfLoader::new();
         loader.override_global(ACCELERATE_GLOBAL, &accelerate, true);
@@ -312,14 +319,14 @@ impl Datapath {
         // Acceleration is an optimisation: a kernel without sk_msg support
         // runs on the plain path, said once in the log.
         let mut accelerating = opts.accelerate;
-        if accelerating {
+        if accelerating != Acceleration::Off {
             let attached = program::<SkMsg>(&mut ebpf, SK_MSG).and_then(|p| {
                 p.load().map_err(|source| Error::Load { program: SK_MSG, source })?;
                 p.attach(local_socks.fd()).map_err(|source| Error::Load { program: SK_MSG, source })
             });
             if let Err(e) = attached {
                 tracing::warn!(error = %crate::error_chain(&e), "socket acceleration unavailable on this kernel; using the plain TCP path");
-                accelerating = false;
+                accelerating = Acceleration::Off;
             }
         }
         let nr_cpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1);
@@ -401,7 +408,7 @@ impl Datapath {
         self.orig_dst.clone()
     }
 
-    pub fn accelerating(&self) -> bool {
+    pub fn acceleration(&self) -> Acceleration {
         self.accelerate
     }
 
@@ -497,18 +504,24 @@ impl Datapath {
         }
     }
 
-    /// Attaches `sock_ops` to the agent's own cgroup, so the agent's ends of
-    /// in-pod connections can join the sockhash. Refused for the root cgroup:
-    /// that would put a hook on every socket of the machine.
+    /// Attaches `sock_ops` to the agent's own cgroup, so the agent's
+    /// sockets (its tunnels, its ends of in-pod connections) can join the
+    /// sockhash. Refused for the root cgroup: that would put a hook on
+    /// every socket of the machine.
     pub fn attach_agent_cgroup(&mut self, cgroup: &Path, is_root: bool) -> Result<bool, Error> {
-        if !self.accelerate {
+        if self.accelerate == Acceleration::Off {
             return Ok(false);
         }
         if is_root {
-            tracing::warn!(
-                "the agent runs in the root cgroup; socket acceleration needs it in a cgroup of its own and is off"
-            );
-            self.accelerate = false;
+            let why = "the agent runs in the root cgroup; socket acceleration needs it in a cgroup of its own and is off";
+            // Asked for explicitly, its absence is news; the default just
+            // says so.
+            if self.accelerate == Acceleration::On {
+                tracing::warn!("{why}");
+            } else {
+                tracing::info!("{why}");
+            }
+            self.accelerate = Acceleration::Off;
             return Ok(false);
         }
         let fd = File::open(cgroup).map_err(|source| Error::Cgroup { path: cgroup.to_owned(), source })?;
@@ -707,6 +720,7 @@ mod tests {
     }
 
     fn options(fs: &TestBpffs, accelerate: bool) -> Options {
+        let accelerate = if accelerate { Acceleration::On } else { Acceleration::Off };
         Options { accelerate, bpffs: fs.0.clone(), node: "node-t".into() }
     }
 
@@ -715,7 +729,7 @@ mod tests {
         require_root();
         let fs = TestBpffs::new("load");
         let dp = Datapath::load(options(&fs, true)).unwrap_or_else(|e| panic!("{}", crate::error_chain(&e)));
-        assert!(dp.accelerating(), "sk_msg acceleration loads on this kernel");
+        assert_eq!(dp.acceleration(), Acceleration::On, "sk_msg acceleration loads on this kernel");
         assert_eq!(dp.accelerated_sockets(), 0);
     }
 

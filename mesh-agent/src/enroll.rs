@@ -486,8 +486,8 @@ impl<K: Kernel> Enrollment<K> {
         self.pods.get(pod).and_then(|mp| mp.listeners.as_ref()).map(|l| l.addrs.clone()).unwrap_or_default()
     }
 
-    pub fn accelerating(&self) -> bool {
-        self.kernel.accelerating()
+    pub fn acceleration(&self) -> crate::config::Acceleration {
+        self.kernel.acceleration()
     }
 
     pub fn accelerated_sockets(&self) -> usize {

@@ -111,7 +111,7 @@ pub fn node(v: &Value) -> String {
     }
     out.push_str(&format!(
         "eBPF: acceleration {}, {} accelerated sockets; reconcile repairs {}\n",
-        if v["ebpf"]["accelerating"] == true { "on" } else { "off" },
+        v["ebpf"]["acceleration"].as_str().unwrap_or("?"),
         cell(&v["ebpf"]["acceleratedSockets"]),
         cell(&v["repairs"])
     ));

@@ -56,14 +56,25 @@ pub const INBOUND_LISTENERS_MAX: u32 = 4096;
 pub const CAPTURED_MAP: &str = "CAPTURED";
 pub const CAPTURED_MAX: u32 = 4096;
 
-/// Established TCP sockets whose two ends are both in the same enrolled pod
-/// (the app and the agent's in-pod listener), keyed by [`SockPair`]. `sk_msg`
-/// moves bytes from one to the other without the TCP/IP stack.
+/// Established TCP sockets whose peer is on this node too, keyed by
+/// [`SockPair`]: the agent's tunnel connections between two of the node's
+/// pods, and (with `ACCELERATE_ALL`) connections inside one enrolled pod
+/// (the app and the agent's in-pod listener). `sk_msg` moves bytes from one
+/// end to the other without the TCP/IP stack.
 pub const LOCAL_SOCKS_MAP: &str = "LOCAL_SOCKS";
 pub const LOCAL_SOCKS_MAX: u32 = 65536;
 
-/// Global (u8) set at load time: 1 = socket-to-socket acceleration on.
+/// Global (u8) set at load time: which connections socket-to-socket
+/// acceleration takes, one of the `ACCELERATE_*` values.
 pub const ACCELERATE_GLOBAL: &str = "ACCELERATE";
+/// `ACCELERATE`: none.
+pub const ACCELERATE_OFF: u8 = 0;
+/// `ACCELERATE`: the agent's own tunnel connections between two pods of the
+/// node (both ends the agent's sockets).
+pub const ACCELERATE_TUNNELS: u8 = 1;
+/// `ACCELERATE`: those, and the in-pod hops between an app and the agent
+/// (the app's socket joins the sockhash).
+pub const ACCELERATE_ALL: u8 = 2;
 
 /// Ports the kernel hooks never capture: the agent's own listeners.
 pub const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT];

@@ -26,7 +26,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    AGENT_PORTS, AGENT_SOCKET_MARK, AF_INET, AF_INET6, CAPTURED_MAX, ENROLLED_MAX,
+    ACCELERATE_ALL, ACCELERATE_OFF, AGENT_PORTS, AGENT_SOCKET_MARK, AF_INET, AF_INET6, CAPTURED_MAX, ENROLLED_MAX,
+    INBOUND_TUNNEL_PORT,
     INBOUND_LISTENERS_MAX, LOCAL_SOCKS_MAX, ORIG_DST_MAX, PENDING_MAX, POD_COUNTERS_MAX,
     POD_FLAG_FAIL_OPEN, POD_FLAG_IPV6, PodCounters, PodEntry, SockAddr, SockPair, ctx_remote_port,
 };
@@ -57,9 +58,10 @@ static CAPTURED: HashMap<SockAddr, u32> = HashMap::with_max_entries(CAPTURED_MAX
 #[map(name = "LOCAL_SOCKS")]
 static LOCAL_SOCKS: SockHash<SockPair> = SockHash::with_max_entries(LOCAL_SOCKS_MAX, 0);
 
-/// Socket-to-socket acceleration on (1) or off (0); set by the agent at load.
+/// Which connections socket-to-socket acceleration takes (`ACCELERATE_*`);
+/// set by the agent at load.
 #[unsafe(no_mangle)]
-static ACCELERATE: Global<u8> = Global::new(1);
+static ACCELERATE: Global<u8> = Global::new(ACCELERATE_ALL);
 
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
@@ -287,9 +289,10 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
 /// - `TCP_CONNECT_CB` (after the local port is bound, before the SYN leaves):
 ///   re-key a redirected socket's original destination by the client address
 ///   the agent will see as the accepted connection's peer;
-/// - `*_ESTABLISHED_CB`: a connection whose two ends are the same pod address
-///   (app <-> the agent's in-pod listener) joins `LOCAL_SOCKS`, where `sk_msg`
-///   can move its bytes socket to socket.
+/// - `*_ESTABLISHED_CB`: an agent tunnel connection between two pods of this
+///   node, and with `ACCELERATE_ALL` a connection whose two ends are the same
+///   pod address (app <-> the agent's in-pod listener), joins `LOCAL_SOCKS`,
+///   where `sk_msg` can move its bytes socket to socket.
 #[sock_ops]
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     match try_sock_ops(&ctx) {
@@ -330,7 +333,8 @@ fn record_orig_dst(ctx: &SockOpsContext) -> Result<(), ()> {
 }
 
 fn track_local_pair(ctx: &SockOpsContext) -> Result<(), ()> {
-    if ACCELERATE.load() == 0 {
+    let mode = ACCELERATE.load();
+    if mode == ACCELERATE_OFF {
         return Ok(());
     }
     // SAFETY: helper valid for sock_ops programs (Linux 5.15+).
@@ -356,8 +360,13 @@ fn track_local_pair(ctx: &SockOpsContext) -> Result<(), ()> {
             family: u32::from(AF_INET),
         }
     };
-    // Only connections inside one pod: both ends on the pod's address.
-    if key.local_ip != key.remote_ip {
+    if key.local_ip == key.remote_ip {
+        // Inside one pod (both ends on the pod's address): one end is the
+        // app's socket, whose reads then change (README): only when asked.
+        if mode != ACCELERATE_ALL {
+            return Ok(());
+        }
+    } else if !same_node_tunnel(ctx, &key) {
         return Ok(());
     }
     // SAFETY: the context is a live bpf_sock_ops for this socket.
@@ -366,6 +375,36 @@ fn track_local_pair(ctx: &SockOpsContext) -> Result<(), ()> {
         debug!(ctx, "sock_ops: local pair {} <-> {} accelerated", key.local_port, key.remote_port);
     }
     Ok(())
+}
+
+/// One end of the agent's tunnel between two pods of this node: the socket
+/// is the agent's (its mark; an accepted socket has its listener's), one
+/// end is the tunnel port, and the other end's address is a pod this
+/// node's agent captures. Both ends of such a connection are the agent's
+/// own non-blocking sockets, so what moves between them is nothing an app
+/// reads. A tunnel to another node's pod never matches: its peer is not a
+/// pod of this node (and not in this node's sockhash).
+#[inline(always)]
+fn same_node_tunnel(ctx: &SockOpsContext, key: &SockPair) -> bool {
+    if key.local_port != INBOUND_TUNNEL_PORT && key.remote_port != INBOUND_TUNNEL_PORT {
+        return false;
+    }
+    // SAFETY: field of the context; the kernel sets it for full sockets
+    // (an established one is), NULL otherwise.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-NULL `sk` of a sock_ops context points at its socket.
+    if unsafe { (*sk).mark } != AGENT_SOCKET_MARK {
+        return false;
+    }
+    let peer = if key.family == u32::from(AF_INET6) {
+        SockAddr::v6(key.remote_ip, 0)
+    } else {
+        SockAddr::v4(key.remote_ip[0], 0)
+    };
+    CAPTURED.get_ptr(&peer).is_some()
 }
 
 /// On every send from a socket in `LOCAL_SOCKS`: if its peer is there too,

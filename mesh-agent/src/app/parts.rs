@@ -75,10 +75,10 @@ impl KernelLoader for Ebpf {
             node: cfg.node.clone(),
         })?;
         ebpf::spawn_logger(datapath.ebpf_mut());
-        if cfg.accelerate {
+        if cfg.accelerate != crate::config::Acceleration::Off {
             let (own, is_root) = crate::host::own_cgroup()?;
             if datapath.attach_agent_cgroup(&own, is_root)? {
-                tracing::info!(cgroup = %own.display(), "socket acceleration on");
+                tracing::info!(cgroup = %own.display(), takes = datapath.acceleration().name(), "socket acceleration on");
             }
         }
         let orig_dst = Arc::new(datapath.orig_dst());

@@ -66,7 +66,7 @@ impl<K: Kernel> AdminSource for Admin<K> {
             "config": self.reloads.view(),
             "ebpf": {
                 "loaded": true,
-                "accelerating": e.accelerating(),
+                "acceleration": e.acceleration().name(),
                 "acceleratedSockets": e.accelerated_sockets(),
             },
             "repairs": e.repairs,

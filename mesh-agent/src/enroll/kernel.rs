@@ -83,8 +83,9 @@ pub trait Kernel: Send + 'static {
     /// is removed: an unknown pod might own some of it).
     fn retain(&mut self, pods: &[KeepPod<'_>]) -> Option<usize>;
 
-    /// Socket-to-socket acceleration is on, and how many sockets it holds.
-    fn accelerating(&self) -> bool;
+    /// What socket-to-socket acceleration takes, and how many sockets it
+    /// holds.
+    fn acceleration(&self) -> crate::config::Acceleration;
     fn accelerated_sockets(&self) -> usize;
 }
 
@@ -189,8 +190,8 @@ impl Kernel for Datapath {
         Some(Datapath::retain(self, &keep))
     }
 
-    fn accelerating(&self) -> bool {
-        Datapath::accelerating(self)
+    fn acceleration(&self) -> crate::config::Acceleration {
+        Datapath::acceleration(self)
     }
 
     fn accelerated_sockets(&self) -> usize {

@@ -303,8 +303,8 @@ impl Kernel for MemoryKernel {
         Some(before - (s.attached.len() + s.capture_attached.len() + s.enrolled.len() + s.captured.len()))
     }
 
-    fn accelerating(&self) -> bool {
-        false
+    fn acceleration(&self) -> crate::config::Acceleration {
+        crate::config::Acceleration::Off
     }
 
     fn accelerated_sockets(&self) -> usize {

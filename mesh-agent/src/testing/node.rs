@@ -74,7 +74,7 @@ impl FileMesh {
             drain_timeout: DRAIN_TIMEOUT,
             config_poll: CONFIG_POLL,
             data_threads: 1,
-            accelerate: false,
+            accelerate: crate::config::Acceleration::Off,
             reconcile_interval: RECONCILE_INTERVAL,
             // Never dialled: the CA is in the process (`Ca::InProcess`).
             ca: CaConfig {

@@ -28,17 +28,13 @@ pub struct Mesh {
 /// Agent flags for the tests: fast config polling and reconcile, and the
 /// acceleration switch under test.
 pub fn agent_args(accelerate: bool) -> Vec<&'static str> {
-    vec![
-        "--accelerate",
-        if accelerate { "on" } else { "off" },
-        "--config-poll",
-        "100ms",
-        "--reconcile-interval",
-        "500ms",
-        "--drain-timeout",
-        "5s",
-    ]
+    let mut v = vec!["--accelerate", if accelerate { "on" } else { "off" }];
+    v.extend(TIMING_ARGS);
+    v
 }
+
+/// The agent flags every test mesh runs with besides `--accelerate`.
+const TIMING_ARGS: [&str; 6] = ["--config-poll", "100ms", "--reconcile-interval", "500ms", "--drain-timeout", "5s"];
 
 pub fn mesh(test: &str, accelerate: bool, enrolled: &[&str]) -> Result<Mesh> {
     mesh_with(test, &MeshOpts { accelerate, enrolled, ..MeshOpts::default() })
@@ -48,6 +44,9 @@ pub fn mesh(test: &str, accelerate: bool, enrolled: &[&str]) -> Result<Mesh> {
 #[derive(Default)]
 pub struct MeshOpts<'a> {
     pub accelerate: bool,
+    /// The `--accelerate` flag and value, in place of `accelerate`'s `on`
+    /// or `off` (empty: no flag, the agent's default).
+    pub accelerate_flag: Option<&'a [&'a str]>,
     pub enrolled: &'a [&'a str],
     /// The CA's options (`--ttl`).
     pub ca: CaOptions,
@@ -79,7 +78,10 @@ pub fn mesh_with(test: &str, o: &MeshOpts) -> Result<Mesh> {
     tb.write_config(&tb.config_path(), o.enrolled)?;
     let ca = tb.start_ca_with(o.ca.clone())?;
     let echoes = vec![shop_server.start_echo(ECHO_PORT)?, legacy_server.start_echo(ECHO_PORT)?];
-    let mut args = agent_args(o.accelerate);
+    let mut args = match o.accelerate_flag {
+        Some(flag) => flag.iter().copied().chain(TIMING_ARGS).collect(),
+        None => agent_args(o.accelerate),
+    };
     args.extend_from_slice(o.agent_args);
     let for_node = |node: &str| -> Vec<&str> {
         let mut v = args.clone();
