@@ -289,13 +289,11 @@ pub fn scenarios(client: &Pod, target: &Target, pids: &[u32], h2_front: bool, p:
 /// Per size: `meshtest idle` holds that many keep-alive connections (one
 /// GET each); each proxy's anonymous memory with them minus before, per
 /// connection, read once the opening has settled
-/// ([`Profile::idle_settle_ms`]). Between sizes the proxies get their
-/// descriptors back and the same time to return freed memory.
+/// ([`Profile::idle_settle_ms`]). After each size the proxies get their
+/// descriptors back and the same time to return freed memory, so the
+/// next size and the next scenario do not measure that clean-up.
 fn idle_conns(client: &Pod, target: &Target, pids: &[u32], p: &Profile, m: &mut Metrics) -> Result<()> {
-    for (i, &n) in p.idle_conns.iter().enumerate() {
-        if i > 0 {
-            std::thread::sleep(Duration::from_millis(p.idle_settle_ms));
-        }
+    for &n in &p.idle_conns {
         let before: Vec<f64> = pids.iter().map(|&pid| anon_mb(pid)).collect::<Result<_>>()?;
         let control = std::env::temp_dir().join(format!("bench-idle-{}-{n}", std::process::id()));
         let _ = std::fs::remove_file(&control);
@@ -318,6 +316,10 @@ fn idle_conns(client: &Pod, target: &Target, pids: &[u32], p: &Profile, m: &mut 
         let out = idle.wait_output(Duration::from_secs(120))?;
         let _ = std::fs::remove_file(&control);
         ensure!(out.status.success(), "meshtest idle: {}", String::from_utf8_lossy(&out.stdout));
+        // The proxies tear the connections down, their pools close what
+        // the burst left idle, and their threads return freed memory:
+        // the next size, and the next scenario (latency), start settled.
+        std::thread::sleep(Duration::from_millis(p.idle_settle_ms));
     }
     Ok(())
 }
