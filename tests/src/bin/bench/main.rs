@@ -366,6 +366,12 @@ fn run_variant(
         format!("no request went through {}: {why}\n{logs}{proxy_out}", variant.name())
     })?;
     let h2_front = matches!(variant, Variant::AgentL7 { .. } | Variant::HaproxyHttp);
+    // HAProxy cannot hold more than its maxconn (see `peer::MAXCONN`).
+    let mut profile = profile.clone();
+    if matches!(variant, Variant::HaproxyTcp | Variant::HaproxyHttp) {
+        profile.idle_conns.retain(|&n| n <= peer::MAXCONN);
+    }
+    let profile = &profile;
     let mut metrics = load::scenarios(client, &target, &pids, h2_front, profile)?;
     if variant.is_agent() && profile.wants("restart") {
         restart(tb, server, &target, &mut agents, &agent_variant_args(variant, agent_args), profile, &mut metrics, client)?;
